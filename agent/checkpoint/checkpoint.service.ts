@@ -1,0 +1,768 @@
+/**
+ * The checkpoint domain: process sessions and roles, the authoritative table replicas, writes,
+ * subscriptions, acknowledgements, readiness and switchover. Transports (gRPC) call this; it
+ * reaches the outside only through the CheckpointStore port and the BulkServer.
+ *
+ * Invariants:
+ * - At most one ACTIVE session per process name. Only the agent changes roles (switchover).
+ * - A batch is acknowledged only after it is in the store and applied here; SYNC batches also wait
+ *   for every in-sync standby. A rejected batch changes nothing.
+ * - Per table the sequence grows by exactly one per batch; the log in the store holds every batch
+ *   since the last snapshot, so standbys and restarts replay from it.
+ */
+import crypto from 'node:crypto';
+import { Logger } from '../common/logger';
+import {
+  HitlessError,
+  alreadyExists,
+  deadlineExceeded,
+  failedPrecondition,
+  invalidArgument,
+  notFound,
+  outOfRange,
+  permissionDenied,
+} from '../common/errors';
+import { CheckpointStore } from '../store/checkpoint-store';
+import { BulkServer } from './bulk-server';
+import {
+  AckRequest,
+  CommandKind,
+  CommandResult,
+  Durability,
+  ProcessStatus,
+  Register,
+  Registered,
+  Role,
+  RoleCommand,
+  SubscribeEvent,
+  SubscribeRequest,
+  SwitchoverResponse,
+  WriteAck,
+  WriteRequest,
+} from './messages';
+import { DEFAULT_LIMITS, RecordBuilder, RecordFormatError, RecordLimits, applyRecords, validateRecords } from './records';
+import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
+import { TableReplica } from './table-replica';
+
+export interface CheckpointOptions {
+  limits: RecordLimits;
+  /** Largest packed batch accepted, bytes. */
+  maxBatchBytes: number;
+  /** A subscriber that does not read for this long is dropped. */
+  stallTimeoutMs: number;
+  /** A SYNC write waits at most this long for a standby before that standby leaves the in-sync set. */
+  syncTimeoutMs: number;
+  /** Time a process gets to answer a role command. */
+  commandTimeoutMs: number;
+  /** Compact a table's log once it exceeds max(this, 2 x the table's size), bytes. */
+  compactMinBytes: number;
+  /** Target size of a bulk snapshot frame, bytes. */
+  snapshotFrameBytes: number;
+}
+
+export const DEFAULT_CHECKPOINT_OPTIONS: CheckpointOptions = {
+  limits: DEFAULT_LIMITS,
+  maxBatchBytes: 4 * 1024 * 1024 - 1024,
+  stallTimeoutMs: 30_000,
+  syncTimeoutMs: 5_000,
+  commandTimeoutMs: 5_000,
+  compactMinBytes: 256 * 1024 * 1024,
+  snapshotFrameBytes: 1024 * 1024,
+};
+
+/** How the service talks back to a process over its session stream. */
+export interface SessionChannel {
+  send(cmd: RoleCommand): void;
+  close(err?: HitlessError): void;
+}
+
+interface PendingCommand {
+  resolve: (r: CommandResult) => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+class PeerSession {
+  role: Role;
+  frozen = false;
+  /** Highest sequence the peer acknowledged as applied, per table. */
+  readonly acked = new Map<string, number>();
+  /** In the set SYNC writes wait for: set once the standby caught up, cleared on timeout/leave. */
+  inSync = false;
+  subscription: Subscription | null = null;
+  writeSchema = 0;
+  readonly pending = new Map<number, PendingCommand>();
+
+  constructor(
+    readonly id: string,
+    readonly reg: Register,
+    readonly channel: SessionChannel,
+  ) {
+    this.role = reg.wantedRole;
+  }
+}
+
+interface GroupTable {
+  replica: TableReplica;
+  durability: Durability;
+}
+
+interface SyncWait {
+  seq: number;
+  waitFor: Set<string>;
+  resolve: () => void;
+  timer: NodeJS.Timeout;
+}
+
+class ProcessGroup {
+  readonly tables = new Map<string, GroupTable>();
+  readonly sessions = new Set<PeerSession>();
+  active: PeerSession | null = null;
+  /** SYNC writes waiting for standbys, per table, in sequence order. */
+  readonly syncWaits = new Map<string, SyncWait[]>();
+  /** Resolvers waiting for acks (drain during switchover). */
+  ackWaiters: (() => void)[] = [];
+  switching = false;
+
+  constructor(readonly name: string) {}
+
+  standbys(): PeerSession[] {
+    return [...this.sessions].filter((s) => s.role === 'STANDBY');
+  }
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
+
+export class CheckpointService {
+  private readonly groups = new Map<string, ProcessGroup>();
+  private readonly sessions = new Map<string, PeerSession>();
+  private nextCommandId = 1;
+  private compacting = new Set<string>();
+
+  constructor(
+    private readonly store: CheckpointStore,
+    private readonly bulk: BulkServer,
+    private readonly log: Logger,
+    readonly opts: CheckpointOptions = DEFAULT_CHECKPOINT_OPTIONS,
+  ) {}
+
+  /** Rebuilds every table from the store: latest snapshot, then the batches after it. */
+  recover(): { tables: number; records: number } {
+    let records = 0;
+    const tables = this.store.listTables();
+    for (const t of tables) {
+      const g = this.group(t.process);
+      const replica = new TableReplica(t.process, t.name);
+      for (const chunk of this.store.snapshotChunks(t.process, t.name)) applyRecords(chunk, replica);
+      replica.seq = t.snapSeq;
+      let after = t.snapSeq;
+      for (;;) {
+        const batches = this.store.readBatches(t.process, t.name, after, 256);
+        if (batches.length === 0) break;
+        for (const b of batches) {
+          if (b.seq !== after + 1) {
+            throw new Error(`store is inconsistent: table ${t.process}/${t.name} jumps from ${after} to ${b.seq}`);
+          }
+          const summary = validateRecords(b.records, b.count, { maxKeyBytes: 65535, maxValueBytes: 2 ** 31 });
+          replica.applyBatch(b.seq, b.records, summary.schemas);
+          after = b.seq;
+        }
+      }
+      for (const s of this.schemasIn(replica)) replica.schemas.add(s);
+      g.tables.set(t.name, { replica, durability: durabilityName(t.durability) });
+      records += replica.records;
+    }
+    return { tables: tables.length, records };
+  }
+
+  // ---------------------------------------------------------------- sessions and registration
+
+  /**
+   * Registers a process instance. `peerVm` is the VM the connection provably comes from (per-VM
+   * socket), or null for host-local connections, which may claim any VM.
+   */
+  register(reg: Register, channel: SessionChannel, peerVm: string | null): Registered {
+    this.validateRegister(reg);
+    if (peerVm !== null && reg.vmId !== peerVm) {
+      throw permissionDenied(
+        `this connection comes from VM '${peerVm}' but the process claims VM '${reg.vmId}'; a process may only register for the VM it runs in`,
+      );
+    }
+    for (const s of this.sessions.values()) {
+      if (s.reg.instanceId === reg.instanceId) {
+        throw alreadyExists(
+          `instance '${reg.instanceId}' is already registered (session ${s.id}); use a unique instance id, or wait until the old session's stream closes`,
+        );
+      }
+    }
+    const g = this.group(reg.process);
+    const reads = new Set(reg.schemaReads);
+    const canWrite = reg.schemaCanWrite.length ? reg.schemaCanWrite : [reg.schemaWrites];
+    let writeSchema = 0;
+
+    if (reg.wantedRole === 'ACTIVE') {
+      if (g.active) {
+        throw failedPrecondition(
+          `process '${reg.process}' already has an active instance '${g.active.reg.instanceId}' in VM '${g.active.reg.vmId}'; register as STANDBY, the agent promotes standbys on switchover`,
+        );
+      }
+      this.checkReadsTables(g, reg, reads);
+      writeSchema = this.pickWriteSchema(g, reg, canWrite);
+    } else {
+      const active = g.active;
+      if (active && !reads.has(active.writeSchema)) {
+        throw failedPrecondition(
+          `standby '${reg.instanceId}' (version ${reg.softwareVersion || '?'}) reads schema versions [${[...reads].join(', ')}] but the active '${active.reg.instanceId}' (version ${active.reg.softwareVersion || '?'}) writes schema ${active.writeSchema}; install a version that reads ${active.writeSchema} or register a transform ${active.writeSchema}->${reg.schemaWrites}`,
+        );
+      }
+      this.checkReadsTables(g, reg, reads);
+    }
+
+    const session = new PeerSession(`s-${crypto.randomBytes(6).toString('hex')}`, reg, channel);
+    session.writeSchema = writeSchema || reg.schemaWrites;
+    if (reg.wantedRole === 'ACTIVE') {
+      for (const t of reg.tables) this.declareTable(g, t.name, t.durability);
+      g.active = session;
+    }
+    g.sessions.add(session);
+    this.sessions.set(session.id, session);
+    this.log.info(
+      { process: reg.process, instance: reg.instanceId, vm: reg.vmId, role: session.role, session: session.id, version: reg.softwareVersion },
+      'process registered',
+    );
+    return {
+      sessionId: session.id,
+      role: session.role,
+      tableSeqs: this.tableSeqs(g),
+      activeSchema: g.active ? g.active.writeSchema : 0,
+      writeSchema,
+    };
+  }
+
+  /** The session stream ended: the process is gone (or will reconnect with a new session). */
+  unregister(sessionId: string, reason: string): void {
+    const s = this.sessions.get(sessionId);
+    if (!s) return;
+    this.sessions.delete(sessionId);
+    const g = this.group(s.reg.process);
+    g.sessions.delete(s);
+    if (g.active === s) g.active = null;
+    s.subscription?.cancelled();
+    for (const p of s.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(new Error(`process '${s.reg.instanceId}' disconnected`));
+    }
+    this.leaveInSync(g, s);
+    this.log.info({ process: s.reg.process, instance: s.reg.instanceId, session: sessionId, reason }, 'process session ended');
+  }
+
+  commandResult(sessionId: string, r: CommandResult): void {
+    const s = this.sessions.get(sessionId);
+    const p = s?.pending.get(r.commandId);
+    if (!s || !p) return;
+    s.pending.delete(r.commandId);
+    clearTimeout(p.timer);
+    p.resolve(r);
+  }
+
+  private validateRegister(reg: Register): void {
+    if (!NAME_RE.test(reg.process)) {
+      throw invalidArgument(`process name '${reg.process}' is not valid: 1-128 characters of letters, digits and _.:@- , starting with a letter or digit`);
+    }
+    if (!NAME_RE.test(reg.instanceId)) throw invalidArgument(`instance_id '${reg.instanceId}' is not valid: 1-128 characters of letters, digits and _.:@-`);
+    if (!reg.vmId) throw invalidArgument('vm_id is empty: say which VM or slot the process runs in');
+    if (!reg.schemaWrites || reg.schemaWrites > 65535) throw invalidArgument(`schema_writes must be 1..65535, got ${reg.schemaWrites}`);
+    if (!reg.schemaReads.includes(reg.schemaWrites)) reg.schemaReads = [...reg.schemaReads, reg.schemaWrites];
+    if (reg.wantedRole !== 'ACTIVE' && reg.wantedRole !== 'STANDBY') {
+      throw invalidArgument(`wanted_role must be ACTIVE or STANDBY, got ${reg.wantedRole}`);
+    }
+    const seen = new Set<string>();
+    for (const t of reg.tables) {
+      if (!NAME_RE.test(t.name)) throw invalidArgument(`table name '${t.name}' is not valid`);
+      if (seen.has(t.name)) throw invalidArgument(`table '${t.name}' is declared twice`);
+      seen.add(t.name);
+    }
+    if (reg.wantedRole === 'STANDBY' && reg.tables.length) {
+      // Standbys follow the active's declaration; ignore theirs rather than letting them change it.
+      reg.tables = [];
+    }
+  }
+
+  private checkReadsTables(g: ProcessGroup, reg: Register, reads: Set<number>): void {
+    for (const [name, t] of g.tables) {
+      const unreadable = [...t.replica.schemas].filter((s) => !reads.has(s));
+      if (unreadable.length) {
+        throw failedPrecondition(
+          `'${reg.instanceId}' (version ${reg.softwareVersion || '?'}) reads schema versions [${[...reads].join(', ')}] but table '${name}' of process '${reg.process}' holds records of schema ${unreadable.join(', ')}; install a version that reads them or register a transform`,
+        );
+      }
+    }
+  }
+
+  /** The highest schema the new active can write that every current standby reads. */
+  private pickWriteSchema(g: ProcessGroup, reg: Register, canWrite: number[]): number {
+    const standbys = g.standbys();
+    const ok = canWrite.filter((v) => standbys.every((s) => s.reg.schemaReads.includes(v))).sort((a, b) => b - a);
+    if (!ok.length) {
+      const sb = standbys.map((s) => `${s.reg.instanceId} reads [${s.reg.schemaReads.join(', ')}]`).join('; ');
+      throw failedPrecondition(
+        `'${reg.instanceId}' can write schema versions [${canWrite.join(', ')}] but not every standby can read any of them (${sb}); register a transform to a version the standbys read`,
+      );
+    }
+    return ok[0];
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  private declareTable(g: ProcessGroup, name: string, durability: Durability): void {
+    const d: Durability = durability === 'SYNC' ? 'SYNC' : 'ASYNC';
+    const t = g.tables.get(name);
+    if (t) {
+      t.durability = d;
+    } else {
+      g.tables.set(name, { replica: new TableReplica(g.name, name), durability: d });
+      for (const s of g.sessions) s.subscription?.addTable(name);
+    }
+    this.store.upsertTable(g.name, name, d === 'SYNC' ? 2 : 1);
+  }
+
+  /**
+   * Validates, stores and applies one batch. Resolves with the ack when the batch's durability is
+   * met. Throws (synchronously, before changing anything) on bad input.
+   */
+  write(req: WriteRequest, peerVm: string | null): Promise<WriteAck> | WriteAck {
+    const s = this.sessions.get(req.sessionId);
+    if (!s) throw failedPrecondition(`unknown session '${req.sessionId}': register on the Session stream first and use the session_id it returns`);
+    if (peerVm !== null && s.reg.vmId !== peerVm) throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}', not to this connection's VM '${peerVm}'`);
+    const g = this.group(s.reg.process);
+    if (s.role !== 'ACTIVE' || g.active !== s) {
+      throw failedPrecondition(`'${s.reg.instanceId}' is ${s.role} for process '${s.reg.process}'; only the active instance writes`);
+    }
+    if (s.frozen) throw failedPrecondition(`'${s.reg.instanceId}' is frozen for a switchover; writes resume after UNFREEZE or go to the new active`);
+    const t = g.tables.get(req.table);
+    if (!t) {
+      throw notFound(`unknown table '${req.table}' for process '${s.reg.process}'; declare it in Register.tables (known: ${[...g.tables.keys()].join(', ') || 'none'})`);
+    }
+    const r = t.replica;
+    if (req.seq <= r.seq) {
+      throw alreadyExists(`batch seq ${req.seq} of table '${req.table}' is already applied (table is at ${r.seq}); nothing changed`);
+    }
+    if (req.seq !== r.seq + 1) {
+      throw outOfRange(`batch seq ${req.seq} of table '${req.table}' leaves a gap: the table is at ${r.seq}, the next batch must be ${r.seq + 1}`);
+    }
+    if (req.records.length > this.opts.maxBatchBytes) {
+      throw invalidArgument(`batch of ${req.records.length} bytes exceeds the limit of ${this.opts.maxBatchBytes}; split it`);
+    }
+    let summary;
+    try {
+      summary = validateRecords(req.records, req.count, this.opts.limits);
+    } catch (e) {
+      if (e instanceof RecordFormatError) throw invalidArgument(`table '${req.table}' batch ${req.seq}: ${e.message}; nothing was applied`);
+      throw e;
+    }
+    for (const sc of summary.schemas) {
+      if (sc !== s.writeSchema && !s.reg.schemaCanWrite.includes(sc) && sc !== s.reg.schemaWrites) {
+        throw invalidArgument(`table '${req.table}' batch ${req.seq} holds values of schema ${sc}, but '${s.reg.instanceId}' registered to write schema ${s.writeSchema}`);
+      }
+    }
+    // Durable first, then visible: an ack must never cover a batch the store does not hold.
+    this.store.appendBatch(g.name, req.table, req.seq, req.records, req.count);
+    r.applyBatch(req.seq, req.records, summary.schemas);
+    for (const peer of g.sessions) peer.subscription?.onBatch(req.table, req.seq, req.records, req.count);
+    this.maybeCompact(g.name, r);
+    const ack: WriteAck = { table: req.table, seq: req.seq };
+    if (t.durability !== 'SYNC') return ack;
+    const waitFor = new Set(g.standbys().filter((p) => p.inSync && (p.acked.get(req.table) ?? 0) < req.seq).map((p) => p.id));
+    if (waitFor.size === 0) return ack;
+    return new Promise<WriteAck>((resolve) => {
+      const list = g.syncWaits.get(req.table) ?? [];
+      g.syncWaits.set(req.table, list);
+      const w: SyncWait = {
+        seq: req.seq,
+        waitFor,
+        resolve: () => resolve(ack),
+        timer: setTimeout(() => this.syncTimeout(g, req.table, w), this.opts.syncTimeoutMs),
+      };
+      list.push(w);
+    });
+  }
+
+  private syncTimeout(g: ProcessGroup, table: string, w: SyncWait): void {
+    for (const id of [...w.waitFor]) {
+      const s = this.sessions.get(id);
+      if (!s) continue;
+      this.log.warn(
+        { process: g.name, table, seq: w.seq, standby: s.reg.instanceId, timeoutMs: this.opts.syncTimeoutMs },
+        'standby did not apply a SYNC batch in time; it leaves the in-sync set until it catches up again',
+      );
+      this.leaveInSync(g, s);
+    }
+  }
+
+  /** Removes a standby from every SYNC wait (it left, or fell out of sync). */
+  private leaveInSync(g: ProcessGroup, s: PeerSession): void {
+    s.inSync = false;
+    for (const [table, list] of g.syncWaits) {
+      for (const w of list) w.waitFor.delete(s.id);
+      this.releaseSyncWaits(g, table);
+    }
+  }
+
+  private releaseSyncWaits(g: ProcessGroup, table: string): void {
+    const list = g.syncWaits.get(table);
+    if (!list) return;
+    // Acks leave in sequence order: a later batch is never acknowledged before an earlier one.
+    while (list.length && list[0].waitFor.size === 0) {
+      const w = list.shift()!;
+      clearTimeout(w.timer);
+      w.resolve();
+    }
+  }
+
+  // ---------------------------------------------------------------- subscriptions and acks
+
+  subscribe(req: SubscribeRequest, stream: SubscriberStream, peerVm: string | null): Subscription {
+    const s = this.sessions.get(req.sessionId);
+    if (!s) throw failedPrecondition(`unknown session '${req.sessionId}': register on the Session stream first`);
+    if (peerVm !== null && s.reg.vmId !== peerVm) throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}'`);
+    const mode = req.mode === 'RECOVER' ? 'RECOVER' : 'FOLLOW';
+    if (mode === 'FOLLOW' && s.role !== 'STANDBY') {
+      throw failedPrecondition(`'${s.reg.instanceId}' is ${s.role}; only standbys follow changes (an active recovers with mode RECOVER)`);
+    }
+    for (const [t, seq] of Object.entries(req.have)) {
+      if (!Number.isSafeInteger(seq) || seq < 0) throw invalidArgument(`have[${t}] = ${seq} is not a valid sequence`);
+    }
+    const g = this.group(s.reg.process);
+    s.subscription?.cancelled();
+    s.inSync = false;
+    for (const [t, seq] of Object.entries(req.have)) s.acked.set(t, seq);
+    const host: SubscriptionHost = {
+      stallTimeoutMs: this.opts.stallTimeoutMs,
+      tableSeq: (t) => g.tables.get(t)?.replica.seq ?? 0,
+      readLog: (t, after, limit) => {
+        const seq = g.tables.get(t)?.replica.seq ?? 0;
+        if (after === seq) return [];
+        if (after < this.store.logFloor(g.name, t)) return null;
+        return limit > 0 ? this.store.readBatches(g.name, t, after, limit) : [];
+      },
+      startSnapshot: (t, onDone) => this.startSnapshot(g, t, onDone),
+    };
+    const sub = new Subscription(s.id, mode, host, stream, (closed) => {
+      if (s.subscription === closed) s.subscription = null;
+    });
+    s.subscription = sub;
+    sub.start([...g.tables.keys()], req.have);
+    this.checkReady(g, s);
+    return sub;
+  }
+
+  private startSnapshot(g: ProcessGroup, table: string, onDone: (err: Error | null) => void): { event: SubscribeEvent; seq: number; empty: boolean } {
+    const replica = g.tables.get(table)!.replica;
+    if (replica.records === 0) {
+      return { event: { reset: { table, seq: replica.seq } }, seq: replica.seq, empty: true };
+    }
+    const snap = replica.openSnapshot();
+    const frameBytes = this.opts.snapshotFrameBytes;
+    let finished = false;
+    const finish = (err: Error | null) => {
+      if (finished) return;
+      finished = true;
+      replica.closeSnapshot(snap);
+      onDone(err);
+    };
+    const token = this.bulk.issue(
+      async (out) => {
+        const builder = new RecordBuilder(frameBytes + 64 * 1024);
+        let sent = 0;
+        let sinceYield = 0;
+        while (!snap.done) {
+          snap.next(frameBytes, (k, e) => builder.putEntry(k, e));
+          const { records, count } = builder.take();
+          if (count === 0) continue;
+          sent += count;
+          await out.frame(records, count);
+          // Let writes and acks in between: a 1M-record snapshot must not stall the agent.
+          if (++sinceYield >= 4) {
+            sinceYield = 0;
+            await new Promise((r) => setImmediate(r));
+          }
+        }
+        return sent;
+      },
+      (err) => finish(err),
+    );
+    this.log.debug({ process: g.name, table, seq: snap.seq, records: snap.records }, 'bulk snapshot issued');
+    return {
+      event: {
+        snapshot: {
+          table,
+          seq: snap.seq,
+          records: snap.records,
+          unixPath: this.bulk.unixPath,
+          tcpAddress: this.bulk.tcpAddress,
+          token,
+        },
+      },
+      seq: snap.seq,
+      empty: false,
+    };
+  }
+
+  ack(req: AckRequest, peerVm: string | null): void {
+    const s = this.sessions.get(req.sessionId);
+    if (!s) throw failedPrecondition(`unknown session '${req.sessionId}'`);
+    if (peerVm !== null && s.reg.vmId !== peerVm) throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}'`);
+    const g = this.group(s.reg.process);
+    const t = g.tables.get(req.table);
+    if (!t) throw notFound(`unknown table '${req.table}' for process '${s.reg.process}'`);
+    if (req.seq > t.replica.seq) {
+      throw outOfRange(`ack of seq ${req.seq} for table '${req.table}' is beyond the table's sequence ${t.replica.seq}`);
+    }
+    const prev = s.acked.get(req.table) ?? 0;
+    if (req.seq < prev) return; // acks are cumulative; a late one changes nothing
+    s.acked.set(req.table, req.seq);
+    const list = g.syncWaits.get(req.table);
+    if (list) {
+      for (const w of list) if (w.seq <= req.seq) w.waitFor.delete(s.id);
+      this.releaseSyncWaits(g, req.table);
+    }
+    this.checkReady(g, s);
+    if (g.ackWaiters.length) {
+      const waiters = g.ackWaiters;
+      g.ackWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  private lagOf(g: ProcessGroup, s: PeerSession): number {
+    let lag = 0;
+    for (const [name, t] of g.tables) lag += Math.max(0, t.replica.seq - (s.acked.get(name) ?? 0));
+    return lag;
+  }
+
+  private checkReady(g: ProcessGroup, s: PeerSession): void {
+    if (s.role === 'STANDBY' && !s.inSync && s.subscription && this.lagOf(g, s) === 0) {
+      s.inSync = true;
+      this.log.info({ process: g.name, standby: s.reg.instanceId }, 'standby is READY (applied everything the active wrote)');
+    }
+  }
+
+  // ---------------------------------------------------------------- status
+
+  status(process: string): ProcessStatus[] {
+    const names = process ? [process] : [...this.groups.keys()].sort();
+    if (process && !this.groups.has(process)) throw notFound(`no process '${process}' is known to the agent`);
+    return names.map((name) => {
+      const g = this.groups.get(name)!;
+      return {
+        process: name,
+        tables: [...g.tables].map(([tn, t]) => ({
+          name: tn,
+          seq: t.replica.seq,
+          records: t.replica.records,
+          bytes: t.replica.bytes,
+          durability: t.durability,
+        })),
+        peers: [...g.sessions].map((s) => ({
+          sessionId: s.id,
+          instanceId: s.reg.instanceId,
+          vmId: s.reg.vmId,
+          softwareVersion: s.reg.softwareVersion,
+          schemaWrites: s.writeSchema,
+          schemaReads: s.reg.schemaReads,
+          role: s.role,
+          frozen: s.frozen,
+          ready: s.role === 'ACTIVE' || (s.inSync && this.lagOf(g, s) === 0),
+          acked: Object.fromEntries(s.acked),
+          lag: s.role === 'ACTIVE' ? 0 : this.lagOf(g, s),
+        })),
+      };
+    });
+  }
+
+  // ---------------------------------------------------------------- role changes
+
+  private command(s: PeerSession, kind: CommandKind, extra: Partial<RoleCommand> = {}): Promise<CommandResult> {
+    const id = this.nextCommandId++;
+    const cmd: RoleCommand = { commandId: id, kind, reason: extra.reason ?? '', tableSeqs: extra.tableSeqs ?? {}, writeSchema: extra.writeSchema ?? 0 };
+    return new Promise<CommandResult>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        s.pending.delete(id);
+        reject(deadlineExceeded(`'${s.reg.instanceId}' did not answer ${kind} within ${this.opts.commandTimeoutMs} ms`));
+      }, this.opts.commandTimeoutMs);
+      s.pending.set(id, { resolve, reject, timer });
+      s.channel.send(cmd);
+    }).then((r) => {
+      if (!r.ok) throw failedPrecondition(`'${s.reg.instanceId}' refused ${kind}: ${r.error}`);
+      return r;
+    });
+  }
+
+  private waitAcked(g: ProcessGroup, s: PeerSession, seqs: Record<string, number>, timeoutMs: number): Promise<void> {
+    const done = () => Object.entries(seqs).every(([t, q]) => (s.acked.get(t) ?? 0) >= q);
+    return new Promise<void>((resolve, reject) => {
+      if (done()) return resolve();
+      const timer = setTimeout(() => {
+        reject(deadlineExceeded(`standby '${s.reg.instanceId}' did not drain to zero lag within ${timeoutMs} ms (lag ${this.lagOf(g, s)} batches)`));
+      }, timeoutMs);
+      const check = () => {
+        if (!this.sessions.has(s.id)) {
+          clearTimeout(timer);
+          return reject(failedPrecondition(`standby '${s.reg.instanceId}' disconnected during the drain`));
+        }
+        if (done()) {
+          clearTimeout(timer);
+          return resolve();
+        }
+        g.ackWaiters.push(check);
+      };
+      g.ackWaiters.push(check);
+    });
+  }
+
+  /**
+   * Hands the active role of `process` to the READY standby `toInstance`: freeze the active's
+   * writers, drain the standby to zero lag, promote it, demote the old active (it becomes a
+   * standby that resumes from the log, so a switch back is hitless too). Before the promotion is
+   * acknowledged any failure unfreezes the old active and leaves it in charge.
+   */
+  async switchover(process: string, toInstance: string): Promise<SwitchoverResponse> {
+    const g = this.groups.get(process);
+    if (!g) throw notFound(`no process '${process}' is known to the agent`);
+    if (g.switching) throw failedPrecondition(`a switchover of '${process}' is already in progress`);
+    const target = [...g.sessions].find((s) => s.reg.instanceId === toInstance);
+    if (!target) throw notFound(`no instance '${toInstance}' of process '${process}' is registered`);
+    const old = g.active;
+    if (!old) throw failedPrecondition(`process '${process}' has no active instance to switch from`);
+    if (target === old) throw failedPrecondition(`'${toInstance}' is already the active instance`);
+    if (target.role !== 'STANDBY' || !target.inSync) {
+      throw failedPrecondition(`standby '${toInstance}' is not READY (lag ${this.lagOf(g, target)} batches); wait until it caught up`);
+    }
+    if (!old.reg.schemaReads.includes(target.reg.schemaWrites) && !target.reg.schemaCanWrite.some((v) => old.reg.schemaReads.includes(v))) {
+      throw failedPrecondition(
+        `after the switch '${old.reg.instanceId}' could not read what '${toInstance}' writes (schema ${target.reg.schemaWrites}); a rollback would not be hitless`,
+      );
+    }
+    g.switching = true;
+    const t0 = process_hrtime();
+    let promoted = false;
+    try {
+      const frozen = await this.command(old, 'FREEZE', { reason: `switchover to ${toInstance}` });
+      old.frozen = true;
+      const seqs = this.tableSeqs(g);
+      for (const [t, q] of Object.entries(frozen.tableSeqs)) {
+        if ((seqs[t] ?? 0) !== q) throw failedPrecondition(`after FREEZE table '${t}' is at ${seqs[t]} but the active reports ${q}`);
+      }
+      await this.waitAcked(g, target, seqs, this.opts.commandTimeoutMs);
+      // The old active will be a standby: the new active must write what it reads.
+      const writeSchema = this.pickWriteSchemaFor(target, [old]);
+      target.role = 'ACTIVE';
+      target.writeSchema = writeSchema;
+      target.frozen = false;
+      old.role = 'STANDBY';
+      old.inSync = true; // it holds everything up to `seqs`, exactly what the new active starts from
+      for (const [t, q] of Object.entries(seqs)) old.acked.set(t, q);
+      g.active = target;
+      target.subscription?.end();
+      promoted = true;
+      await this.command(target, 'PROMOTE', { tableSeqs: seqs, writeSchema, reason: `switchover from ${old.reg.instanceId}` });
+      const freezeMicros = Math.round(process_hrtime() - t0);
+      old.frozen = false;
+      await this.command(old, 'DEMOTE', { tableSeqs: seqs, reason: `switchover to ${toInstance}` });
+      this.log.info({ process, from: old.reg.instanceId, to: toInstance, freezeMicros }, 'switchover done');
+      return { freezeMicros, tableSeqs: seqs };
+    } catch (e) {
+      if (!promoted) {
+        old.frozen = false;
+        await this.command(old, 'UNFREEZE', { reason: 'switchover failed' }).catch(() => undefined);
+      }
+      throw e;
+    } finally {
+      g.switching = false;
+    }
+  }
+
+  private pickWriteSchemaFor(target: PeerSession, readers: PeerSession[]): number {
+    const canWrite = target.reg.schemaCanWrite.length ? target.reg.schemaCanWrite : [target.reg.schemaWrites];
+    const ok = canWrite.filter((v) => readers.every((r) => r.reg.schemaReads.includes(v))).sort((a, b) => b - a);
+    return ok[0] ?? target.reg.schemaWrites;
+  }
+
+  // ---------------------------------------------------------------- helpers
+
+  private group(name: string): ProcessGroup {
+    let g = this.groups.get(name);
+    if (!g) {
+      g = new ProcessGroup(name);
+      this.groups.set(name, g);
+    }
+    return g;
+  }
+
+  private tableSeqs(g: ProcessGroup): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const [n, t] of g.tables) out[n] = t.replica.seq;
+    return out;
+  }
+
+  private schemasIn(r: TableReplica): Set<number> {
+    const set = new Set<number>();
+    for (const e of r.map.values()) set.add((e.charCodeAt(0) << 8) | e.charCodeAt(1));
+    return set;
+  }
+
+  /** Starts a background compaction when the table's log outgrew max(compactMinBytes, 2 x table). */
+  private maybeCompact(process: string, r: TableReplica): void {
+    const key = `${process}\u0000${r.name}`;
+    if (this.compacting.has(key) || r.seq % 64 !== 0) return; // measuring the log costs a query
+    const logBytes = this.store.logBytesSinceSnapshot(process, r.name);
+    if (logBytes < Math.max(this.opts.compactMinBytes, 2 * r.bytes)) return;
+    this.compacting.add(key);
+    void this.compact(process, r)
+      .catch((e) => this.log.error({ process, table: r.name, err: (e as Error).message }, 'compaction failed; the log keeps everything'))
+      .finally(() => this.compacting.delete(key));
+  }
+
+  /** Writes a consistent snapshot in chunks, then atomically makes it current and trims the log. */
+  async compact(process: string, r: TableReplica): Promise<void> {
+    const snap = r.openSnapshot();
+    const gen = this.store.beginSnapshot(process, r.name);
+    try {
+      const builder = new RecordBuilder(this.opts.snapshotFrameBytes + 64 * 1024);
+      let chunk = 0;
+      while (!snap.done) {
+        snap.next(this.opts.snapshotFrameBytes, (k, e) => builder.putEntry(k, e));
+        const { records, count } = builder.take();
+        if (count) this.store.writeSnapshotChunk(process, r.name, gen, chunk++, records);
+        await new Promise((res) => setImmediate(res));
+      }
+      this.store.commitSnapshot(process, r.name, gen, snap.seq);
+      this.log.info({ process, table: r.name, seq: snap.seq, records: snap.records, chunks: chunk }, 'table log compacted into a snapshot');
+    } catch (e) {
+      this.store.abortSnapshot(process, r.name, gen);
+      throw e;
+    } finally {
+      r.closeSnapshot(snap);
+    }
+  }
+
+  /** Ends every session (agent shutdown). */
+  closeAll(): void {
+    for (const s of [...this.sessions.values()]) {
+      s.subscription?.end();
+      s.channel.close();
+      this.unregister(s.id, 'agent shutting down');
+    }
+  }
+}
+
+function durabilityName(d: number): Durability {
+  return d === 2 ? 'SYNC' : 'ASYNC';
+}
+
+/** Monotonic microseconds. */
+function process_hrtime(): number {
+  return Number(process.hrtime.bigint() / 1000n);
+}
+
+export { HitlessError };

@@ -1,0 +1,148 @@
+/**
+ * TypeScript shapes of the hitless.v1.Checkpoint messages as @grpc/proto-loader hands them over
+ * with the options in agent/grpc/proto.ts (camelCase fields, enums as strings, uint64 as number,
+ * defaults filled, oneofs named by their `msg` field). Sequences stay far below 2^53.
+ */
+export type Role = 'ROLE_UNSPECIFIED' | 'ACTIVE' | 'STANDBY';
+export type Durability = 'DURABILITY_UNSPECIFIED' | 'ASYNC' | 'SYNC';
+export type CommandKind = 'KIND_UNSPECIFIED' | 'PROMOTE' | 'DEMOTE' | 'FREEZE' | 'UNFREEZE';
+
+export interface TableSpec {
+  name: string;
+  durability: Durability;
+}
+
+export interface Register {
+  process: string;
+  instanceId: string;
+  vmId: string;
+  softwareVersion: string;
+  schemaWrites: number;
+  schemaReads: number[];
+  wantedRole: Role;
+  tables: TableSpec[];
+  schemaCanWrite: number[];
+}
+
+export interface CommandResult {
+  commandId: number;
+  ok: boolean;
+  error: string;
+  tableSeqs: Record<string, number>;
+}
+
+export interface SessionRequest {
+  register?: Register;
+  result?: CommandResult;
+  heartbeat?: Record<string, never>;
+  msg?: 'register' | 'result' | 'heartbeat';
+}
+
+export interface Registered {
+  sessionId: string;
+  role: Role;
+  tableSeqs: Record<string, number>;
+  activeSchema: number;
+  writeSchema: number;
+}
+
+export interface RoleCommand {
+  commandId: number;
+  kind: CommandKind;
+  reason: string;
+  tableSeqs: Record<string, number>;
+  writeSchema: number;
+}
+
+export interface SessionResponse {
+  registered?: Registered;
+  command?: RoleCommand;
+}
+
+export interface WriteRequest {
+  sessionId: string;
+  table: string;
+  seq: number;
+  records: Buffer;
+  count: number;
+}
+
+export interface WriteAck {
+  table: string;
+  seq: number;
+}
+
+export type SubscribeMode = 'MODE_UNSPECIFIED' | 'FOLLOW' | 'RECOVER';
+
+export interface SubscribeRequest {
+  sessionId: string;
+  have: Record<string, number>;
+  mode: SubscribeMode;
+}
+
+export interface BulkTicket {
+  table: string;
+  seq: number;
+  records: number;
+  unixPath: string;
+  tcpAddress: string;
+  token: Buffer;
+}
+
+export interface ChangeBatch {
+  table: string;
+  seq: number;
+  records: Buffer;
+  count: number;
+}
+
+export interface SubscribeEvent {
+  snapshot?: BulkTicket;
+  change?: ChangeBatch;
+  reset?: { table: string; seq: number };
+  caughtUp?: { tableSeqs: Record<string, number> };
+  msg?: 'snapshot' | 'change' | 'reset' | 'caughtUp';
+}
+
+export interface AckRequest {
+  sessionId: string;
+  table: string;
+  seq: number;
+}
+
+export interface TableStatus {
+  name: string;
+  seq: number;
+  records: number;
+  bytes: number;
+  durability: Durability;
+}
+
+export interface PeerStatus {
+  sessionId: string;
+  instanceId: string;
+  vmId: string;
+  softwareVersion: string;
+  schemaWrites: number;
+  schemaReads: number[];
+  role: Role;
+  frozen: boolean;
+  ready: boolean;
+  acked: Record<string, number>;
+  lag: number;
+}
+
+export interface ProcessStatus {
+  process: string;
+  tables: TableStatus[];
+  peers: PeerStatus[];
+}
+
+export interface SwitchoverResponse {
+  freezeMicros: number;
+  tableSeqs: Record<string, number>;
+}
+
+export interface StatusResponse {
+  processes: ProcessStatus[];
+}

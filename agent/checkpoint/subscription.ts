@@ -1,0 +1,204 @@
+/**
+ * One standby's (or recovering active's) subscription: what it has been sent per table, and the
+ * pump that brings it up to date.
+ *
+ * Per table the subscription is either:
+ * - live: `sent` equals the table's sequence; a new batch is forwarded as it is applied, without
+ *   being decoded again;
+ * - behind: batches after `sent` are read from the store's log, in order, as the gRPC stream
+ *   drains (a slow reader never makes the agent buffer without bound);
+ * - snapshotting: a consistent snapshot at `sent` is being streamed on a bulk socket; changes after
+ *   it may already follow on the gRPC stream, which the SDK applies after the snapshot.
+ * A reader that stops reading for longer than the stall timeout is cut off with RESOURCE_EXHAUSTED.
+ */
+import { status } from '@grpc/grpc-js';
+import { HitlessError } from '../common/errors';
+import { SubscribeEvent, SubscribeMode } from './messages';
+
+export interface SubscriberStream {
+  /** Returns false when the transport wants the writer to wait for onDrain. */
+  write(ev: SubscribeEvent): boolean;
+  onDrain(cb: () => void): void;
+  end(): void;
+  fail(err: HitlessError): void;
+}
+
+/** What a subscription needs from the service; kept narrow so it can be reasoned about alone. */
+export interface SubscriptionHost {
+  tableSeq(table: string): number;
+  /** Batches after `after` from the durable log, or null when the log no longer reaches back. */
+  readLog(table: string, after: number, limit: number): { seq: number; records: Buffer; count: number }[] | null;
+  /** Starts a bulk snapshot of `table`; returns the ticket event and the snapshot's sequence. */
+  startSnapshot(table: string, onDone: (err: Error | null) => void): { event: SubscribeEvent; seq: number; empty: boolean };
+  stallTimeoutMs: number;
+}
+
+interface TableCursor {
+  sent: number;
+  snapshotting: boolean;
+}
+
+export class Subscription {
+  private readonly cursors = new Map<string, TableCursor>();
+  private blocked = false;
+  private pumping = false;
+  private stallTimer: NodeJS.Timeout | null = null;
+  closed = false;
+  /** RECOVER: snapshots still streaming before the subscription can end. */
+  private pendingSnapshots = 0;
+
+  constructor(
+    readonly sessionId: string,
+    readonly mode: SubscribeMode,
+    private readonly host: SubscriptionHost,
+    private readonly stream: SubscriberStream,
+    private readonly onClosed: (sub: Subscription) => void,
+  ) {
+    stream.onDrain(() => {
+      this.blocked = false;
+      this.clearStall();
+      this.pump();
+    });
+  }
+
+  /** Plans each table from what the subscriber already has, then pumps. */
+  start(tables: string[], have: Record<string, number>): void {
+    for (const t of tables) {
+      const seq = this.host.tableSeq(t);
+      const h = have[t] ?? 0;
+      if (h > 0 && h <= seq && this.host.readLog(t, h, 0) !== null) {
+        this.cursors.set(t, { sent: h, snapshotting: false }); // resume from the log
+      } else if (h === seq && h > 0) {
+        this.cursors.set(t, { sent: h, snapshotting: false }); // already current
+      } else {
+        this.snapshot(t);
+      }
+    }
+    this.pump();
+  }
+
+  private snapshot(table: string): void {
+    const cursor: TableCursor = { sent: 0, snapshotting: true };
+    this.cursors.set(table, cursor);
+    this.pendingSnapshots++;
+    const { event, seq, empty } = this.host.startSnapshot(table, (err) => {
+      cursor.snapshotting = false;
+      this.pendingSnapshots--;
+      if (err) this.fail(new HitlessError(status.ABORTED, `snapshot of table '${table}' failed: ${err.message}; subscribe again`));
+      else this.pump();
+    });
+    cursor.sent = seq;
+    if (empty) {
+      cursor.snapshotting = false;
+      this.pendingSnapshots--;
+    }
+    this.send(event);
+  }
+
+  /** Called by the service right after a batch was applied to `table`. */
+  onBatch(table: string, seq: number, records: Buffer, count: number): void {
+    const c = this.cursors.get(table);
+    if (!c || this.closed) return;
+    if (this.mode === 'RECOVER') return; // a recovering active gets the state, not later changes
+    if (!this.blocked && c.sent === seq - 1) {
+      c.sent = seq;
+      this.send({ change: { table, seq, records, count } });
+    } else {
+      this.pump();
+    }
+  }
+
+  /** Adds a table created after the subscription started. */
+  addTable(table: string): void {
+    if (!this.cursors.has(table)) {
+      this.cursors.set(table, { sent: 0, snapshotting: false });
+      this.pump();
+    }
+  }
+
+  private send(ev: SubscribeEvent): void {
+    if (this.closed) return;
+    if (!this.stream.write(ev)) {
+      this.blocked = true;
+      this.armStall();
+    }
+  }
+
+  private armStall(): void {
+    if (this.stallTimer) return;
+    this.stallTimer = setTimeout(() => {
+      this.fail(
+        new HitlessError(
+          status.RESOURCE_EXHAUSTED,
+          `subscriber stopped reading for ${this.host.stallTimeoutMs} ms; the agent dropped it. Reconnect to resume from the last acknowledged sequence`,
+        ),
+      );
+    }, this.host.stallTimeoutMs);
+  }
+
+  private clearStall(): void {
+    if (this.stallTimer) clearTimeout(this.stallTimer);
+    this.stallTimer = null;
+  }
+
+  /** Sends what the subscriber is missing, from the log, until caught up or blocked. */
+  pump(): void {
+    if (this.pumping || this.closed) return;
+    this.pumping = true;
+    try {
+      let progressed = true;
+      while (progressed && !this.blocked && !this.closed) {
+        progressed = false;
+        for (const [table, c] of this.cursors) {
+          if (this.blocked || this.closed) break;
+          const seq = this.host.tableSeq(table);
+          if (c.sent >= seq || this.mode === 'RECOVER') continue;
+          const batches = this.host.readLog(table, c.sent, 64);
+          if (batches === null || batches.length === 0 || batches[0].seq !== c.sent + 1) {
+            this.snapshot(table); // the log no longer reaches back: start over from a snapshot
+            progressed = true;
+            continue;
+          }
+          for (const b of batches) {
+            c.sent = b.seq;
+            this.send({ change: { table, seq: b.seq, records: b.records, count: b.count } });
+            progressed = true;
+            if (this.blocked) break;
+          }
+        }
+      }
+      if (this.mode === 'RECOVER' && !this.closed && this.pendingSnapshots === 0 && !this.blocked) {
+        const tableSeqs: Record<string, number> = {};
+        for (const [t, c] of this.cursors) tableSeqs[t] = c.sent;
+        this.send({ caughtUp: { tableSeqs } });
+        this.end();
+      }
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  end(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.clearStall();
+    this.stream.end();
+    this.onClosed(this);
+  }
+
+  fail(err: HitlessError): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.clearStall();
+    this.stream.fail(err);
+    this.onClosed(this);
+  }
+
+  /** Called when the transport saw the client go away. */
+  cancelled(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.clearStall();
+    this.onClosed(this);
+  }
+}

@@ -1,0 +1,90 @@
+/**
+ * hitlessd configuration: command-line flags, with environment variables as fallbacks, so tests,
+ * benchmarks and service managers can start the agent anywhere.
+ */
+import { parseArgs } from 'node:util';
+import path from 'node:path';
+import { DEFAULT_CHECKPOINT_OPTIONS, CheckpointOptions } from './checkpoint/checkpoint.service';
+
+export interface AgentConfig {
+  grpcSocket: string;
+  grpcTcp: string | null;
+  stateDir: string;
+  fsync: boolean;
+  logLevel: string;
+  checkpoint: CheckpointOptions;
+}
+
+export const HITLESSD_HELP = `hitlessd - the hitless upgrade agent
+
+Usage: hitlessd [options]
+
+Listeners
+  --grpc-socket PATH     unix socket for local processes and the issu CLI
+                         (env HITLESS_GRPC_SOCKET; default <state-dir>/agent.sock)
+  --grpc-tcp HOST:PORT   also listen on TCP; loopback only (127.0.0.1, ::1); port 0 picks one
+                         (env HITLESS_GRPC_TCP; default: no TCP listener)
+State
+  --state-dir DIR        embedded database and runtime files
+                         (env HITLESS_STATE_DIR; default /var/lib/hitless)
+  --fsync                flush every commit to disk (survives power loss; slower). Without it,
+                         acknowledged data survives a crash of the agent process.
+Checkpoint limits
+  --max-key-bytes N      largest key (default ${DEFAULT_CHECKPOINT_OPTIONS.limits.maxKeyBytes})
+  --max-value-bytes N    largest value (default ${DEFAULT_CHECKPOINT_OPTIONS.limits.maxValueBytes})
+  --stall-timeout-ms N   drop a subscriber that stops reading for N ms (default ${DEFAULT_CHECKPOINT_OPTIONS.stallTimeoutMs})
+  --sync-timeout-ms N    a SYNC write waits at most N ms for a standby (default ${DEFAULT_CHECKPOINT_OPTIONS.syncTimeoutMs})
+  --command-timeout-ms N time a process has to answer a role command (default ${DEFAULT_CHECKPOINT_OPTIONS.commandTimeoutMs})
+Other
+  --log-level LEVEL      trace|debug|info|warn|error (env HITLESS_LOG_LEVEL; default info)
+  -h, --help             this text
+
+On start the agent prints one JSON line on stdout: {"event":"ready", "grpcSocket", "grpcTcp", ...}.
+Logs are JSON lines on stderr. SIGTERM or SIGINT shut it down gracefully.
+`;
+
+export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): AgentConfig | 'help' {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      'grpc-socket': { type: 'string' },
+      'grpc-tcp': { type: 'string' },
+      'state-dir': { type: 'string' },
+      fsync: { type: 'boolean' },
+      'max-key-bytes': { type: 'string' },
+      'max-value-bytes': { type: 'string' },
+      'stall-timeout-ms': { type: 'string' },
+      'sync-timeout-ms': { type: 'string' },
+      'command-timeout-ms': { type: 'string' },
+      'log-level': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+    strict: true,
+  });
+  if (values.help) return 'help';
+  const stateDir = path.resolve(values['state-dir'] ?? env.HITLESS_STATE_DIR ?? '/var/lib/hitless');
+  const int = (name: string, v: string | undefined, def: number): number => {
+    if (v === undefined) return def;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive integer, got '${v}'`);
+    return n;
+  };
+  const d = DEFAULT_CHECKPOINT_OPTIONS;
+  return {
+    grpcSocket: path.resolve(values['grpc-socket'] ?? env.HITLESS_GRPC_SOCKET ?? path.join(stateDir, 'agent.sock')),
+    grpcTcp: values['grpc-tcp'] ?? env.HITLESS_GRPC_TCP ?? null,
+    stateDir,
+    fsync: values.fsync ?? false,
+    logLevel: values['log-level'] ?? env.HITLESS_LOG_LEVEL ?? 'info',
+    checkpoint: {
+      ...d,
+      limits: {
+        maxKeyBytes: Math.min(65535, int('max-key-bytes', values['max-key-bytes'], d.limits.maxKeyBytes)),
+        maxValueBytes: int('max-value-bytes', values['max-value-bytes'], d.limits.maxValueBytes),
+      },
+      stallTimeoutMs: int('stall-timeout-ms', values['stall-timeout-ms'], d.stallTimeoutMs),
+      syncTimeoutMs: int('sync-timeout-ms', values['sync-timeout-ms'], d.syncTimeoutMs),
+      commandTimeoutMs: int('command-timeout-ms', values['command-timeout-ms'], d.commandTimeoutMs),
+    },
+  };
+}

@@ -1,0 +1,137 @@
+/**
+ * The agent's gRPC listeners: the host unix socket local processes use, an optional loopback TCP
+ * port, and one unix socket per VM (the guest channel) whose calls are tagged with that VM.
+ * Every listener serves the same services plus grpc.health.v1 and server reflection, so stock
+ * tools (grpcurl, grpc_health_probe) can discover and probe the agent.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation } from 'grpc-health-check';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Logger } from '../common/logger';
+import { loadProtos, serviceDef } from './proto';
+
+/** A service this server exposes: its full proto name and handlers for a given VM tag. */
+export interface ServiceBinding {
+  name: string;
+  handlers: (peerVm: string | null) => grpc.UntypedServiceImplementation;
+  /** Also exposed on per-VM guest sockets (guests only get what they need). */
+  guest: boolean;
+}
+
+/** Server options for the data path: larger flow-control windows measured faster for bulk changes. */
+const SERVER_OPTIONS: grpc.ServerOptions = {
+  'grpc.max_receive_message_length': 8 * 1024 * 1024,
+  'grpc.max_send_message_length': 8 * 1024 * 1024,
+  'grpc-node.max_session_memory': 64,
+  'grpc.keepalive_time_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 5_000,
+  'grpc.keepalive_permit_without_calls': 1,
+  'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+};
+
+export class GrpcServer {
+  private readonly servers = new Map<string, grpc.Server>();
+  private readonly health: HealthImplementation;
+  tcpAddress = '';
+
+  constructor(
+    private readonly bindings: ServiceBinding[],
+    private readonly log: Logger,
+  ) {
+    const status: Record<string, 'SERVING'> = { '': 'SERVING' };
+    for (const b of bindings) status[b.name] = 'SERVING';
+    this.health = new HealthImplementation(status);
+  }
+
+  private build(peerVm: string | null): grpc.Server {
+    const { def, pkg } = loadProtos();
+    const server = new grpc.Server(SERVER_OPTIONS);
+    for (const b of this.bindings) {
+      if (peerVm !== null && !b.guest) continue;
+      server.addService(serviceDef(pkg, b.name), b.handlers(peerVm));
+    }
+    this.health.addToServer(server);
+    new ReflectionService(def).addToServer(server);
+    return server;
+  }
+
+  private async bind(server: grpc.Server, address: string): Promise<number> {
+    return new Promise<number>((resolve, reject) =>
+      server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port))),
+    );
+  }
+
+  /** The host socket for local processes and tools. Created 0660 so only root/group reach it. */
+  async listenUnix(socketPath: string): Promise<void> {
+    fs.mkdirSync(path.dirname(socketPath), { recursive: true });
+    fs.rmSync(socketPath, { force: true });
+    const server = this.build(null);
+    await this.bind(server, `unix:${socketPath}`);
+    fs.chmodSync(socketPath, 0o660);
+    this.servers.set(`unix:${socketPath}`, server);
+    this.log.info({ socket: socketPath }, 'gRPC listening on unix socket');
+  }
+
+  /** Plaintext TCP, loopback only (remote callers need TLS). Port 0 picks a free port. */
+  async listenTcp(hostPort: string): Promise<string> {
+    const { host, port } = splitHostPort(hostPort);
+    if (!isLoopback(host)) {
+      throw new Error(`refusing plaintext gRPC on non-loopback address ${host}; use 127.0.0.1 or ::1`);
+    }
+    const server = this.build(null);
+    const bound = await this.bind(server, host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`);
+    this.tcpAddress = host.includes(':') ? `[${host}]:${bound}` : `${host}:${bound}`;
+    this.servers.set(`tcp:${this.tcpAddress}`, server);
+    this.log.info({ address: this.tcpAddress }, 'gRPC listening on TCP');
+    return this.tcpAddress;
+  }
+
+  /** A VM's guest channel: calls arriving here are known to come from `vm`. */
+  async listenVm(vm: string, socketPath: string): Promise<void> {
+    fs.mkdirSync(path.dirname(socketPath), { recursive: true });
+    fs.rmSync(socketPath, { force: true });
+    const server = this.build(vm);
+    await this.bind(server, `unix:${socketPath}`);
+    fs.chmodSync(socketPath, 0o660);
+    this.servers.set(`vm:${vm}`, server);
+  }
+
+  async closeVm(vm: string): Promise<void> {
+    const s = this.servers.get(`vm:${vm}`);
+    if (!s) return;
+    this.servers.delete(`vm:${vm}`);
+    await shutdown(s);
+  }
+
+  async close(): Promise<void> {
+    this.health.setStatus('', 'NOT_SERVING');
+    await Promise.all([...this.servers.values()].map(shutdown));
+    this.servers.clear();
+  }
+}
+
+function shutdown(s: grpc.Server): Promise<void> {
+  return new Promise<void>((resolve) => {
+    // Give in-flight calls a moment, then cut the long-lived streams (sessions, subscriptions).
+    const t = setTimeout(() => {
+      s.forceShutdown();
+      resolve();
+    }, 500);
+    s.tryShutdown(() => {
+      clearTimeout(t);
+      resolve();
+    });
+  });
+}
+
+export function splitHostPort(hostPort: string): { host: string; port: number } {
+  const m = /^\[([^\]]+)\]:(\d+)$/.exec(hostPort) ?? /^([^:]*):(\d+)$/.exec(hostPort);
+  if (!m) throw new Error(`'${hostPort}' is not HOST:PORT`);
+  return { host: m[1] || '127.0.0.1', port: Number(m[2]) };
+}
+
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}

@@ -1,0 +1,56 @@
+/**
+ * Loads the .proto contracts in proto/ once, with the options every part of the project relies
+ * on (see agent/checkpoint/messages.ts for the resulting shapes).
+ */
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import fs from 'node:fs';
+import path from 'node:path';
+
+export const LOADER_OPTIONS: protoLoader.Options = {
+  keepCase: false,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+};
+
+/** proto/ of the repository, or HITLESS_PROTO_DIR (set in guest images, where the layout differs). */
+export function protoDir(): string {
+  if (process.env.HITLESS_PROTO_DIR) return process.env.HITLESS_PROTO_DIR;
+  let dir = __dirname;
+  for (let i = 0; i < 6; i++) {
+    const candidate = path.join(dir, 'proto');
+    if (fs.existsSync(path.join(candidate, 'hitless'))) return candidate;
+    dir = path.dirname(dir);
+  }
+  throw new Error('cannot find the proto/ directory; set HITLESS_PROTO_DIR');
+}
+
+export const PROTO_FILES = ['hitless/v1/checkpoint.proto'];
+
+let cached: { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } | null = null;
+
+export function loadProtos(): { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } {
+  if (cached) return cached;
+  const dir = protoDir();
+  const files = PROTO_FILES.filter((f) => fs.existsSync(path.join(dir, f)));
+  const def = protoLoader.loadSync(files, { ...LOADER_OPTIONS, includeDirs: [dir] });
+  cached = { def, pkg: grpc.loadPackageDefinition(def) };
+  return cached;
+}
+
+export function serviceDef(pkg: grpc.GrpcObject, fqName: string): grpc.ServiceDefinition {
+  let node: unknown = pkg;
+  for (const part of fqName.split('.')) node = (node as Record<string, unknown>)[part];
+  const ctor = node as grpc.ServiceClientConstructor | undefined;
+  if (!ctor?.service) throw new Error(`service ${fqName} is not in the loaded protos`);
+  return ctor.service;
+}
+
+export function clientCtor(fqName: string): grpc.ServiceClientConstructor {
+  const { pkg } = loadProtos();
+  let node: unknown = pkg;
+  for (const part of fqName.split('.')) node = (node as Record<string, unknown>)[part];
+  return node as grpc.ServiceClientConstructor;
+}

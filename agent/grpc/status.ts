@@ -1,0 +1,40 @@
+/**
+ * Maps thrown errors onto gRPC statuses. A HitlessError keeps its code and sentence; anything
+ * else is a bug on our side and answers INTERNAL without a stack trace (the stack goes to the log).
+ */
+import * as grpc from '@grpc/grpc-js';
+import { HitlessError } from '../common/errors';
+import { Logger } from '../common/logger';
+
+export function toServiceError(err: unknown, log: Logger, method: string): Partial<grpc.StatusObject> {
+  if (err instanceof HitlessError) return { code: err.code, details: err.message };
+  log.error({ method, err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) }, 'unexpected error in RPC handler');
+  const msg = err instanceof Error ? err.message : String(err);
+  return { code: grpc.status.INTERNAL, details: `internal error in ${method}: ${msg}; the agent log has details` };
+}
+
+/** Wraps a unary handler: exceptions and rejections become statuses; values become responses. */
+export function unary<Req, Res>(
+  log: Logger,
+  method: string,
+  fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Res | Promise<Res>,
+): grpc.handleUnaryCall<Req, Res> {
+  return (call, callback) => {
+    let result: Res | Promise<Res>;
+    try {
+      result = fn(call.request, call);
+    } catch (e) {
+      callback(toServiceError(e, log, method) as grpc.ServiceError);
+      return;
+    }
+    Promise.resolve(result).then(
+      (res) => callback(null, res),
+      (e) => callback(toServiceError(e, log, method) as grpc.ServiceError),
+    );
+  };
+}
+
+/** Ends a server stream with an error status. */
+export function failStream(call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>, err: unknown, log: Logger, method: string): void {
+  call.emit('error', toServiceError(err, log, method));
+}

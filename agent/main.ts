@@ -1,0 +1,34 @@
+#!/usr/bin/env node
+/**
+ * hitlessd entry point: parse flags, build the Nest application context, open listeners, print
+ * the ready line, and shut down gracefully on SIGTERM/SIGINT.
+ */
+import 'reflect-metadata';
+import { NestFactory } from '@nestjs/core';
+import { AgentLifecycle, AppModule } from './app.module';
+import { HITLESSD_HELP, parseAgentArgs } from './config';
+import { createLogger } from './common/logger';
+
+async function main(): Promise<void> {
+  let config;
+  try {
+    config = parseAgentArgs(process.argv.slice(2));
+  } catch (e) {
+    process.stderr.write(`hitlessd: ${(e as Error).message}\nRun 'hitlessd --help' for the options.\n`);
+    process.exit(2);
+  }
+  if (config === 'help') {
+    process.stdout.write(HITLESSD_HELP);
+    return;
+  }
+  const log = createLogger(config.logLevel);
+  const app = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false });
+  app.enableShutdownHooks(['SIGTERM', 'SIGINT']);
+  await app.init();
+  process.stdout.write(JSON.stringify(app.get(AgentLifecycle).readyInfo) + '\n');
+}
+
+main().catch((e) => {
+  process.stderr.write(`hitlessd: failed to start: ${(e as Error).message}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,148 @@
+/**
+ * Durable storage of checkpoint tables: a log of applied batches plus periodic snapshots.
+ *
+ * The agent acknowledges a batch only after `appendBatch` returned, so every acknowledged change
+ * is in the database. On start the agent rebuilds each table from its latest complete snapshot
+ * and the batches after it. Compaction writes a new snapshot generation chunk by chunk, then in
+ * one transaction makes it current and drops the older generation and the batches it covers.
+ */
+import { Db } from './database';
+
+export interface StoredTable {
+  process: string;
+  name: string;
+  durability: number;
+  /** Sequence of the current snapshot generation (0 = none). */
+  snapSeq: number;
+  snapGen: number;
+}
+
+export interface StoredBatch {
+  seq: number;
+  records: Buffer;
+  count: number;
+}
+
+/** The port the checkpoint domain uses; SqliteCheckpointStore is the implementation. */
+export interface CheckpointStore {
+  listTables(): StoredTable[];
+  upsertTable(process: string, name: string, durability: number): void;
+  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void;
+  /** Batches with seq > after, ascending, at most `limit`. */
+  readBatches(process: string, table: string, after: number, limit: number): StoredBatch[];
+  /** Lowest sequence still replayable from the log: batches after it are all present. */
+  logFloor(process: string, table: string): number;
+  logBytesSinceSnapshot(process: string, table: string): number;
+  snapshotChunks(process: string, table: string): Iterable<Buffer>;
+  beginSnapshot(process: string, table: string): number;
+  writeSnapshotChunk(process: string, table: string, gen: number, chunkNo: number, records: Buffer): void;
+  commitSnapshot(process: string, table: string, gen: number, seq: number): void;
+  abortSnapshot(process: string, table: string, gen: number): void;
+}
+
+export class SqliteCheckpointStore implements CheckpointStore {
+  private readonly stmts;
+
+  constructor(private readonly db: Db) {
+    db.exec(`
+      CREATE TABLE IF NOT EXISTS ckpt_tables (
+        process TEXT NOT NULL, name TEXT NOT NULL, durability INTEGER NOT NULL,
+        snap_seq INTEGER NOT NULL DEFAULT 0, snap_gen INTEGER NOT NULL DEFAULT 0,
+        next_gen INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (process, name));
+      CREATE TABLE IF NOT EXISTS ckpt_batches (
+        process TEXT NOT NULL, tbl TEXT NOT NULL, seq INTEGER NOT NULL,
+        count INTEGER NOT NULL, records BLOB NOT NULL,
+        PRIMARY KEY (process, tbl, seq)) WITHOUT ROWID;
+      CREATE TABLE IF NOT EXISTS ckpt_snapshots (
+        process TEXT NOT NULL, tbl TEXT NOT NULL, gen INTEGER NOT NULL, chunk INTEGER NOT NULL,
+        records BLOB NOT NULL,
+        PRIMARY KEY (process, tbl, gen, chunk)) WITHOUT ROWID;
+    `);
+    this.stmts = {
+      list: db.prepare('SELECT process, name, durability, snap_seq AS snapSeq, snap_gen AS snapGen FROM ckpt_tables'),
+      upsert: db.prepare(
+        `INSERT INTO ckpt_tables (process, name, durability) VALUES (?, ?, ?)
+         ON CONFLICT (process, name) DO UPDATE SET durability = excluded.durability`,
+      ),
+      append: db.prepare('INSERT INTO ckpt_batches (process, tbl, seq, count, records) VALUES (?, ?, ?, ?, ?)'),
+      read: db.prepare(
+        'SELECT seq, records, count FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq > ? ORDER BY seq LIMIT ?',
+      ),
+      minSeq: db.prepare('SELECT MIN(seq) AS s FROM ckpt_batches WHERE process = ? AND tbl = ?'),
+      snapSeq: db.prepare('SELECT snap_seq AS s, snap_gen AS g FROM ckpt_tables WHERE process = ? AND name = ?'),
+      logBytes: db.prepare(
+        'SELECT COALESCE(SUM(LENGTH(records)), 0) AS b FROM ckpt_batches WHERE process = ? AND tbl = ?',
+      ),
+      chunks: db.prepare('SELECT records FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ? ORDER BY chunk'),
+      nextGen: db.prepare(
+        'UPDATE ckpt_tables SET next_gen = next_gen + 1 WHERE process = ? AND name = ? RETURNING next_gen - 1 AS g',
+      ),
+      writeChunk: db.prepare('INSERT INTO ckpt_snapshots (process, tbl, gen, chunk, records) VALUES (?, ?, ?, ?, ?)'),
+      setSnap: db.prepare('UPDATE ckpt_tables SET snap_seq = ?, snap_gen = ? WHERE process = ? AND name = ?'),
+      dropGen: db.prepare('DELETE FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ?'),
+      dropOtherGens: db.prepare('DELETE FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen <> ?'),
+      dropBatches: db.prepare('DELETE FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq <= ?'),
+    };
+    // Snapshots left half-written by a crash are never current; drop them.
+    db.exec(`DELETE FROM ckpt_snapshots WHERE NOT EXISTS (SELECT 1 FROM ckpt_tables t
+      WHERE t.process = ckpt_snapshots.process AND t.name = ckpt_snapshots.tbl AND t.snap_gen = ckpt_snapshots.gen)`);
+  }
+
+  listTables(): StoredTable[] {
+    return this.stmts.list.all() as StoredTable[];
+  }
+
+  upsertTable(process: string, name: string, durability: number): void {
+    this.stmts.upsert.run(process, name, durability);
+  }
+
+  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void {
+    this.stmts.append.run(process, table, seq, count, records);
+  }
+
+  readBatches(process: string, table: string, after: number, limit: number): StoredBatch[] {
+    return this.stmts.read.all(process, table, after, limit) as StoredBatch[];
+  }
+
+  logFloor(process: string, table: string): number {
+    const row = this.stmts.snapSeq.get(process, table) as { s: number } | undefined;
+    const min = (this.stmts.minSeq.get(process, table) as { s: number | null }).s;
+    const snap = row?.s ?? 0;
+    // Batches run contiguously from min; the log covers everything after min - 1, and after the
+    // snapshot once compaction removed the older batches.
+    return min === null ? Number.MAX_SAFE_INTEGER : Math.max(snap, min - 1);
+  }
+
+  logBytesSinceSnapshot(process: string, table: string): number {
+    return (this.stmts.logBytes.get(process, table) as { b: number }).b;
+  }
+
+  *snapshotChunks(process: string, table: string): Iterable<Buffer> {
+    const row = this.stmts.snapSeq.get(process, table) as { s: number; g: number } | undefined;
+    if (!row || row.g === 0) return;
+    for (const r of this.stmts.chunks.iterate(process, table, row.g) as Iterable<{ records: Buffer }>) {
+      yield r.records;
+    }
+  }
+
+  beginSnapshot(process: string, table: string): number {
+    return (this.stmts.nextGen.get(process, table) as { g: number }).g;
+  }
+
+  writeSnapshotChunk(process: string, table: string, gen: number, chunkNo: number, records: Buffer): void {
+    this.stmts.writeChunk.run(process, table, gen, chunkNo, records);
+  }
+
+  commitSnapshot(process: string, table: string, gen: number, seq: number): void {
+    this.db.transaction(() => {
+      this.stmts.setSnap.run(seq, gen, process, table);
+      this.stmts.dropOtherGens.run(process, table, gen);
+      this.stmts.dropBatches.run(process, table, seq);
+    })();
+  }
+
+  abortSnapshot(process: string, table: string, gen: number): void {
+    this.stmts.dropGen.run(process, table, gen);
+  }
+}
