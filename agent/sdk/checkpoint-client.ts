@@ -1,0 +1,624 @@
+/**
+ * CheckpointClient: the library a routing process embeds to replicate its tables through the agent.
+ *
+ * It owns the process's local copy of every table (`tables`), so an active's writes and a
+ * standby's received state live in one place the daemon reads from. What it does:
+ * - registers on a Session stream and follows the agent's role commands (promote, demote, freeze,
+ *   unfreeze);
+ * - active: packs batches, applies them locally, sends them pipelined on a WriteStream with
+ *   contiguous sequences, and resolves each when the agent acknowledges it; keeps unacknowledged
+ *   batches in an outbox and resends them after a reconnect, so nothing is lost;
+ * - restarted active: reloads its tables from the agent (Subscribe RECOVER) before writing;
+ * - standby: applies the bulk snapshot (raw socket) and the changes after it, in order,
+ *   transforming values of other schema versions with registered transforms, and acknowledges;
+ * - reconnects with backoff when the agent restarts, resuming from what it holds.
+ *
+ * Keys are bytes; as JS strings they are latin1 (one char per byte), like the agent holds them.
+ */
+import * as grpc from '@grpc/grpc-js';
+import crypto from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import net from 'node:net';
+import { clientCtor } from '../grpc/proto';
+import { Logger, silentLogger } from '../common/logger';
+import {
+  AckRequest,
+  BulkTicket,
+  CommandResult,
+  Registered,
+  Role,
+  RoleCommand,
+  SessionRequest,
+  SessionResponse,
+  SubscribeEvent,
+  TableSpec,
+  WriteAck,
+  WriteRequest,
+} from '../checkpoint/messages';
+import { DEFAULT_LIMITS, RecordBuilder, RecordSink, SCHEMA_BYTES, applyRecords, entrySchema, validateRecords } from '../checkpoint/records';
+
+/** Converts a value from one schema version to another (e.g. 1 -> 2 when reading old records). */
+export type Transform = (value: Buffer) => Buffer;
+
+export interface CheckpointClientOptions {
+  /** 'unix:/path/agent.sock', a socket path, or 'host:port'. */
+  address: string;
+  process: string;
+  instanceId: string;
+  vmId: string;
+  softwareVersion: string;
+  /** Schema version this build writes natively. */
+  schema: number;
+  /** Further versions read natively (besides `schema` and the sources of transforms). */
+  reads?: number[];
+  /** Transforms keyed "from->to"; sources become readable, targets writable. */
+  transforms?: Record<string, Transform>;
+  tables: TableSpec[];
+  role: 'ACTIVE' | 'STANDBY';
+  logger?: Logger;
+  /** Reconnect when the agent goes away (default true). */
+  reconnect?: boolean;
+}
+
+/** The client's copy of one table. */
+export class LocalTable implements RecordSink {
+  readonly map = new Map<string, string>();
+  seq = 0;
+  constructor(
+    readonly name: string,
+    private readonly convert: (entry: string) => string,
+  ) {}
+  put(key: string, entry: string): void {
+    this.map.set(key, this.convert(entry));
+  }
+  delete(key: string): void {
+    this.map.delete(key);
+  }
+  clear(): void {
+    this.map.clear();
+  }
+  get size(): number {
+    return this.map.size;
+  }
+  /** Value bytes of a key (schema prefix stripped), or undefined. */
+  get(key: string): Buffer | undefined {
+    const e = this.map.get(key);
+    return e === undefined ? undefined : Buffer.from(e.slice(SCHEMA_BYTES), 'latin1');
+  }
+}
+
+interface OutboxEntry {
+  req: WriteRequest;
+  resolve: (seq: number) => void;
+  reject: (e: Error) => void;
+  sent: boolean;
+}
+
+export class CheckpointError extends Error {
+  constructor(
+    readonly code: grpc.status,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** A batch under construction; values are given in the build's native schema. */
+export class Batch {
+  readonly builder = new RecordBuilder(64 * 1024);
+  constructor(
+    private readonly client: CheckpointClient,
+    readonly table: string,
+  ) {}
+  put(key: Buffer | string, value: Buffer): this {
+    this.builder.put(key, this.client.writeSchema, this.client.toWriteSchema(value));
+    return this;
+  }
+  delete(key: Buffer | string): this {
+    this.builder.delete(key);
+    return this;
+  }
+  clear(): this {
+    this.builder.clear();
+    return this;
+  }
+  get count(): number {
+    return this.builder.count;
+  }
+  commit(): Promise<number> {
+    return this.client.submit(this.table, this.builder);
+  }
+}
+
+export class CheckpointClient extends EventEmitter {
+  readonly tables = new Map<string, LocalTable>();
+  role: Role = 'ROLE_UNSPECIFIED';
+  sessionId = '';
+  /** Schema version values are written in; may be lower than `schema` while old standbys exist. */
+  writeSchema: number;
+  frozen = false;
+
+  private readonly stub: grpc.Client & Record<string, (...args: unknown[]) => unknown>;
+  private readonly log: Logger;
+  private session: grpc.ClientDuplexStream<SessionRequest, SessionResponse> | null = null;
+  private writeStream: grpc.ClientDuplexStream<WriteRequest, WriteAck> | null = null;
+  private ackStream: grpc.ClientWritableStream<AckRequest> | null = null;
+  private sub: grpc.ClientReadableStream<SubscribeEvent> | null = null;
+  private readonly outbox: OutboxEntry[] = [];
+  private unfrozenWaiters: (() => void)[] = [];
+  private closed = false;
+  private connected = false;
+  private backoffMs = 100;
+  private readonly readable: Set<number>;
+  private readyWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private ready = false;
+  /** Serializes subscription events: a snapshot must be applied before the changes after it. */
+  private eventChain: Promise<void> = Promise.resolve();
+  private pendingAcks = new Map<string, number>();
+  private ackScheduled = false;
+  private queuedEvents = 0;
+
+  constructor(readonly opts: CheckpointClientOptions) {
+    super();
+    this.log = opts.logger ?? silentLogger;
+    const address = opts.address.startsWith('/') ? `unix:${opts.address}` : opts.address;
+    const Ctor = clientCtor('hitless.v1.Checkpoint');
+    this.stub = new Ctor(address, grpc.credentials.createInsecure(), {
+      'grpc.max_receive_message_length': 8 * 1024 * 1024,
+      'grpc.max_send_message_length': 8 * 1024 * 1024,
+      'grpc.keepalive_time_ms': 10_000,
+      'grpc.initial_reconnect_backoff_ms': 100,
+      'grpc.max_reconnect_backoff_ms': 1000,
+    }) as unknown as grpc.Client & Record<string, (...args: unknown[]) => unknown>;
+    this.writeSchema = opts.schema;
+    this.readable = new Set([opts.schema, ...(opts.reads ?? [])]);
+    for (const k of Object.keys(opts.transforms ?? {})) {
+      const [from, to] = k.split('->').map(Number);
+      if (to === opts.schema) this.readable.add(from);
+    }
+    for (const t of opts.tables) this.table(t.name);
+  }
+
+  /** Schemas this build can write: its own and those it can convert its values to. */
+  private canWrite(): number[] {
+    const out = new Set([this.opts.schema]);
+    for (const k of Object.keys(this.opts.transforms ?? {})) {
+      const [from, to] = k.split('->').map(Number);
+      if (from === this.opts.schema) out.add(to);
+    }
+    return [...out];
+  }
+
+  table(name: string): LocalTable {
+    let t = this.tables.get(name);
+    if (!t) {
+      t = new LocalTable(name, (e) => this.toNative(e));
+      this.tables.set(name, t);
+    }
+    return t;
+  }
+
+  /** Registers, recovers (active) or starts following (standby). Resolves when usable. */
+  start(): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.readyWaiters.push({ resolve, reject });
+      this.connect();
+    });
+  }
+
+  private settleReady(err: Error | null): void {
+    if (!err) this.ready = true;
+    const w = this.readyWaiters;
+    this.readyWaiters = [];
+    for (const x of w) (err ? x.reject(err) : x.resolve());
+  }
+
+  private connect(): void {
+    if (this.closed) return;
+    const wanted: Role = this.role === 'ROLE_UNSPECIFIED' ? this.opts.role : this.role;
+    const call = (this.stub.Session as () => grpc.ClientDuplexStream<SessionRequest, SessionResponse>)();
+    this.session = call;
+    call.on('data', (msg: SessionResponse) => {
+      if (msg.registered) void this.onRegistered(msg.registered);
+      else if (msg.command) void this.onCommand(msg.command);
+    });
+    call.on('error', (err: grpc.ServiceError) => this.onSessionLost(err));
+    call.on('end', () => this.onSessionLost(null));
+    call.write({
+      register: {
+        process: this.opts.process,
+        instanceId: this.opts.instanceId,
+        vmId: this.opts.vmId,
+        softwareVersion: this.opts.softwareVersion,
+        schemaWrites: this.opts.schema,
+        schemaReads: [...this.readable],
+        wantedRole: wanted,
+        tables: this.opts.tables,
+        schemaCanWrite: this.canWrite(),
+      },
+    });
+  }
+
+  private onSessionLost(err: grpc.ServiceError | null): void {
+    if (!this.session) return;
+    this.session = null;
+    this.connected = false;
+    this.writeStream?.cancel();
+    this.writeStream = null;
+    this.sub?.cancel();
+    this.sub = null;
+    this.ackStream?.end();
+    this.ackStream = null;
+    if (this.closed) return;
+    const fatal = err && [grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION, grpc.status.PERMISSION_DENIED, grpc.status.ALREADY_EXISTS].includes(err.code);
+    if (fatal && !this.ready) {
+      this.settleReady(new CheckpointError(err.code, err.details));
+      this.closed = true;
+      return;
+    }
+    if (this.opts.reconnect === false) {
+      const e = new CheckpointError(err?.code ?? grpc.status.UNAVAILABLE, err?.details ?? 'agent closed the session');
+      this.settleReady(e);
+      this.emit('disconnected', e);
+      return;
+    }
+    this.log.warn({ err: err?.details ?? 'session ended', retryMs: this.backoffMs }, 'agent session lost; reconnecting');
+    this.emit('disconnected', err);
+    setTimeout(() => this.connect(), this.backoffMs);
+    this.backoffMs = Math.min(this.backoffMs * 2, 2000);
+  }
+
+  private async onRegistered(r: Registered): Promise<void> {
+    this.sessionId = r.sessionId;
+    this.role = r.role;
+    this.connected = true;
+    this.backoffMs = 100;
+    if (r.writeSchema) this.writeSchema = r.writeSchema;
+    this.emit('registered', r);
+    try {
+      if (r.role === 'ACTIVE') {
+        const behind = Object.entries(r.tableSeqs).some(([t, s]) => s > this.table(t).seq);
+        if (behind) await this.recover();
+        this.openWriteStream(r.tableSeqs);
+      } else {
+        this.follow();
+      }
+      if (!this.ready) this.settleReady(null);
+      this.emit('role', this.role);
+    } catch (e) {
+      this.log.error({ err: (e as Error).message }, 'start after registration failed');
+      if (!this.ready) this.settleReady(e as Error);
+      else this.emit('error', e);
+    }
+  }
+
+  // ------------------------------------------------------------------ active side
+
+  /** Values in the native schema -> the schema the agent asked this active to write. */
+  toWriteSchema(value: Buffer): Buffer {
+    if (this.writeSchema === this.opts.schema) return value;
+    const f = this.opts.transforms?.[`${this.opts.schema}->${this.writeSchema}`];
+    if (!f) throw new Error(`no transform ${this.opts.schema}->${this.writeSchema} registered`);
+    return f(value);
+  }
+
+  batch(table: string): Batch {
+    if (!this.tables.has(table)) throw new Error(`table '${table}' was not declared`);
+    return new Batch(this, table);
+  }
+
+  /** Packs what `builder` holds into the next batch of `table`; resolves with its sequence once acknowledged. */
+  async submit(table: string, builder: RecordBuilder): Promise<number> {
+    while (this.frozen) await new Promise<void>((r) => this.unfrozenWaiters.push(r));
+    if (this.role !== 'ACTIVE') throw new CheckpointError(grpc.status.FAILED_PRECONDITION, `'${this.opts.instanceId}' is ${this.role}; only the active writes`);
+    const { records, count } = builder.take();
+    if (count === 0) return this.table(table).seq;
+    validateRecords(records, count, DEFAULT_LIMITS);
+    const local = this.table(table);
+    const seq = local.seq + 1;
+    applyRecords(records, local);
+    local.seq = seq;
+    const req: WriteRequest = { sessionId: this.sessionId, table, seq, records, count };
+    return new Promise<number>((resolve, reject) => {
+      const e: OutboxEntry = { req, resolve, reject, sent: false };
+      this.outbox.push(e);
+      if (this.writeStream) {
+        e.sent = true;
+        this.writeStream.write(req);
+      }
+    });
+  }
+
+  /** Number of batches sent but not yet acknowledged. */
+  get inFlight(): number {
+    return this.outbox.length;
+  }
+
+  private openWriteStream(agentSeqs: Record<string, number>): void {
+    // Anything the agent already holds was acknowledged before the connection broke.
+    while (this.outbox.length && this.outbox[0].req.seq <= (agentSeqs[this.outbox[0].req.table] ?? 0)) {
+      const e = this.outbox.shift()!;
+      e.resolve(e.req.seq);
+    }
+    const call = (this.stub.WriteStream as () => grpc.ClientDuplexStream<WriteRequest, WriteAck>)();
+    this.writeStream = call;
+    call.on('data', (ack: WriteAck) => {
+      const head = this.outbox[0];
+      if (!head || head.req.table !== ack.table || head.req.seq !== ack.seq) {
+        this.emit('error', new Error(`ack ${ack.table}/${ack.seq} does not match the oldest outstanding batch`));
+        return;
+      }
+      this.outbox.shift();
+      head.resolve(ack.seq);
+      if (this.outbox.length === 0) this.emit('drained');
+    });
+    call.on('error', (err: grpc.ServiceError) => {
+      if (this.writeStream !== call) return;
+      this.writeStream = null;
+      if (err.code === grpc.status.CANCELLED || err.code === grpc.status.UNAVAILABLE) return; // session loss handles it
+      // The agent refused a batch: the local table already holds it, so this instance must not
+      // keep writing from a state the agent does not have.
+      const e = new CheckpointError(err.code, err.details);
+      for (const x of this.outbox.splice(0)) x.reject(e);
+      this.emit('error', e);
+    });
+    for (const e of this.outbox) {
+      e.req.sessionId = this.sessionId;
+      e.sent = true;
+      call.write(e.req);
+    }
+  }
+
+  private waitDrained(): Promise<void> {
+    if (this.outbox.length === 0) return Promise.resolve();
+    return new Promise((r) => this.once('drained', () => r()));
+  }
+
+  private localSeqs(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const [n, t] of this.tables) out[n] = t.seq;
+    return out;
+  }
+
+  // ------------------------------------------------------------------ role commands
+
+  private async onCommand(cmd: RoleCommand): Promise<void> {
+    const reply = (ok: boolean, error = '', tableSeqs: Record<string, number> = {}) => {
+      const result: CommandResult = { commandId: cmd.commandId, ok, error, tableSeqs };
+      this.session?.write({ result });
+    };
+    try {
+      switch (cmd.kind) {
+        case 'FREEZE':
+          this.frozen = true;
+          await this.waitDrained();
+          reply(true, '', this.localSeqs());
+          this.emit('frozen');
+          break;
+        case 'UNFREEZE':
+          this.unfreeze();
+          reply(true);
+          break;
+        case 'PROMOTE': {
+          this.sub?.cancel();
+          this.sub = null;
+          await this.eventChain; // everything received so far is applied
+          for (const [t, s] of Object.entries(cmd.tableSeqs)) {
+            if (this.table(t).seq !== s) throw new Error(`table '${t}' is at ${this.table(t).seq}, not at ${s}`);
+          }
+          this.role = 'ACTIVE';
+          if (cmd.writeSchema) this.writeSchema = cmd.writeSchema;
+          this.openWriteStream(cmd.tableSeqs);
+          this.unfreeze();
+          reply(true);
+          this.emit('role', this.role);
+          break;
+        }
+        case 'DEMOTE':
+          this.role = 'STANDBY';
+          this.writeStream?.end();
+          this.writeStream = null;
+          for (const e of this.outbox.splice(0)) e.reject(new CheckpointError(grpc.status.FAILED_PRECONDITION, 'demoted before the batch was sent'));
+          this.unfreeze();
+          this.follow();
+          reply(true);
+          this.emit('role', this.role);
+          break;
+        default:
+          reply(false, `unknown command ${cmd.kind}`);
+      }
+    } catch (e) {
+      reply(false, (e as Error).message);
+    }
+  }
+
+  private unfreeze(): void {
+    this.frozen = false;
+    const w = this.unfrozenWaiters;
+    this.unfrozenWaiters = [];
+    for (const r of w) r();
+  }
+
+  // ------------------------------------------------------------------ standby side
+
+  private follow(): void {
+    this.ackStream = (this.stub.Ack as (cb: (e: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<AckRequest>)((err) => {
+      if (err && err.code !== grpc.status.CANCELLED && err.code !== grpc.status.UNAVAILABLE) this.emit('error', new CheckpointError(err.code, err.details));
+    });
+    const call = (this.stub.Subscribe as (r: unknown) => grpc.ClientReadableStream<SubscribeEvent>)({
+      sessionId: this.sessionId,
+      have: this.localSeqs(),
+      mode: 'FOLLOW',
+    });
+    this.sub = call;
+    this.consume(call, () => undefined);
+  }
+
+  /** Reloads every table from the agent (a restarted active). */
+  private recover(): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const call = (this.stub.Subscribe as (r: unknown) => grpc.ClientReadableStream<SubscribeEvent>)({
+        sessionId: this.sessionId,
+        have: this.localSeqs(),
+        mode: 'RECOVER',
+      });
+      let done = false;
+      this.consume(call, (err) => {
+        if (done) return;
+        done = true;
+        err ? reject(err) : resolve();
+      });
+    });
+  }
+
+  private consume(call: grpc.ClientReadableStream<SubscribeEvent>, finished: (err: Error | null) => void): void {
+    call.on('data', (ev: SubscribeEvent) => {
+      this.queuedEvents++;
+      if (this.queuedEvents > 2048) call.pause();
+      this.eventChain = this.eventChain.then(async () => {
+        try {
+          await this.applyEvent(ev);
+        } catch (e) {
+          this.log.error({ err: (e as Error).message }, 'applying a subscription event failed; resubscribing');
+          call.cancel();
+          this.emit('error', e);
+        }
+        if (--this.queuedEvents < 512 && call.isPaused()) call.resume();
+        if (ev.caughtUp) finished(null);
+      });
+    });
+    call.on('error', (err: grpc.ServiceError) => {
+      if (err.code === grpc.status.CANCELLED) return finished(null);
+      finished(new CheckpointError(err.code, err.details));
+      if (this.sub === call && err.code !== grpc.status.UNAVAILABLE) {
+        // Dropped by the agent (stalled, snapshot failed): resubscribe from what we hold.
+        this.log.warn({ err: err.details }, 'subscription ended by the agent; resubscribing');
+        this.sub = null;
+        setTimeout(() => this.role === 'STANDBY' && this.connected && this.follow(), 200);
+      }
+    });
+    call.on('end', () => void this.eventChain.then(() => finished(null)));
+  }
+
+  private async applyEvent(ev: SubscribeEvent): Promise<void> {
+    if (ev.change) {
+      const c = ev.change;
+      const t = this.table(c.table);
+      if (c.seq !== t.seq + 1) throw new Error(`change ${c.table}/${c.seq} does not follow local sequence ${t.seq}`);
+      applyRecords(c.records, t);
+      t.seq = c.seq;
+      this.queueAck(c.table, c.seq);
+      this.emit('change', c.table, c.seq, c.count);
+    } else if (ev.snapshot) {
+      await this.loadSnapshot(ev.snapshot);
+      this.queueAck(ev.snapshot.table, ev.snapshot.seq);
+      this.emit('snapshot', ev.snapshot.table, ev.snapshot.seq, ev.snapshot.records);
+    } else if (ev.reset) {
+      const t = this.table(ev.reset.table);
+      t.clear();
+      t.seq = ev.reset.seq;
+      this.queueAck(ev.reset.table, ev.reset.seq);
+    } else if (ev.caughtUp) {
+      this.emit('caughtUp', ev.caughtUp.tableSeqs);
+    }
+  }
+
+  /** Acks are coalesced per table and sent once the queued events are applied. */
+  private queueAck(table: string, seq: number): void {
+    if (!this.ackStream) return;
+    this.pendingAcks.set(table, seq);
+    if (this.ackScheduled) return;
+    this.ackScheduled = true;
+    setImmediate(() => {
+      this.ackScheduled = false;
+      for (const [t, s] of this.pendingAcks) this.ackStream?.write({ sessionId: this.sessionId, table: t, seq: s });
+      this.pendingAcks.clear();
+    });
+  }
+
+  private loadSnapshot(ticket: BulkTicket): Promise<void> {
+    const t = this.table(ticket.table);
+    t.clear();
+    return new Promise<void>((resolve, reject) => {
+      // Same kind of transport as the gRPC channel: a unix-socket client reads the bulk unix socket.
+      const viaUnix = ticket.unixPath !== '' && (this.opts.address.startsWith('unix:') || this.opts.address.startsWith('/'));
+      if (!viaUnix && !ticket.tcpAddress) {
+        return reject(new Error('the agent offers the snapshot only on a unix socket; connect over the unix socket'));
+      }
+      const sock = viaUnix ? net.connect(ticket.unixPath) : net.connect(hostPortOf(ticket.tcpAddress));
+      let buf: Buffer | null = null;
+      let received = 0;
+      let done = false;
+      sock.on('connect', () => sock.write(ticket.token));
+      sock.on('data', (d: Buffer) => {
+        buf = buf && buf.length ? Buffer.concat([buf, d]) : d;
+        let off = 0;
+        while (buf.length - off >= 8) {
+          const len = buf.readUInt32BE(off);
+          const count = buf.readUInt32BE(off + 4);
+          if (len === 0) {
+            done = true;
+            if (count !== received || received !== ticket.records) {
+              reject(new Error(`snapshot of '${ticket.table}' ended after ${received} records, expected ${ticket.records}`));
+            }
+            off += 8;
+            break;
+          }
+          if (buf.length - off - 8 < len) break;
+          applyRecords(buf.subarray(off + 8, off + 8 + len), t);
+          received += count;
+          off += 8 + len;
+        }
+        buf = off === buf.length ? null : buf.subarray(off);
+      });
+      sock.on('error', (e) => reject(new Error(`bulk snapshot connection failed: ${e.message}`)));
+      sock.on('close', () => {
+        if (!done) return reject(new Error(`bulk snapshot of '${ticket.table}' closed after ${received} of ${ticket.records} records`));
+        t.seq = ticket.seq;
+        resolve();
+      });
+    });
+  }
+
+  /** Entries of other schema versions -> native, through a registered transform. */
+  private toNative(entry: string): string {
+    const s = entrySchema(entry);
+    if (s === this.opts.schema) return entry;
+    const f = this.opts.transforms?.[`${s}->${this.opts.schema}`];
+    if (!f) return entry; // readable as is (declared in `reads`)
+    const v = f(Buffer.from(entry.slice(SCHEMA_BYTES), 'latin1'));
+    return String.fromCharCode(this.opts.schema >> 8, this.opts.schema & 0xff) + v.toString('latin1');
+  }
+
+  // ------------------------------------------------------------------ queries
+
+  /** sha256 over the table's records in key order: equal digests mean equal tables. */
+  digest(table: string): { records: number; seq: number; sha256: string } {
+    const t = this.table(table);
+    const keys = [...t.map.keys()].sort();
+    const h = crypto.createHash('sha256');
+    for (const k of keys) {
+      h.update(k, 'latin1');
+      h.update('\u0000', 'latin1');
+      h.update(t.map.get(k)!, 'latin1');
+      h.update('\u0001', 'latin1');
+    }
+    return { records: t.size, seq: t.seq, sha256: h.digest('hex') };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.writeStream?.end();
+    this.ackStream?.end();
+    this.sub?.cancel();
+    this.session?.end();
+    this.session = null;
+    this.stub.close();
+  }
+}
+
+function hostPortOf(addr: string): net.NetConnectOpts {
+  const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(addr);
+  if (!m) throw new Error(`bad bulk address '${addr}'`);
+  return { host: m[1], port: Number(m[2]) };
+}

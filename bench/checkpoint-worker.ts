@@ -1,0 +1,114 @@
+/**
+ * A benchmark participant in its own OS process (forked with IPC by checkpoint.bench.ts): an
+ * active that loads and churns the RIB, or a standby that follows it. Timings are taken inside
+ * the worker so process start-up is not counted; results go back over IPC.
+ */
+import { CheckpointClient } from '../agent/sdk/checkpoint-client';
+import { createRng, generateRib, mutateRoute, RibRoute } from '../examples/bgp-rib/rib-generator';
+
+type Cmd =
+  | { op: 'start'; role: 'ACTIVE' | 'STANDBY'; socket: string; instance: string }
+  | { op: 'load'; records: number; batch: number; window: number }
+  | { op: 'churn'; records: number; batch: number; window: number }
+  | { op: 'syncLatency'; rate: number; batch: number; seconds: number }
+  | { op: 'waitSeq'; table: string; seq: number }
+  | { op: 'digest'; table: string }
+  | { op: 'exit' };
+
+let client: CheckpointClient | null = null;
+let routes: RibRoute[] = [];
+const send = (m: unknown) => process.send!(m);
+const now = () => Number(process.hrtime.bigint()) / 1e9;
+
+async function pipelined(total: number, batch: number, window: number, fill: (b: ReturnType<CheckpointClient['batch']>, i: number, n: number) => void, table = 'rib'): Promise<void> {
+  const c = client!;
+  let inflight = 0;
+  let wake: (() => void) | null = null;
+  for (let i = 0; i < total; i += batch) {
+    const n = Math.min(batch, total - i);
+    const b = c.batch(table);
+    fill(b, i, n);
+    inflight++;
+    void b.commit().then(() => {
+      inflight--;
+      wake?.();
+    });
+    while (inflight >= window) await new Promise<void>((r) => (wake = r));
+  }
+  while (inflight > 0) await new Promise<void>((r) => (wake = r));
+}
+
+process.on('message', async (cmd: Cmd) => {
+  try {
+    if (cmd.op === 'start') {
+      const t0 = now();
+      client = new CheckpointClient({
+        address: cmd.socket,
+        process: 'bgp',
+        instanceId: cmd.instance,
+        vmId: cmd.instance,
+        softwareVersion: '1.0.0',
+        schema: 1,
+        tables: [
+          { name: 'rib', durability: 'ASYNC' },
+          { name: 'rib-sync', durability: 'SYNC' },
+        ],
+        role: cmd.role,
+      });
+      await client.start();
+      send({ ok: true, seconds: now() - t0 });
+    } else if (cmd.op === 'load') {
+      const t0 = now();
+      routes = [...generateRib(cmd.records)];
+      const gen = now() - t0;
+      const t1 = now();
+      await pipelined(routes.length, cmd.batch, cmd.window, (b, i, n) => {
+        for (let j = i; j < i + n; j++) b.put(routes[j].key, routes[j].value);
+      });
+      send({ ok: true, seconds: now() - t1, generateSeconds: gen, seq: client!.table('rib').seq });
+    } else if (cmd.op === 'churn') {
+      const rng = createRng(7);
+      const updates: RibRoute[] = [];
+      for (let i = 0; i < cmd.records; i++) updates.push(mutateRoute(routes[i % routes.length], rng));
+      const t0 = now();
+      await pipelined(updates.length, cmd.batch, cmd.window, (b, i, n) => {
+        for (let j = i; j < i + n; j++) b.put(updates[j].key, updates[j].value);
+      });
+      send({ ok: true, seconds: now() - t0, seq: client!.table('rib').seq });
+    } else if (cmd.op === 'syncLatency') {
+      // Open-loop offered load: a batch every `interval` ms regardless of acks; latency = submit -> ack.
+      const interval = (cmd.batch / cmd.rate) * 1000;
+      const lat: number[] = [];
+      const rng = createRng(11);
+      const pending: Promise<void>[] = [];
+      const t0 = now();
+      let k = 0;
+      for (let i = 0; now() - t0 < cmd.seconds; i++) {
+        const due = t0 + (i * interval) / 1000;
+        const wait = (due - now()) * 1000;
+        if (wait > 0.5) await new Promise((r) => setTimeout(r, wait));
+        const b = client!.batch('rib-sync');
+        for (let j = 0; j < cmd.batch; j++, k++) b.put(routes[k % routes.length].key, mutateRoute(routes[k % routes.length], rng).value);
+        const s = now();
+        pending.push(b.commit().then(() => void lat.push((now() - s) * 1000)));
+      }
+      await Promise.all(pending);
+      lat.sort((a, b) => a - b);
+      const q = (p: number) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))];
+      send({ ok: true, batches: lat.length, records: lat.length * cmd.batch, seconds: now() - t0, p50: q(0.5), p99: q(0.99), max: lat[lat.length - 1] });
+    } else if (cmd.op === 'waitSeq') {
+      const t0 = now();
+      const t = client!.table(cmd.table);
+      while (t.seq < cmd.seq) await new Promise((r) => setImmediate(r));
+      send({ ok: true, seconds: now() - t0 });
+    } else if (cmd.op === 'digest') {
+      send({ ok: true, ...client!.digest(cmd.table) });
+    } else if (cmd.op === 'exit') {
+      await client?.close();
+      send({ ok: true });
+      process.exit(0);
+    }
+  } catch (e) {
+    send({ ok: false, error: (e as Error).message });
+  }
+});

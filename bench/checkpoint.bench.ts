@@ -1,0 +1,123 @@
+/**
+ * npm run bench:checkpoint — the checkpoint data path against a Redis replica, in one run.
+ *
+ * Three OS processes on unix sockets: hitlessd, an active worker and a standby worker, with a
+ * full Internet table (RECORDS, default 1,000,000 routes of ~100-byte path attributes). Prints
+ * one JSON line per measurement:
+ *   bulk         fresh standby subscribe -> all records applied (snapshot over the bulk socket),
+ *                beside a fresh Redis replica's full sync of the same records (peer, ratio);
+ *   incremental  sustained records/s from the active's submit to the standby's apply;
+ *   sync-ack     SYNC table ack latency p50/p99 at 50k records/s offered;
+ *   agent-rss    the agent's resident memory holding the table.
+ */
+import { ChildProcess, fork } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { startAgent } from '../test/helpers/agent-process';
+import { generateRib } from '../examples/bgp-rib/rib-generator';
+import { measureRedisReplicaFullSync } from './peers/redis-replica';
+
+const RECORDS = Number(process.env.RECORDS ?? 1_000_000);
+const BATCH = 1000;
+
+interface Worker {
+  proc: ChildProcess;
+  call<T = Record<string, number>>(cmd: Record<string, unknown>): Promise<T>;
+}
+
+function worker(): Worker {
+  const proc = fork(path.join(__dirname, 'checkpoint-worker.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  let queue = Promise.resolve<unknown>(undefined);
+  return {
+    proc,
+    call<T>(cmd: Record<string, unknown>) {
+      const p = queue.then(
+        () =>
+          new Promise<T>((resolve, reject) => {
+            proc.once('message', (m: { ok: boolean; error?: string }) => (m.ok ? resolve(m as T) : reject(new Error(m.error))));
+            proc.send(cmd);
+          }),
+      );
+      queue = p.catch(() => undefined);
+      return p;
+    },
+  };
+}
+
+function rssBytes(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) * 1024 : 0;
+}
+
+const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringify(o) + '\n');
+const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
+
+async function main(): Promise<void> {
+  const agent = await startAgent();
+  const workers: Worker[] = [];
+  try {
+    const active = worker();
+    workers.push(active);
+    await active.call({ op: 'start', role: 'ACTIVE', socket: agent.socket, instance: 'bgp-a' });
+    const load = await active.call({ op: 'load', records: RECORDS, batch: BATCH, window: 16 });
+    print({ bench: 'checkpoint-load', records: RECORDS, seconds: round(load.seconds), records_per_s: Math.round(RECORDS / load.seconds) });
+    print({ bench: 'agent-rss', records: RECORDS, seconds: 0, rss_bytes: rssBytes(agent.pid), rss_mb: round(rssBytes(agent.pid) / 2 ** 20, 1) });
+
+    // Bulk: a fresh standby (process already running) subscribes; time until it holds everything.
+    const standby = worker();
+    workers.push(standby);
+    const bulkSamples: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const sb = i === 0 ? standby : worker();
+      if (i > 0) workers.push(sb);
+      const st = await sb.call({ op: 'start', role: 'STANDBY', socket: agent.socket, instance: `bgp-s${i}` });
+      const w = await sb.call({ op: 'waitSeq', table: 'rib', seq: load.seq });
+      bulkSamples.push(st.seconds + w.seconds);
+      if (i > 0) await sb.call({ op: 'exit' });
+    }
+    bulkSamples.sort((a, b) => a - b);
+    const bulk = bulkSamples[1];
+    const dA = await active.call<{ sha256: string; records: number }>({ op: 'digest', table: 'rib' });
+    const dS = await standby.call<{ sha256: string; records: number }>({ op: 'digest', table: 'rib' });
+    if (dA.sha256 !== dS.sha256 || dS.records !== RECORDS) throw new Error(`standby digest differs after bulk sync (${dS.records} records)`);
+
+    const redis: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const r = await measureRedisReplicaFullSync(() => generateRib(RECORDS));
+      redis.push(r.syncSeconds);
+    }
+    redis.sort((a, b) => a - b);
+    print({
+      bench: 'bulk',
+      records: RECORDS,
+      seconds: round(bulk),
+      samples: bulkSamples.map((x) => round(x)),
+      peer: 'redis-replica',
+      peer_seconds: round(redis[1]),
+      peer_samples: redis.map((x) => round(x)),
+      ratio: round(bulk / redis[1]),
+    });
+
+    // Incremental: churn the table while the standby follows; time until the standby applied the last.
+    const churn = active.call({ op: 'churn', records: RECORDS, batch: BATCH, window: 16 });
+    const done = await churn;
+    const t = await standby.call({ op: 'waitSeq', table: 'rib', seq: done.seq });
+    const incSeconds = done.seconds + t.seconds;
+    const d2A = await active.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
+    const d2S = await standby.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
+    print({ bench: 'incremental', records: RECORDS, seconds: round(incSeconds), records_per_s: Math.round(RECORDS / incSeconds), digest_match: d2A.sha256 === d2S.sha256 });
+
+    // SYNC acks at 50k records/s offered (100-record batches every 2 ms).
+    const lat = await active.call({ op: 'syncLatency', rate: 50_000, batch: 100, seconds: 5 });
+    print({ bench: 'sync-ack', records: lat.records, seconds: round(lat.seconds), offered_records_per_s: 50_000, p50_ms: round(lat.p50), p99_ms: round(lat.p99), max_ms: round(lat.max) });
+    print({ bench: 'agent-rss-end', records: RECORDS, seconds: 0, rss_mb: round(rssBytes(agent.pid) / 2 ** 20, 1) });
+  } finally {
+    for (const w of workers) if (w.proc.exitCode === null) w.proc.kill('SIGKILL');
+    await agent.stop();
+  }
+}
+
+main().catch((e) => {
+  process.stderr.write(`bench failed: ${(e as Error).stack}\n`);
+  process.exit(1);
+});

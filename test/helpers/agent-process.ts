@@ -1,0 +1,77 @@
+/**
+ * Starts hitlessd as a real OS process for tests and benchmarks, waits for its ready line, and
+ * stops it (SIGTERM, or SIGKILL to simulate a crash). Every started agent is tracked so a test's
+ * `after` hook can stop whatever is left, also when the test failed.
+ */
+import { ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export interface AgentHandle {
+  proc: ChildProcess;
+  pid: number;
+  socket: string;
+  stateDir: string;
+  tcp: string | null;
+  stderr: () => string;
+  stop(): Promise<void>;
+  kill9(): Promise<void>;
+}
+
+const running = new Set<AgentHandle>();
+export const AGENT_MAIN = path.resolve(__dirname, '../../agent/main.js');
+
+export function tempDir(prefix: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `hitless-${prefix}-`));
+}
+
+export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?: string[] } = {}): Promise<AgentHandle> {
+  const stateDir = opts.stateDir ?? tempDir('agent');
+  const socket = path.join(stateDir, 'agent.sock');
+  const args = [AGENT_MAIN, '--state-dir', stateDir, '--grpc-socket', socket, ...(opts.tcp ? ['--grpc-tcp', '127.0.0.1:0'] : []), ...(opts.args ?? [])];
+  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  proc.stderr!.on('data', (d) => {
+    err += d.toString();
+    if (err.length > 1_000_000) err = err.slice(-500_000);
+  });
+  const ready = await new Promise<{ grpcTcp: string | null }>((resolve, reject) => {
+    let out = '';
+    const onData = (d: Buffer) => {
+      out += d.toString();
+      const nl = out.indexOf('\n');
+      if (nl >= 0) {
+        proc.stdout!.off('data', onData);
+        resolve(JSON.parse(out.slice(0, nl)));
+      }
+    };
+    proc.stdout!.on('data', onData);
+    proc.once('exit', (code) => reject(new Error(`hitlessd exited with ${code} before ready: ${err}`)));
+  });
+  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  const handle: AgentHandle = {
+    proc,
+    pid: proc.pid!,
+    socket,
+    stateDir,
+    tcp: ready.grpcTcp,
+    stderr: () => err,
+    async stop() {
+      running.delete(handle);
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
+      await exited;
+    },
+    async kill9() {
+      running.delete(handle);
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      await exited;
+    },
+  };
+  running.add(handle);
+  return handle;
+}
+
+export async function stopAllAgents(): Promise<void> {
+  await Promise.all([...running].map((h) => h.kill9()));
+}
