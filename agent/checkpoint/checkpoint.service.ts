@@ -40,7 +40,7 @@ import {
   WriteAck,
   WriteRequest,
 } from './messages';
-import { DEFAULT_LIMITS, RecordBuilder, RecordFormatError, RecordLimits, applyRecords, validateRecords } from './records';
+import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
 import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
 import { TableReplica } from './table-replica';
 
@@ -153,7 +153,7 @@ export class CheckpointService {
     for (const t of tables) {
       const g = this.group(t.process);
       const replica = new TableReplica(t.process, t.name);
-      for (const chunk of this.store.snapshotChunks(t.process, t.name)) applyRecords(chunk, replica);
+      for (const chunk of this.store.snapshotChunks(t.process, t.name)) replica.table.append(chunk);
       replica.seq = t.snapSeq;
       let after = t.snapSeq;
       for (;;) {
@@ -163,12 +163,11 @@ export class CheckpointService {
           if (b.seq !== after + 1) {
             throw new Error(`store is inconsistent: table ${t.process}/${t.name} jumps from ${after} to ${b.seq}`);
           }
-          const summary = validateRecords(b.records, b.count, { maxKeyBytes: 65535, maxValueBytes: 2 ** 31 });
-          replica.applyBatch(b.seq, b.records, summary.schemas);
+          replica.applyBatch(b.seq, b.records, []);
           after = b.seq;
         }
       }
-      for (const s of this.schemasIn(replica)) replica.schemas.add(s);
+      replica.table.forEach((_k, schema) => replica.schemas.add(schema));
       g.tables.set(t.name, { replica, durability: durabilityName(t.durability) });
       records += replica.records;
     }
@@ -461,37 +460,20 @@ export class CheckpointService {
     if (replica.records === 0) {
       return { event: { reset: { table, seq: replica.seq } }, seq: replica.seq, empty: true };
     }
-    const snap = replica.openSnapshot();
-    const frameBytes = this.opts.snapshotFrameBytes;
-    let finished = false;
-    const finish = (err: Error | null) => {
-      if (finished) return;
-      finished = true;
-      replica.closeSnapshot(snap);
-      onDone(err);
-    };
+    const snap = replica.snapshot();
     const token = this.bulk.issue(
       async (out) => {
-        const builder = new RecordBuilder(frameBytes + 64 * 1024);
         let sent = 0;
-        let sinceYield = 0;
-        while (!snap.done) {
-          snap.next(frameBytes, (k, e) => builder.putEntry(k, e));
-          const { records, count } = builder.take();
-          if (count === 0) continue;
-          sent += count;
-          await out.frame(records, count);
-          // Let writes and acks in between: a 1M-record snapshot must not stall the agent.
-          if (++sinceYield >= 4) {
-            sinceYield = 0;
-            await new Promise((r) => setImmediate(r));
-          }
+        // The log's arenas go out as they are: no per-record work on the agent.
+        for (const part of snap.parts) {
+          await out.frame(part.buf.subarray(0, part.end), part.records);
+          sent += part.records;
         }
         return sent;
       },
-      (err) => finish(err),
+      (err) => onDone(err),
     );
-    this.log.debug({ process: g.name, table, seq: snap.seq, records: snap.records }, 'bulk snapshot issued');
+    this.log.debug({ process: g.name, table, seq: snap.seq, records: snap.records, live: snap.liveRecords }, 'bulk snapshot issued');
     return {
       event: {
         snapshot: {
@@ -705,13 +687,11 @@ export class CheckpointService {
     return out;
   }
 
-  private schemasIn(r: TableReplica): Set<number> {
-    const set = new Set<number>();
-    for (const e of r.map.values()) set.add((e.charCodeAt(0) << 8) | e.charCodeAt(1));
-    return set;
-  }
-
-  /** Starts a background compaction when the table's log outgrew max(compactMinBytes, 2 x table). */
+  /**
+   * Trims the store's batch log once it outgrew max(compactMinBytes, 2 x the table): writes the
+   * replica's current log (compacted in memory as needed) as a new snapshot generation, then in
+   * one transaction makes it current and drops the batches it covers.
+   */
   private maybeCompact(process: string, r: TableReplica): void {
     const key = `${process}\u0000${r.name}`;
     if (this.compacting.has(key) || r.seq % 64 !== 0) return; // measuring the log costs a query
@@ -719,30 +699,24 @@ export class CheckpointService {
     if (logBytes < Math.max(this.opts.compactMinBytes, 2 * r.bytes)) return;
     this.compacting.add(key);
     void this.compact(process, r)
-      .catch((e) => this.log.error({ process, table: r.name, err: (e as Error).message }, 'compaction failed; the log keeps everything'))
+      .catch((e) => this.log.error({ process, table: r.name, err: (e as Error).message }, 'store compaction failed; the log keeps everything'))
       .finally(() => this.compacting.delete(key));
   }
 
-  /** Writes a consistent snapshot in chunks, then atomically makes it current and trims the log. */
   async compact(process: string, r: TableReplica): Promise<void> {
-    const snap = r.openSnapshot();
+    const snap = r.snapshot();
     const gen = this.store.beginSnapshot(process, r.name);
     try {
-      const builder = new RecordBuilder(this.opts.snapshotFrameBytes + 64 * 1024);
       let chunk = 0;
-      while (!snap.done) {
-        snap.next(this.opts.snapshotFrameBytes, (k, e) => builder.putEntry(k, e));
-        const { records, count } = builder.take();
-        if (count) this.store.writeSnapshotChunk(process, r.name, gen, chunk++, records);
-        await new Promise((res) => setImmediate(res));
+      for (const part of snap.parts) {
+        this.store.writeSnapshotChunk(process, r.name, gen, chunk++, part.buf.subarray(0, part.end));
+        await new Promise((res) => setImmediate(res)); // let writes and acks in between chunks
       }
       this.store.commitSnapshot(process, r.name, gen, snap.seq);
-      this.log.info({ process, table: r.name, seq: snap.seq, records: snap.records, chunks: chunk }, 'table log compacted into a snapshot');
+      this.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk }, 'table log compacted into a snapshot');
     } catch (e) {
       this.store.abortSnapshot(process, r.name, gen);
       throw e;
-    } finally {
-      r.closeSnapshot(snap);
     }
   }
 

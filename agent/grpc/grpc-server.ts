@@ -50,7 +50,8 @@ export class GrpcServer {
     const server = new grpc.Server(SERVER_OPTIONS);
     for (const b of this.bindings) {
       if (peerVm !== null && !b.guest) continue;
-      server.addService(serviceDef(pkg, b.name), b.handlers(peerVm));
+      const def = serviceDef(pkg, b.name);
+      server.addService(guardMalformed(def), guardHandlers(def, b.handlers(peerVm)));
     }
     this.health.addToServer(server);
     new ReflectionService(def).addToServer(server);
@@ -134,4 +135,69 @@ export function splitHostPort(hostPort: string): { host: string; port: number } 
 
 export function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+
+/**
+ * grpc-js answers a request that does not parse as protobuf with a bare INTERNAL. A person needs
+ * INVALID_ARGUMENT and a reason, so deserializers hand a marker to the handler wrappers below,
+ * which answer for them; the service handlers never see malformed input.
+ */
+const MALFORMED = Symbol('malformed');
+type Malformed = { [MALFORMED]: string };
+const isMalformed = (m: unknown): m is Malformed => typeof m === 'object' && m !== null && MALFORMED in m;
+
+function guardMalformed(def: grpc.ServiceDefinition): grpc.ServiceDefinition {
+  const out: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  for (const [name, m] of Object.entries(def)) {
+    out[name] = {
+      ...m,
+      requestDeserialize: (buf: Buffer) => {
+        try {
+          return m.requestDeserialize(buf);
+        } catch (e) {
+          return { [MALFORMED]: (e as Error).message };
+        }
+      },
+    };
+  }
+  return out as grpc.ServiceDefinition;
+}
+
+function guardHandlers(def: grpc.ServiceDefinition, impl: grpc.UntypedServiceImplementation): grpc.UntypedServiceImplementation {
+  const out: grpc.UntypedServiceImplementation = {};
+  for (const [name, m] of Object.entries(def)) {
+    const h = impl[name] as (...a: unknown[]) => void;
+    if (!h) continue;
+    const answer = (why: string) => ({ code: grpc.status.INVALID_ARGUMENT, details: `malformed ${name} request: not a valid protobuf message (${why})` });
+    if (!m.requestStream) {
+      out[name] = ((call: { request: unknown; emit: (e: string, v: unknown) => void }, cb?: (e: unknown) => void) => {
+        if (isMalformed(call.request)) {
+          if (cb) cb(answer(call.request[MALFORMED]));
+          else call.emit('error', answer(call.request[MALFORMED]));
+          return;
+        }
+        h(call, cb);
+      }) as grpc.UntypedHandleCall;
+    } else {
+      out[name] = ((call: NodeJS.EventEmitter & { emit: (e: string, v: unknown) => boolean }, cb?: (e: unknown) => void) => {
+        let failed = false;
+        const on = call.on.bind(call);
+        call.on = ((event: string, listener: (...a: unknown[]) => void) => {
+          if (event !== 'data') return on(event, listener);
+          return on('data', (msg: unknown) => {
+            if (failed) return;
+            if (isMalformed(msg)) {
+              failed = true;
+              if (cb && !m.responseStream) cb(answer(msg[MALFORMED]));
+              else call.emit('error', answer(msg[MALFORMED]));
+              return;
+            }
+            listener(msg);
+          });
+        }) as typeof call.on;
+        h(call, cb);
+      }) as grpc.UntypedHandleCall;
+    }
+  }
+  return out;
 }

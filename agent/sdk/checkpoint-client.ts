@@ -16,7 +16,6 @@
  * Keys are bytes; as JS strings they are latin1 (one char per byte), like the agent holds them.
  */
 import * as grpc from '@grpc/grpc-js';
-import crypto from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { clientCtor } from '../grpc/proto';
@@ -35,7 +34,8 @@ import {
   WriteAck,
   WriteRequest,
 } from '../checkpoint/messages';
-import { DEFAULT_LIMITS, RecordBuilder, RecordSink, SCHEMA_BYTES, applyRecords, entrySchema, validateRecords } from '../checkpoint/records';
+import { DEFAULT_LIMITS, RecordBuilder, validateRecords } from '../checkpoint/records';
+import { RecordTable, tableDigest } from '../checkpoint/record-table';
 
 /** Converts a value from one schema version to another (e.g. 1 -> 2 when reading old records). */
 export type Transform = (value: Buffer) => Buffer;
@@ -60,30 +60,25 @@ export interface CheckpointClientOptions {
   reconnect?: boolean;
 }
 
-/** The client's copy of one table. */
-export class LocalTable implements RecordSink {
-  readonly map = new Map<string, string>();
+/** The client's copy of one table: the same RecordTable the agent uses, plus its sequence. */
+export class LocalTable {
+  readonly records = new RecordTable();
   seq = 0;
   constructor(
     readonly name: string,
-    private readonly convert: (entry: string) => string,
+    private readonly toNative: (schema: number, value: Buffer) => Buffer,
   ) {}
-  put(key: string, entry: string): void {
-    this.map.set(key, this.convert(entry));
-  }
-  delete(key: string): void {
-    this.map.delete(key);
-  }
-  clear(): void {
-    this.map.clear();
-  }
   get size(): number {
-    return this.map.size;
+    return this.records.size;
   }
-  /** Value bytes of a key (schema prefix stripped), or undefined. */
-  get(key: string): Buffer | undefined {
-    const e = this.map.get(key);
-    return e === undefined ? undefined : Buffer.from(e.slice(SCHEMA_BYTES), 'latin1');
+  /** Value of a key in this build's native schema (transformed when written in another), or undefined. */
+  get(key: Buffer | string): Buffer | undefined {
+    const r = this.records.get(key);
+    return r && this.toNative(r.schema, r.value);
+  }
+  /** Visits live records; values as stored (with their schema). */
+  forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
+    this.records.forEach(cb);
   }
 }
 
@@ -192,7 +187,7 @@ export class CheckpointClient extends EventEmitter {
   table(name: string): LocalTable {
     let t = this.tables.get(name);
     if (!t) {
-      t = new LocalTable(name, (e) => this.toNative(e));
+      t = new LocalTable(name, (schema, value) => this.toNative(schema, value));
       this.tables.set(name, t);
     }
     return t;
@@ -316,7 +311,7 @@ export class CheckpointClient extends EventEmitter {
     validateRecords(records, count, DEFAULT_LIMITS);
     const local = this.table(table);
     const seq = local.seq + 1;
-    applyRecords(records, local);
+    local.records.append(records);
     local.seq = seq;
     const req: WriteRequest = { sessionId: this.sessionId, table, seq, records, count };
     return new Promise<number>((resolve, reject) => {
@@ -505,17 +500,18 @@ export class CheckpointClient extends EventEmitter {
       const c = ev.change;
       const t = this.table(c.table);
       if (c.seq !== t.seq + 1) throw new Error(`change ${c.table}/${c.seq} does not follow local sequence ${t.seq}`);
-      applyRecords(c.records, t);
+      t.records.append(c.records);
       t.seq = c.seq;
       this.queueAck(c.table, c.seq);
       this.emit('change', c.table, c.seq, c.count);
     } else if (ev.snapshot) {
+      this.emit('snapshot-begin', ev.snapshot.table, ev.snapshot.seq, ev.snapshot.records);
       await this.loadSnapshot(ev.snapshot);
       this.queueAck(ev.snapshot.table, ev.snapshot.seq);
       this.emit('snapshot', ev.snapshot.table, ev.snapshot.seq, ev.snapshot.records);
     } else if (ev.reset) {
       const t = this.table(ev.reset.table);
-      t.clear();
+      t.records.clear();
       t.seq = ev.reset.seq;
       this.queueAck(ev.reset.table, ev.reset.seq);
     } else if (ev.caughtUp) {
@@ -538,7 +534,7 @@ export class CheckpointClient extends EventEmitter {
 
   private loadSnapshot(ticket: BulkTicket): Promise<void> {
     const t = this.table(ticket.table);
-    t.clear();
+    t.records.clear();
     return new Promise<void>((resolve, reject) => {
       // Same kind of transport as the gRPC channel: a unix-socket client reads the bulk unix socket.
       const viaUnix = ticket.unixPath !== '' && (this.opts.address.startsWith('unix:') || this.opts.address.startsWith('/'));
@@ -546,30 +542,47 @@ export class CheckpointClient extends EventEmitter {
         return reject(new Error('the agent offers the snapshot only on a unix socket; connect over the unix socket'));
       }
       const sock = viaUnix ? net.connect(ticket.unixPath) : net.connect(hostPortOf(ticket.tcpAddress));
-      let buf: Buffer | null = null;
+      // Frames are assembled into one buffer each (no repeated concatenation), then appended
+      // to the table as they complete, so applying overlaps with receiving.
+      let header = Buffer.alloc(0);
+      let frame: Buffer | null = null;
+      let frameCount = 0;
+      let filled = 0;
       let received = 0;
       let done = false;
       sock.on('connect', () => sock.write(ticket.token));
       sock.on('data', (d: Buffer) => {
-        buf = buf && buf.length ? Buffer.concat([buf, d]) : d;
         let off = 0;
-        while (buf.length - off >= 8) {
-          const len = buf.readUInt32BE(off);
-          const count = buf.readUInt32BE(off + 4);
-          if (len === 0) {
-            done = true;
-            if (count !== received || received !== ticket.records) {
-              reject(new Error(`snapshot of '${ticket.table}' ended after ${received} records, expected ${ticket.records}`));
+        while (off < d.length && !done) {
+          if (!frame) {
+            const need = 8 - header.length;
+            header = Buffer.concat([header, d.subarray(off, off + need)]);
+            off += Math.min(need, d.length - off);
+            if (header.length < 8) return;
+            const len = header.readUInt32BE(0);
+            frameCount = header.readUInt32BE(4);
+            header = Buffer.alloc(0);
+            if (len === 0) {
+              done = true;
+              if (frameCount !== received || received !== ticket.records) {
+                sock.destroy();
+                reject(new Error(`snapshot of '${ticket.table}' ended after ${received} records, expected ${ticket.records}`));
+              }
+              return;
             }
-            off += 8;
-            break;
+            frame = Buffer.allocUnsafe(len);
+            filled = 0;
           }
-          if (buf.length - off - 8 < len) break;
-          applyRecords(buf.subarray(off + 8, off + 8 + len), t);
-          received += count;
-          off += 8 + len;
+          const n = Math.min(frame.length - filled, d.length - off);
+          d.copy(frame, filled, off, off + n);
+          filled += n;
+          off += n;
+          if (filled === frame.length) {
+            t.records.append(frame);
+            received += frameCount;
+            frame = null;
+          }
         }
-        buf = off === buf.length ? null : buf.subarray(off);
       });
       sock.on('error', (e) => reject(new Error(`bulk snapshot connection failed: ${e.message}`)));
       sock.on('close', () => {
@@ -580,30 +593,18 @@ export class CheckpointClient extends EventEmitter {
     });
   }
 
-  /** Entries of other schema versions -> native, through a registered transform. */
-  private toNative(entry: string): string {
-    const s = entrySchema(entry);
-    if (s === this.opts.schema) return entry;
-    const f = this.opts.transforms?.[`${s}->${this.opts.schema}`];
-    if (!f) return entry; // readable as is (declared in `reads`)
-    const v = f(Buffer.from(entry.slice(SCHEMA_BYTES), 'latin1'));
-    return String.fromCharCode(this.opts.schema >> 8, this.opts.schema & 0xff) + v.toString('latin1');
+  /** Values of other schema versions -> native, through a registered transform when there is one. */
+  private toNative(schema: number, value: Buffer): Buffer {
+    if (schema === this.opts.schema) return value;
+    const f = this.opts.transforms?.[`${schema}->${this.opts.schema}`];
+    return f ? f(value) : value; // without a transform the version is readable as is (`reads`)
   }
 
   // ------------------------------------------------------------------ queries
 
-  /** sha256 over the table's records in key order: equal digests mean equal tables. */
+  /** sha256 over the table's records (key, schema, value) in key order: equal digests mean equal tables. */
   digest(table: string): { records: number; seq: number; sha256: string } {
-    const t = this.table(table);
-    const keys = [...t.map.keys()].sort();
-    const h = crypto.createHash('sha256');
-    for (const k of keys) {
-      h.update(k, 'latin1');
-      h.update('\u0000', 'latin1');
-      h.update(t.map.get(k)!, 'latin1');
-      h.update('\u0001', 'latin1');
-    }
-    return { records: t.size, seq: t.seq, sha256: h.digest('hex') };
+    return { ...tableDigest(this.table(table).records), seq: this.table(table).seq };
   }
 
   async close(): Promise<void> {

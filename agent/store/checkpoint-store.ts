@@ -42,6 +42,8 @@ export interface CheckpointStore {
 
 export class SqliteCheckpointStore implements CheckpointStore {
   private readonly stmts;
+  /** Bytes of batch blobs per table since its snapshot, kept here: summing blob lengths reads them. */
+  private readonly logBytes = new Map<string, number>();
 
   constructor(private readonly db: Db) {
     db.exec(`
@@ -99,6 +101,8 @@ export class SqliteCheckpointStore implements CheckpointStore {
 
   appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void {
     this.stmts.append.run(process, table, seq, count, records);
+    const k = `${process}\u0000${table}`;
+    this.logBytes.set(k, this.logBytesSinceSnapshot(process, table) + records.length);
   }
 
   readBatches(process: string, table: string, after: number, limit: number): StoredBatch[] {
@@ -115,7 +119,13 @@ export class SqliteCheckpointStore implements CheckpointStore {
   }
 
   logBytesSinceSnapshot(process: string, table: string): number {
-    return (this.stmts.logBytes.get(process, table) as { b: number }).b;
+    const k = `${process}\u0000${table}`;
+    let b = this.logBytes.get(k);
+    if (b === undefined) {
+      b = (this.stmts.logBytes.get(process, table) as { b: number }).b;
+      this.logBytes.set(k, b);
+    }
+    return b;
   }
 
   *snapshotChunks(process: string, table: string): Iterable<Buffer> {
@@ -140,6 +150,7 @@ export class SqliteCheckpointStore implements CheckpointStore {
       this.stmts.dropOtherGens.run(process, table, gen);
       this.stmts.dropBatches.run(process, table, seq);
     })();
+    this.logBytes.delete(`${process}\u0000${table}`); // recounted from the remaining batches on next use
   }
 
   abortSnapshot(process: string, table: string, gen: number): void {

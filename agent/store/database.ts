@@ -8,6 +8,7 @@
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
+import { Worker } from 'node:worker_threads';
 
 export type Db = Database.Database;
 
@@ -16,8 +17,17 @@ export function openDatabase(stateDir: string, opts: { fsync?: boolean } = {}): 
   const db = new Database(path.join(stateDir, 'hitless.db'));
   db.pragma('journal_mode = WAL');
   db.pragma(`synchronous = ${opts.fsync ? 'FULL' : 'NORMAL'}`);
-  // Checkpoint batches are large blobs; let the WAL grow before checkpointing (pages of 4 KiB).
-  db.pragma('wal_autocheckpoint = 16384');
+  // Checkpoints run on a worker thread (see wal-checkpoint.worker.ts), never inside a commit.
+  db.pragma('wal_autocheckpoint = 0');
   db.pragma('busy_timeout = 5000');
+  const worker = new Worker(path.join(__dirname, 'wal-checkpoint.worker.js'), {
+    workerData: { file: path.join(stateDir, 'hitless.db'), intervalMs: 500 },
+  });
+  worker.unref();
+  const close = db.close.bind(db);
+  db.close = () => {
+    worker.postMessage('stop');
+    return close();
+  };
   return db;
 }

@@ -1,8 +1,10 @@
 /**
  * Decides KVM vs TCG for a QEMU binary, once per binary per process. /dev/kvm existing is not
  * enough (a host without vmx/svm still has the node, and a cross-arch QEMU cannot use it), so
- * KVM is chosen only when /dev/kvm opens read-write AND `<qemu> -accel kvm -machine none`
- * reports `query-kvm: {enabled: true}` over QMP on stdio.
+ * KVM is chosen only when /dev/kvm opens read-write AND a real machine with `-cpu host` comes
+ * up under KVM and reports `query-kvm: {enabled: true}` over QMP on stdio. `-machine none` is
+ * not enough: it creates no vCPU, and some hosts (nested/sandboxed) accept KVM_CREATE_VM but
+ * abort at vCPU setup ("failed to set MSR 0x10a"), which is exactly what this host does.
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -19,19 +21,27 @@ export interface KvmProbeResult {
 const cache = new Map<string, Promise<KvmProbeResult>>();
 const warned = new Set<string>();
 
-/** Cached per binary; a probe takes < 1 s (QEMU exits right after query-kvm). */
-export function probeKvm(qemuBinary: string, kvmDevice = '/dev/kvm'): Promise<KvmProbeResult> {
-  const key = `${qemuBinary}|${kvmDevice}`;
+/** Machine + CPU arguments that create and reset one KVM vCPU, per QEMU binary. */
+export function defaultKvmProbeArgs(qemuBinary: string): string[] {
+  if (qemuBinary.endsWith('x86_64')) return ['-machine', 'q35', '-cpu', 'host'];
+  if (qemuBinary.endsWith('aarch64')) return ['-machine', 'virt,gic-version=host', '-cpu', 'host'];
+  return ['-machine', 'none'];
+}
+
+/** Cached per binary; a probe takes < 1 s (QEMU quits right after query-kvm). */
+export function probeKvm(qemuBinary: string, probeArgs?: string[], kvmDevice = '/dev/kvm'): Promise<KvmProbeResult> {
+  const args = probeArgs ?? defaultKvmProbeArgs(qemuBinary);
+  const key = `${qemuBinary}|${args.join(' ')}|${kvmDevice}`;
   let p = cache.get(key);
   if (!p) {
-    p = runProbe(qemuBinary, kvmDevice);
+    p = runProbe(qemuBinary, args, kvmDevice);
     cache.set(key, p);
   }
   return p;
 }
 
-export async function probeAccelerator(qemuBinary: string, logger?: VmLogger): Promise<Accelerator> {
-  const r = await probeKvm(qemuBinary);
+export async function probeAccelerator(qemuBinary: string, logger?: VmLogger, probeArgs?: string[]): Promise<Accelerator> {
+  const r = await probeKvm(qemuBinary, probeArgs);
   if (r.usable) return 'kvm';
   if (logger && !warned.has(qemuBinary)) {
     warned.add(qemuBinary);
@@ -40,7 +50,7 @@ export async function probeAccelerator(qemuBinary: string, logger?: VmLogger): P
   return 'tcg';
 }
 
-async function runProbe(qemuBinary: string, kvmDevice: string): Promise<KvmProbeResult> {
+async function runProbe(qemuBinary: string, probeArgs: string[], kvmDevice: string): Promise<KvmProbeResult> {
   const devicePresent = fs.existsSync(kvmDevice);
   if (!devicePresent) return { devicePresent, deviceOpens: false, usable: false, reason: `${kvmDevice} does not exist` };
   try {
@@ -48,11 +58,11 @@ async function runProbe(qemuBinary: string, kvmDevice: string): Promise<KvmProbe
   } catch (e) {
     return { devicePresent, deviceOpens: false, usable: false, reason: `cannot open ${kvmDevice}: ${(e as Error).message}` };
   }
-  const { ok, detail } = await qemuSaysKvmWorks(qemuBinary);
+  const { ok, detail } = await qemuSaysKvmWorks(qemuBinary, probeArgs);
   return { devicePresent, deviceOpens: true, usable: ok, reason: detail };
 }
 
-function qemuSaysKvmWorks(qemuBinary: string): Promise<{ ok: boolean; detail: string }> {
+function qemuSaysKvmWorks(qemuBinary: string, probeArgs: string[]): Promise<{ ok: boolean; detail: string }> {
   return new Promise((resolve) => {
     let out = '';
     let err = '';
@@ -66,19 +76,34 @@ function qemuSaysKvmWorks(qemuBinary: string): Promise<{ ok: boolean; detail: st
     };
     const child = spawn(
       qemuBinary,
-      ['-accel', 'kvm', '-machine', 'none', '-nodefaults', '-no-user-config', '-display', 'none', '-S', '-qmp', 'stdio'],
+      // No -S: the vCPU must really be created, reset and run (no disk: it spins in firmware).
+      ['-accel', 'kvm', ...probeArgs, '-m', '64', '-nodefaults', '-no-user-config', '-display', 'none', '-qmp', 'stdio'],
       { stdio: ['pipe', 'pipe', 'pipe'] },
     );
     const timer = setTimeout(() => finish(false, 'probe timed out after 5 s'), 5000);
     child.on('error', (e) => finish(false, `cannot run ${qemuBinary}: ${e.message}`));
     child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+    let kvmEnabled = false;
     child.stdout.setEncoding('utf8').on('data', (d: string) => {
       out += d;
-      const m = /"return":\s*\{[^}]*"enabled":\s*(true|false)/.exec(out);
-      if (m) finish(m[1] === 'true', m[1] === 'true' ? 'KVM enabled' : 'QEMU reports KVM not enabled');
+      if (!kvmEnabled) {
+        const m = /"return":\s*\{[^}]*"enabled":\s*(true|false)/.exec(out);
+        if (!m) return;
+        if (m[1] !== 'true') return finish(false, 'QEMU reports KVM not enabled');
+        kvmEnabled = true;
+        // Give the vCPU time to run guest code; a broken KVM aborts QEMU right here.
+        setTimeout(() => child.stdin.write('{"execute":"query-status"}\n'), 300);
+        return;
+      }
+      if (/"running":\s*true/.test(out)) {
+        finish(true, 'KVM enabled and a vCPU runs');
+        child.stdin.write('{"execute":"quit"}\n');
+      }
     });
-    child.on('exit', (code) => finish(false, (err.trim().split('\n').pop() ?? '') || `QEMU exited with code ${code}`));
+    child.on('exit', (code, signal) =>
+      finish(false, (err.trim().split('\n').pop() ?? '') || `QEMU exited with code ${code} signal ${signal}`),
+    );
     child.stdin.on('error', () => undefined);
-    child.stdin.write('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n{"execute":"quit"}\n');
+    child.stdin.write('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n');
   });
 }

@@ -177,6 +177,8 @@ export interface PlatformProfile {
   readonly qemuBinary: string;
   /** Guest device name of the serial console, for console= on the kernel command line. */
   readonly consoleDevice: string;
+  /** Machine/CPU args for the KVM usability probe (must create a vCPU); default per binary. */
+  readonly kvmProbeArgs?: string[];
   /** Full argv (without the binary) for one VM. Must put QMP on paths.qmpSocket etc. */
   buildArgv(spec: VmSpec, paths: VmPaths, accel: Accelerator): string[];
 }

@@ -125,7 +125,7 @@ export class QemuHypervisor implements Hypervisor {
 
   accelerator(): Promise<Accelerator> {
     if (this.opts.forceAccelerator) return Promise.resolve(this.opts.forceAccelerator);
-    return probeAccelerator(this.profile.qemuBinary, this.logger);
+    return probeAccelerator(this.profile.qemuBinary, this.logger, this.profile.kvmProbeArgs);
   }
 
   async launch(spec: VmSpec, paths: VmPaths): Promise<VmHandle> {

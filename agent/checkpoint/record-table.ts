@@ -1,0 +1,329 @@
+/**
+ * RecordTable: one table's records held as an append-only log of packed records in large
+ * buffers ("arenas"), indexed by an open-addressing hash table in typed arrays.
+ *
+ * Why this shape: a full Internet table is ~1M records. Holding each as JS strings in a Map costs
+ * two string allocations plus a Map insert per record (about 1 s for 1M on this machine) and
+ * ~200 MB of V8 heap. Here a batch is one buffer copy plus, per record, a hash of the key bytes
+ * and a few typed-array writes; values never become JS objects.
+ *
+ * Invariants:
+ * - The log (arenas in order, each up to `used`) replayed from empty yields exactly the live table:
+ *   it holds every live PUT plus possibly dead PUTs and DELETEs that a replay overrides. CLEAR is
+ *   never logged: it starts a new log.
+ * - Arenas only grow at their end and are never modified below `used`, so a snapshot is a list of
+ *   (arena, used) pairs: a consistent view as of its sequence, at no copying cost. Compaction
+ *   writes new arenas; snapshots keep referencing the old ones.
+ * - Index slot i is empty when slotArena[i] === -1; linear probing with backward-shift deletion,
+ *   so there are no tombstones. Capacity is a power of two, load factor <= 0.6.
+ */
+import crypto from 'node:crypto';
+import { OP_CLEAR, OP_DELETE, OP_PUT, RECORD_HEADER_BYTES, SCHEMA_BYTES } from './records';
+
+const ARENA_BYTES = 8 * 1024 * 1024;
+const MIN_CAPACITY = 1024;
+
+interface Arena {
+  buf: Buffer;
+  used: number;
+  records: number;
+}
+
+/** A consistent view of the log at `seq`: stream `frames()` to rebuild the table. */
+export interface LogSnapshot {
+  seq: number;
+  /** Records in the log view (live and overridden ones). */
+  records: number;
+  liveRecords: number;
+  bytes: number;
+  parts: { buf: Buffer; end: number; records: number }[];
+}
+
+export interface RecordView {
+  schema: number;
+  value: Buffer;
+}
+
+/** FNV-1a over bytes [off, off+len) of buf. */
+function hashBytes(buf: Buffer, off: number, len: number): number {
+  let h = 0x811c9dc5;
+  for (let i = off, end = off + len; i < end; i++) {
+    h ^= buf[i];
+    h = Math.imul(h, 0x01000193);
+  }
+  return h >>> 0;
+}
+
+function hashLatin1(s: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < s.length; i++) {
+    h ^= s.charCodeAt(i) & 0xff;
+    h = Math.imul(h, 0x01000193);
+  }
+  return h >>> 0;
+}
+
+function recordLength(buf: Buffer, off: number): number {
+  const op = buf[off];
+  const keyLen = (buf[off + 1] << 8) | buf[off + 2];
+  const valLen = buf.readUInt32BE(off + 3);
+  return RECORD_HEADER_BYTES + keyLen + (op === OP_PUT ? SCHEMA_BYTES + valLen : 0);
+}
+
+export class RecordTable {
+  private arenas: Arena[] = [];
+  private slotArena = new Int32Array(MIN_CAPACITY).fill(-1);
+  private slotOff = new Int32Array(MIN_CAPACITY);
+  private slotHash = new Uint32Array(MIN_CAPACITY);
+  private mask = MIN_CAPACITY - 1;
+  /** Live records. */
+  size = 0;
+  /** Bytes of live records (as packed). */
+  liveBytes = 0;
+  /** Bytes in the log (live + overridden). */
+  logBytes = 0;
+  logRecords = 0;
+  /** Compact when the log exceeds max(this, 2 x liveBytes). */
+  compactMinBytes = 64 * 1024 * 1024;
+
+  /** Applies a validated packed batch. */
+  append(batch: Buffer): void {
+    if (batch.length === 0) return;
+    const arenaIdx = this.reserve(batch.length);
+    const arena = this.arenas[arenaIdx];
+    const base = arena.used;
+    batch.copy(arena.buf, base);
+    const buf = arena.buf;
+    const end = base + batch.length;
+    let off = base;
+    while (off < end) {
+      const op = buf[off];
+      if (op === OP_CLEAR) {
+        // Everything before is void: start a new log with the rest of this batch.
+        const rest = Buffer.from(buf.subarray(off + RECORD_HEADER_BYTES, end));
+        arena.used = off; // the bytes after `off` are not part of this (abandoned) log
+        this.reset();
+        this.append(rest);
+        return;
+      }
+      const len = recordLength(buf, off);
+      const keyLen = (buf[off + 1] << 8) | buf[off + 2];
+      const keyOff = off + RECORD_HEADER_BYTES;
+      const h = hashBytes(buf, keyOff, keyLen);
+      const slot = this.find(h, buf, keyOff, keyLen);
+      if (op === OP_PUT) {
+        if (slot >= 0) {
+          this.liveBytes -= recordLength(this.arenas[this.slotArena[slot]].buf, this.slotOff[slot]);
+          this.slotArena[slot] = arenaIdx;
+          this.slotOff[slot] = off;
+        } else {
+          this.insert(h, arenaIdx, off);
+        }
+        this.liveBytes += len;
+      } else if (op === OP_DELETE && slot >= 0) {
+        this.liveBytes -= recordLength(this.arenas[this.slotArena[slot]].buf, this.slotOff[slot]);
+        this.remove(slot);
+      }
+      arena.records++;
+      this.logRecords++;
+      off += len;
+    }
+    arena.used = end;
+    this.logBytes += batch.length;
+  }
+
+  /** Appends frames of a snapshot stream (packed PUT records, plus DELETEs of overridden history). */
+  appendFrame(frame: Buffer): void {
+    this.append(frame);
+  }
+
+  get(key: string | Buffer): RecordView | undefined {
+    const slot = typeof key === 'string' ? this.findLatin1(key) : this.find(hashBytes(key, 0, key.length), key, 0, key.length);
+    if (slot < 0) return undefined;
+    const buf = this.arenas[this.slotArena[slot]].buf;
+    const off = this.slotOff[slot];
+    const keyLen = (buf[off + 1] << 8) | buf[off + 2];
+    const valLen = buf.readUInt32BE(off + 3);
+    const s = off + RECORD_HEADER_BYTES + keyLen;
+    return { schema: (buf[s] << 8) | buf[s + 1], value: buf.subarray(s + SCHEMA_BYTES, s + SCHEMA_BYTES + valLen) };
+  }
+
+  has(key: string | Buffer): boolean {
+    return this.get(key) !== undefined;
+  }
+
+  /** Visits live records in no particular order. Key as latin1 string, value bytes shared (copy to keep). */
+  forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
+    for (let i = 0; i <= this.mask; i++) {
+      const a = this.slotArena[i];
+      if (a < 0) continue;
+      const buf = this.arenas[a].buf;
+      const off = this.slotOff[i];
+      const keyLen = (buf[off + 1] << 8) | buf[off + 2];
+      const valLen = buf.readUInt32BE(off + 3);
+      const s = off + RECORD_HEADER_BYTES + keyLen;
+      cb(buf.latin1Slice(off + RECORD_HEADER_BYTES, s), (buf[s] << 8) | buf[s + 1], buf.subarray(s + SCHEMA_BYTES, s + SCHEMA_BYTES + valLen));
+    }
+  }
+
+  clear(): void {
+    this.reset();
+  }
+
+  /** A consistent view of the log now; cheap (no copying). */
+  snapshot(seq: number): LogSnapshot {
+    return {
+      seq,
+      records: this.logRecords,
+      liveRecords: this.size,
+      bytes: this.logBytes,
+      parts: this.arenas.filter((a) => a.used > 0).map((a) => ({ buf: a.buf, end: a.used, records: a.records })),
+    };
+  }
+
+  /** True when overridden records make up more than half of a log bigger than compactMinBytes. */
+  needsCompaction(): boolean {
+    return this.logBytes > this.compactMinBytes && this.logBytes > 2 * this.liveBytes;
+  }
+
+  /**
+   * Rewrites the log with only live records. Open snapshots keep the old arenas. Synchronous:
+   * about 100 ms per million live records on this hardware.
+   */
+  compact(): void {
+    const old = this.arenas;
+    this.arenas = [];
+    this.logBytes = 0;
+    this.logRecords = 0;
+    for (let i = 0; i <= this.mask; i++) {
+      const a = this.slotArena[i];
+      if (a < 0) continue;
+      const src = old[a].buf;
+      const off = this.slotOff[i];
+      const len = recordLength(src, off);
+      const idx = this.reserve(len);
+      const dst = this.arenas[idx];
+      src.copy(dst.buf, dst.used, off, off + len);
+      this.slotArena[i] = idx;
+      this.slotOff[i] = dst.used;
+      dst.used += len;
+      dst.records++;
+      this.logBytes += len;
+      this.logRecords++;
+    }
+  }
+
+  // ---------------------------------------------------------------- internals
+
+  private reset(): void {
+    this.arenas = [];
+    this.slotArena = new Int32Array(MIN_CAPACITY).fill(-1);
+    this.slotOff = new Int32Array(MIN_CAPACITY);
+    this.slotHash = new Uint32Array(MIN_CAPACITY);
+    this.mask = MIN_CAPACITY - 1;
+    this.size = 0;
+    this.liveBytes = 0;
+    this.logBytes = 0;
+    this.logRecords = 0;
+  }
+
+  /** Index of an arena with `bytes` free at its end (a new one when the last is full). */
+  private reserve(bytes: number): number {
+    const last = this.arenas[this.arenas.length - 1];
+    if (last && last.buf.length - last.used >= bytes) return this.arenas.length - 1;
+    this.arenas.push({ buf: Buffer.allocUnsafeSlow(Math.max(ARENA_BYTES, bytes)), used: 0, records: 0 });
+    return this.arenas.length - 1;
+  }
+
+  private keyEquals(slot: number, kbuf: Buffer, koff: number, klen: number): boolean {
+    const buf = this.arenas[this.slotArena[slot]].buf;
+    const off = this.slotOff[slot];
+    if (((buf[off + 1] << 8) | buf[off + 2]) !== klen) return false;
+    const s = off + RECORD_HEADER_BYTES;
+    for (let i = 0; i < klen; i++) if (buf[s + i] !== kbuf[koff + i]) return false;
+    return true;
+  }
+
+  private find(h: number, kbuf: Buffer, koff: number, klen: number): number {
+    let i = h & this.mask;
+    for (;;) {
+      if (this.slotArena[i] < 0) return -1;
+      if (this.slotHash[i] === h && this.keyEquals(i, kbuf, koff, klen)) return i;
+      i = (i + 1) & this.mask;
+    }
+  }
+
+  private findLatin1(key: string): number {
+    const kb = Buffer.from(key, 'latin1');
+    return this.find(hashLatin1(key), kb, 0, kb.length);
+  }
+
+  private insert(h: number, arena: number, off: number): void {
+    if ((this.size + 1) * 10 > (this.mask + 1) * 6) this.grow();
+    let i = h & this.mask;
+    while (this.slotArena[i] >= 0) i = (i + 1) & this.mask;
+    this.slotArena[i] = arena;
+    this.slotOff[i] = off;
+    this.slotHash[i] = h;
+    this.size++;
+  }
+
+  /** Backward-shift deletion keeps every probe chain unbroken without tombstones. */
+  private remove(slot: number): void {
+    const mask = this.mask;
+    let i = slot;
+    let j = slot;
+    for (;;) {
+      j = (j + 1) & mask;
+      if (this.slotArena[j] < 0) break;
+      const home = this.slotHash[j] & mask;
+      // Move j back into i when its home position is not in the cyclic range (i, j].
+      const inRange = i <= j ? home > i && home <= j : home > i || home <= j;
+      if (!inRange) {
+        this.slotArena[i] = this.slotArena[j];
+        this.slotOff[i] = this.slotOff[j];
+        this.slotHash[i] = this.slotHash[j];
+        i = j;
+      }
+    }
+    this.slotArena[i] = -1;
+    this.size--;
+  }
+
+  private grow(): void {
+    const oldA = this.slotArena;
+    const oldO = this.slotOff;
+    const oldH = this.slotHash;
+    const cap = (this.mask + 1) * 2;
+    this.slotArena = new Int32Array(cap).fill(-1);
+    this.slotOff = new Int32Array(cap);
+    this.slotHash = new Uint32Array(cap);
+    this.mask = cap - 1;
+    for (let k = 0; k < oldA.length; k++) {
+      if (oldA[k] < 0) continue;
+      let i = oldH[k] & this.mask;
+      while (this.slotArena[i] >= 0) i = (i + 1) & this.mask;
+      this.slotArena[i] = oldA[k];
+      this.slotOff[i] = oldO[k];
+      this.slotHash[i] = oldH[k];
+    }
+  }
+}
+
+/** sha256 over live records (key, schema, value) in key order, and their count. */
+export function tableDigest(t: RecordTable): { records: number; sha256: string } {
+  const rows: [string, number, string][] = [];
+  t.forEach((k, schema, v) => rows.push([k, schema, v.latin1Slice(0, v.length)]));
+  rows.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  const h = crypto.createHash('sha256');
+  const sep = Buffer.from([0]);
+  for (const [k, schema, v] of rows) {
+    h.update(k, 'latin1');
+    h.update(sep);
+    h.update(String(schema));
+    h.update(sep);
+    h.update(v, 'latin1');
+    h.update(sep);
+  }
+  return { records: rows.length, sha256: h.digest('hex') };
+}

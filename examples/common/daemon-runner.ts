@@ -1,0 +1,217 @@
+/**
+ * Shared body of the example routing daemons: flags, the CheckpointClient, a load generator that
+ * keeps changing the table while active, and a line protocol for operators and tests.
+ *
+ * stdin commands (one per line): digest | status | load N | churn RATE | stop | quit
+ * stdout: one JSON object per line, {"event": ...}; SIGUSR1 also prints the digest.
+ * The daemon's table *is* the SDK's local table: what it serves is exactly what it replicates.
+ */
+import readline from 'node:readline';
+import { parseArgs } from 'node:util';
+import { CheckpointClient, Transform } from '../../agent/sdk/checkpoint-client';
+
+export interface TableModel {
+  /** Table name and process name, e.g. ('rib', 'bgp'). */
+  process: string;
+  table: string;
+  /** Initial content: `count` records. */
+  generate(count: number, seed: number): Iterable<{ key: string; value: Buffer }>;
+  /** A changed value (or null = withdraw) for an existing record, for churn. */
+  mutate(key: string, value: Buffer, rand: () => number): Buffer | null;
+  /** Schema transforms this build can apply, keyed "from->to". */
+  transforms?: Record<string, Transform>;
+  /** Renders one value for `show` output. */
+  describe?(value: Buffer): string;
+}
+
+export const DAEMON_USAGE = (name: string) => `Usage: ${name} [options]
+  --agent ADDR        agent gRPC address: a unix socket path or host:port (env HITLESS_AGENT)
+  --role ROLE         active | standby (default active)
+  --vm ID             VM or slot this process runs in (env HITLESS_VM; default "host")
+  --instance ID       unique instance id (default <process>@<vm>)
+  --version V         software version reported to the agent (default 1.0.0)
+  --schema N          schema version written (default 1); --reads 1,2 adds readable versions
+  --records N         active with an empty table: load N records at start (default 0)
+  --churn RATE        active: change RATE records per second, continuously (default 0)
+  --batch N           records per batch (default 1000)
+  --sync              declare the table SYNC (acknowledged when standbys applied it)
+  --seed N            generator seed (default 1)
+  --json-only         no human text on stderr
+stdin: digest | status | load N | churn RATE | stop | quit      SIGUSR1: digest
+`;
+
+export async function runDaemon(model: TableModel, argv = process.argv.slice(2)): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      agent: { type: 'string' },
+      role: { type: 'string', default: 'active' },
+      vm: { type: 'string' },
+      instance: { type: 'string' },
+      version: { type: 'string', default: '1.0.0' },
+      schema: { type: 'string', default: '1' },
+      reads: { type: 'string', default: '' },
+      records: { type: 'string', default: '0' },
+      churn: { type: 'string', default: '0' },
+      batch: { type: 'string', default: '1000' },
+      sync: { type: 'boolean', default: false },
+      seed: { type: 'string', default: '1' },
+      'json-only': { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(DAEMON_USAGE(model.process));
+    return;
+  }
+  const out = (o: Record<string, unknown>) => process.stdout.write(JSON.stringify(o) + '\n');
+  const agent = values.agent ?? process.env.HITLESS_AGENT;
+  if (!agent) {
+    process.stderr.write(`${model.process}: no agent address; pass --agent or set HITLESS_AGENT\n`);
+    process.exit(2);
+  }
+  const vm = values.vm ?? process.env.HITLESS_VM ?? 'host';
+  const batchSize = Number(values.batch);
+  const client = new CheckpointClient({
+    address: agent,
+    process: model.process,
+    instanceId: values.instance ?? `${model.process}@${vm}`,
+    vmId: vm,
+    softwareVersion: values.version!,
+    schema: Number(values.schema),
+    reads: values.reads ? values.reads.split(',').map(Number) : [],
+    transforms: model.transforms,
+    tables: [{ name: model.table, durability: values.sync ? 'SYNC' : 'ASYNC' }],
+    role: values.role === 'standby' ? 'STANDBY' : 'ACTIVE',
+  });
+  const table = client.table(model.table);
+  let seed = Number(values.seed);
+  let rand = mulberry(seed);
+  let churnTimer: NodeJS.Timeout | null = null;
+  let acked = 0;
+  let failed = 0;
+
+  client.on('role', (role) => out({ event: 'role', role, seq: table.seq, records: table.size }));
+  client.on('snapshot-begin', (t, seq, records) => out({ event: 'snapshot-begin', table: t, seq, records }));
+  client.on('snapshot', (t, seq, records) => out({ event: 'snapshot', table: t, seq, records }));
+  client.on('disconnected', (e) => out({ event: 'disconnected', reason: e?.details ?? String(e ?? 'closed') }));
+  client.on('frozen', () => out({ event: 'frozen', seq: table.seq }));
+  client.on('error', (e) => out({ event: 'error', message: (e as Error).message }));
+
+  const commit = (b: ReturnType<CheckpointClient['batch']>) =>
+    b.commit().then(
+      (seq) => {
+        acked = Math.max(acked, seq);
+      },
+      (e) => {
+        failed++;
+        out({ event: 'write-failed', message: (e as Error).message });
+      },
+    );
+
+  async function load(n: number): Promise<void> {
+    const t0 = Date.now();
+    let b = client.batch(model.table);
+    const pending: Promise<void>[] = [];
+    for (const r of model.generate(n, seed)) {
+      b.put(r.key, r.value);
+      if (b.count >= batchSize) {
+        pending.push(commit(b));
+        b = client.batch(model.table);
+        if (pending.length >= 32) await pending.shift();
+      }
+    }
+    if (b.count) pending.push(commit(b));
+    await Promise.all(pending);
+    out({ event: 'loaded', records: table.size, seq: table.seq, ms: Date.now() - t0 });
+  }
+
+  /** Keys of the table, refreshed lazily, so churn picks existing records. */
+  let keys: string[] = [];
+  const withdrawn: { key: string; value: Buffer }[] = [];
+  function churnTick(perTick: number): void {
+    if (client.role !== 'ACTIVE' || client.frozen) return;
+    if (keys.length === 0 || keys.length < table.size / 2) {
+      keys = [];
+      table.forEach((k) => keys.push(k));
+    }
+    if (keys.length === 0) return;
+    let b = client.batch(model.table);
+    for (let i = 0; i < perTick; i++) {
+      // Now and then re-announce a withdrawn record, as routes come back.
+      if (withdrawn.length && rand() < 0.05) {
+        const w = withdrawn.pop()!;
+        b.put(w.key, w.value);
+        continue;
+      }
+      const key = keys[Math.floor(rand() * keys.length)];
+      const cur = table.get(key);
+      if (!cur) continue;
+      const next = model.mutate(key, cur, rand);
+      if (next) b.put(key, next);
+      else {
+        b.delete(key);
+        withdrawn.push({ key, value: Buffer.from(cur) });
+      }
+      if (b.count >= batchSize) {
+        void commit(b);
+        b = client.batch(model.table);
+      }
+    }
+    if (b.count) void commit(b);
+  }
+  function setChurn(rate: number): void {
+    if (churnTimer) clearInterval(churnTimer);
+    churnTimer = null;
+    if (rate > 0) {
+      const perTick = Math.max(1, Math.round(rate / 100)); // every 10 ms
+      churnTimer = setInterval(() => churnTick(perTick), 10);
+    }
+  }
+  const digest = () => out({ event: 'digest', process: model.process, table: model.table, role: client.role, acked, failed, ...client.digest(model.table) });
+
+  await client.start().catch((e) => {
+    out({ event: 'fatal', message: e.message, code: e.code });
+    process.exit(3);
+  });
+  out({ event: 'started', role: client.role, seq: table.seq, records: table.size, pid: process.pid });
+  if (client.role === 'ACTIVE' && table.size === 0 && Number(values.records) > 0) await load(Number(values.records));
+  setChurn(Number(values.churn));
+
+  process.on('SIGUSR1', digest);
+  const shutdown = async () => {
+    setChurn(0);
+    await client.close();
+    process.exit(0);
+  };
+  process.on('SIGTERM', shutdown);
+  process.on('SIGINT', shutdown);
+  const rl = readline.createInterface({ input: process.stdin });
+  rl.on('line', async (line) => {
+    const [cmd, arg] = line.trim().split(/\s+/);
+    if (cmd === 'digest') digest();
+    else if (cmd === 'status') out({ event: 'status', role: client.role, seq: table.seq, records: table.size, inFlight: client.inFlight, acked, failed });
+    else if (cmd === 'load') {
+      seed = Number(arg ?? 0) ? seed + 1 : seed;
+      rand = mulberry(seed);
+      await load(Number(arg));
+    } else if (cmd === 'churn') setChurn(Number(arg));
+    else if (cmd === 'stop') {
+      setChurn(0);
+      // Wait until everything written is acknowledged, then report.
+      while (client.inFlight > 0) await new Promise((r) => setTimeout(r, 5));
+      out({ event: 'stopped', seq: table.seq, records: table.size, acked });
+    } else if (cmd === 'quit') await shutdown();
+    else if (cmd) out({ event: 'error', message: `unknown command '${cmd}' (digest, status, load N, churn RATE, stop, quit)` });
+  });
+}
+
+function mulberry(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) | 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
