@@ -35,6 +35,9 @@ Checkpoint limits
   --stall-timeout-ms N   drop a subscriber that stops reading for N ms (default ${DEFAULT_CHECKPOINT_OPTIONS.stallTimeoutMs})
   --sync-timeout-ms N    a SYNC write waits at most N ms for a standby (default ${DEFAULT_CHECKPOINT_OPTIONS.syncTimeoutMs})
   --command-timeout-ms N time a process has to answer a role command (default ${DEFAULT_CHECKPOINT_OPTIONS.commandTimeoutMs})
+  --subscriber-window-bytes N
+                         unacknowledged change bytes in flight to one standby before the agent
+                         waits for its acks (default ${DEFAULT_CHECKPOINT_OPTIONS.subscriberWindowBytes})
 Other
   --log-level LEVEL      trace|debug|info|warn|error (env HITLESS_LOG_LEVEL; default info)
   -h, --help             this text
@@ -56,6 +59,7 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'stall-timeout-ms': { type: 'string' },
       'sync-timeout-ms': { type: 'string' },
       'command-timeout-ms': { type: 'string' },
+      'subscriber-window-bytes': { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -85,6 +89,7 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       stallTimeoutMs: int('stall-timeout-ms', values['stall-timeout-ms'], d.stallTimeoutMs),
       syncTimeoutMs: int('sync-timeout-ms', values['sync-timeout-ms'], d.syncTimeoutMs),
       commandTimeoutMs: int('command-timeout-ms', values['command-timeout-ms'], d.commandTimeoutMs),
+      subscriberWindowBytes: int('subscriber-window-bytes', values['subscriber-window-bytes'], d.subscriberWindowBytes),
     },
   };
 }

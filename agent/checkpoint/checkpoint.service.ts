@@ -56,8 +56,8 @@ export interface CheckpointOptions {
   commandTimeoutMs: number;
   /** Compact a table's log once it exceeds max(this, 2 x the table's size), bytes. */
   compactMinBytes: number;
-  /** Target size of a bulk snapshot frame, bytes. */
-  snapshotFrameBytes: number;
+  /** Unacknowledged change bytes in flight to one subscriber before the agent waits for acks. */
+  subscriberWindowBytes: number;
 }
 
 export const DEFAULT_CHECKPOINT_OPTIONS: CheckpointOptions = {
@@ -67,7 +67,7 @@ export const DEFAULT_CHECKPOINT_OPTIONS: CheckpointOptions = {
   syncTimeoutMs: 5_000,
   commandTimeoutMs: 5_000,
   compactMinBytes: 256 * 1024 * 1024,
-  snapshotFrameBytes: 1024 * 1024,
+  subscriberWindowBytes: 32 * 1024 * 1024,
 };
 
 /** How the service talks back to a process over its session stream. */
@@ -437,6 +437,7 @@ export class CheckpointService {
     for (const [t, seq] of Object.entries(req.have)) s.acked.set(t, seq);
     const host: SubscriptionHost = {
       stallTimeoutMs: this.opts.stallTimeoutMs,
+      windowBytes: this.opts.subscriberWindowBytes,
       tableSeq: (t) => g.tables.get(t)?.replica.seq ?? 0,
       readLog: (t, after, limit) => {
         const seq = g.tables.get(t)?.replica.seq ?? 0;
@@ -503,6 +504,7 @@ export class CheckpointService {
     const prev = s.acked.get(req.table) ?? 0;
     if (req.seq < prev) return; // acks are cumulative; a late one changes nothing
     s.acked.set(req.table, req.seq);
+    s.subscription?.onAck(req.table, req.seq);
     const list = g.syncWaits.get(req.table);
     if (list) {
       for (const w of list) if (w.seq <= req.seq) w.waitFor.delete(s.id);

@@ -9,7 +9,11 @@
  *   drains (a slow reader never makes the agent buffer without bound);
  * - snapshotting: a consistent snapshot at `sent` is being streamed on a bulk socket; changes after
  *   it may already follow on the gRPC stream, which the SDK applies after the snapshot.
- * A reader that stops reading for longer than the stall timeout is cut off with RESOURCE_EXHAUSTED.
+ * Flow control is by acknowledgement: grpc-js buffers whatever is written to a server stream
+ * without pushing back when the client stops reading, so the agent itself stops sending once
+ * `windowBytes` of changes are unacknowledged. A subscriber that acknowledges nothing for the
+ * stall timeout while the window is full is cut off with RESOURCE_EXHAUSTED; memory held for it
+ * stays bounded by the window either way.
  */
 import { status } from '@grpc/grpc-js';
 import { HitlessError } from '../common/errors';
@@ -31,6 +35,8 @@ export interface SubscriptionHost {
   /** Starts a bulk snapshot of `table`; returns the ticket event and the snapshot's sequence. */
   startSnapshot(table: string, onDone: (err: Error | null) => void): { event: SubscribeEvent; seq: number; empty: boolean };
   stallTimeoutMs: number;
+  /** Unacknowledged change bytes allowed in flight to one subscriber. */
+  windowBytes: number;
 }
 
 interface TableCursor {
@@ -46,6 +52,10 @@ export class Subscription {
   closed = false;
   /** RECOVER: snapshots still streaming before the subscription can end. */
   private pendingSnapshots = 0;
+  /** Sent, not yet acknowledged changes per table: [seq, bytes] in sequence order. */
+  private readonly unacked = new Map<string, [number, number][]>();
+  private unackedBytes = 0;
+  private windowFull = false;
 
   constructor(
     readonly sessionId: string,
@@ -55,6 +65,7 @@ export class Subscription {
     private readonly onClosed: (sub: Subscription) => void,
   ) {
     stream.onDrain(() => {
+      if (this.windowFull) return;
       this.blocked = false;
       this.clearStall();
       this.pump();
@@ -118,8 +129,36 @@ export class Subscription {
 
   private send(ev: SubscribeEvent): void {
     if (this.closed) return;
+    if (ev.change && this.mode === 'FOLLOW') {
+      let q = this.unacked.get(ev.change.table);
+      if (!q) this.unacked.set(ev.change.table, (q = []));
+      q.push([ev.change.seq, ev.change.records.length]);
+      this.unackedBytes += ev.change.records.length;
+      if (this.unackedBytes >= this.host.windowBytes) {
+        this.windowFull = true;
+        this.blocked = true;
+        this.armStall();
+      }
+    }
     if (!this.stream.write(ev)) {
       this.blocked = true;
+      this.armStall();
+    }
+  }
+
+  /** The subscriber applied `table` up to `seq`: frees window and resumes sending. */
+  onAck(table: string, seq: number): void {
+    const q = this.unacked.get(table);
+    let freed = 0;
+    while (q && q.length && q[0][0] <= seq) freed += q.shift()![1];
+    if (freed === 0) return;
+    this.unackedBytes -= freed;
+    this.clearStall();
+    if (this.windowFull && this.unackedBytes < this.host.windowBytes / 2) {
+      this.windowFull = false;
+      this.blocked = false;
+      this.pump();
+    } else if (this.blocked) {
       this.armStall();
     }
   }

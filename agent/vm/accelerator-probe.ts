@@ -19,7 +19,8 @@ export interface KvmProbeResult {
 }
 
 const cache = new Map<string, Promise<KvmProbeResult>>();
-const warned = new Set<string>();
+/** One TCG warning per logger and binary (a logger is one agent/component instance). */
+const warned = new WeakMap<VmLogger, Set<string>>();
 
 /** Machine + CPU arguments that create and reset one KVM vCPU, per QEMU binary. */
 export function defaultKvmProbeArgs(qemuBinary: string): string[] {
@@ -43,8 +44,10 @@ export function probeKvm(qemuBinary: string, probeArgs?: string[], kvmDevice = '
 export async function probeAccelerator(qemuBinary: string, logger?: VmLogger, probeArgs?: string[]): Promise<Accelerator> {
   const r = await probeKvm(qemuBinary, probeArgs);
   if (r.usable) return 'kvm';
-  if (logger && !warned.has(qemuBinary)) {
-    warned.add(qemuBinary);
+  const seen = logger ? (warned.get(logger) ?? new Set<string>()) : undefined;
+  if (logger && seen && !seen.has(qemuBinary)) {
+    seen.add(qemuBinary);
+    warned.set(logger, seen);
     logger.warn({ qemuBinary, reason: r.reason }, `KVM not usable for ${qemuBinary} (${r.reason}); falling back to TCG software emulation (~10-50x slower)`);
   }
   return 'tcg';

@@ -165,8 +165,15 @@ export interface Hypervisor {
   accelerator(): Promise<Accelerator>;
   /** Spawn QEMU detached (own process group, survives the agent), wait for QMP. */
   launch(spec: VmSpec, paths: VmPaths): Promise<VmHandle>;
-  /** Re-attach to a QEMU started by an earlier agent process, via pid + QMP socket. */
+  /**
+   * Re-attach to a QEMU started by an earlier agent process, via pid + QMP socket. Throws
+   * VmError NOT_FOUND when the process is gone, FAILED_PRECONDITION when the pid now belongs
+   * to another program, UNAVAILABLE when this VM's QEMU is alive but QMP does not answer
+   * (another QMP client holds the socket, or QEMU hangs).
+   */
   attach(record: VmAttachRecord): Promise<VmHandle>;
+  /** SIGKILL the recorded QEMU (process group) without a handle, if it is still this VM's. */
+  killRecorded(record: VmAttachRecord): Promise<boolean>;
 }
 
 /** Everything a platform folder provides: the QEMU binary and argv for its machine. */
@@ -197,6 +204,7 @@ export type VmErrorCode =
   | 'NOT_FOUND'
   | 'INVALID_ARGUMENT'
   | 'DEADLINE_EXCEEDED'
+  | 'UNAVAILABLE'
   | 'INTERNAL';
 
 /** Domain error with a gRPC-like code name and a sentence saying what to do. */

@@ -38,6 +38,9 @@ export interface QemuHypervisorOptions {
   forceAccelerator?: Accelerator;
 }
 
+/** ms between power-button presses during a graceful powerdown. */
+const POWERDOWN_REPEAT_MS = 3000;
+
 const QMP_EVENTS: ReadonlySet<string> = new Set(['SHUTDOWN', 'POWERDOWN', 'STOP', 'RESUME', 'RESET', 'GUEST_PANICKED']);
 
 /** True while `pid` is a live (non-zombie) process. EPERM means it exists but is not ours. */
@@ -186,15 +189,24 @@ export class QemuHypervisor implements Hypervisor {
     return new QemuVmHandle(spec.name, this.profile.arch, pid, paths, accel, qmp, child, this.pollIntervalMs, this.logger);
   }
 
+  /** The recorded pid is alive and its argv names this VM's QMP socket (pid not reused). */
+  private isRecordedQemu(record: VmAttachRecord): boolean {
+    return pidAlive(record.pid) && (processArgv(record.pid) ?? []).some((a) => a.includes(record.paths.qmpSocket));
+  }
+
   async attach(record: VmAttachRecord): Promise<VmHandle> {
     if (!pidAlive(record.pid)) {
       throw new VmError('NOT_FOUND', `QEMU pid ${record.pid} of VM ${record.name} is not running; start the VM again.`);
     }
-    const argv = processArgv(record.pid) ?? [];
-    if (!argv.some((a) => a.includes(record.paths.qmpSocket))) {
+    if (!this.isRecordedQemu(record)) {
       throw new VmError('FAILED_PRECONDITION', `pid ${record.pid} is not the QEMU of VM ${record.name} (pid reused); start the VM again.`);
     }
-    const qmp = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 3000 });
+    let qmp: QmpClient;
+    try {
+      qmp = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 3000 });
+    } catch (e) {
+      throw new VmError('UNAVAILABLE', `QEMU pid ${record.pid} of VM ${record.name} is alive but its QMP socket does not answer (${(e as Error).message}); close other QMP clients and run recover again, or kill the VM.`);
+    }
     let accel = record.accelerator;
     if (!accel) {
       const kvm = await qmp.execute<{ enabled: boolean }>('query-kvm');
@@ -202,6 +214,19 @@ export class QemuHypervisor implements Hypervisor {
     }
     this.logger.info({ vm: record.name, pid: record.pid }, 'QEMU re-attached');
     return new QemuVmHandle(record.name, record.arch, record.pid, record.paths, accel, qmp, null, this.pollIntervalMs, this.logger);
+  }
+
+  async killRecorded(record: VmAttachRecord): Promise<boolean> {
+    if (!this.isRecordedQemu(record)) return false;
+    try {
+      process.kill(-record.pid, 'SIGKILL');
+    } catch {
+      process.kill(record.pid, 'SIGKILL');
+    }
+    const deadline = Date.now() + 5000;
+    while (pidAlive(record.pid) && Date.now() < deadline) await sleep(50);
+    if (pidAlive(record.pid)) throw new VmError('INTERNAL', `QEMU pid ${record.pid} of VM ${record.name} survived SIGKILL for 5 s; check the host.`);
+    return true;
   }
 }
 
@@ -333,10 +358,16 @@ class QemuVmHandle implements VmHandle {
       return { method: 'already-exited', elapsedMs: elapsed() };
     }
     try {
-      await this.qmp?.execute('system_powerdown', undefined, Math.min(timeoutMs, 5000));
-      if ((await withTimeout(this.exited, Math.max(0, timeoutMs - elapsed()))) !== 'timeout') {
-        return { method: 'guest', elapsedMs: elapsed() };
+      // A power-button press is an edge: one sent before the guest's handler listens (early
+      // boot) is lost. Re-press every POWERDOWN_REPEAT_MS until the deadline; a guest that is
+      // already shutting down ignores the extra presses.
+      let exited = false;
+      while (!exited && elapsed() < timeoutMs) {
+        await this.qmp?.execute('system_powerdown', undefined, Math.min(timeoutMs, 5000));
+        const wait = Math.min(POWERDOWN_REPEAT_MS, Math.max(0, timeoutMs - elapsed()));
+        exited = (await withTimeout(this.exited, wait)) !== 'timeout';
       }
+      if (exited) return { method: 'guest', elapsedMs: elapsed() };
       this.logger.warn({ vm: this.name, timeoutMs }, 'guest ignored ACPI/GPIO powerdown; sending QMP quit');
     } catch (e) {
       this.logger.warn({ vm: this.name, err: (e as Error).message }, 'system_powerdown failed; sending QMP quit');

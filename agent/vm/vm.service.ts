@@ -60,6 +60,8 @@ export interface VmInfo {
 export interface RecoverReport {
   reattached: string[];
   markedStopped: { name: string; reason: string }[];
+  /** QEMU alive but QMP unanswered: record kept active (name/disk stay taken), not managed. */
+  unreachable: { name: string; pid: number; reason: string }[];
 }
 
 /** sun_path is 108 bytes including the NUL. */
@@ -177,23 +179,34 @@ export class VmService {
   /** Graceful stop: guest powerdown, then QMP quit, then SIGKILL. Idempotent on stopped VMs. */
   async stop(name: string, opts: { timeoutMs?: number } = {}): Promise<PowerdownResult> {
     const r = this.record(name);
-    const handle = this.handles.get(name);
-    if (!isActive(r.state) || !handle) {
-      if (isActive(r.state)) this.update(name, { state: 'STOPPED', pid: null, lastExit: 'stopped: no QEMU attached' });
-      return { method: 'already-exited', elapsedMs: 0 };
+    let handle = this.handles.get(name);
+    if (!isActive(r.state)) return { method: 'already-exited', elapsedMs: 0 };
+    if (!handle) {
+      // Active record without a handle: recover() could not reach QMP. Try once more.
+      handle = await this.reattach(r);
+      if (!handle) return { method: 'already-exited', elapsedMs: 0 };
     }
     this.update(name, { state: 'STOPPING' });
-    const result = await handle.powerdown(opts.timeoutMs ?? 30_000);
+    let result: PowerdownResult;
+    try {
+      result = await handle.powerdown(opts.timeoutMs ?? 30_000);
+    } catch (e) {
+      this.update(name, { lastExit: `stop failed: ${(e as Error).message}` });
+      throw e;
+    }
     this.forget(name);
     this.update(name, { state: 'STOPPED', pid: null, lastExit: `stopped (${result.method}, ${result.elapsedMs} ms)` });
     return result;
   }
 
-  /** SIGKILL of the VM's QEMU process group. */
+  /** SIGKILL of the VM's QEMU process group (also works when QMP is unreachable). */
   async kill(name: string): Promise<void> {
     const r = this.record(name);
     const handle = this.handles.get(name);
     if (handle) await handle.kill();
+    else if (isActive(r.state) && r.pid !== null) {
+      await this.deps.hypervisors.find((h) => h.arch === r.arch)?.killRecorded({ name, arch: r.arch, pid: r.pid, paths: r.paths });
+    }
     this.forget(name);
     if (isActive(r.state) || handle) this.update(name, { state: 'STOPPED', pid: null, lastExit: 'killed' });
   }
@@ -231,10 +244,12 @@ export class VmService {
   /**
    * On agent start: re-attach to every VM whose QEMU is alive and answers QMP; mark the rest
    * STOPPED. A QEMU that is alive but does not answer QMP is left running (it may be a router
-   * carrying traffic) and reported, so an operator can decide.
+   * carrying traffic) and keeps its record active, so its name and disk stay taken and a second
+   * QEMU can never be started on them; it is reported as unreachable for an operator to decide
+   * (recover again, or kill).
    */
   async recover(): Promise<RecoverReport> {
-    const report: RecoverReport = { reattached: [], markedStopped: [] };
+    const report: RecoverReport = { reattached: [], markedStopped: [], unreachable: [] };
     for (const r of this.deps.store.list()) {
       if (!isActive(r.state) || this.handles.has(r.name)) continue;
       const hv = this.hypervisors.get(r.arch);
@@ -251,6 +266,12 @@ export class VmService {
           continue;
         } catch (e) {
           reason = (e as Error).message;
+          if (e instanceof VmError && e.grpcCode === 'UNAVAILABLE') {
+            this.update(r.name, { lastExit: `agent restart: ${reason}` });
+            report.unreachable.push({ name: r.name, pid: r.pid, reason });
+            this.deps.logger.warn({ vm: r.name, pid: r.pid, reason }, 'VM alive but QMP unreachable; left running, not managed');
+            continue;
+          }
         }
       }
       this.update(r.name, { state: 'STOPPED', pid: null, lastExit: `agent restart: ${reason}` });
@@ -274,6 +295,22 @@ export class VmService {
     const r = this.deps.store.get(name);
     if (!r) throw new VmError('NOT_FOUND', `No VM named ${name}; 'list' shows the VMs this host knows.`);
     return r;
+  }
+
+  /** Attach to an active record's QEMU; marks it STOPPED (and returns undefined) if it is gone. */
+  private async reattach(r: VmRecord): Promise<VmHandle | undefined> {
+    const hv = this.hypervisors.get(r.arch);
+    if (hv && r.pid !== null) {
+      try {
+        const h = await hv.attach({ name: r.name, arch: r.arch, pid: r.pid, paths: r.paths, accelerator: r.accelerator ?? undefined });
+        this.adopt(h);
+        return h;
+      } catch (e) {
+        if (e instanceof VmError && e.grpcCode === 'UNAVAILABLE') throw e;
+      }
+    }
+    this.update(r.name, { state: 'STOPPED', pid: null, lastExit: 'QEMU gone' });
+    return undefined;
   }
 
   private liveHandle(name: string, what: string): VmHandle {
