@@ -23,9 +23,25 @@ async function main(): Promise<void> {
   }
   const log = createLogger(config.logLevel);
   const app = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false });
-  app.enableShutdownHooks(['SIGTERM', 'SIGINT']);
   await app.init();
   process.stdout.write(JSON.stringify(app.get(AgentLifecycle).readyInfo) + '\n');
+  // Own signal handling rather than Nest's shutdown hooks, which re-raise the signal: a clean
+  // stop must exit 0 so service managers do not count it as a failure.
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'stopping');
+    app.close().then(
+      () => process.exit(0),
+      (e) => {
+        log.error({ err: (e as Error).message }, 'unclean shutdown');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
 }
 
 main().catch((e) => {

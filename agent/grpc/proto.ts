@@ -35,7 +35,16 @@ export function loadProtos(): { def: protoLoader.PackageDefinition; pkg: grpc.Gr
   if (cached) return cached;
   const dir = protoDir();
   const files = PROTO_FILES.filter((f) => fs.existsSync(path.join(dir, f)));
-  const def = protoLoader.loadSync(files, { ...LOADER_OPTIONS, includeDirs: [dir] });
+  // The health proto rides along so server reflection describes grpc.health.v1 too.
+  // (Absent in guest bundles, which only need the client side.)
+  let healthDir: string | null = null;
+  try {
+    healthDir = path.join(path.dirname(require.resolve('grpc-health-check/package.json')), 'proto');
+  } catch {
+    healthDir = null;
+  }
+  const all = healthDir ? [...files, 'health/v1/health.proto'] : files;
+  const def = protoLoader.loadSync(all, { ...LOADER_OPTIONS, includeDirs: healthDir ? [dir, healthDir] : [dir] });
   cached = { def, pkg: grpc.loadPackageDefinition(def) };
   return cached;
 }

@@ -1,0 +1,113 @@
+/**
+ * hitlessd as a process: flags and help, listeners, grpc.health.v1 and server reflection on every
+ * listener, graceful shutdown, and the issu CLI against it.
+ */
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
+import { AGENT_MAIN, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
+
+const run = promisify(execFile);
+const ISSU = path.resolve(__dirname, '../../agent/cli/issu.js');
+const NM = path.resolve(__dirname, '../../../node_modules');
+
+function loadService(file: string, includeDir: string, name: string): grpc.ServiceClientConstructor {
+  const def = protoLoader.loadSync(file, { includeDirs: [includeDir], keepCase: true, defaults: true, enums: String });
+  let node: unknown = grpc.loadPackageDefinition(def);
+  for (const p of name.split('.')) node = (node as Record<string, unknown>)[p];
+  return node as grpc.ServiceClientConstructor;
+}
+
+describe('agent: process, listeners and standard services', function () {
+  this.timeout(60_000);
+  after(stopAllAgents);
+
+  it('prints complete --help and exits 0', async () => {
+    const { stdout } = await run(process.execPath, [AGENT_MAIN, '--help']);
+    for (const flag of ['--grpc-socket', '--grpc-tcp', '--state-dir', '--fsync', '--max-key-bytes', '--stall-timeout-ms', '--log-level']) assert.match(stdout, new RegExp(flag));
+  });
+
+  it('refuses plaintext TCP on a non-loopback address with a message saying what to use', async () => {
+    const dir = tempDir('agent');
+    await assert.rejects(run(process.execPath, [AGENT_MAIN, '--state-dir', dir, '--grpc-tcp', '0.0.0.0:0']), (e: { stderr: string; code: number }) => {
+      assert.equal(e.code, 1);
+      assert.match(e.stderr, /refusing plaintext gRPC on non-loopback address 0\.0\.0\.0; use 127\.0\.0\.1 or ::1/);
+      return true;
+    });
+  });
+
+  it('serves grpc.health.v1 and server reflection on the unix socket and on TCP', async () => {
+    const agent = await startAgent({ tcp: true });
+    const Health = loadService(path.join(NM, 'grpc-health-check/proto/health/v1/health.proto'), path.join(NM, 'grpc-health-check/proto'), 'grpc.health.v1.Health');
+    const Reflection = loadService(
+      path.join(NM, '@grpc/reflection/build/proto/grpc/reflection/v1alpha/reflection.proto'),
+      path.join(NM, '@grpc/reflection/build/proto'),
+      'grpc.reflection.v1alpha.ServerReflection',
+    );
+    for (const addr of [`unix:${agent.socket}`, agent.tcp!]) {
+      const h = new Health(addr, grpc.credentials.createInsecure());
+      for (const service of ['', 'hitless.v1.Checkpoint']) {
+        const r = await new Promise<{ status: string }>((res, rej) => h.Check({ service }, (e: Error | null, v: { status: string }) => (e ? rej(e) : res(v))));
+        assert.equal(r.status, 'SERVING', `${addr} health of '${service}'`);
+      }
+      h.close();
+      const refl = new Reflection(addr, grpc.credentials.createInsecure());
+      const names = await new Promise<string[]>((res, rej) => {
+        const call = refl.ServerReflectionInfo();
+        call.on('data', (m: { list_services_response?: { service: { name: string }[] } }) => {
+          res((m.list_services_response?.service ?? []).map((s) => s.name));
+          call.end();
+        });
+        call.on('error', rej);
+        call.write({ list_services: '' });
+      });
+      assert.ok(names.includes('hitless.v1.Checkpoint'), `${addr} lists hitless.v1.Checkpoint: ${names}`);
+      assert.ok(names.includes('grpc.health.v1.Health'));
+      refl.close();
+    }
+  });
+
+  it('shuts down gracefully on SIGTERM and keeps its data for the next start', async () => {
+    const agent = await startAgent();
+    const a = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm1', vmId: 'vm1', softwareVersion: '1', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' }], role: 'ACTIVE', reconnect: false });
+    await a.start();
+    await a.batch('rib').put('10.0.0.0/8', Buffer.from('x')).commit();
+    await a.close();
+    await agent.stop();
+    assert.equal(agent.proc.exitCode, 0);
+    const again = await startAgent({ stateDir: agent.stateDir });
+    const { stdout } = await run(process.execPath, [ISSU, '--socket', again.socket, '--json', 'checkpoint', 'status']);
+    const st = JSON.parse(stdout);
+    assert.equal(st.processes[0].tables[0].records, 1);
+    assert.equal(st.processes[0].tables[0].seq, 1);
+  });
+
+  it('issu reports an unreachable agent with exit status 3 and what to do', async () => {
+    await assert.rejects(run(process.execPath, [ISSU, '--socket', '/nonexistent/agent.sock', '--timeout-ms', '2000', 'checkpoint', 'status']), (e: { code: number; stderr: string }) => {
+      assert.equal(e.code, 3);
+      assert.match(e.stderr, /cannot reach the agent .* Is hitlessd running\?/);
+      return true;
+    });
+    await assert.rejects(run(process.execPath, [ISSU, 'frobnicate']), (e: { code: number; stderr: string }) => e.code === 2 && /unknown command 'frobnicate'/.test(e.stderr));
+  });
+
+  it('issu shows process status as text and as JSON', async () => {
+    const agent = await startAgent();
+    const a = new CheckpointClient({ address: agent.socket, process: 'ospf', instanceId: 'ospf@vm1', vmId: 'vm1', softwareVersion: '1.2.0', schema: 1, tables: [{ name: 'lsdb', durability: 'SYNC' }], role: 'ACTIVE' });
+    await a.start();
+    try {
+      const text = (await run(process.execPath, [ISSU, '--socket', agent.socket, 'checkpoint', 'status'])).stdout;
+      assert.match(text, /process ospf/);
+      assert.match(text, /table lsdb .* SYNC/);
+      assert.match(text, /ACTIVE\s+ospf@vm1\s+vm vm1\s+v1\.2\.0/);
+      const json = JSON.parse((await run(process.execPath, [ISSU, '--socket', agent.socket, '--json', 'checkpoint', 'status', 'ospf'])).stdout);
+      assert.equal(json.processes[0].peers[0].role, 'ACTIVE');
+    } finally {
+      await a.close();
+    }
+  });
+});
