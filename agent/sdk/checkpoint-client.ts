@@ -162,6 +162,8 @@ export class CheckpointClient extends EventEmitter {
       'grpc.max_receive_message_length': 8 * 1024 * 1024,
       'grpc.max_send_message_length': 8 * 1024 * 1024,
       'grpc.keepalive_time_ms': 10_000,
+      // 16 MiB HTTP/2 windows: with the default 64 KiB a 120 KB batch waits for window updates.
+      'grpc-node.flow_control_window': 16 * 1024 * 1024,
       'grpc.initial_reconnect_backoff_ms': 100,
       'grpc.max_reconnect_backoff_ms': 1000,
     }) as unknown as grpc.Client & Record<string, (...args: unknown[]) => unknown>;
