@@ -26,7 +26,7 @@ interface Worker {
 }
 
 function worker(): Worker {
-  const proc = fork(path.join(__dirname, 'checkpoint-worker.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const proc = fork(path.join(__dirname, 'checkpoint-worker.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: ['--expose-gc'] });
   let queue = Promise.resolve<unknown>(undefined);
   return {
     proc,

@@ -76,6 +76,11 @@ export class LocalTable {
     const r = this.records.get(key);
     return r && this.toNative(r.schema, r.value);
   }
+  /** Applies packed records (validated by the writer or the agent) and keeps the log compact. */
+  append(records: Buffer): void {
+    this.records.append(records);
+    if (this.records.needsCompaction()) this.records.compact();
+  }
   /** Visits live records; values as stored (with their schema). */
   forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
     this.records.forEach(cb);
@@ -313,7 +318,7 @@ export class CheckpointClient extends EventEmitter {
     validateRecords(records, count, DEFAULT_LIMITS);
     const local = this.table(table);
     const seq = local.seq + 1;
-    local.records.append(records);
+    local.append(records);
     local.seq = seq;
     const req: WriteRequest = { sessionId: this.sessionId, table, seq, records, count };
     return new Promise<number>((resolve, reject) => {
@@ -502,7 +507,7 @@ export class CheckpointClient extends EventEmitter {
       const c = ev.change;
       const t = this.table(c.table);
       if (c.seq !== t.seq + 1) throw new Error(`change ${c.table}/${c.seq} does not follow local sequence ${t.seq}`);
-      t.records.append(c.records);
+      t.append(c.records);
       t.seq = c.seq;
       this.queueAck(c.table, c.seq);
       this.emit('change', c.table, c.seq, c.count);
@@ -580,7 +585,7 @@ export class CheckpointClient extends EventEmitter {
           filled += n;
           off += n;
           if (filled === frame.length) {
-            t.records.append(frame);
+            t.append(frame);
             received += frameCount;
             frame = null;
           }
