@@ -10,7 +10,7 @@ type Cmd =
   | { op: 'start'; role: 'ACTIVE' | 'STANDBY'; socket: string; instance: string }
   | { op: 'load'; records: number; batch: number; window: number }
   | { op: 'churn'; records: number; batch: number; window: number }
-  | { op: 'syncLatency'; rate: number; batch: number; seconds: number }
+  | { op: 'syncLatency'; rate: number; batch: number; seconds: number; warmup?: number }
   | { op: 'waitSeq'; table: string; seq: number }
   | { op: 'digest'; table: string }
   | { op: 'exit' };
@@ -81,25 +81,37 @@ process.on('message', async (cmd: Cmd) => {
       routes = routes.slice(0, 50_000);
       (globalThis as { gc?: () => void }).gc?.();
       // Open-loop offered load: a batch every `interval` ms regardless of acks; latency = submit -> ack.
+      // The first `warmup` seconds run at the same rate but are not measured (JIT, first arena
+      // and index growth of the new table).
       const interval = (cmd.batch / cmd.rate) * 1000;
       const lat: number[] = [];
       const rng = createRng(11);
       const pending: Promise<void>[] = [];
+      const spikes: [number, number][] = [];
+      const warmup = cmd.warmup ?? 1;
       const t0 = now();
       let k = 0;
-      for (let i = 0; now() - t0 < cmd.seconds; i++) {
+      for (let i = 0; now() - t0 < warmup + cmd.seconds; i++) {
         const due = t0 + (i * interval) / 1000;
         const wait = (due - now()) * 1000;
         if (wait > 0.5) await new Promise((r) => setTimeout(r, wait));
         const b = client!.batch('rib-sync');
         for (let j = 0; j < cmd.batch; j++, k++) b.put(routes[k % routes.length].key, mutateRoute(routes[k % routes.length], rng).value);
         const s = now();
-        pending.push(b.commit().then(() => void lat.push((now() - s) * 1000)));
+        const measured = s - t0 >= warmup;
+        pending.push(
+          b.commit().then(() => {
+            if (!measured) return;
+            const l = (now() - s) * 1000;
+            lat.push(l);
+            if (l > 5) spikes.push([Math.round((s - t0 - warmup) * 1000), Math.round(l)]);
+          }),
+        );
       }
       await Promise.all(pending);
       lat.sort((a, b) => a - b);
       const q = (p: number) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))];
-      send({ ok: true, batches: lat.length, records: lat.length * cmd.batch, seconds: now() - t0, p50: q(0.5), p99: q(0.99), max: lat[lat.length - 1] });
+      send({ ok: true, batches: lat.length, records: lat.length * cmd.batch, seconds: now() - t0 - warmup, p50: q(0.5), p99: q(0.99), max: lat[lat.length - 1], spikes: spikes.slice(0, 60) });
     } else if (cmd.op === 'waitSeq') {
       const t0 = now();
       const t = client!.table(cmd.table);

@@ -43,6 +43,7 @@ export class BulkServer {
   private readonly tickets = new Map<string, Ticket>();
   private readonly servers: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
+  private readonly extra = new Map<string, net.Server>();
   unixPath = '';
   tcpAddress = '';
 
@@ -67,6 +68,28 @@ export class BulkServer {
     }
   }
 
+  /**
+   * One more unix socket serving the same tickets, e.g. a VM's bulk channel
+   * (<stateDir>/vms/<name>/bulk.sock, guest 10.0.2.100:7001). Idempotent per path.
+   */
+  async listenUnixExtra(socketPath: string): Promise<void> {
+    if (this.extra.has(socketPath)) return;
+    fs.rmSync(socketPath, { force: true });
+    const srv = net.createServer((sock) => this.onConnection(sock));
+    await new Promise<void>((res, rej) => srv.once('error', rej).listen(socketPath, () => res()));
+    fs.chmodSync(socketPath, 0o660);
+    this.extra.set(socketPath, srv);
+  }
+
+  /** Stops listening on an extra socket; transfers in progress on it finish or fail on their own. */
+  async closeExtra(socketPath: string): Promise<void> {
+    const srv = this.extra.get(socketPath);
+    if (!srv) return;
+    this.extra.delete(socketPath);
+    await new Promise<void>((res) => srv.close(() => res()));
+    fs.rmSync(socketPath, { force: true });
+  }
+
   /** Registers a producer; returns the token the subscriber must present. */
   issue(producer: BulkProducer, onDone: (err: Error | null, records: number) => void): Buffer {
     const token = crypto.randomBytes(16);
@@ -84,6 +107,7 @@ export class BulkServer {
     this.tickets.clear();
     for (const s of this.sockets) s.destroy();
     await Promise.all(this.servers.map((s) => new Promise<void>((res) => s.close(() => res()))));
+    await Promise.all([...this.extra.keys()].map((p) => this.closeExtra(p)));
     if (this.unixPath) fs.rmSync(this.unixPath, { force: true });
   }
 

@@ -12,8 +12,12 @@
  *   it holds every live PUT plus possibly dead PUTs and DELETEs that a replay overrides. CLEAR is
  *   never logged: it starts a new log.
  * - Arenas only grow at their end and are never modified below `used`, so a snapshot is a list of
- *   (arena, used) pairs: a consistent view as of its sequence, at no copying cost. Compaction
- *   writes new arenas; snapshots keep referencing the old ones.
+ *   (arena, used) pairs: a consistent view as of its sequence, at no copying cost.
+ * - Compaction runs in the background, a slice per event-loop turn, so a big table never stalls
+ *   writes: arenas existing when it starts are "old"; from then on every write and every copied
+ *   live record goes to new arenas, in the order it happens; when every live record is in a new
+ *   arena the old ones leave the log. Replaying old + new arenas, or (once done) the new ones
+ *   alone, still yields the live table. Snapshots keep referencing whatever arenas they listed.
  * - Index slot i is empty when slotArena[i] === -1; linear probing with backward-shift deletion,
  *   so there are no tombstones. Capacity is a power of two, load factor <= 0.6.
  */
@@ -22,8 +26,11 @@ import { OP_CLEAR, OP_DELETE, OP_PUT, RECORD_HEADER_BYTES, SCHEMA_BYTES } from '
 
 const ARENA_BYTES = 8 * 1024 * 1024;
 const MIN_CAPACITY = 1024;
+/** Live records copied per background compaction slice (~2-4 ms on this hardware). */
+const COMPACT_SLICE_RECORDS = 16_384;
 
 interface Arena {
+  id: number;
   buf: Buffer;
   used: number;
   records: number;
@@ -71,7 +78,15 @@ function recordLength(buf: Buffer, off: number): number {
 }
 
 export class RecordTable {
-  private arenas: Arena[] = [];
+  /** Arenas by id (ids only grow; a dropped arena leaves a hole). */
+  private byId: (Arena | undefined)[] = [];
+  /** Arena ids in log order. */
+  private order: number[] = [];
+  private nextId = 0;
+  /** While compacting: arenas with id < boundary are old. -1 when not compacting. */
+  private boundary = -1;
+  private cursor = 0;
+  private compactScheduled = false;
   private slotArena = new Int32Array(MIN_CAPACITY).fill(-1);
   private slotOff = new Int32Array(MIN_CAPACITY);
   private slotHash = new Uint32Array(MIN_CAPACITY);
@@ -85,12 +100,14 @@ export class RecordTable {
   logRecords = 0;
   /** Compact when the log exceeds max(this, 2 x liveBytes). */
   compactMinBytes = 64 * 1024 * 1024;
+  /** Start background compaction from append() when needed (tests turn it off to drive it). */
+  autoCompact = true;
 
   /** Applies a validated packed batch. */
   append(batch: Buffer): void {
     if (batch.length === 0) return;
     const arenaIdx = this.reserve(batch.length);
-    const arena = this.arenas[arenaIdx];
+    const arena = this.byId[arenaIdx]!;
     const base = arena.used;
     batch.copy(arena.buf, base);
     const buf = arena.buf;
@@ -113,7 +130,7 @@ export class RecordTable {
       const slot = this.find(h, buf, keyOff, keyLen);
       if (op === OP_PUT) {
         if (slot >= 0) {
-          this.liveBytes -= recordLength(this.arenas[this.slotArena[slot]].buf, this.slotOff[slot]);
+          this.liveBytes -= recordLength(this.byId[this.slotArena[slot]]!.buf, this.slotOff[slot]);
           this.slotArena[slot] = arenaIdx;
           this.slotOff[slot] = off;
         } else {
@@ -121,7 +138,7 @@ export class RecordTable {
         }
         this.liveBytes += len;
       } else if (op === OP_DELETE && slot >= 0) {
-        this.liveBytes -= recordLength(this.arenas[this.slotArena[slot]].buf, this.slotOff[slot]);
+        this.liveBytes -= recordLength(this.byId[this.slotArena[slot]]!.buf, this.slotOff[slot]);
         this.remove(slot);
       }
       arena.records++;
@@ -130,6 +147,7 @@ export class RecordTable {
     }
     arena.used = end;
     this.logBytes += batch.length;
+    if (this.autoCompact && this.needsCompaction()) this.startCompaction();
   }
 
   /** Appends frames of a snapshot stream (packed PUT records, plus DELETEs of overridden history). */
@@ -140,7 +158,7 @@ export class RecordTable {
   get(key: string | Buffer): RecordView | undefined {
     const slot = typeof key === 'string' ? this.findLatin1(key) : this.find(hashBytes(key, 0, key.length), key, 0, key.length);
     if (slot < 0) return undefined;
-    const buf = this.arenas[this.slotArena[slot]].buf;
+    const buf = this.byId[this.slotArena[slot]]!.buf;
     const off = this.slotOff[slot];
     const keyLen = (buf[off + 1] << 8) | buf[off + 2];
     const valLen = buf.readUInt32BE(off + 3);
@@ -157,7 +175,7 @@ export class RecordTable {
     for (let i = 0; i <= this.mask; i++) {
       const a = this.slotArena[i];
       if (a < 0) continue;
-      const buf = this.arenas[a].buf;
+      const buf = this.byId[a]!.buf;
       const off = this.slotOff[i];
       const keyLen = (buf[off + 1] << 8) | buf[off + 2];
       const valLen = buf.readUInt32BE(off + 3);
@@ -177,46 +195,85 @@ export class RecordTable {
       records: this.logRecords,
       liveRecords: this.size,
       bytes: this.logBytes,
-      parts: this.arenas.filter((a) => a.used > 0).map((a) => ({ buf: a.buf, end: a.used, records: a.records })),
+      parts: this.order.map((id) => this.byId[id]!).filter((a) => a.used > 0).map((a) => ({ buf: a.buf, end: a.used, records: a.records })),
     };
   }
 
   /** True when overridden records make up more than half of a log bigger than compactMinBytes. */
   needsCompaction(): boolean {
-    return this.logBytes > this.compactMinBytes && this.logBytes > 2 * this.liveBytes;
+    return this.boundary < 0 && this.logBytes > this.compactMinBytes && this.logBytes > 2 * this.liveBytes;
   }
 
-  /**
-   * Rewrites the log with only live records. Open snapshots keep the old arenas. Synchronous:
-   * about 100 ms per million live records on this hardware.
-   */
+  get compacting(): boolean {
+    return this.boundary >= 0;
+  }
+
+  /** Starts background compaction (a slice per event-loop turn) unless one is running. */
+  startCompaction(): void {
+    if (this.boundary >= 0) return;
+    this.boundary = this.nextId;
+    this.cursor = 0;
+    this.scheduleCompaction();
+  }
+
+  /** Compacts now, synchronously: finishes a running compaction or does a whole one. */
   compact(): void {
-    const old = this.arenas;
-    this.arenas = [];
-    this.logBytes = 0;
-    this.logRecords = 0;
-    for (let i = 0; i <= this.mask; i++) {
+    this.startCompaction();
+    while (this.boundary >= 0) this.compactSlice(Number.MAX_SAFE_INTEGER);
+  }
+
+  private scheduleCompaction(): void {
+    if (this.compactScheduled) return;
+    this.compactScheduled = true;
+    setImmediate(() => {
+      this.compactScheduled = false;
+      if (this.boundary < 0) return;
+      this.compactSlice(COMPACT_SLICE_RECORDS);
+      if (this.boundary >= 0) this.scheduleCompaction();
+    });
+  }
+
+  /** Copies up to `budget` live records out of old arenas; drops the old arenas when none is left. */
+  private compactSlice(budget: number): void {
+    const boundary = this.boundary;
+    let i = this.cursor;
+    for (; i <= this.mask && budget > 0; i++) {
       const a = this.slotArena[i];
-      if (a < 0) continue;
-      const src = old[a].buf;
+      if (a < 0 || a >= boundary) continue;
+      const src = this.byId[a]!.buf;
       const off = this.slotOff[i];
       const len = recordLength(src, off);
-      const idx = this.reserve(len);
-      const dst = this.arenas[idx];
+      const id = this.reserve(len);
+      const dst = this.byId[id]!;
       src.copy(dst.buf, dst.used, off, off + len);
-      this.slotArena[i] = idx;
+      this.slotArena[i] = id;
       this.slotOff[i] = dst.used;
       dst.used += len;
       dst.records++;
       this.logBytes += len;
       this.logRecords++;
+      budget--;
     }
+    this.cursor = i;
+    if (i <= this.mask) return;
+    // Every live record is in a new arena: the old ones leave the log.
+    for (const id of this.order) {
+      if (id >= boundary) continue;
+      const old = this.byId[id]!;
+      this.logBytes -= old.used;
+      this.logRecords -= old.records;
+      this.byId[id] = undefined;
+    }
+    this.order = this.order.filter((id) => id >= boundary);
+    this.boundary = -1;
   }
 
   // ---------------------------------------------------------------- internals
 
   private reset(): void {
-    this.arenas = [];
+    this.byId = [];
+    this.order = [];
+    this.boundary = -1; // a running compaction has nothing left to do
     this.slotArena = new Int32Array(MIN_CAPACITY).fill(-1);
     this.slotOff = new Int32Array(MIN_CAPACITY);
     this.slotHash = new Uint32Array(MIN_CAPACITY);
@@ -227,16 +284,19 @@ export class RecordTable {
     this.logRecords = 0;
   }
 
-  /** Index of an arena with `bytes` free at its end (a new one when the last is full). */
+  /** Id of an arena with `bytes` free at its end (a new one when the last is full or, while compacting, old). */
   private reserve(bytes: number): number {
-    const last = this.arenas[this.arenas.length - 1];
-    if (last && last.buf.length - last.used >= bytes) return this.arenas.length - 1;
-    this.arenas.push({ buf: Buffer.allocUnsafeSlow(Math.max(ARENA_BYTES, bytes)), used: 0, records: 0 });
-    return this.arenas.length - 1;
+    const lastId = this.order[this.order.length - 1];
+    const last = lastId === undefined ? undefined : this.byId[lastId];
+    if (last && last.buf.length - last.used >= bytes && !(this.boundary >= 0 && last.id < this.boundary)) return last.id;
+    const id = this.nextId++;
+    this.byId[id] = { id, buf: Buffer.allocUnsafeSlow(Math.max(ARENA_BYTES, bytes)), used: 0, records: 0 };
+    this.order.push(id);
+    return id;
   }
 
   private keyEquals(slot: number, kbuf: Buffer, koff: number, klen: number): boolean {
-    const buf = this.arenas[this.slotArena[slot]].buf;
+    const buf = this.byId[this.slotArena[slot]]!.buf;
     const off = this.slotOff[slot];
     if (((buf[off + 1] << 8) | buf[off + 2]) !== klen) return false;
     const s = off + RECORD_HEADER_BYTES;
@@ -299,6 +359,7 @@ export class RecordTable {
     this.slotOff = new Int32Array(cap);
     this.slotHash = new Uint32Array(cap);
     this.mask = cap - 1;
+    this.cursor = 0; // slots moved: a running compaction rescans (copying is idempotent)
     for (let k = 0; k < oldA.length; k++) {
       if (oldA[k] < 0) continue;
       let i = oldH[k] & this.mask;

@@ -76,10 +76,9 @@ export class LocalTable {
     const r = this.records.get(key);
     return r && this.toNative(r.schema, r.value);
   }
-  /** Applies packed records (validated by the writer or the agent) and keeps the log compact. */
+  /** Applies packed records (validated by the writer or the agent); the log compacts itself. */
   append(records: Buffer): void {
     this.records.append(records);
-    if (this.records.needsCompaction()) this.records.compact();
   }
   /** Visits live records; values as stored (with their schema). */
   forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
@@ -169,6 +168,10 @@ export class CheckpointClient extends EventEmitter {
       'grpc.keepalive_time_ms': 10_000,
       // 16 MiB HTTP/2 windows: with the default 64 KiB a 120 KB batch waits for window updates.
       'grpc-node.flow_control_window': 16 * 1024 * 1024,
+      // One connection per client. grpc-js otherwise shares a connection between clients with the
+      // same target; with wide windows an active writing and a standby reading tens of MB over
+      // one shared HTTP/2 session in the same process stalled both (seen with 18 MB each way).
+      'grpc.use_local_subchannel_pool': 1,
       'grpc.initial_reconnect_backoff_ms': 100,
       'grpc.max_reconnect_backoff_ms': 1000,
     }) as unknown as grpc.Client & Record<string, (...args: unknown[]) => unknown>;
