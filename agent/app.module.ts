@@ -13,10 +13,20 @@ import { Logger } from './common/logger';
 import { Db, openDatabase } from './store/database';
 import { SqliteCheckpointStore } from './store/checkpoint-store';
 import { GrpcServer } from './grpc/grpc-server';
+import { HostProbe, SystemInformationHostProbe } from './host/host-probe';
+import type { Hypervisor } from './vm/hypervisor';
+import { QemuHypervisor } from './vm/qemu-hypervisor';
+import { SqliteVmRecordStore } from './vm/vm-record.sqlite-store';
+import { VmService } from './vm/vm.service';
+import { VmSupervisor } from './vm/vm-supervisor';
+import { platformHandlers, vmHandlers } from './vm/vm.grpc';
+import { x86KvmPlatform } from '../platform/x86-kvm';
+import { arm64KvmPlatform } from '../platform/arm64-kvm';
 
 export const AGENT_CONFIG = 'AGENT_CONFIG';
 export const LOGGER = 'LOGGER';
 export const DATABASE = 'DATABASE';
+export const HOST_PROBE = 'HOST_PROBE';
 
 @Injectable()
 export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShutdown {
@@ -29,6 +39,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     private readonly checkpoint: CheckpointService,
     private readonly bulk: BulkServer,
     private readonly grpc: GrpcServer,
+    private readonly vms: VmSupervisor,
   ) {}
 
   async onApplicationBootstrap(): Promise<void> {
@@ -36,6 +47,11 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     const recovered = this.checkpoint.recover();
     this.log.info({ ...recovered, ms: Date.now() - t0 }, 'checkpoint tables recovered from the store');
     await this.bulk.listen();
+    // VMs that outlived a previous agent process: their guest channels open before the
+    // re-attach, so their daemons reconnect as soon as the agent is back.
+    const t1 = Date.now();
+    const vms = await this.vms.recover();
+    this.log.info({ ...vms, ms: Date.now() - t1 }, 'VMs recovered');
     await this.grpc.listenUnix(this.config.grpcSocket);
     if (this.config.grpcTcp) await this.grpc.listenTcp(this.config.grpcTcp);
     this.readyInfo = {
@@ -46,11 +62,16 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
       stateDir: this.config.stateDir,
       recoveredTables: recovered.tables,
       recoveredRecords: recovered.records,
+      vmsReattached: vms.reattached,
+      vmsMarkedStopped: vms.markedStopped.map((v) => v.name),
+      vmsUnreachable: vms.unreachable.map((v) => v.name),
     };
   }
 
   async onApplicationShutdown(signal?: string): Promise<void> {
     this.log.info({ signal }, 'agent shutting down');
+    // Let go of the VMs without stopping them: they carry the router and outlive the agent.
+    this.vms.close();
     this.checkpoint.closeAll();
     await this.grpc.close();
     await this.bulk.close();
@@ -61,6 +82,10 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
 @Module({})
 export class AppModule {
   static forConfig(config: AgentConfig, log: Logger): DynamicModule {
+    // One hypervisor per guest arch; the image manifest's arch picks one. Each probes KVM once
+    // (for its own QEMU binary) and falls back to TCG.
+    const vmLog = log.child({ mod: 'vm' });
+    const hypervisors: Hypervisor[] = [new QemuHypervisor(x86KvmPlatform, { logger: vmLog }), new QemuHypervisor(arm64KvmPlatform, { logger: vmLog })];
     return {
       module: AppModule,
       providers: [
@@ -94,6 +119,52 @@ export class AppModule {
               [{ name: 'hitless.v1.Checkpoint', guest: true, handlers: (vm) => checkpointHandlers(checkpoint, log.child({ mod: 'grpc' }), vm) }],
               log.child({ mod: 'grpc' }),
             ),
+        },
+        {
+          provide: HOST_PROBE,
+          useFactory: () => new SystemInformationHostProbe({ stateDir: config.stateDir, vcpuPerHostCpu: config.vm.cpuOvercommit }),
+        },
+        {
+          provide: VmService,
+          inject: [DATABASE, HOST_PROBE],
+          useFactory: (db: Db, host: HostProbe) =>
+            new VmService({
+              hypervisors,
+              store: new SqliteVmRecordStore(db),
+              host,
+              logger: vmLog,
+              stateDir: config.stateDir,
+              reserve: { memoryMiB: config.vm.hostReserveMiB, cpus: 0 },
+            }),
+        },
+        {
+          // Also binds hitless.v1.Vm and hitless.v1.Platform on the host listeners (not on guest
+          // sockets), before any listener opens (AgentLifecycle depends on this provider).
+          provide: VmSupervisor,
+          inject: [VmService, HOST_PROBE, GrpcServer, BulkServer],
+          useFactory: (vms: VmService, host: HostProbe, grpc: GrpcServer, bulk: BulkServer) => {
+            const grpcLog = log.child({ mod: 'grpc' });
+            const sup = new VmSupervisor(vms, {
+              hypervisors,
+              host,
+              stateDir: config.stateDir,
+              logger: vmLog,
+              channels: {
+                open: async (vm, agentSocket, bulkSocket) => {
+                  await grpc.closeVm(vm);
+                  await grpc.listenVm(vm, agentSocket);
+                  await bulk.listenUnixExtra(bulkSocket);
+                },
+                close: async (vm, _agentSocket, bulkSocket) => {
+                  await grpc.closeVm(vm);
+                  await bulk.closeExtra(bulkSocket);
+                },
+              },
+            });
+            grpc.addService({ name: 'hitless.v1.Vm', guest: false, handlers: () => vmHandlers(sup, grpcLog) });
+            grpc.addService({ name: 'hitless.v1.Platform', guest: false, handlers: () => platformHandlers(sup, grpcLog) });
+            return sup;
+          },
         },
         AgentLifecycle,
       ],

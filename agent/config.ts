@@ -13,6 +13,14 @@ export interface AgentConfig {
   fsync: boolean;
   logLevel: string;
   checkpoint: CheckpointOptions;
+  vm: VmOptions;
+}
+
+export interface VmOptions {
+  /** Memory kept free for the host (agent, routing daemons) when admitting VMs, MiB. */
+  hostReserveMiB: number;
+  /** vCPUs admitted per host CPU. */
+  cpuOvercommit: number;
 }
 
 export const HITLESSD_HELP = `hitlessd - the hitless upgrade agent
@@ -38,6 +46,10 @@ Checkpoint limits
   --subscriber-window-bytes N
                          unacknowledged change bytes in flight to one standby before the agent
                          waits for its acks (default ${DEFAULT_CHECKPOINT_OPTIONS.subscriberWindowBytes})
+VMs (QEMU; KVM when /dev/kvm works, else TCG)
+  --host-reserve-mib N   memory kept free for the host when admitting a VM (default 512)
+  --cpu-overcommit N     vCPUs admitted per host CPU (default 4)
+                         VM runtime files, consoles and guest sockets: <state-dir>/vms/<name>/
 Other
   --log-level LEVEL      trace|debug|info|warn|error (env HITLESS_LOG_LEVEL; default info)
   -h, --help             this text
@@ -60,6 +72,8 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'sync-timeout-ms': { type: 'string' },
       'command-timeout-ms': { type: 'string' },
       'subscriber-window-bytes': { type: 'string' },
+      'host-reserve-mib': { type: 'string' },
+      'cpu-overcommit': { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -71,6 +85,12 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     if (v === undefined) return def;
     const n = Number(v);
     if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive integer, got '${v}'`);
+    return n;
+  };
+  const nonNegative = (name: string, v: string | undefined, def: number): number => {
+    if (v === undefined) return def;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0) throw new Error(`--${name} must be a non-negative integer, got '${v}'`);
     return n;
   };
   const d = DEFAULT_CHECKPOINT_OPTIONS;
@@ -90,6 +110,10 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       syncTimeoutMs: int('sync-timeout-ms', values['sync-timeout-ms'], d.syncTimeoutMs),
       commandTimeoutMs: int('command-timeout-ms', values['command-timeout-ms'], d.commandTimeoutMs),
       subscriberWindowBytes: int('subscriber-window-bytes', values['subscriber-window-bytes'], d.subscriberWindowBytes),
+    },
+    vm: {
+      hostReserveMiB: nonNegative('host-reserve-mib', values['host-reserve-mib'], 512),
+      cpuOvercommit: int('cpu-overcommit', values['cpu-overcommit'], 4),
     },
   };
 }

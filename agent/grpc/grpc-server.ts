@@ -44,6 +44,13 @@ export class GrpcServer {
     this.health = new HealthImplementation(status);
   }
 
+  /** Adds a service after construction; it is served by listeners opened from then on. */
+  addService(binding: ServiceBinding): void {
+    if (this.bindings.some((b) => b.name === binding.name)) throw new Error(`service ${binding.name} is already bound`);
+    this.bindings.push(binding);
+    this.health.setStatus(binding.name, 'SERVING');
+  }
+
   private build(peerVm: string | null): grpc.Server {
     const { def, pkg } = loadProtos();
     const server = new grpc.Server(SERVER_OPTIONS);

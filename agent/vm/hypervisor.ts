@@ -27,6 +27,8 @@ export interface VmSpec {
   cmdlineExtra?: string;
   /** Version of the image bundle, recorded for the upgrade logic; not interpreted here. */
   imageVersion?: string;
+  /** Bundle directory the kernel/initrd/rootfs come from (informational; recorded). */
+  imageDir?: string;
   /**
    * Unix socket owned by the agent (it listens there). The guest reaches it as
    * tcp 10.0.2.100:7000 through QEMU's user-net guestfwd; nothing else is reachable.
@@ -43,6 +45,11 @@ export interface VmPaths {
   qemuLog: string;
   pidFile: string;
   agentSocket: string;
+  /**
+   * Unix socket of the agent's bulk snapshot server for this VM; the guest reaches it as tcp
+   * 10.0.2.100:7001. Optional: records written before it existed lack it (no guestfwd then).
+   */
+  bulkSocket?: string;
 }
 
 export type VmState = 'STARTING' | 'RUNNING' | 'PAUSED' | 'STOPPING' | 'STOPPED' | 'CRASHED';
@@ -52,9 +59,12 @@ export const ACTIVE_STATES: readonly VmState[] = ['STARTING', 'RUNNING', 'PAUSED
 
 /**
  * Events of one VM. The QMP ones carry QMP's `data`; EXITED is a QEMU exit after a
- * SHUTDOWN (clean), CRASHED an exit without one (kill -9, segfault, OOM killer).
+ * SHUTDOWN (clean), CRASHED an exit without one (kill -9, segfault, OOM killer). STATE is
+ * emitted by VmService (not by hypervisors) when the recorded state changes:
+ * data = { state, previous }.
  */
 export type VmEventType =
+  | 'STATE'
   | 'SHUTDOWN'
   | 'POWERDOWN'
   | 'STOP'

@@ -18,6 +18,8 @@ function shellQuote(s: string): string {
 /** Guest-visible address of the agent channel; exists only inside QEMU's user network. */
 export const AGENT_GUEST_ADDR = '10.0.2.100';
 export const AGENT_GUEST_PORT = 7000;
+/** Guest-visible port of the agent's bulk snapshot channel (same address). */
+export const BULK_GUEST_PORT = 7001;
 
 export interface CommonArgvOptions {
   /** Device model for PCI devices; both q35 and arm virt have PCIe. */
@@ -38,6 +40,10 @@ export function commonArgs(spec: VmSpec, paths: VmPaths, opts: CommonArgvOptions
   // Only the agent's per-VM socket is reachable: restrict=on cuts every other route to the
   // host and outside; guestfwd makes QEMU run socat per guest connection to 10.0.2.100:7000.
   const guestfwd = `tcp:${AGENT_GUEST_ADDR}:${AGENT_GUEST_PORT}-cmd:socat - UNIX-CONNECT:${shellQuote(paths.agentSocket)}`;
+  // Second channel, same address, port 7001: raw bulk snapshot streams (standbys in guests).
+  const bulkfwd = paths.bulkSocket
+    ? `,guestfwd=${qemuOptValue(`tcp:${AGENT_GUEST_ADDR}:${BULK_GUEST_PORT}-cmd:socat - UNIX-CONNECT:${shellQuote(paths.bulkSocket)}`)}`
+    : '';
   return [
     '-name', `guest=${qemuOptValue(spec.name)}`,
     '-nodefaults',
@@ -55,7 +61,7 @@ export function commonArgs(spec: VmSpec, paths: VmPaths, opts: CommonArgvOptions
     '-serial', 'chardev:con0',
     '-drive', `file=${qemuOptValue(spec.rootfsPath)},if=none,id=root,format=raw,readonly=${ro}`,
     '-device', `${blk},drive=root`,
-    '-netdev', `user,id=n0,restrict=on,guestfwd=${qemuOptValue(guestfwd)}`,
+    '-netdev', `user,id=n0,restrict=on,guestfwd=${qemuOptValue(guestfwd)}${bulkfwd}`,
     // romfile= : no iPXE option ROM, we never netboot (and the ROM package may be absent).
     '-device', `${netDev},netdev=n0,romfile=`,
   ];

@@ -49,6 +49,7 @@ export interface VmInfo {
   pid: number | null;
   accelerator: string | null;
   imageVersion: string | null;
+  imageDir: string | null;
   memoryMiB: number;
   cpus: number;
   paths: VmPaths;
@@ -67,6 +68,14 @@ export interface RecoverReport {
 /** sun_path is 108 bytes including the NUL. */
 const MAX_UNIX_PATH = 107;
 const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/;
+
+/** VM names: what every entry point (gRPC, CLI, start()) accepts. Throws INVALID_ARGUMENT. */
+export function checkVmName(name: unknown): string {
+  if (typeof name !== 'string' || !NAME_RE.test(name)) {
+    throw new VmError('INVALID_ARGUMENT', `VM name '${String(name ?? '')}' is invalid: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit.`);
+  }
+  return name;
+}
 
 function isActive(state: VmState): boolean {
   return ACTIVE_STATES.includes(state);
@@ -88,6 +97,7 @@ function toInfo(r: VmRecord): VmInfo {
     pid: r.pid,
     accelerator: r.accelerator,
     imageVersion: r.spec.imageVersion ?? null,
+    imageDir: r.spec.imageDir ?? null,
     memoryMiB: r.spec.memoryMiB,
     cpus: r.spec.cpus,
     paths: r.paths,
@@ -119,6 +129,7 @@ export class VmService {
       qemuLog: path.join(runDir, 'qemu.log'),
       pidFile: path.join(runDir, 'qemu.pid'),
       agentSocket: agentSocketPath,
+      bulkSocket: path.join(runDir, 'bulk.sock'),
     };
   }
 
@@ -156,6 +167,7 @@ export class VmService {
     };
     // Written in the same tick as the checks: from here on the name, disk and socket are taken.
     this.deps.store.put(record);
+    this.notify({ vm: spec.name, type: 'STATE', at: now, data: { state: 'STARTING', previous: previous?.state ?? null } });
     try {
       await this.deps.host.admit({ memoryMiB: spec.memoryMiB, cpus: spec.cpus }, this.reserve, this.committed(spec.name));
     } catch (e) {
@@ -223,19 +235,24 @@ export class VmService {
 
   /** The last `bytes` bytes of the VM's serial console log (default 64 KiB). */
   async consoleLog(name: string, bytes = 64 * 1024): Promise<string> {
+    return (await this.consoleLogBytes(name, bytes)).toString('utf8');
+  }
+
+  /** The same as raw bytes (a console may carry non-UTF-8 output). */
+  async consoleLogBytes(name: string, bytes = 64 * 1024): Promise<Buffer> {
     const r = this.record(name);
     let fh: fs.promises.FileHandle;
     try {
       fh = await fs.promises.open(r.paths.consoleLog, 'r');
     } catch {
-      return ''; // never booted far enough to write anything
+      return Buffer.alloc(0); // never booted far enough to write anything
     }
     try {
       const size = (await fh.stat()).size;
       const len = Math.min(bytes, size);
       const buf = Buffer.alloc(len);
       await fh.read(buf, 0, len, size - len);
-      return buf.toString('utf8');
+      return buf;
     } finally {
       await fh.close();
     }
@@ -324,6 +341,17 @@ export class VmService {
     const r = this.deps.store.get(name);
     if (!r) return;
     this.deps.store.put({ ...r, ...patch, updatedAt: Date.now() });
+    if (patch.state && patch.state !== r.state) this.notify({ vm: name, type: 'STATE', at: Date.now(), data: { state: patch.state, previous: r.state } });
+  }
+
+  private notify(e: VmEvent): void {
+    for (const l of [...this.listeners]) {
+      try {
+        l(e);
+      } catch (err) {
+        this.deps.logger.error({ err: (err as Error).message }, 'VM event listener threw');
+      }
+    }
   }
 
   private forget(name: string): void {
@@ -359,13 +387,7 @@ export class VmService {
       default:
         break;
     }
-    for (const l of [...this.listeners]) {
-      try {
-        l(e);
-      } catch (err) {
-        this.deps.logger.error({ err: (err as Error).message }, 'VM event listener threw');
-      }
-    }
+    this.notify(e);
   }
 
   /** Memory and vCPUs held by active VMs other than `except`. */
@@ -394,7 +416,7 @@ export class VmService {
       if (!fs.existsSync(p)) throw new VmError('FAILED_PRECONDITION', `The ${what} file ${p} does not exist; build or fetch the image bundle first.`);
     }
     const paths = this.runtimePaths(spec.name, spec.agentSocketPath);
-    for (const p of [paths.qmpSocket, paths.consoleSocket, paths.agentSocket]) {
+    for (const p of [paths.qmpSocket, paths.consoleSocket, paths.agentSocket, paths.bulkSocket ?? '']) {
       if (Buffer.byteLength(p) > MAX_UNIX_PATH) throw bad(`Socket path ${p} is longer than ${MAX_UNIX_PATH} bytes (unix socket limit); use a shorter state directory or VM name.`);
     }
     return hv;

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Builds the guest image bundles the VM tests and demos boot:
+#   x86_64  1.0.0  kernel linux-image-6.1.0-47-cloud-amd64, daemons report version 1.0.0
+#   x86_64  2.0.0  kernel linux-image-6.1.0-50-cloud-amd64, daemons report version 2.0.0
+#   aarch64 1.0.0  the arm64 default kernel (see platform/README.md), daemons 1.0.0
+#
+# Steps: bundle the example daemons (examples/bgp-rib, examples/ospf-lsdb) with esbuild into
+# one self-contained CommonJS file each (platform node, target node18: the arm64 guest runs
+# Debian's Node 18), put proto/ next to them (agent/grpc/proto.ts finds <dir of the bundle>/proto
+# by itself, so the guest needs no HITLESS_PROTO_DIR), write one processes JSON per version, and
+# call platform/<arch>-kvm/build-image.sh for each bundle.
+#
+# Guest processes (image manifest): only `bgp`, started ACTIVE (the init passes no role) with a
+# small table (--records 2000, no churn) so that a VM under TCG registers and checkpoints
+# within seconds of its daemon starting. ospf.js is in the image but not started.
+#
+# Caching: the daemon dir is rebuilt in place (esbuild output is deterministic) and the build
+# scripts key their bundles on its content hash, so a re-run with unchanged inputs is a cache
+# hit for every bundle (a few seconds in total).
+#
+# Output: progress on stderr; on stdout one JSON object {"x86_64-1.0.0": DIR, ...} (also
+# written to .cache/guest/images/guest-images.json).
+#
+# usage: scripts/build-guest-images.sh [--only x86_64-1.0.0,...] [--force]
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+ONLY=""
+FORCE=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --only) ONLY="${2:?}"; shift 2 ;;
+    --force) FORCE=(--force); shift ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build-guest-images: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+log() { printf '[build-guest-images] %s\n' "$*" >&2; }
+
+ESBUILD="$REPO/node_modules/.bin/esbuild"
+[ -x "$ESBUILD" ] || { log "esbuild missing: run npm ci (it is a devDependency)"; exit 1; }
+# A cache of our own (bundles under $CACHE/images/): other tools clear .cache/images while
+# timing cold builds, which must not pull a bundle from under a running VM or test. Downloaded
+# .debs are shared by hard links with .cache/debs (no second download).
+CACHE="${HITLESS_GUEST_CACHE_DIR:-$REPO/.cache/guest}"
+export HITLESS_CACHE_DIR="$CACHE"
+WORK="$CACHE/daemons-build"
+mkdir -p "$WORK" "$CACHE/debs"
+if [ -d "$REPO/.cache/debs" ]; then cp -aln "$REPO/.cache/debs/." "$CACHE/debs/" 2>/dev/null || true; fi
+
+# One daemon dir per daemon version: the bundles are identical, the processes file differs.
+DAEMONS="$WORK/daemons"
+mkdir -p "$DAEMONS.new"
+for d in bgp:examples/bgp-rib/daemon.ts ospf:examples/ospf-lsdb/daemon.ts; do
+  name="${d%%:*}"; src="${d#*:}"
+  # --log-level=warning: esbuild notes that require.resolve('grpc-health-check/...') in
+  # agent/grpc/proto.ts stays a runtime call; in the guest it fails and is handled.
+  "$ESBUILD" "$src" --bundle --platform=node --target=node18 --format=cjs --log-level=error \
+    --legal-comments=none --outfile="$DAEMONS.new/$name.js"
+done
+mkdir -p "$DAEMONS.new/proto"
+cp -r proto/. "$DAEMONS.new/proto/"
+# Replace only when something changed, so the directory (and its hash) is stable.
+if [ -d "$DAEMONS" ] && diff -r -q "$DAEMONS" "$DAEMONS.new" >/dev/null 2>&1; then
+  rm -rf "$DAEMONS.new"
+else
+  rm -rf "$DAEMONS"; mv "$DAEMONS.new" "$DAEMONS"
+  log "daemons bundled into $DAEMONS ($(du -sh "$DAEMONS" | cut -f1))"
+fi
+
+processes() { # version -> path of the processes JSON
+  local v="$1" f="$WORK/processes-$1.json"
+  cat > "$f.new" <<EOF
+[
+  {
+    "name": "bgp",
+    "command": ["/opt/hitless/node", "/opt/hitless/daemons/bgp.js", "--role", "active", "--version", "$v", "--records", "2000", "--json-only"],
+    "schemaWrites": 1,
+    "schemaReads": [1]
+  }
+]
+EOF
+  if cmp -s "$f.new" "$f"; then rm -f "$f.new"; else mv "$f.new" "$f"; fi
+  echo "$f"
+}
+
+declare -A OUT=()
+build() { # key script version [extra args]
+  local key="$1" script="$2" version="$3"; shift 3
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$key,"* ]]; then return 0; fi
+  local dir
+  dir="$(bash "$script" --version "$version" --daemon-dir "$DAEMONS" --processes "$(processes "$version")" "${FORCE[@]}" "$@" | tail -n 1)"
+  [ -f "$dir/manifest.json" ] || { log "$script produced no bundle for $key"; exit 1; }
+  OUT[$key]="$dir"
+  log "$key: $dir"
+}
+build x86_64-1.0.0 platform/x86-kvm/build-image.sh 1.0.0 --kernel linux-image-6.1.0-47-cloud-amd64
+build x86_64-2.0.0 platform/x86-kvm/build-image.sh 2.0.0 --kernel linux-image-6.1.0-50-cloud-amd64
+build aarch64-1.0.0 platform/arm64-kvm/build-image.sh 1.0.0
+
+json="{"
+sep=""
+for k in $(printf '%s\n' "${!OUT[@]}" | sort); do json="$json$sep\"$k\": \"${OUT[$k]}\""; sep=", "; done
+json="$json}"
+mkdir -p "$CACHE/images"
+[ -n "$ONLY" ] || echo "$json" > "$CACHE/images/guest-images.json"
+echo "$json"
