@@ -11,6 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { clientCtor } from '../grpc/proto';
+import { imageCommand } from './image-commands';
 import { ProcessStatus, StatusResponse, SwitchoverResponse } from '../checkpoint/messages';
 import type { ConsoleLogResponse, ListVmsResponse, PlatformInfo, StopVmResponse, VmInfoMessage } from '../vm/vm.messages';
 
@@ -19,6 +20,7 @@ const HELP = `issu - hitless in-service software upgrade, operator CLI
 Usage: issu [global options] COMMAND [args]
 
 Commands
+  image keygen|sign|verify|inspect ...   offline field-upgrade tooling; 'issu image help'
   checkpoint status [PROCESS]            tables, sequences, peers with role, lag and readiness
   checkpoint switchover PROCESS INSTANCE hand the active role of PROCESS to the READY standby
                                          INSTANCE (freeze, drain, promote, demote, unfreeze)
@@ -88,6 +90,20 @@ function printStatus(processes: ProcessStatus[]): void {
 }
 
 async function main(argv: string[]): Promise<number> {
+  // Field-upgrade tooling works offline, without an agent, and has flags of its own.
+  const imageAt = argv.indexOf('image');
+  if (imageAt >= 0 && argv.slice(0, imageAt).every((a) => a === '--json')) {
+    const json = argv.includes('--json');
+    try {
+      return await imageCommand(argv.slice(imageAt + 1).filter((a) => a !== '--json').concat(json ? ['--json'] : []), {
+        json,
+        out: (obj, text) => (json ? console.log(JSON.stringify(obj)) : text()),
+      });
+    } catch (e) {
+      if ((e as Error).name === 'UsageError') throw new UsageError((e as Error).message);
+      throw e;
+    }
+  }
   let parsed;
   try {
     parsed = parseArgs({
