@@ -22,6 +22,10 @@ import { VmSupervisor } from './vm/vm-supervisor';
 import { platformHandlers, vmHandlers } from './vm/vm.grpc';
 import { x86KvmPlatform } from '../platform/x86-kvm';
 import { arm64KvmPlatform } from '../platform/arm64-kvm';
+import { SqliteUpgradeStore } from './upgrade/upgrade-store';
+import { UpgradeService } from './upgrade/upgrade.service';
+import { upgradeHandlers } from './upgrade/upgrade.grpc';
+import { verifyBundle } from './images/signing';
 
 export const AGENT_CONFIG = 'AGENT_CONFIG';
 export const LOGGER = 'LOGGER';
@@ -40,6 +44,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     private readonly bulk: BulkServer,
     private readonly grpc: GrpcServer,
     private readonly vms: VmSupervisor,
+    private readonly upgrade: UpgradeService,
   ) {}
 
   async onApplicationBootstrap(): Promise<void> {
@@ -54,6 +59,12 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     this.log.info({ ...vms, ms: Date.now() - t1 }, 'VMs recovered');
     await this.grpc.listenUnix(this.config.grpcSocket);
     if (this.config.grpcTcp) await this.grpc.listenTcp(this.config.grpcTcp);
+    // After the listeners: an interrupted upgrade needs its processes to reconnect first.
+    const upgradeRecovery = this.upgrade.recover().then(
+      (what) => this.log.info({ what }, 'upgrade journal checked'),
+      (e) => this.log.error({ err: (e as Error).message }, 'recovering the interrupted upgrade failed; see issu status'),
+    );
+    void upgradeRecovery;
     this.readyInfo = {
       event: 'ready',
       pid: process.pid,
@@ -71,6 +82,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
   async onApplicationShutdown(signal?: string): Promise<void> {
     this.log.info({ signal }, 'agent shutting down');
     // Let go of the VMs without stopping them: they carry the router and outlive the agent.
+    this.upgrade.close();
     this.vms.close();
     this.checkpoint.closeAll();
     await this.grpc.close();
@@ -164,6 +176,29 @@ export class AppModule {
             grpc.addService({ name: 'hitless.v1.Vm', guest: false, handlers: () => vmHandlers(sup, grpcLog) });
             grpc.addService({ name: 'hitless.v1.Platform', guest: false, handlers: () => platformHandlers(sup, grpcLog) });
             return sup;
+          },
+        },
+        {
+          provide: UpgradeService,
+          inject: [DATABASE, VmSupervisor, CheckpointService, GrpcServer],
+          useFactory: (db: Db, sup: VmSupervisor, checkpoint: CheckpointService, grpc: GrpcServer) => {
+            const store = new SqliteUpgradeStore(db);
+            const svc = new UpgradeService(
+              store,
+              {
+                start: (req) => sup.start(req),
+                stop: (name, timeoutMs) => sup.stop(name, timeoutMs),
+                kill: (name) => sup.kill(name),
+                find: (name) => sup.list().find((v) => v.name === name),
+                onEvent: (cb) => sup.vms.onEvent(cb),
+              },
+              checkpoint,
+              { verify: async (dir, onProgress) => (await verifyBundle(dir, config.upgrade.trustDir, onProgress)).manifest },
+              log.child({ mod: 'upgrade' }),
+              config.upgrade.options,
+            );
+            grpc.addService({ name: 'hitless.v1.Upgrade', guest: false, handlers: () => upgradeHandlers(svc, store, log.child({ mod: 'grpc' })) });
+            return svc;
           },
         },
         AgentLifecycle,

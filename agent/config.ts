@@ -5,6 +5,7 @@
 import { parseArgs } from 'node:util';
 import path from 'node:path';
 import { DEFAULT_CHECKPOINT_OPTIONS, CheckpointOptions } from './checkpoint/checkpoint.service';
+import { DEFAULT_UPGRADE_OPTIONS, UpgradeOptions } from './upgrade/upgrade.service';
 
 export interface AgentConfig {
   grpcSocket: string;
@@ -14,6 +15,7 @@ export interface AgentConfig {
   logLevel: string;
   checkpoint: CheckpointOptions;
   vm: VmOptions;
+  upgrade: { trustDir: string; options: UpgradeOptions };
 }
 
 export interface VmOptions {
@@ -50,6 +52,12 @@ VMs (QEMU; KVM when /dev/kvm works, else TCG)
   --host-reserve-mib N   memory kept free for the host when admitting a VM (default 512)
   --cpu-overcommit N     vCPUs admitted per host CPU (default 4)
                          VM runtime files, consoles and guest sockets: <state-dir>/vms/<name>/
+Upgrades
+  --trust-dir DIR        public keys (*.pub, ed25519) trusted to sign image bundles
+                         (env HITLESS_TRUST_DIR; default <state-dir>/trusted-keys)
+  --rollback-timeout-s N after runversion, roll back by itself unless acceptversion or
+                         commitversion comes within N seconds (default 2700 = 45 minutes)
+  --load-timeout-s N     loadversion gives the standby VM N seconds to boot and sync (default 600)
 Other
   --log-level LEVEL      trace|debug|info|warn|error (env HITLESS_LOG_LEVEL; default info)
   -h, --help             this text
@@ -74,6 +82,9 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'subscriber-window-bytes': { type: 'string' },
       'host-reserve-mib': { type: 'string' },
       'cpu-overcommit': { type: 'string' },
+      'trust-dir': { type: 'string' },
+      'rollback-timeout-s': { type: 'string' },
+      'load-timeout-s': { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -114,6 +125,14 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     vm: {
       hostReserveMiB: nonNegative('host-reserve-mib', values['host-reserve-mib'], 512),
       cpuOvercommit: int('cpu-overcommit', values['cpu-overcommit'], 4),
+    },
+    upgrade: {
+      trustDir: path.resolve(values['trust-dir'] ?? env.HITLESS_TRUST_DIR ?? path.join(stateDir, 'trusted-keys')),
+      options: {
+        ...DEFAULT_UPGRADE_OPTIONS,
+        rollbackTimeoutMs: 1000 * int('rollback-timeout-s', values['rollback-timeout-s'], DEFAULT_UPGRADE_OPTIONS.rollbackTimeoutMs / 1000),
+        loadTimeoutMs: 1000 * int('load-timeout-s', values['load-timeout-s'], DEFAULT_UPGRADE_OPTIONS.loadTimeoutMs / 1000),
+      },
     },
   };
 }

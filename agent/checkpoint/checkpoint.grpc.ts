@@ -12,6 +12,7 @@ import { failStream, toServiceError, unary } from '../grpc/status';
 import { CheckpointService, SessionChannel } from './checkpoint.service';
 import {
   AckRequest,
+  AuditResponse,
   RoleCommand,
   SessionRequest,
   SessionResponse,
@@ -162,6 +163,11 @@ export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: 
       if (peerVm !== null) throw new HitlessError(grpc.status.PERMISSION_DENIED, 'switchover is an operator action; guests may not request it');
       if (!req.process || !req.toInstanceId) throw invalidArgument('Switchover needs process and to_instance_id');
       return svc.switchover(req.process, req.toInstanceId);
+    }),
+    Audit: unary<{ process: string }, AuditResponse>(log, 'Audit', (req) => {
+      if (peerVm !== null) throw new HitlessError(grpc.status.PERMISSION_DENIED, 'audits are an operator action; guests may not request them');
+      if (!req.process) throw invalidArgument('Audit needs a process name');
+      return svc.audit(req.process);
     }),
   } as grpc.UntypedServiceImplementation;
 }

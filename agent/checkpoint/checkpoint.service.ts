@@ -37,9 +37,13 @@ import {
   SubscribeEvent,
   SubscribeRequest,
   SwitchoverResponse,
+  AuditResponse,
+  PeerDigests,
+  TableDigest,
   WriteAck,
   WriteRequest,
 } from './messages';
+import { tableDigest } from './record-table';
 import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
 import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
 import { TableReplica } from './table-replica';
@@ -569,11 +573,13 @@ export class CheckpointService {
   private command(s: PeerSession, kind: CommandKind, extra: Partial<RoleCommand> = {}): Promise<CommandResult> {
     const id = this.nextCommandId++;
     const cmd: RoleCommand = { commandId: id, kind, reason: extra.reason ?? '', tableSeqs: extra.tableSeqs ?? {}, writeSchema: extra.writeSchema ?? 0 };
+    // A digest of a million records takes a while: REPORT gets a longer answer time.
+    const timeoutMs = kind === 'REPORT' ? Math.max(this.opts.commandTimeoutMs, 60_000) : this.opts.commandTimeoutMs;
     return new Promise<CommandResult>((resolve, reject) => {
       const timer = setTimeout(() => {
         s.pending.delete(id);
-        reject(deadlineExceeded(`'${s.reg.instanceId}' did not answer ${kind} within ${this.opts.commandTimeoutMs} ms`));
-      }, this.opts.commandTimeoutMs);
+        reject(deadlineExceeded(`'${s.reg.instanceId}' did not answer ${kind} within ${timeoutMs} ms`));
+      }, timeoutMs);
       s.pending.set(id, { resolve, reject, timer });
       s.channel.send(cmd);
     }).then((r) => {
@@ -662,6 +668,79 @@ export class CheckpointService {
       }
       throw e;
     } finally {
+      g.switching = false;
+    }
+  }
+
+  /**
+   * Promotes the READY standby `toInstance` when the process has no active (it died): the standby
+   * first applies everything the agent holds, so no acknowledged change is lost.
+   */
+  async failover(process: string, toInstance: string): Promise<SwitchoverResponse> {
+    const g = this.groups.get(process);
+    if (!g) throw notFound(`no process '${process}' is known to the agent`);
+    if (g.active) throw failedPrecondition(`process '${process}' still has an active instance '${g.active.reg.instanceId}'; use a switchover`);
+    if (g.switching) throw failedPrecondition(`a role change of '${process}' is already in progress`);
+    const target = [...g.sessions].find((s) => s.reg.instanceId === toInstance && s.role === 'STANDBY');
+    if (!target) throw notFound(`no standby instance '${toInstance}' of process '${process}' is registered`);
+    g.switching = true;
+    const t0 = process_hrtime();
+    try {
+      const seqs = this.tableSeqs(g);
+      await this.waitAcked(g, target, seqs, this.opts.commandTimeoutMs);
+      const writeSchema = this.pickWriteSchemaFor(target, g.standbys().filter((s) => s !== target));
+      target.role = 'ACTIVE';
+      target.writeSchema = writeSchema;
+      g.active = target;
+      target.subscription?.end();
+      await this.command(target, 'PROMOTE', { tableSeqs: seqs, writeSchema, reason: 'failover: the active instance is gone' });
+      this.log.warn({ process, to: toInstance }, 'failover: promoted a standby because the process had no active');
+      return { freezeMicros: Math.round(process_hrtime() - t0), tableSeqs: seqs };
+    } finally {
+      g.switching = false;
+    }
+  }
+
+  /**
+   * Compares every copy of a process's tables at one moment: freezes the active, waits until the
+   * in-sync standbys applied everything, asks each instance for its digests (REPORT), and
+   * computes the agent's own. The active is unfrozen in every case.
+   */
+  async audit(process: string): Promise<AuditResponse> {
+    const g = this.groups.get(process);
+    if (!g) throw notFound(`no process '${process}' is known to the agent`);
+    if (g.switching) throw failedPrecondition(`a role change of '${process}' is in progress; audit afterwards`);
+    g.switching = true;
+    const active = g.active;
+    try {
+      if (active) {
+        await this.command(active, 'FREEZE', { reason: 'audit' });
+        active.frozen = true;
+      }
+      const seqs = this.tableSeqs(g);
+      for (const s of g.standbys()) if (s.inSync) await this.waitAcked(g, s, seqs, this.opts.commandTimeoutMs);
+      const agent: TableDigest[] = [...g.tables].map(([table, t]) => ({ table, seq: t.replica.seq, ...tableDigest(t.replica.table) }));
+      const peers: PeerDigests[] = [];
+      for (const s of g.sessions) {
+        const r = await this.command(s, 'REPORT', { reason: 'audit' });
+        peers.push({ instanceId: s.reg.instanceId, vmId: s.reg.vmId, role: s.role, digests: r.digests });
+      }
+      const problems: string[] = [];
+      for (const a of agent) {
+        for (const p of peers) {
+          const d = p.digests.find((x) => x.table === a.table);
+          if (!d) problems.push(`${p.instanceId} has no table '${a.table}'`);
+          else if (d.sha256 !== a.sha256 || d.seq !== a.seq) {
+            problems.push(`${p.instanceId} table '${a.table}': seq ${d.seq}, ${d.records} records, sha256 ${d.sha256.slice(0, 12)} vs agent seq ${a.seq}, ${a.records} records, sha256 ${a.sha256.slice(0, 12)}`);
+          }
+        }
+      }
+      return { agent, peers, consistent: problems.length === 0, detail: problems.join('; ') };
+    } finally {
+      if (active && this.sessions.has(active.id)) {
+        active.frozen = false;
+        await this.command(active, 'UNFREEZE', { reason: 'audit done' }).catch(() => undefined);
+      }
       g.switching = false;
     }
   }

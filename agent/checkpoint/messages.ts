@@ -5,7 +5,7 @@
  */
 export type Role = 'ROLE_UNSPECIFIED' | 'ACTIVE' | 'STANDBY';
 export type Durability = 'DURABILITY_UNSPECIFIED' | 'ASYNC' | 'SYNC';
-export type CommandKind = 'KIND_UNSPECIFIED' | 'PROMOTE' | 'DEMOTE' | 'FREEZE' | 'UNFREEZE';
+export type CommandKind = 'KIND_UNSPECIFIED' | 'PROMOTE' | 'DEMOTE' | 'FREEZE' | 'UNFREEZE' | 'REPORT';
 
 export interface TableSpec {
   name: string;
@@ -24,11 +24,33 @@ export interface Register {
   schemaCanWrite: number[];
 }
 
+export interface TableDigest {
+  table: string;
+  seq: number;
+  records: number;
+  sha256: string;
+}
+
 export interface CommandResult {
   commandId: number;
   ok: boolean;
   error: string;
   tableSeqs: Record<string, number>;
+  digests: TableDigest[];
+}
+
+export interface PeerDigests {
+  instanceId: string;
+  vmId: string;
+  role: Role;
+  digests: TableDigest[];
+}
+
+export interface AuditResponse {
+  agent: TableDigest[];
+  peers: PeerDigests[];
+  consistent: boolean;
+  detail: string;
 }
 
 export interface SessionRequest {

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { clientCtor } from '../grpc/proto';
 import { imageCommand } from './image-commands';
+import { UPGRADE_COMMANDS, UPGRADE_HELP, showCompatibility, upgradeCommand } from './upgrade-commands';
 import { ProcessStatus, StatusResponse, SwitchoverResponse } from '../checkpoint/messages';
 import type { ConsoleLogResponse, ListVmsResponse, PlatformInfo, StopVmResponse, VmInfoMessage } from '../vm/vm.messages';
 
@@ -19,7 +20,10 @@ const HELP = `issu - hitless in-service software upgrade, operator CLI
 
 Usage: issu [global options] COMMAND [args]
 
-Commands
+Upgrade commands
+${UPGRADE_HELP}
+
+Other commands
   image keygen|sign|verify|inspect ...   offline field-upgrade tooling; 'issu image help'
   checkpoint status [PROCESS]            tables, sequences, peers with role, lag and readiness
   checkpoint switchover PROCESS INSTANCE hand the active role of PROCESS to the READY standby
@@ -122,6 +126,7 @@ async function main(argv: string[]): Promise<number> {
       'no-wait': { type: 'boolean', default: false },
       timeout: { type: 'string' },
       bytes: { type: 'string' },
+      reason: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -141,6 +146,10 @@ async function main(argv: string[]): Promise<number> {
   const timeoutMs = Number(values['timeout-ms']);
   if (!Number.isInteger(timeoutMs) || timeoutMs <= 0) throw new UsageError(`--timeout-ms must be a positive integer, got '${values['timeout-ms']}'`);
   const out = (obj: unknown, text: () => void) => (values.json ? console.log(JSON.stringify(obj)) : text());
+  if (UPGRADE_COMMANDS.has(cmd)) {
+    return upgradeCommand(address, cmd, [sub, ...rest].filter((x): x is string => x !== undefined), { json: values.json, reason: values.reason, timeoutMs }, out, (m) => new UsageError(m));
+  }
+  if (cmd === 'show' && sub === 'compatibility') return showCompatibility(address, rest[0], { json: values.json, timeoutMs }, out, (m) => new UsageError(m));
   if (cmd === 'show' || cmd === 'vm') return vmCommands(address, cmd, sub, rest, values, timeoutMs, out);
   const stub = new (clientCtor('hitless.v1.Checkpoint'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
   try {

@@ -27,7 +27,7 @@ export function protoDir(): string {
   throw new Error('cannot find the proto/ directory; set HITLESS_PROTO_DIR');
 }
 
-export const PROTO_FILES = ['hitless/v1/checkpoint.proto', 'hitless/v1/vm.proto'];
+export const PROTO_FILES = ['hitless/v1/checkpoint.proto', 'hitless/v1/vm.proto', 'hitless/v1/upgrade.proto'];
 
 let cached: { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } | null = null;
 

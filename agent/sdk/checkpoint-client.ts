@@ -58,6 +58,11 @@ export interface CheckpointClientOptions {
   logger?: Logger;
   /** Reconnect when the agent goes away (default true). */
   reconnect?: boolean;
+  /**
+   * host:port where this process reaches the agent's bulk snapshot socket, when it differs from
+   * what the agent advertises (inside a guest: the per-VM bulk channel, e.g. 10.0.2.100:7001).
+   */
+  bulkAddress?: string;
 }
 
 /** The client's copy of one table: the same RecordTable the agent uses, plus its sequence. */
@@ -388,8 +393,8 @@ export class CheckpointClient extends EventEmitter {
   // ------------------------------------------------------------------ role commands
 
   private async onCommand(cmd: RoleCommand): Promise<void> {
-    const reply = (ok: boolean, error = '', tableSeqs: Record<string, number> = {}) => {
-      const result: CommandResult = { commandId: cmd.commandId, ok, error, tableSeqs };
+    const reply = (ok: boolean, error = '', tableSeqs: Record<string, number> = {}, digests: CommandResult['digests'] = []) => {
+      const result: CommandResult = { commandId: cmd.commandId, ok, error, tableSeqs, digests };
       this.session?.write({ result });
     };
     try {
@@ -403,6 +408,10 @@ export class CheckpointClient extends EventEmitter {
         case 'UNFREEZE':
           this.unfreeze();
           reply(true);
+          break;
+        case 'REPORT':
+          await this.eventChain; // a standby reports what it applied, not what is queued
+          reply(true, '', this.localSeqs(), [...this.tables.keys()].map((t) => ({ table: t, ...this.digest(t) })));
           break;
         case 'PROMOTE': {
           this.sub?.cancel();
@@ -546,12 +555,14 @@ export class CheckpointClient extends EventEmitter {
     const t = this.table(ticket.table);
     t.records.clear();
     return new Promise<void>((resolve, reject) => {
-      // Same kind of transport as the gRPC channel: a unix-socket client reads the bulk unix socket.
-      const viaUnix = ticket.unixPath !== '' && (this.opts.address.startsWith('unix:') || this.opts.address.startsWith('/'));
-      if (!viaUnix && !ticket.tcpAddress) {
-        return reject(new Error('the agent offers the snapshot only on a unix socket; connect over the unix socket'));
+      // An explicit bulk address wins (guests); otherwise the same kind of transport as the gRPC
+      // channel: a unix-socket client reads the bulk unix socket, a TCP client the TCP one.
+      const viaUnix = !this.opts.bulkAddress && ticket.unixPath !== '' && (this.opts.address.startsWith('unix:') || this.opts.address.startsWith('/'));
+      const tcp = this.opts.bulkAddress ?? ticket.tcpAddress;
+      if (!viaUnix && !tcp) {
+        return reject(new Error('the agent offers the snapshot only on a unix socket; connect over the unix socket or set bulkAddress'));
       }
-      const sock = viaUnix ? net.connect(ticket.unixPath) : net.connect(hostPortOf(ticket.tcpAddress));
+      const sock = viaUnix ? net.connect(ticket.unixPath) : net.connect(hostPortOf(tcp));
       // Frames are assembled into one buffer each (no repeated concatenation), then appended
       // to the table as they complete, so applying overlaps with receiving.
       let header = Buffer.alloc(0);

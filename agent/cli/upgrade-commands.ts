@@ -1,0 +1,171 @@
+/**
+ * issu upgrade commands: loadversion, runversion, acceptversion, commitversion, abortversion,
+ * changeversion, status, show compatibility. Clients of hitless.v1.Upgrade. While a command
+ * runs, the agent's event stream is shown as progress lines on stderr (phases, sync progress);
+ * the result is printed as text, or as one JSON object with --json.
+ */
+import * as grpc from '@grpc/grpc-js';
+import path from 'node:path';
+import { clientCtor } from '../grpc/proto';
+import { ProcessStatus } from '../checkpoint/messages';
+
+type Stub = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+type Out = (obj: unknown, text: () => void) => void;
+
+interface Info {
+  id: string;
+  phase: string;
+  fromVm: string;
+  fromVersion: string;
+  toVm: string;
+  toVersion: string;
+  startedAtMs: number;
+  updatedAtMs: number;
+  timerRemainingMs: number;
+  result: string;
+  freezeMs: number;
+}
+
+interface StatusMsg {
+  current?: Info;
+  processes: ProcessStatus[];
+  history: Info[];
+  journal: { atMs: number; phase: string; note: string }[];
+}
+
+export const UPGRADE_COMMANDS = new Set(['loadversion', 'runversion', 'acceptversion', 'commitversion', 'abortversion', 'changeversion', 'status']);
+
+export const UPGRADE_HELP = `  loadversion IMAGE                      verify IMAGE (sha256, ed25519 signature), check schema
+                                         compatibility and host capacity, boot it in a standby VM
+                                         and wait until every process is READY
+  runversion                             switch over to the loaded version; starts the rollback timer
+  acceptversion                          stop the rollback timer
+  commitversion                          stop the old version's VM; the upgrade is done
+  abortversion [--reason TEXT]           go back to the running version from any phase before commit
+  changeversion IMAGE                    all of the above in one command
+  status                                 phase, VMs and versions, every process's role, lag and
+                                         readiness, the rollback timer, the last upgrades
+  show compatibility IMAGE               the schema compatibility matrix; changes nothing`;
+
+function fmtTime(ms: number): string {
+  return new Date(ms).toISOString().replace('T', ' ').slice(0, 19);
+}
+
+function printStatus(s: StatusMsg): void {
+  const c = s.current;
+  if (c) {
+    console.log(`upgrade ${c.id}: ${c.fromVersion} (${c.fromVm}) -> ${c.toVersion} (${c.toVm})  phase ${c.phase}`);
+    if (c.timerRemainingMs) console.log(`  rollback timer: ${Math.ceil(c.timerRemainingMs / 1000)} s left (acceptversion stops it)`);
+    if (c.freezeMs) console.log(`  write freeze at switchover: ${c.freezeMs.toFixed(2)} ms`);
+  } else {
+    console.log('no upgrade in progress');
+  }
+  for (const p of s.processes) {
+    for (const peer of p.peers) {
+      const state = peer.role === 'ACTIVE' ? (peer.frozen ? 'frozen' : 'active') : peer.ready ? 'READY' : `syncing, lag ${peer.lag}`;
+      console.log(`  ${p.process.padEnd(6)} ${peer.role.padEnd(8)} ${peer.instanceId.padEnd(24)} v${peer.softwareVersion.padEnd(8)} ${state}`);
+    }
+  }
+  if (s.journal.length) {
+    console.log('  journal:');
+    for (const j of s.journal) console.log(`    ${fmtTime(j.atMs)}  ${j.phase.padEnd(11)} ${j.note}`);
+  }
+  if (s.history.length) {
+    console.log('  last upgrades:');
+    for (const h of s.history) console.log(`    ${fmtTime(h.startedAtMs)}  ${h.fromVersion} -> ${h.toVersion}  ${h.phase}${h.result ? `  (${h.result})` : ''}`);
+  }
+}
+
+function call<T>(stub: Stub, method: string, req: unknown, timeoutMs: number): Promise<T> {
+  return new Promise<T>((resolve, reject) =>
+    (stub[method] as (r: unknown, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, v: T) => void) => void).call(stub, req, { deadline: Date.now() + timeoutMs }, (e, v) =>
+      e ? reject(e) : resolve(v),
+    ),
+  );
+}
+
+/** Shows agent events on stderr while `run` is under way. */
+async function withProgress<T>(stub: Stub, json: boolean, run: () => Promise<T>): Promise<T> {
+  const events = (stub.Events as (r: unknown) => grpc.ClientReadableStream<{ type: string; phase: string; message: string; done: number; total: number }>).call(stub, {});
+  events.on('data', (e) => {
+    if (json) return;
+    const count = e.total ? ` [${e.done}/${e.total}]` : '';
+    const tag = e.type === 'PHASE' ? `phase ${e.phase}` : e.type.toLowerCase();
+    process.stderr.write(`issu: ${tag}: ${e.message}${count}\n`);
+  });
+  events.on('error', () => undefined);
+  try {
+    return await run();
+  } finally {
+    events.cancel();
+  }
+}
+
+export async function upgradeCommand(address: string, cmd: string, rest: string[], opts: { json: boolean; reason?: string; timeoutMs: number }, out: Out, usage: (m: string) => Error): Promise<number> {
+  const stub = new (clientCtor('hitless.v1.Upgrade'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
+  const image = () => {
+    if (!rest[0]) throw usage(`${cmd} needs an image bundle directory, e.g. issu ${cmd} /var/lib/hitless/images/cp-2.0.0`);
+    return path.resolve(rest[0]);
+  };
+  // Loading boots a VM and syncs tables: allow far more than the default RPC timeout.
+  const longMs = Math.max(opts.timeoutMs, 30 * 60_000);
+  try {
+    let r: StatusMsg;
+    switch (cmd) {
+      case 'loadversion':
+        r = await withProgress(stub, opts.json, () => call<StatusMsg>(stub, 'LoadVersion', { imageDir: image() }, longMs));
+        break;
+      case 'changeversion':
+        r = await withProgress(stub, opts.json, () => call<StatusMsg>(stub, 'ChangeVersion', { imageDir: image() }, longMs));
+        break;
+      case 'runversion':
+        r = await withProgress(stub, opts.json, () => call<StatusMsg>(stub, 'RunVersion', {}, longMs));
+        break;
+      case 'acceptversion':
+        r = await call<StatusMsg>(stub, 'AcceptVersion', {}, opts.timeoutMs);
+        break;
+      case 'commitversion':
+        r = await withProgress(stub, opts.json, () => call<StatusMsg>(stub, 'CommitVersion', {}, longMs));
+        break;
+      case 'abortversion':
+        r = await withProgress(stub, opts.json, () => call<StatusMsg>(stub, 'AbortVersion', { reason: opts.reason ?? '' }, longMs));
+        break;
+      case 'status':
+        r = await call<StatusMsg>(stub, 'Status', {}, opts.timeoutMs);
+        break;
+      default:
+        throw usage(`unknown command '${cmd}'`);
+    }
+    out(r, () => printStatus(r));
+    return 0;
+  } finally {
+    stub.close();
+  }
+}
+
+export async function showCompatibility(address: string, imageDir: string | undefined, opts: { json: boolean; timeoutMs: number }, out: Out, usage: (m: string) => Error): Promise<number> {
+  if (!imageDir) throw usage('show compatibility needs an image bundle directory');
+  const stub = new (clientCtor('hitless.v1.Upgrade'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
+  try {
+    const r = await call<{
+      runningVersion: string;
+      candidateVersion: string;
+      compatible: boolean;
+      reason: string;
+      rows: { process: string; change: string; fromWrites: number; toWrites: number; fromReads: number[]; toReads: number[]; forward: boolean; backward: boolean; via: string; reason: string }[];
+    }>(stub, 'ShowCompatibility', { imageDir: path.resolve(imageDir) }, opts.timeoutMs);
+    out(r, () => {
+      console.log(`running ${r.runningVersion} -> candidate ${r.candidateVersion}: ${r.compatible ? 'compatible' : 'NOT compatible'}`);
+      console.log('  process  change  writes      reads (running | new)   upgrade  rollback  via');
+      for (const x of r.rows) {
+        console.log(
+          `  ${x.process.padEnd(8)} ${x.change.padEnd(7)} ${`${x.fromWrites}->${x.toWrites}`.padEnd(11)} ${`[${x.fromReads.join(',')}] | [${x.toReads.join(',')}]`.padEnd(23)} ${(x.forward ? 'yes' : 'NO').padEnd(8)} ${(x.backward ? 'yes' : 'NO').padEnd(9)} ${x.via}${x.reason ? `  ${x.reason}` : ''}`,
+        );
+      }
+      if (!r.compatible) console.log(`  ${r.reason}`);
+    });
+    return r.compatible ? 0 : 1;
+  } finally {
+    stub.close();
+  }
+}

@@ -1,0 +1,534 @@
+/**
+ * The ISSU state machine: loadversion, runversion, acceptversion, commitversion, abortversion
+ * (and changeversion, all of them in a row), with a journal and a rollback timer.
+ *
+ *   LOADING -> LOADED -> SWITCHING -> SWITCHED -> (ACCEPTED) -> COMMITTING -> COMMITTED
+ *        \________\___________\___________\____________\-> ABORTING -> ABORTED | ROLLED_BACK
+ *
+ * Invariants:
+ * - At most one upgrade is not in a terminal phase (the journal says which); commands run one at
+ *   a time (a mutex), so two concurrent upgrades are impossible.
+ * - Every transition is journaled before its action starts; recover() finishes or undoes what a
+ *   killed agent left half done, so a restart always ends in a consistent phase.
+ * - Before commit the old VM keeps running with its processes as (demoted) standbys that follow
+ *   every change, so an abort is a switchover back: hitless, nothing acknowledged lost.
+ * - A refused or failed command leaves the running version as it was.
+ *
+ * It reaches the outside only through the ports below (VMs, checkpoint roles, image checks).
+ */
+import crypto from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import path from 'node:path';
+import { HitlessError, aborted, deadlineExceeded, failedPrecondition, invalidArgument } from '../common/errors';
+import { Logger } from '../common/logger';
+import { ProcessStatus, SwitchoverResponse, AuditResponse } from '../checkpoint/messages';
+import { Manifest, readManifest } from '../images/manifest';
+import { ProcessCompatibility, assertCompatible, compatibilityMatrix } from '../images/compatibility';
+import { Phase, TERMINAL, UpgradeRecord, UpgradeStore } from './upgrade-store';
+
+/** What the upgrade needs of the VM layer (VmSupervisor implements it). */
+export interface UpgradeVms {
+  start(req: { name: string; imageDir: string; cmdlineExtra?: string }): Promise<{ name: string }>;
+  stop(name: string, timeoutMs?: number): Promise<unknown>;
+  kill(name: string): Promise<void>;
+  find(name: string): { name: string; state: string; imageDir: string | null; imageVersion: string | null } | undefined;
+  onEvent(cb: (e: { vm: string; type: string }) => void): () => void;
+}
+
+/** What the upgrade needs of the checkpoint service. */
+export interface UpgradeCheckpoint {
+  status(process: string): ProcessStatus[];
+  switchover(process: string, toInstance: string): Promise<SwitchoverResponse>;
+  failover(process: string, toInstance: string): Promise<SwitchoverResponse>;
+  audit(process: string): Promise<AuditResponse>;
+}
+
+export interface UpgradeImages {
+  /** Verifies hashes and signature; resolves with the manifest. */
+  verify(dir: string, onProgress: (done: number, total: number) => void): Promise<Manifest>;
+}
+
+export interface UpgradeOptions {
+  rollbackTimeoutMs: number;
+  /** loadversion gives the standby VM this long to boot and have every process READY. */
+  loadTimeoutMs: number;
+  /** A standby process may be gone this long (reconnecting) before the upgrade aborts. */
+  peerGraceMs: number;
+  stopTimeoutMs: number;
+}
+
+export const DEFAULT_UPGRADE_OPTIONS: UpgradeOptions = {
+  rollbackTimeoutMs: 45 * 60_000,
+  loadTimeoutMs: 10 * 60_000,
+  peerGraceMs: 10_000,
+  stopTimeoutMs: 30_000,
+};
+
+export interface UpgradeEvent {
+  type: 'PHASE' | 'PROGRESS' | 'WARNING' | 'ERROR';
+  upgradeId: string;
+  phase: Phase | '';
+  message: string;
+  done: number;
+  total: number;
+  at: number;
+}
+
+export interface UpgradeStatusView {
+  current: (UpgradeRecord & { timerRemainingMs: number }) | null;
+  processes: ProcessStatus[];
+  history: UpgradeRecord[];
+}
+
+const VM_NAME_RE = /[^a-zA-Z0-9_.-]/g;
+
+export class UpgradeService {
+  readonly events = new EventEmitter();
+  private chain: Promise<unknown> = Promise.resolve();
+  private timer: NodeJS.Timeout | null = null;
+  private monitorOff: (() => void) | null = null;
+  private monitorTimer: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly store: UpgradeStore,
+    private readonly vms: UpgradeVms,
+    private readonly checkpoint: UpgradeCheckpoint,
+    private readonly images: UpgradeImages,
+    private readonly log: Logger,
+    private readonly opts: UpgradeOptions = DEFAULT_UPGRADE_OPTIONS,
+  ) {
+    this.events.setMaxListeners(100);
+  }
+
+  // ------------------------------------------------------------------ commands
+
+  /** Runs commands one at a time: the state machine never sees two at once. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.chain.then(fn, fn);
+    this.chain = p.catch(() => undefined);
+    return p;
+  }
+
+  loadVersion(imageDir: string): Promise<UpgradeStatusView> {
+    return this.serial(() => this.doLoad(imageDir));
+  }
+
+  runVersion(): Promise<UpgradeStatusView> {
+    return this.serial(() => this.doRun());
+  }
+
+  acceptVersion(): Promise<UpgradeStatusView> {
+    return this.serial(async () => {
+      const cur = this.store.current();
+      if (!cur) {
+        const last = this.store.history(1)[0];
+        if (last?.phase === 'COMMITTED') return this.status();
+        throw failedPrecondition('no upgrade is in progress; there is nothing to accept');
+      }
+      if (cur.phase === 'ACCEPTED') return this.status();
+      if (cur.phase !== 'SWITCHED') throw failedPrecondition(`upgrade ${cur.id} is ${cur.phase}; acceptversion needs SWITCHED (run runversion first)`);
+      this.clearTimer();
+      this.transition(cur, 'ACCEPTED', 'rollback timer stopped by acceptversion', { timerDeadline: 0 });
+      return this.status();
+    });
+  }
+
+  commitVersion(): Promise<UpgradeStatusView> {
+    return this.serial(async () => {
+      const cur = this.store.current();
+      if (!cur) {
+        const last = this.store.history(1)[0];
+        if (last?.phase === 'COMMITTED') return this.status();
+        throw failedPrecondition('no upgrade is in progress; there is nothing to commit');
+      }
+      if (cur.phase !== 'SWITCHED' && cur.phase !== 'ACCEPTED' && cur.phase !== 'COMMITTING') {
+        throw failedPrecondition(`upgrade ${cur.id} is ${cur.phase}; commitversion needs SWITCHED or ACCEPTED (run runversion first)`);
+      }
+      await this.doCommit(cur);
+      return this.status();
+    });
+  }
+
+  abortVersion(reason = 'abortversion by the operator'): Promise<UpgradeStatusView> {
+    return this.serial(async () => {
+      const cur = this.store.current();
+      if (!cur) return this.status(); // nothing in progress: already aborted or committed
+      if (cur.phase === 'COMMITTING') throw failedPrecondition(`upgrade ${cur.id} is committing (the old version is being stopped); it can no longer be aborted`);
+      await this.doAbort(cur, reason);
+      return this.status();
+    });
+  }
+
+  /** The whole flow in one command, with the same checks and stops. */
+  changeVersion(imageDir: string): Promise<UpgradeStatusView> {
+    return this.serial(async () => {
+      await this.doLoad(imageDir);
+      await this.doRun();
+      const cur = this.store.current()!;
+      this.clearTimer();
+      const accepted = this.transition(cur, 'ACCEPTED', 'changeversion accepts at once', { timerDeadline: 0 });
+      await this.doCommit(accepted);
+      return this.status();
+    });
+  }
+
+  status(): UpgradeStatusView {
+    const cur = this.store.current();
+    return {
+      current: cur ? { ...cur, timerRemainingMs: cur.timerDeadline ? Math.max(0, cur.timerDeadline - Date.now()) : 0 } : null,
+      processes: this.checkpoint.status(''),
+      history: this.store.history(10),
+    };
+  }
+
+  /** The compatibility matrix between the running version and `imageDir`; changes nothing. */
+  compatibility(imageDir: string): { running: string; candidate: string; matrix: ProcessCompatibility[]; compatible: boolean; reason: string } {
+    const dir = this.checkImageDir(imageDir);
+    const running = this.runningSystem();
+    const candidate = readManifest(dir);
+    const matrix = compatibilityMatrix(running.manifest, candidate);
+    let reason = '';
+    try {
+      assertCompatible(matrix);
+    } catch (e) {
+      reason = (e as Error).message;
+    }
+    return { running: running.manifest.version, candidate: candidate.version, matrix, compatible: reason === '', reason };
+  }
+
+  // ------------------------------------------------------------------ the flow
+
+  private async doLoad(imageDirIn: string): Promise<UpgradeStatusView> {
+    const imageDir = this.checkImageDir(imageDirIn);
+    const cur = this.store.current();
+    if (cur) {
+      if (cur.toImage === imageDir && (cur.phase === 'LOADED' || cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED')) return this.status();
+      throw failedPrecondition(
+        `an upgrade is already in progress: ${cur.id} from ${cur.fromVersion} to ${cur.toVersion} is ${cur.phase}; finish it with commitversion or abortversion first`,
+      );
+    }
+    const running = this.runningSystem();
+    this.emit('PROGRESS', '', '', `verifying ${imageDir}`, 0, 0);
+    const manifest = await this.images.verify(imageDir, (done, total) => this.emit('PROGRESS', '', '', 'verifying image', done, total));
+    const matrix = compatibilityMatrix(running.manifest, manifest);
+    assertCompatible(matrix);
+    if (manifest.version === running.manifest.version && path.resolve(running.imageDir) === imageDir) {
+      throw failedPrecondition(`version ${manifest.version} from ${imageDir} is already running in VM ${running.vm}`);
+    }
+    const toVm = this.freeVmName(`${manifest.name}-${manifest.version}`);
+    const processes: UpgradeRecord['processes'] = {};
+    for (const p of manifest.processes) {
+      const from = running.actives.get(p.name);
+      if (!from) throw failedPrecondition(`process '${p.name}' of version ${manifest.version} has no active instance in the running version; it cannot take over state`);
+      processes[p.name] = { from, to: `${p.name}@${toVm}` };
+    }
+    const id = `u-${new Date().toISOString().replace(/[-:T]/g, '').slice(0, 14)}-${crypto.randomBytes(2).toString('hex')}`;
+    const rec: UpgradeRecord = {
+      id,
+      phase: 'LOADING',
+      fromVm: running.vm,
+      fromImage: running.imageDir,
+      fromVersion: running.manifest.version,
+      toVm,
+      toImage: imageDir,
+      toVersion: manifest.version,
+      startedAt: Date.now(),
+      updatedAt: Date.now(),
+      timerDeadline: 0,
+      processes,
+      result: '',
+      freezeMs: 0,
+    };
+    this.store.create(rec, `loadversion ${imageDir}: booting standby VM ${toVm}`);
+    this.emit('PHASE', id, 'LOADING', `loading ${manifest.version} into standby VM ${toVm}`);
+    try {
+      await this.vms.start({ name: toVm, imageDir, cmdlineExtra: 'hitless.role=standby' });
+      this.emit('PROGRESS', id, 'LOADING', `VM ${toVm} launched; waiting for its processes to register and sync`);
+      await this.waitStandbysReady(rec);
+    } catch (e) {
+      await this.vms.stop(toVm, this.opts.stopTimeoutMs).catch(() => this.vms.kill(toVm).catch(() => undefined));
+      this.transition(rec, 'ABORTED', `loadversion failed: ${(e as Error).message}`, { result: (e as Error).message });
+      throw e;
+    }
+    this.transition(rec, 'LOADED', 'every standby process is READY');
+    this.startMonitor();
+    return this.status();
+  }
+
+  private async doRun(): Promise<UpgradeStatusView> {
+    const cur = this.store.current();
+    if (!cur) throw failedPrecondition('no version is loaded; run loadversion IMAGE first');
+    if (cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED') return this.status();
+    if (cur.phase !== 'LOADED') throw failedPrecondition(`upgrade ${cur.id} is ${cur.phase}; runversion needs LOADED`);
+    this.checkStandbysReady(cur);
+    let rec = this.transition(cur, 'SWITCHING', 'switching every process to the new version');
+    const switched: string[] = [];
+    let freezeMs = 0;
+    try {
+      for (const [p, inst] of Object.entries(rec.processes)) {
+        const r = await this.checkpoint.switchover(p, inst.to);
+        freezeMs = Math.max(freezeMs, r.freezeMicros / 1000);
+        switched.push(p);
+        this.emit('PROGRESS', rec.id, 'SWITCHING', `${p}: ${inst.to} is active (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`, switched.length, Object.keys(rec.processes).length);
+      }
+    } catch (e) {
+      // Put back what moved; the old version stays in charge and the new one stays loaded.
+      for (const p of switched.reverse()) await this.checkpoint.switchover(p, rec.processes[p].from).catch(() => undefined);
+      this.transition(rec, 'LOADED', `runversion failed and was undone: ${(e as Error).message}`);
+      throw e;
+    }
+    rec = this.transition(rec, 'SWITCHED', `new version active; rollback timer ${Math.round(this.opts.rollbackTimeoutMs / 1000)} s`, {
+      timerDeadline: Date.now() + this.opts.rollbackTimeoutMs,
+      freezeMs,
+    });
+    this.armTimer(rec);
+    return this.status();
+  }
+
+  private async doCommit(cur: UpgradeRecord): Promise<void> {
+    this.clearTimer();
+    const rec = cur.phase === 'COMMITTING' ? cur : this.transition(cur, 'COMMITTING', `stopping the old version's VM ${cur.fromVm}`, { timerDeadline: 0 });
+    this.stopMonitor();
+    await this.stopVm(rec.fromVm);
+    this.transition(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped`);
+  }
+
+  private async doAbort(cur: UpgradeRecord, reason: string): Promise<void> {
+    this.clearTimer();
+    this.stopMonitor();
+    const switchedOver = cur.phase === 'SWITCHING' || cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED' || (cur.phase === 'ABORTING' && cur.result.startsWith('rollback'));
+    const rec = cur.phase === 'ABORTING' ? cur : this.transition(cur, 'ABORTING', reason, { timerDeadline: 0, result: switchedOver ? `rollback: ${reason}` : reason });
+    if (switchedOver) {
+      await this.waitForProcesses(rec, this.opts.peerGraceMs);
+      for (const [p, inst] of Object.entries(rec.processes)) {
+        const st = this.checkpoint.status(p)[0];
+        const active = st?.peers.find((x) => x.role === 'ACTIVE');
+        if (active?.instanceId === inst.from) continue;
+        const r = active ? await this.checkpoint.switchover(p, inst.from) : await this.checkpoint.failover(p, inst.from);
+        this.emit('PROGRESS', rec.id, 'ABORTING', `${p}: ${inst.from} is active again (${(r.freezeMicros / 1000).toFixed(2)} ms)`);
+      }
+    }
+    await this.stopVm(rec.toVm);
+    this.transition(rec, switchedOver ? 'ROLLED_BACK' : 'ABORTED', switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
+  }
+
+  // ------------------------------------------------------------------ restart recovery
+
+  /** After an agent restart: finish or undo whatever the journal says was under way. */
+  async recover(): Promise<string> {
+    return this.serial(async () => {
+      const cur = this.store.current();
+      if (!cur) return 'no upgrade in progress';
+      this.log.warn({ upgrade: cur.id, phase: cur.phase }, 'agent restarted during an upgrade; recovering');
+      switch (cur.phase) {
+        case 'LOADING':
+          await this.doAbort(cur, 'the agent restarted during loadversion');
+          return 'aborted an interrupted loadversion';
+        case 'LOADED':
+          this.startMonitor();
+          return 'kept the loaded version';
+        case 'SWITCHING': {
+          await this.waitForProcesses(cur, this.opts.peerGraceMs);
+          const allMoved = Object.entries(cur.processes).every(([p, inst]) => this.checkpoint.status(p)[0]?.peers.some((x) => x.instanceId === inst.to && x.role === 'ACTIVE'));
+          if (allMoved) {
+            const rec = this.transition(cur, 'SWITCHED', 'the agent restarted after every process had switched', { timerDeadline: Date.now() + this.opts.rollbackTimeoutMs });
+            this.armTimer(rec);
+            this.startMonitor();
+            return 'completed an interrupted runversion';
+          }
+          await this.doAbort(cur, 'the agent restarted during runversion');
+          return 'rolled back an interrupted runversion';
+        }
+        case 'SWITCHED':
+        case 'ACCEPTED':
+          this.armTimer(cur);
+          this.startMonitor();
+          return 'kept the switched version';
+        case 'COMMITTING':
+          await this.doCommit(cur);
+          return 'finished an interrupted commit';
+        case 'ABORTING':
+          await this.doAbort(cur, cur.result || 'the agent restarted during abort');
+          return 'finished an interrupted abort';
+        default:
+          return `nothing to do in ${cur.phase}`;
+      }
+    });
+  }
+
+  close(): void {
+    this.clearTimer();
+    this.stopMonitor();
+  }
+
+  // ------------------------------------------------------------------ helpers
+
+  private checkImageDir(dir: string): string {
+    if (!dir) throw invalidArgument('image directory is empty; give the path of an image bundle (a directory with manifest.json)');
+    if (!path.isAbsolute(dir)) throw invalidArgument(`image directory '${dir}' must be an absolute path on the agent's host`);
+    return path.resolve(dir);
+  }
+
+  /** The VM all active processes run in, with its manifest. */
+  private runningSystem(): { vm: string; imageDir: string; manifest: Manifest; actives: Map<string, string> } {
+    const actives = new Map<string, string>();
+    const vms = new Set<string>();
+    for (const p of this.checkpoint.status('')) {
+      const a = p.peers.find((x) => x.role === 'ACTIVE');
+      if (a) {
+        actives.set(p.process, a.instanceId);
+        vms.add(a.vmId);
+      }
+    }
+    if (vms.size === 0) throw failedPrecondition('no process is ACTIVE, so there is no running version to upgrade; start the control-plane VM first (issu vm start)');
+    if (vms.size > 1) throw failedPrecondition(`active processes run in several VMs (${[...vms].join(', ')}); an upgrade needs one running control-plane VM`);
+    const vm = [...vms][0];
+    const info = this.vms.find(vm);
+    if (!info?.imageDir) throw failedPrecondition(`the active processes run in '${vm}', which is not a VM this agent started from an image; upgrades need an agent-managed VM`);
+    return { vm, imageDir: info.imageDir, manifest: readManifest(info.imageDir), actives };
+  }
+
+  private freeVmName(base: string): string {
+    const clean = base.replace(VM_NAME_RE, '-').slice(0, 56);
+    for (let i = 0; ; i++) {
+      const name = i === 0 ? clean : `${clean}-${i + 1}`;
+      const v = this.vms.find(name);
+      if (!v || v.state === 'STOPPED' || v.state === 'CRASHED' || v.state === 'EXITED') return name;
+    }
+  }
+
+  private peerOf(process: string, instance: string) {
+    return this.checkpoint.status(process)[0]?.peers.find((x) => x.instanceId === instance);
+  }
+
+  private checkStandbysReady(rec: UpgradeRecord): void {
+    for (const [p, inst] of Object.entries(rec.processes)) {
+      const peer = this.peerOf(p, inst.to);
+      if (!peer) throw failedPrecondition(`standby '${inst.to}' of process '${p}' is not registered; check the standby VM ${rec.toVm} (issu vm log ${rec.toVm}) or abortversion`);
+      if (!peer.ready) throw failedPrecondition(`standby '${inst.to}' of process '${p}' is not READY (lag ${peer.lag} batches); wait, then run runversion again`);
+    }
+  }
+
+  private async waitStandbysReady(rec: UpgradeRecord): Promise<void> {
+    const deadline = Date.now() + this.opts.loadTimeoutMs;
+    let vmGone = '';
+    const off = this.vms.onEvent((e) => {
+      if (e.vm === rec.toVm && (e.type === 'EXITED' || e.type === 'CRASHED' || e.type === 'GUEST_PANICKED')) vmGone = e.type;
+    });
+    try {
+      let last = '';
+      for (;;) {
+        if (vmGone) throw aborted(`standby VM ${rec.toVm} ${vmGone.toLowerCase()} while loading; see 'issu vm log ${rec.toVm}'`);
+        const states = Object.entries(rec.processes).map(([p, inst]) => ({ p, peer: this.peerOf(p, inst.to) }));
+        const ready = states.filter((s) => s.peer?.ready).length;
+        const line = states.map((s) => `${s.p}: ${s.peer ? (s.peer.ready ? 'READY' : `syncing, lag ${s.peer.lag}`) : 'booting'}`).join(', ');
+        if (line !== last) this.emit('PROGRESS', rec.id, 'LOADING', line, ready, states.length);
+        last = line;
+        if (ready === states.length) return;
+        if (Date.now() > deadline) {
+          throw deadlineExceeded(`standby processes not READY within ${Math.round(this.opts.loadTimeoutMs / 1000)} s (${line}); see 'issu vm log ${rec.toVm}'`);
+        }
+        await sleep(200);
+      }
+    } finally {
+      off();
+    }
+  }
+
+  /** After an agent restart processes reconnect; give them `graceMs` to re-register. */
+  private async waitForProcesses(rec: UpgradeRecord, graceMs: number): Promise<void> {
+    const deadline = Date.now() + graceMs;
+    while (Date.now() < deadline) {
+      const all = Object.entries(rec.processes).every(([p, inst]) => this.peerOf(p, inst.from) && (this.peerOf(p, inst.to) || this.vms.find(rec.toVm)?.state !== 'RUNNING'));
+      if (all) return;
+      await sleep(200);
+    }
+  }
+
+  private async stopVm(name: string): Promise<void> {
+    const v = this.vms.find(name);
+    if (!v || v.state === 'STOPPED' || v.state === 'CRASHED' || v.state === 'EXITED') return;
+    try {
+      await this.vms.stop(name, this.opts.stopTimeoutMs);
+    } catch (e) {
+      this.emit('WARNING', '', '', `graceful stop of ${name} failed (${(e as Error).message}); killing it`);
+      await this.vms.kill(name).catch(() => undefined);
+    }
+  }
+
+  private armTimer(rec: UpgradeRecord): void {
+    this.clearTimer();
+    if (rec.phase !== 'SWITCHED' || !rec.timerDeadline) return;
+    const ms = Math.max(0, rec.timerDeadline - Date.now());
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.emit('WARNING', rec.id, 'SWITCHED', 'rollback timer expired without acceptversion; rolling back');
+      void this.abortVersion('the rollback timer expired').catch((e) => this.log.error({ err: (e as Error).message }, 'automatic rollback failed'));
+    }, ms);
+    this.timer.unref();
+  }
+
+  private clearTimer(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  /**
+   * Watches the loaded/switched upgrade: the standby VM dying before runversion aborts; the new
+   * version's VM dying after it rolls back (failover to the old, still-following processes).
+   */
+  private startMonitor(): void {
+    this.stopMonitor();
+    const trigger = (why: string) => {
+      const cur = this.store.current();
+      if (!cur || TERMINAL.includes(cur.phase) || cur.phase === 'COMMITTING' || cur.phase === 'ABORTING') return;
+      this.emit('WARNING', cur.id, cur.phase, `${why}; ${cur.phase === 'LOADED' ? 'aborting' : 'rolling back'}`);
+      void this.abortVersion(why).catch((e) => this.log.error({ err: (e as Error).message }, 'automatic abort failed'));
+    };
+    this.monitorOff = this.vms.onEvent((e) => {
+      const cur = this.store.current();
+      if (cur && e.vm === cur.toVm && (e.type === 'EXITED' || e.type === 'CRASHED' || e.type === 'GUEST_PANICKED')) trigger(`the new version's VM ${cur.toVm} ${e.type.toLowerCase()}`);
+    });
+    const missingSince = new Map<string, number>();
+    this.monitorTimer = setInterval(() => {
+      const cur = this.store.current();
+      if (!cur || (cur.phase !== 'LOADED' && cur.phase !== 'SWITCHED' && cur.phase !== 'ACCEPTED')) return;
+      for (const [p, inst] of Object.entries(cur.processes)) {
+        const key = `${p}/${inst.to}`;
+        if (this.peerOf(p, inst.to)) missingSince.delete(key);
+        else if (!missingSince.has(key)) missingSince.set(key, Date.now());
+        else if (Date.now() - missingSince.get(key)! > this.opts.peerGraceMs) {
+          missingSince.clear();
+          trigger(`process ${inst.to} of the new version is gone`);
+          return;
+        }
+      }
+    }, 500);
+    this.monitorTimer.unref();
+  }
+
+  private stopMonitor(): void {
+    this.monitorOff?.();
+    this.monitorOff = null;
+    if (this.monitorTimer) clearInterval(this.monitorTimer);
+    this.monitorTimer = null;
+  }
+
+  private transition(rec: UpgradeRecord, phase: Phase, note: string, fields: Partial<UpgradeRecord> = {}): UpgradeRecord {
+    const next = this.store.transition(rec.id, phase, note, fields);
+    this.log.info({ upgrade: rec.id, from: rec.phase, to: phase, note }, 'upgrade phase');
+    this.emit('PHASE', rec.id, phase, note);
+    return next;
+  }
+
+  private emit(type: UpgradeEvent['type'], upgradeId: string, phase: Phase | '', message: string, done = 0, total = 0): void {
+    const ev: UpgradeEvent = { type, upgradeId, phase, message, done, total, at: Date.now() };
+    this.events.emit('event', ev);
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+export { HitlessError };
