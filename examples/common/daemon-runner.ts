@@ -26,7 +26,7 @@ export interface TableModel {
 
 export const DAEMON_USAGE = (name: string) => `Usage: ${name} [options]
   --agent ADDR        agent gRPC address: a unix socket path or host:port (env HITLESS_AGENT)
-  --role ROLE         active | standby (default active)
+  --role ROLE         active | standby (env HITLESS_ROLE; default active)
   --vm ID             VM or slot this process runs in (env HITLESS_VM; default "host")
   --instance ID       unique instance id (default <process>@<vm>)
   --version V         software version reported to the agent (default 1.0.0)
@@ -37,6 +37,8 @@ export const DAEMON_USAGE = (name: string) => `Usage: ${name} [options]
   --sync              declare the table SYNC (acknowledged when standbys applied it)
   --seed N            generator seed (default 1)
   --json-only         no human text on stderr
+env HITLESS_BULK      host:port of the agent's bulk snapshot channel when it differs from what
+                      the agent advertises (guests: 10.0.2.100:7001)
 stdin: digest | status | load N | churn RATE | stop | quit      SIGUSR1: digest
 `;
 
@@ -45,7 +47,7 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
     args: argv,
     options: {
       agent: { type: 'string' },
-      role: { type: 'string', default: 'active' },
+      role: { type: 'string', default: process.env.HITLESS_ROLE ?? 'active' },
       vm: { type: 'string' },
       instance: { type: 'string' },
       version: { type: 'string', default: '1.0.0' },
@@ -83,6 +85,7 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
     transforms: model.transforms,
     tables: [{ name: model.table, durability: values.sync ? 'SYNC' : 'ASYNC' }],
     role: values.role === 'standby' ? 'STANDBY' : 'ACTIVE',
+    bulkAddress: process.env.HITLESS_BULK || undefined,
   });
   const table = client.table(model.table);
   let seed = Number(values.seed);
@@ -92,8 +95,17 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   let failed = 0;
 
   client.on('role', (role) => out({ event: 'role', role, seq: table.seq, records: table.size }));
-  client.on('snapshot-begin', (t, seq, records) => out({ event: 'snapshot-begin', table: t, seq, records }));
-  client.on('snapshot', (t, seq, records) => out({ event: 'snapshot', table: t, seq, records }));
+  // `ms`: snapshot-begin to snapshot, i.e. receiving and applying the bulk snapshot here.
+  const snapshotStart = new Map<string, number>();
+  client.on('snapshot-begin', (t, seq, records) => {
+    snapshotStart.set(t, Date.now());
+    out({ event: 'snapshot-begin', table: t, seq, records });
+  });
+  client.on('snapshot', (t, seq, records) => {
+    const t0 = snapshotStart.get(t);
+    snapshotStart.delete(t);
+    out({ event: 'snapshot', table: t, seq, records, ...(t0 !== undefined ? { ms: Date.now() - t0 } : {}) });
+  });
   client.on('disconnected', (e) => out({ event: 'disconnected', reason: e?.details ?? String(e ?? 'closed') }));
   client.on('frozen', () => out({ event: 'frozen', seq: table.seq }));
   client.on('error', (e) => out({ event: 'error', message: (e as Error).message }));
