@@ -10,9 +10,12 @@
 # by itself, so the guest needs no HITLESS_PROTO_DIR), write one processes JSON per version, and
 # call platform/<arch>-kvm/build-image.sh for each bundle.
 #
-# Guest processes (image manifest): only `bgp`, started ACTIVE (the init passes no role) with a
-# small table (--records 2000, no churn) so that a VM under TCG registers and checkpoints
-# within seconds of its daemon starting. ospf.js is in the image but not started.
+# Guest processes (image manifest): only `bgp`, with no --role: the role comes from the kernel
+# cmdline (hitless.role=active|standby -> env HITLESS_ROLE, set by the guest init; unset = the
+# daemon's default, active). An active loads 20000 routes and churns 2000 changes/s
+# (--records 20000 --churn 2000); a standby's churn timer idles until it is promoted.
+# 1.0.0 writes and reads schema 1; 2.0.0 writes schema 2 and registers the transforms 1->2 and
+# 2->1 (examples/bgp-rib/daemon.ts --schema 2). ospf.js is in the image but not started.
 #
 # Caching: the daemon dir is rebuilt in place (esbuild output is deterministic) and the build
 # scripts key their bundles on its content hash, so a re-run with unchanged inputs is a cache
@@ -69,14 +72,24 @@ else
 fi
 
 processes() { # version -> path of the processes JSON
-  local v="$1" f="$WORK/processes-$1.json"
+  # No --role: the kernel cmdline decides (hitless.role= -> env HITLESS_ROLE; the daemon's
+  # default is active). 1.x writes/reads schema 1; 2.x writes schema 2 (path attributes + a
+  # received-at word, see examples/bgp-rib/daemon.ts) and converts both ways.
+  local v="$1" f="$WORK/processes-$1.json" sargs smeta
+  case "$v" in
+    1.*) sargs='"--schema", "1"'
+         smeta='"schemaWrites": 1, "schemaReads": [1]' ;;
+    2.*) sargs='"--schema", "2", "--reads", "1,2"'
+         smeta='"schemaWrites": 2, "schemaReads": [1, 2], "transforms": ["1->2", "2->1"]' ;;
+    *) log "no processes definition for version $v"; exit 1 ;;
+  esac
   cat > "$f.new" <<EOF
 [
   {
     "name": "bgp",
-    "command": ["/opt/hitless/node", "/opt/hitless/daemons/bgp.js", "--role", "active", "--version", "$v", "--records", "2000", "--json-only"],
-    "schemaWrites": 1,
-    "schemaReads": [1]
+    "command": ["/opt/hitless/node", "/opt/hitless/daemons/bgp.js", "--version", "$v", $sargs,
+                "--records", "20000", "--churn", "2000", "--json-only"],
+    $smeta
   }
 ]
 EOF

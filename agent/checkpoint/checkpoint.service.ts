@@ -560,7 +560,9 @@ export class CheckpointService {
           schemaReads: s.reg.schemaReads,
           role: s.role,
           frozen: s.frozen,
-          ready: s.role === 'ACTIVE' || (s.inSync && this.lagOf(g, s) === 0),
+          // READY: caught up with the active once and following since; `lag` says how far
+          // behind it is at this instant (a few batches while the active writes).
+          ready: s.role === 'ACTIVE' || s.inSync,
           acked: Object.fromEntries(s.acked),
           lag: s.role === 'ACTIVE' ? 0 : this.lagOf(g, s),
         })),
@@ -634,16 +636,21 @@ export class CheckpointService {
       );
     }
     g.switching = true;
-    const t0 = process_hrtime();
     let promoted = false;
     try {
+      // Best effort: start the freeze when the standby is (nearly) caught up, so the drain inside
+      // the freeze window is short.
+      await this.waitAcked(g, target, this.tableSeqs(g), 1000).catch(() => undefined);
+      const t0 = process_hrtime();
       const frozen = await this.command(old, 'FREEZE', { reason: `switchover to ${toInstance}` });
+      const tFrozen = process_hrtime();
       old.frozen = true;
       const seqs = this.tableSeqs(g);
       for (const [t, q] of Object.entries(frozen.tableSeqs)) {
         if ((seqs[t] ?? 0) !== q) throw failedPrecondition(`after FREEZE table '${t}' is at ${seqs[t]} but the active reports ${q}`);
       }
       await this.waitAcked(g, target, seqs, this.opts.commandTimeoutMs);
+      const tDrained = process_hrtime();
       // The old active will be a standby: the new active must write what it reads.
       const writeSchema = this.pickWriteSchemaFor(target, [old]);
       target.role = 'ACTIVE';
@@ -656,13 +663,17 @@ export class CheckpointService {
       target.subscription?.end();
       promoted = true;
       await this.command(target, 'PROMOTE', { tableSeqs: seqs, writeSchema, reason: `switchover from ${old.reg.instanceId}` });
-      const freezeMicros = Math.round(process_hrtime() - t0);
+      const tPromoted = process_hrtime();
+      const freezeMicros = Math.round(tPromoted - t0);
       old.frozen = false;
       await this.command(old, 'DEMOTE', { tableSeqs: seqs, reason: `switchover to ${toInstance}` });
-      this.log.info({ process, from: old.reg.instanceId, to: toInstance, freezeMicros }, 'switchover done');
+      this.log.info(
+        { process, from: old.reg.instanceId, to: toInstance, freezeMicros, freezeAckMicros: tFrozen - t0, drainMicros: tDrained - tFrozen, promoteMicros: tPromoted - tDrained },
+        'switchover done',
+      );
       return { freezeMicros, tableSeqs: seqs };
     } catch (e) {
-      if (!promoted) {
+      if (!promoted && this.sessions.has(old.id)) {
         old.frozen = false;
         await this.command(old, 'UNFREEZE', { reason: 'switchover failed' }).catch(() => undefined);
       }

@@ -300,16 +300,39 @@ export class UpgradeService {
     const rec = cur.phase === 'ABORTING' ? cur : this.transition(cur, 'ABORTING', reason, { timerDeadline: 0, result: switchedOver ? `rollback: ${reason}` : reason });
     if (switchedOver) {
       await this.waitForProcesses(rec, this.opts.peerGraceMs);
-      for (const [p, inst] of Object.entries(rec.processes)) {
-        const st = this.checkpoint.status(p)[0];
-        const active = st?.peers.find((x) => x.role === 'ACTIVE');
-        if (active?.instanceId === inst.from) continue;
-        const r = active ? await this.checkpoint.switchover(p, inst.from) : await this.checkpoint.failover(p, inst.from);
-        this.emit('PROGRESS', rec.id, 'ABORTING', `${p}: ${inst.from} is active again (${(r.freezeMicros / 1000).toFixed(2)} ms)`);
-      }
+      for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.from);
     }
     await this.stopVm(rec.toVm);
     this.transition(rec, switchedOver ? 'ROLLED_BACK' : 'ABORTED', switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
+  }
+
+  /**
+   * Makes `from` the active instance of `process` again: a switchover while the new version's
+   * active is alive, a failover once it is gone. A crashed VM's sessions take a moment to close,
+   * and a command can race with that; so it retries until the deadline.
+   */
+  private async restoreActive(rec: UpgradeRecord, process: string, from: string): Promise<void> {
+    const deadline = Date.now() + Math.max(30_000, this.opts.peerGraceMs);
+    for (;;) {
+      const active = this.checkpoint.status(process)[0]?.peers.find((x) => x.role === 'ACTIVE');
+      if (active?.instanceId === from) return;
+      const newAlive = this.vms.find(rec.toVm)?.state === 'RUNNING';
+      try {
+        if (!active) {
+          const r = await this.checkpoint.failover(process, from);
+          this.emit('PROGRESS', rec.id, 'ABORTING', `${process}: ${from} promoted (failover, ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
+        } else if (newAlive || active.vmId !== rec.toVm) {
+          const r = await this.checkpoint.switchover(process, from);
+          this.emit('PROGRESS', rec.id, 'ABORTING', `${process}: ${from} is active again (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
+        } else {
+          await sleep(200); // the dead VM's session is closing
+        }
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        this.emit('WARNING', rec.id, 'ABORTING', `${process}: ${(e as Error).message}; retrying`);
+        await sleep(500);
+      }
+    }
   }
 
   // ------------------------------------------------------------------ restart recovery

@@ -176,8 +176,10 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
     if (churnTimer) clearInterval(churnTimer);
     churnTimer = null;
     if (rate > 0) {
-      const perTick = Math.max(1, Math.round(rate / 100)); // every 10 ms
-      churnTimer = setInterval(() => churnTick(perTick), 10);
+      // One batch every 50 ms: small batches cost per-batch work on every hop (in a guest under
+      // software emulation that work slows everything else the daemon does, role commands too).
+      const perTick = Math.max(1, Math.round(rate / 20));
+      churnTimer = setInterval(() => churnTick(perTick), 50);
     }
   }
   const digest = () => out({ event: 'digest', process: model.process, table: model.table, role: client.role, acked, failed, ...client.digest(model.table) });

@@ -50,9 +50,13 @@ fatal() {
   sleep 10
 }
 
-# ---- kernel command line: hitless.vm=NAME hitless.agent=IP:PORT
+# ---- kernel command line: hitless.vm=NAME hitless.agent=IP:PORT hitless.bulk=IP:PORT
+# hitless.role=active|standby. Role and bulk reach every process as env HITLESS_ROLE and
+# HITLESS_BULK; without hitless.role= HITLESS_ROLE stays unset (the command's own default).
 HITLESS_VM=""
 HITLESS_AGENT=""
+HITLESS_BULK=""
+HITLESS_ROLE=""
 HITLESS_IP="10.0.2.15/24"
 HITLESS_ROOT="/dev/vda"
 HITLESS_NODECHECK=1
@@ -60,11 +64,17 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     hitless.vm=*) HITLESS_VM="${arg#hitless.vm=}" ;;
     hitless.agent=*) HITLESS_AGENT="${arg#hitless.agent=}" ;;
+    hitless.bulk=*) HITLESS_BULK="${arg#hitless.bulk=}" ;;
+    hitless.role=*) HITLESS_ROLE="${arg#hitless.role=}" ;;
     hitless.ip=*) HITLESS_IP="${arg#hitless.ip=}" ;;
     hitless.root=*) HITLESS_ROOT="${arg#hitless.root=}" ;;
     hitless.nodecheck=*) HITLESS_NODECHECK="${arg#hitless.nodecheck=}" ;;
   esac
 done
+case "$HITLESS_ROLE" in
+  ""|active|standby) ;;
+  *) echo "HITLESS-WARN ignoring hitless.role=$HITLESS_ROLE (want active or standby)"; HITLESS_ROLE="" ;;
+esac
 
 # ---- modules. There is no modules.dep, and busybox insmod does not resolve
 # dependencies: modules.list is already in dependency order (build time).
@@ -171,11 +181,14 @@ hitless_start() {
   awk -v p="[$name] " '{ print p $0; fflush() }' < "$fifo" &
   # Subshell = per-process waiter, so PID 1 itself never blocks on one child.
   # chroot (busybox) does chdir("/"): daemons start with cwd=/ in the rootfs.
+  # HITLESS_ROLE only when the cmdline set it: an empty value would not mean "default".
   (
-    env -i PATH=/opt/hitless:/usr/bin:/bin HOME=/tmp TMPDIR=/tmp \
-      HITLESS_VM="$HITLESS_VM" HITLESS_AGENT="$HITLESS_AGENT" \
+    set -- env -i PATH=/opt/hitless:/usr/bin:/bin HOME=/tmp TMPDIR=/tmp \
+      HITLESS_VM="$HITLESS_VM" HITLESS_AGENT="$HITLESS_AGENT" HITLESS_BULK="$HITLESS_BULK" \
       HITLESS_PROCESS="$name" HITLESS_VERSION="$HITLESS_VERSION" \
-      chroot /newroot "$@" > "$fifo" 2>&1 < /dev/null &
+      ${HITLESS_ROLE:+HITLESS_ROLE="$HITLESS_ROLE"} \
+      chroot /newroot "$@"
+    "$@" > "$fifo" 2>&1 < /dev/null &
     pid=$!
     echo "HITLESS-START name=$name pid=$pid"
     echo "$pid" > "/run/hitless/$name.pid"

@@ -177,10 +177,10 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
       const table = (await until('rib checkpointed', async () => {
         const p = await peerOf('bgp@r1');
         const t = p?.process.tables.find((x) => x.name === 'rib');
-        return t && t.seq > 0 && t.records >= 2000 ? t : null;
+        return t && t.seq > 0 && t.records >= 20000 ? t : null;
       }, 60_000, 100))!;
       assert.ok(table.seq > 0 && table.records > 0);
-      measure('x86_64 boot-to-checkpointed (2000 records)', Date.now() - t0);
+      measure('x86_64 boot-to-checkpointed (20000 records)', Date.now() - t0);
       assert.ok(events.some((e) => e.vm === 'r1' && e.type === 'STATE' && JSON.parse(e.dataJson).state === 'RUNNING' && e.atMs >= t0));
     } finally {
       stream.cancel();
@@ -194,7 +194,7 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
     const cli = await issu(agent.socket, ['vm', 'log', 'r1', '--bytes', '100000']);
     assert.equal(cli.code, 0, cli.stderr);
     assert.match(cli.stdout, /HITLESS-INIT version=1\.0\.0/);
-    assert.match(cli.stdout, /\[bgp\] \{"event":"loaded","records":2000/);
+    assert.match(cli.stdout, /\[bgp\] \{"event":"loaded","records":20000/);
     const tail = await unaryCall<ConsoleLogResponse>(vm, 'ConsoleLog', { name: 'r1', bytes: 10 });
     assert.equal(tail.data.length, 10);
     await expectStatus(unaryCall(vm, 'ConsoleLog', { name: 'r1', bytes: 64 * 1024 * 1024 }), grpc.status.INVALID_ARGUMENT, /bytes must be/);

@@ -121,6 +121,13 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     measure('x86_64 v1 boot to active with 20000 routes', `${Date.now() - t0} ms`);
   });
 
+  afterEach(function () {
+    // On failure, the agent's last log lines say what the upgrade was doing.
+    if (this.currentTest?.state === 'failed' && agent) {
+      process.stderr.write(`      agent log (last lines):\n${agent.stderr().split('\n').slice(-25).map((l) => `        ${l}`).join('\n')}\n`);
+    }
+  });
+
   after(async function () {
     this.timeout(120_000);
     await trackAll().catch(() => undefined);
@@ -177,7 +184,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     await new Promise((r) => setTimeout(r, 1500)); // v2 churns the table
     const { rib: underV2 } = await assertAudit('after runversion');
     const back = await cli('abortversion', '--reason', 'test rollback');
-    assert.equal(back.current, undefined);
+    assert.ok(!back.current, 'no upgrade in progress');
     assert.equal(back.history[0].phase, 'ROLLED_BACK');
     assert.equal((await active())?.vmId, 'cp-1', 'v1 is active again');
     const { rib: afterRollback } = await assertAudit('after rollback');
@@ -257,7 +264,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const t0 = Date.now();
     const done = await cli('changeversion', v2);
     measure('changeversion end to end', `${Date.now() - t0} ms`);
-    assert.equal(done.current, undefined);
+    assert.ok(!done.current, 'no upgrade in progress');
     assert.equal(done.history[0].phase, 'COMMITTED');
     await trackAll();
     const a = await active();
