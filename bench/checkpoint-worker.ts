@@ -13,9 +13,12 @@ type Cmd =
   | { op: 'syncLatency'; rate: number; batch: number; seconds: number; warmup?: number }
   | { op: 'waitSeq'; table: string; seq: number }
   | { op: 'digest'; table: string }
+  | { op: 'churnOn'; rate: number }
+  | { op: 'churnOff' }
   | { op: 'exit' };
 
 let client: CheckpointClient | null = null;
+let churnTimer: NodeJS.Timeout | null = null;
 let routes: RibRoute[] = [];
 const send = (m: unknown) => process.send!(m);
 const now = () => Number(process.hrtime.bigint()) / 1e9;
@@ -117,6 +120,29 @@ process.on('message', async (cmd: Cmd) => {
       const t = client!.table(cmd.table);
       while (t.seq < cmd.seq) await new Promise((r) => setImmediate(r));
       send({ ok: true, seconds: now() - t0 });
+    } else if (cmd.op === 'churnOn') {
+      // Background load while a switchover happens: a batch every 10 ms while this is the active.
+      const rng = createRng(23);
+      const per = Math.max(1, Math.round(cmd.rate / 100));
+      if (routes.length === 0) {
+        // A standby never generated the table: take keys and values from what it replicated.
+        client!.table('rib').forEach((key, _schema, value) => {
+          if (routes.length < 50_000) routes.push({ key, value: Buffer.from(value) });
+        });
+      }
+      let k = 0;
+      churnTimer = setInterval(() => {
+        if (client!.role !== 'ACTIVE' || client!.frozen) return;
+        const b = client!.batch('rib');
+        for (let j = 0; j < per; j++, k++) b.put(routes[k % routes.length].key, mutateRoute(routes[k % routes.length], rng).value);
+        b.commit().catch(() => undefined); // refused once demoted: expected
+      }, 10);
+      send({ ok: true });
+    } else if (cmd.op === 'churnOff') {
+      if (churnTimer) clearInterval(churnTimer);
+      churnTimer = null;
+      while (client!.inFlight > 0) await new Promise((r) => setTimeout(r, 5));
+      send({ ok: true, seq: client!.table('rib').seq });
     } else if (cmd.op === 'digest') {
       send({ ok: true, ...client!.digest(cmd.table) });
     } else if (cmd.op === 'exit') {

@@ -9,7 +9,9 @@
  *   incremental  sustained records/s from the active's submit to the standby's apply;
  *   sync-ack     SYNC table ack latency p50/p99 at 50k records/s offered (after 1 s unmeasured
  *                warm-up at the same rate);
- *   agent-rss    the agent's resident memory holding the table.
+ *   agent-rss    the agent's resident memory holding the table;
+ *   switchover   write-freeze window when the standby takes over the 1M-record table while the
+ *                active changes 20k records/s (agent-side: FREEZE sent -> PROMOTE acknowledged).
  */
 import { ChildProcess, fork } from 'node:child_process';
 import fs from 'node:fs';
@@ -17,9 +19,12 @@ import path from 'node:path';
 import { startAgent } from '../test/helpers/agent-process';
 import { generateRib } from '../examples/bgp-rib/rib-generator';
 import { measureRedisReplicaFullSync } from './peers/redis-replica';
+import { rawClient, unaryCall } from '../test/helpers/grpc-client';
 
 const RECORDS = Number(process.env.RECORDS ?? 1_000_000);
 const BATCH = 1000;
+/** Extra V8 flags for every process of the run (e.g. BENCH_NODE_FLAGS=--max-semi-space-size=64). */
+const NODE_FLAGS = (process.env.BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean);
 
 interface Worker {
   proc: ChildProcess;
@@ -27,7 +32,7 @@ interface Worker {
 }
 
 function worker(): Worker {
-  const proc = fork(path.join(__dirname, 'checkpoint-worker.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: ['--expose-gc'] });
+  const proc = fork(path.join(__dirname, 'checkpoint-worker.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: ['--expose-gc', ...NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])] });
   let queue = Promise.resolve<unknown>(undefined);
   return {
     proc,
@@ -54,7 +59,7 @@ const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringif
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 async function main(): Promise<void> {
-  const agent = await startAgent();
+  const agent = await startAgent({ nodeArgs: NODE_FLAGS });
   const workers: Worker[] = [];
   try {
     const active = worker();
@@ -113,6 +118,26 @@ async function main(): Promise<void> {
     print({ bench: 'sync-ack', records: lat.records, seconds: round(lat.seconds), offered_records_per_s: 50_000, warmup_seconds: 1, p50_ms: round(lat.p50), p99_ms: round(lat.p99), max_ms: round(lat.max) });
     if (process.env.BENCH_DEBUG) process.stderr.write(`sync spikes (start ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
     print({ bench: 'agent-rss-end', records: RECORDS, seconds: 0, rss_mb: round(rssBytes(agent.pid) / 2 ** 20, 1) });
+
+    // Switchover under load, there and back, three times each way: the freeze window.
+    const ck = rawClient('hitless.v1.Checkpoint', agent.socket);
+    const freezes: number[] = [];
+    try {
+      await active.call({ op: 'churnOn', rate: 20_000 });
+      await standby.call({ op: 'churnOn', rate: 20_000 }); // runs only while it is the active
+      for (let i = 0; i < 6; i++) {
+        await new Promise((r) => setTimeout(r, 500));
+        const to = i % 2 === 0 ? 'bgp-s0' : 'bgp-a';
+        const r = await unaryCall<{ freezeMicros: number }>(ck, 'Switchover', { process: 'bgp', toInstanceId: to });
+        freezes.push(r.freezeMicros / 1000);
+      }
+      await standby.call({ op: 'churnOff' });
+      await active.call({ op: 'churnOff' });
+    } finally {
+      ck.close();
+    }
+    freezes.sort((a, b) => a - b);
+    print({ bench: 'switchover', records: RECORDS, seconds: round(freezes[freezes.length >> 1] / 1000, 6), freeze_ms_median: round(freezes[freezes.length >> 1]), freeze_ms_max: round(freezes[freezes.length - 1]), samples_ms: freezes.map((x) => round(x)) });
   } finally {
     for (const w of workers) if (w.proc.exitCode === null) w.proc.kill('SIGKILL');
     await agent.stop();

@@ -43,7 +43,10 @@ import {
   WriteAck,
   WriteRequest,
 } from './messages';
-import { tableDigest } from './record-table';
+import { snapshotFrames, tableDigest } from './record-table';
+
+/** Bulk snapshot frames and stored snapshot chunks, bytes. */
+const SNAPSHOT_FRAME_BYTES = 1024 * 1024;
 import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
 import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
 import { TableReplica } from './table-replica';
@@ -469,10 +472,10 @@ export class CheckpointService {
     const token = this.bulk.issue(
       async (out) => {
         let sent = 0;
-        // The log's arenas go out as they are: no per-record work on the agent.
-        for (const part of snap.parts) {
-          await out.frame(part.buf.subarray(0, part.end), part.records);
-          sent += part.records;
+        // The log's bytes go out as they are (only record headers are read to cut frames).
+        for (const f of snapshotFrames(snap, SNAPSHOT_FRAME_BYTES)) {
+          await out.frame(f.records, f.count);
+          sent += f.count;
         }
         return sent;
       },
@@ -800,9 +803,10 @@ export class CheckpointService {
     const gen = this.store.beginSnapshot(process, r.name);
     try {
       let chunk = 0;
-      for (const part of snap.parts) {
-        this.store.writeSnapshotChunk(process, r.name, gen, chunk++, part.buf.subarray(0, part.end));
-        await new Promise((res) => setImmediate(res)); // let writes and acks in between chunks
+      // 1 MiB chunks, one per event-loop turn: writes and acks go on in between.
+      for (const f of snapshotFrames(snap, SNAPSHOT_FRAME_BYTES)) {
+        this.store.writeSnapshotChunk(process, r.name, gen, chunk++, f.records);
+        await new Promise((res) => setImmediate(res));
       }
       this.store.commitSnapshot(process, r.name, gen, snap.seq);
       this.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk }, 'table log compacted into a snapshot');

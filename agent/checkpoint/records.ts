@@ -234,6 +234,19 @@ export class RecordBuilder {
     this.count++;
   }
 
+  /**
+   * Returns the records so far without copying and gives up the buffer (for single-use builders:
+   * saves a copy and an allocation per batch, which matters for GC at thousands of batches/s).
+   */
+  takeOwned(): { records: Buffer; count: number } {
+    const records = this.buf.subarray(0, this.off);
+    const count = this.count;
+    this.buf = Buffer.allocUnsafe(256);
+    this.off = 0;
+    this.count = 0;
+    return { records, count };
+  }
+
   /** Returns a copy of the records so far and starts over. */
   take(): { records: Buffer; count: number } {
     const records = Buffer.from(this.buf.subarray(0, this.off));

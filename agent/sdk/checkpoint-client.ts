@@ -109,7 +109,9 @@ export class CheckpointError extends Error {
 
 /** A batch under construction; values are given in the build's native schema. */
 export class Batch {
-  readonly builder = new RecordBuilder(64 * 1024);
+  // Starts small (from Node's buffer pool) and grows: a fresh 64 KiB buffer per batch made V8
+  // collect far more often at thousands of small SYNC batches per second.
+  readonly builder = new RecordBuilder(2048);
   constructor(
     private readonly client: CheckpointClient,
     readonly table: string,
@@ -130,7 +132,7 @@ export class Batch {
     return this.builder.count;
   }
   commit(): Promise<number> {
-    return this.client.submit(this.table, this.builder);
+    return this.client.submit(this.table, this.builder, true);
   }
 }
 
@@ -318,10 +320,10 @@ export class CheckpointClient extends EventEmitter {
   }
 
   /** Packs what `builder` holds into the next batch of `table`; resolves with its sequence once acknowledged. */
-  async submit(table: string, builder: RecordBuilder): Promise<number> {
+  async submit(table: string, builder: RecordBuilder, owned = false): Promise<number> {
     while (this.frozen) await new Promise<void>((r) => this.unfrozenWaiters.push(r));
     if (this.role !== 'ACTIVE') throw new CheckpointError(grpc.status.FAILED_PRECONDITION, `'${this.opts.instanceId}' is ${this.role}; only the active writes`);
-    const { records, count } = builder.take();
+    const { records, count } = owned ? builder.takeOwned() : builder.take();
     if (count === 0) return this.table(table).seq;
     validateRecords(records, count, DEFAULT_LIMITS);
     const local = this.table(table);
