@@ -5,6 +5,7 @@
  */
 import { Inject, Injectable, Module, OnApplicationBootstrap, OnApplicationShutdown, DynamicModule } from '@nestjs/common';
 import path from 'node:path';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { CheckpointService } from './checkpoint/checkpoint.service';
 import { checkpointHandlers } from './checkpoint/checkpoint.grpc';
 import { BulkServer } from './checkpoint/bulk-server';
@@ -47,7 +48,27 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     private readonly upgrade: UpgradeService,
   ) {}
 
+  private loopTimer: NodeJS.Timeout | null = null;
+
+  /**
+   * Watches the agent's own event loop: every acknowledgement and switchover waits on it, so a
+   * stall is worth a warning (and its figures are at debug level every 5 s).
+   */
+  private watchEventLoop(): void {
+    const h = monitorEventLoopDelay({ resolution: 1 });
+    h.enable();
+    this.loopTimer = setInterval(() => {
+      const p99 = h.percentile(99) / 1e6;
+      const max = h.max / 1e6;
+      if (max > 100) this.log.warn({ p99Ms: p99, maxMs: max }, 'the agent event loop stalled');
+      else this.log.debug({ p99Ms: p99, maxMs: max }, 'event loop delay');
+      h.reset();
+    }, 5000);
+    this.loopTimer.unref();
+  }
+
   async onApplicationBootstrap(): Promise<void> {
+    this.watchEventLoop();
     const t0 = Date.now();
     const recovered = this.checkpoint.recover();
     this.log.info({ ...recovered, ms: Date.now() - t0 }, 'checkpoint tables recovered from the store');
@@ -81,6 +102,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
 
   async onApplicationShutdown(signal?: string): Promise<void> {
     this.log.info({ signal }, 'agent shutting down');
+    if (this.loopTimer) clearInterval(this.loopTimer);
     // Let go of the VMs without stopping them: they carry the router and outlive the agent.
     this.upgrade.close();
     this.vms.close();

@@ -3,6 +3,7 @@
  * active that loads and churns the RIB, or a standby that follows it. Timings are taken inside
  * the worker so process start-up is not counted; results go back over IPC.
  */
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { CheckpointClient } from '../agent/sdk/checkpoint-client';
 import { createRng, generateRib, mutateRoute, RibRoute } from '../examples/bgp-rib/rib-generator';
 
@@ -14,11 +15,14 @@ type Cmd =
   | { op: 'waitSeq'; table: string; seq: number }
   | { op: 'digest'; table: string }
   | { op: 'churnOn'; rate: number }
+  | { op: 'loopDelay'; reset: boolean }
   | { op: 'churnOff' }
   | { op: 'exit' };
 
 let client: CheckpointClient | null = null;
 let churnTimer: NodeJS.Timeout | null = null;
+const loop = monitorEventLoopDelay({ resolution: 1 });
+loop.enable();
 let routes: RibRoute[] = [];
 const send = (m: unknown) => process.send!(m);
 const now = () => Number(process.hrtime.bigint()) / 1e9;
@@ -92,14 +96,21 @@ process.on('message', async (cmd: Cmd) => {
       const pending: Promise<void>[] = [];
       const spikes: [number, number][] = [];
       const warmup = cmd.warmup ?? 1;
+      // Batches are built before the clock starts: the generator must not be what is measured.
+      const total = Math.ceil(((warmup + cmd.seconds) * cmd.rate) / cmd.batch) + 10;
+      const prepared: ReturnType<CheckpointClient['batch']>[] = [];
+      for (let i = 0, k = 0; i < total; i++) {
+        const b = client!.batch('rib-sync');
+        for (let j = 0; j < cmd.batch; j++, k++) b.put(routes[k % routes.length].key, mutateRoute(routes[k % routes.length], rng).value);
+        prepared.push(b);
+      }
+      (globalThis as { gc?: () => void }).gc?.();
       const t0 = now();
-      let k = 0;
-      for (let i = 0; now() - t0 < warmup + cmd.seconds; i++) {
+      for (let i = 0; now() - t0 < warmup + cmd.seconds && i < prepared.length; i++) {
         const due = t0 + (i * interval) / 1000;
         const wait = (due - now()) * 1000;
         if (wait > 0.5) await new Promise((r) => setTimeout(r, wait));
-        const b = client!.batch('rib-sync');
-        for (let j = 0; j < cmd.batch; j++, k++) b.put(routes[k % routes.length].key, mutateRoute(routes[k % routes.length], rng).value);
+        const b = prepared[i];
         const s = now();
         const measured = s - t0 >= warmup;
         pending.push(
@@ -120,6 +131,11 @@ process.on('message', async (cmd: Cmd) => {
       const t = client!.table(cmd.table);
       while (t.seq < cmd.seq) await new Promise((r) => setImmediate(r));
       send({ ok: true, seconds: now() - t0 });
+    } else if (cmd.op === 'loopDelay') {
+      // Event-loop delay of this process (ms): a stall here is latency every peer sees.
+      const r = { ok: true, p99: loop.percentile(99) / 1e6, max: loop.max / 1e6 };
+      if (cmd.reset) loop.reset();
+      send(r);
     } else if (cmd.op === 'churnOn') {
       // Background load while a switchover happens: a batch every 10 ms while this is the active.
       const rng = createRng(23);
