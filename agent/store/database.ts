@@ -21,7 +21,7 @@ export function openDatabase(stateDir: string, opts: { fsync?: boolean } = {}): 
   db.pragma('wal_autocheckpoint = 0');
   db.pragma('busy_timeout = 5000');
   const worker = new Worker(path.join(__dirname, 'wal-checkpoint.worker.js'), {
-    workerData: { file: path.join(stateDir, 'hitless.db'), intervalMs: 500 },
+    workerData: { file: path.join(stateDir, 'hitless.db'), intervalMs: 500, fsync: !!opts.fsync },
   });
   worker.unref();
   const close = db.close.bind(db);
