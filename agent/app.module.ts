@@ -4,6 +4,7 @@
  * after everything is constructed and close them in reverse order on shutdown.
  */
 import { Inject, Injectable, Module, OnApplicationBootstrap, OnApplicationShutdown, DynamicModule } from '@nestjs/common';
+import fs from 'node:fs';
 import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { CheckpointService } from './checkpoint/checkpoint.service';
@@ -27,6 +28,10 @@ import { SqliteUpgradeStore } from './upgrade/upgrade-store';
 import { UpgradeService } from './upgrade/upgrade.service';
 import { upgradeHandlers } from './upgrade/upgrade.grpc';
 import { verifyBundle } from './images/signing';
+import { loadRoles } from './grpc/authz';
+import { Metrics } from './metrics/metrics';
+import { PackageStore } from './gnoi/package-store';
+import { osHandlers, systemHandlers } from './gnoi/gnoi.grpc';
 
 export const AGENT_CONFIG = 'AGENT_CONFIG';
 export const LOGGER = 'LOGGER';
@@ -46,6 +51,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     private readonly grpc: GrpcServer,
     private readonly vms: VmSupervisor,
     private readonly upgrade: UpgradeService,
+    private readonly metrics: Metrics,
   ) {}
 
   private loopTimer: NodeJS.Timeout | null = null;
@@ -80,6 +86,23 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     this.log.info({ ...vms, ms: Date.now() - t1 }, 'VMs recovered');
     await this.grpc.listenUnix(this.config.grpcSocket);
     if (this.config.grpcTcp) await this.grpc.listenTcp(this.config.grpcTcp);
+    if (this.config.grpcTls) {
+      const t = this.config.grpcTls;
+      const read = (f: string, flag: string) => {
+        try {
+          return fs.readFileSync(f, 'utf8');
+        } catch (e) {
+          throw new Error(`${flag} ${f}: ${(e as Error).message}`);
+        }
+      };
+      await this.grpc.listenTls(t.address, {
+        cert: read(t.certFile, '--tls-cert'),
+        key: read(t.keyFile, '--tls-key'),
+        clientCa: read(t.clientCaFile, '--tls-client-ca'),
+        roles: loadRoles(t.rolesFile),
+      });
+    }
+    if (this.config.metrics) await this.metrics.listen(this.config.metrics);
     // After the listeners: an interrupted upgrade needs its processes to reconnect first.
     const upgradeRecovery = this.upgrade.recover().then(
       (what) => this.log.info({ what }, 'upgrade journal checked'),
@@ -91,6 +114,8 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
       pid: process.pid,
       grpcSocket: this.config.grpcSocket,
       grpcTcp: this.grpc.tcpAddress || null,
+      grpcTls: this.grpc.tlsAddress || null,
+      metrics: this.metrics.address || null,
       stateDir: this.config.stateDir,
       recoveredTables: recovered.tables,
       recoveredRecords: recovered.records,
@@ -108,6 +133,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     this.vms.close();
     this.checkpoint.closeAll();
     await this.grpc.close();
+    await this.metrics.close();
     await this.bulk.close();
     this.db.close();
   }
@@ -220,7 +246,33 @@ export class AppModule {
               config.upgrade.options,
             );
             grpc.addService({ name: 'hitless.v1.Upgrade', guest: false, handlers: () => upgradeHandlers(svc, store, log.child({ mod: 'grpc' })) });
+            const packages = new PackageStore(config.stateDir, config.upgrade.trustDir, config.maxPackageBytes);
+            const gnoiLog = log.child({ mod: 'gnoi' });
+            const osImpl = osHandlers(packages, svc, gnoiLog);
+            const systemImpl = systemHandlers(svc, sup, gnoiLog);
+            grpc.addService({ name: 'gnoi.os.OS', guest: false, handlers: () => osImpl });
+            grpc.addService({ name: 'gnoi.system.System', guest: false, handlers: () => systemImpl });
             return svc;
+          },
+        },
+        {
+          provide: Metrics,
+          inject: [CheckpointService, UpgradeService, VmSupervisor, GrpcServer],
+          useFactory: (checkpoint: CheckpointService, upgrade: UpgradeService, sup: VmSupervisor, grpc: GrpcServer) => {
+            const m = new Metrics(
+              {
+                checkpoint: () => checkpoint.status(''),
+                upgradePhase: () => {
+                  const s = upgrade.status();
+                  const r = s.current ?? s.history[0];
+                  return r ? { phase: r.phase, id: r.id } : null;
+                },
+                vms: () => sup.list(),
+              },
+              log.child({ mod: 'metrics' }),
+            );
+            grpc.onCall = (method, code) => m.countCall(method, code);
+            return m;
           },
         },
         AgentLifecycle,

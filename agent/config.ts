@@ -10,6 +10,12 @@ import { DEFAULT_UPGRADE_OPTIONS, UpgradeOptions } from './upgrade/upgrade.servi
 export interface AgentConfig {
   grpcSocket: string;
   grpcTcp: string | null;
+  /** Remote listener with mutual TLS and roles (all four files are required with it). */
+  grpcTls: { address: string; certFile: string; keyFile: string; clientCaFile: string; rolesFile: string } | null;
+  /** Prometheus text exposition on HOST:PORT (GET /metrics); null: off. */
+  metrics: string | null;
+  /** gNOI OS.Install: largest package (tar of a bundle) accepted, bytes. */
+  maxPackageBytes: number;
   stateDir: string;
   fsync: boolean;
   logLevel: string;
@@ -34,6 +40,13 @@ Listeners
                          (env HITLESS_GRPC_SOCKET; default <state-dir>/agent.sock)
   --grpc-tcp HOST:PORT   also listen on TCP; loopback only (127.0.0.1, ::1); port 0 picks one
                          (env HITLESS_GRPC_TCP; default: no TCP listener)
+  --grpc-tls HOST:PORT   remote listener with mutual TLS (any address; port 0 picks one); needs
+                         --tls-cert F --tls-key F (server certificate chain and key, PEM),
+                         --tls-client-ca F (CA that signs client certificates; a client without
+                         one fails the handshake) and --tls-roles F (JSON: {"<cert CN or SAN>":
+                         "viewer"|"operator"}). viewer: read-only RPCs; operator: everything.
+  --metrics HOST:PORT    Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to
+                         127.0.0.1; default: off)
 State
   --state-dir DIR        embedded database and runtime files
                          (env HITLESS_STATE_DIR; default /var/lib/hitless)
@@ -58,6 +71,8 @@ Upgrades
   --rollback-timeout-s N after runversion, roll back by itself unless acceptversion or
                          commitversion comes within N seconds (default 2700 = 45 minutes)
   --load-timeout-s N     loadversion gives the standby VM N seconds to boot and sync (default 600)
+  --max-package-bytes N  gNOI OS.Install: largest package accepted (default 2147483648 = 2 GiB);
+                         installed bundles go to <state-dir>/images/<version>/
 Other
   --log-level LEVEL      trace|debug|info|warn|error (env HITLESS_LOG_LEVEL; default info)
   -h, --help             this text
@@ -72,6 +87,13 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     options: {
       'grpc-socket': { type: 'string' },
       'grpc-tcp': { type: 'string' },
+      'grpc-tls': { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      'tls-client-ca': { type: 'string' },
+      'tls-roles': { type: 'string' },
+      metrics: { type: 'string' },
+      'max-package-bytes': { type: 'string' },
       'state-dir': { type: 'string' },
       fsync: { type: 'boolean' },
       'max-key-bytes': { type: 'string' },
@@ -105,7 +127,28 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     return n;
   };
   const d = DEFAULT_CHECKPOINT_OPTIONS;
+  let grpcTls: AgentConfig['grpcTls'] = null;
+  const tlsFiles = ['tls-cert', 'tls-key', 'tls-client-ca', 'tls-roles'] as const;
+  if (values['grpc-tls']) {
+    const missing = tlsFiles.filter((f) => !values[f]);
+    if (missing.length) throw new Error(`--grpc-tls needs ${missing.map((m) => `--${m}`).join(', ')} (mutual TLS is the only remote transport)`);
+    grpcTls = {
+      address: values['grpc-tls'],
+      certFile: path.resolve(values['tls-cert']!),
+      keyFile: path.resolve(values['tls-key']!),
+      clientCaFile: path.resolve(values['tls-client-ca']!),
+      rolesFile: path.resolve(values['tls-roles']!),
+    };
+  } else {
+    const given = tlsFiles.filter((f) => values[f]);
+    if (given.length) throw new Error(`${given.map((g) => `--${g}`).join(', ')} given without --grpc-tls HOST:PORT`);
+  }
+  let metrics: string | null = null;
+  if (values.metrics !== undefined) metrics = /^\d+$/.test(values.metrics) ? `127.0.0.1:${values.metrics}` : values.metrics;
   return {
+    grpcTls,
+    metrics,
+    maxPackageBytes: int('max-package-bytes', values['max-package-bytes'], 2 * 1024 ** 3),
     grpcSocket: path.resolve(values['grpc-socket'] ?? env.HITLESS_GRPC_SOCKET ?? path.join(stateDir, 'agent.sock')),
     grpcTcp: values['grpc-tcp'] ?? env.HITLESS_GRPC_TCP ?? null,
     stateDir,

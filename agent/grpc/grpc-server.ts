@@ -1,8 +1,13 @@
 /**
  * The agent's gRPC listeners: the host unix socket local processes use, an optional loopback TCP
- * port, and one unix socket per VM (the guest channel) whose calls are tagged with that VM.
- * Every listener serves the same services plus grpc.health.v1 and server reflection, so stock
- * tools (grpcurl, grpc_health_probe) can discover and probe the agent.
+ * port, an optional TLS port for remote clients (mutual TLS: a client certificate from the
+ * --tls-client-ca is required, and its role from --tls-roles authorizes every call), and one unix
+ * socket per VM (the guest channel) whose calls are tagged with that VM. Every listener serves
+ * the same services plus grpc.health.v1 and server reflection, so stock tools (grpcurl,
+ * grpc_health_probe) can discover and probe the agent.
+ *
+ * Authorization is done here, once, by wrapping every handler of the TLS listener (see
+ * instrument()); the unix socket is local-operator (0660) and the guest sockets are unchanged.
  */
 import * as grpc from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
@@ -11,6 +16,18 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Logger } from '../common/logger';
 import { loadProtos, serviceDef } from './proto';
+import { Role, roleAllows, roleOf } from './authz';
+
+/** Mutual TLS for the remote listener. */
+export interface TlsOptions {
+  cert: string;
+  key: string;
+  clientCa: string;
+  roles: Map<string, Role>;
+}
+
+/** Counts finished calls: full method path and gRPC status code name. */
+export type CallObserver = (method: string, code: string) => void;
 
 /** A service this server exposes: its full proto name and handlers for a given VM tag. */
 export interface ServiceBinding {
@@ -34,6 +51,9 @@ export class GrpcServer {
   private readonly servers = new Map<string, grpc.Server>();
   private readonly health: HealthImplementation;
   tcpAddress = '';
+  tlsAddress = '';
+  /** Called once per finished RPC (metrics). */
+  onCall: CallObserver | null = null;
 
   constructor(
     private readonly bindings: ServiceBinding[],
@@ -51,23 +71,24 @@ export class GrpcServer {
     this.health.setStatus(binding.name, 'SERVING');
   }
 
-  private build(peerVm: string | null): grpc.Server {
+  private build(peerVm: string | null, tls: TlsOptions | null = null): grpc.Server {
     const { def, pkg } = loadProtos();
     const server = new grpc.Server(SERVER_OPTIONS);
     for (const b of this.bindings) {
       if (peerVm !== null && !b.guest) continue;
       const def = serviceDef(pkg, b.name);
-      server.addService(guardMalformed(def), guardHandlers(def, b.handlers(peerVm)));
+      const handlers = guardHandlers(def, b.handlers(peerVm));
+      server.addService(guardMalformed(def), instrument(def, handlers, tls?.roles ?? null, (m, c) => this.onCall?.(m, c), this.log));
     }
     this.health.addToServer(server);
     new ReflectionService(def).addToServer(server);
     return server;
   }
 
-  private async bind(server: grpc.Server, address: string): Promise<number> {
+  private async bind(server: grpc.Server, address: string, creds = grpc.ServerCredentials.createInsecure()): Promise<number> {
     widenFlowControl(server, 'before-bind');
     const port = await new Promise<number>((resolve, reject) =>
-      server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+      server.bindAsync(address, creds, (err, p) => (err ? reject(err) : resolve(p))),
     );
     widenFlowControl(server, 'after-bind');
     return port;
@@ -96,6 +117,26 @@ export class GrpcServer {
     this.servers.set(`tcp:${this.tcpAddress}`, server);
     this.log.info({ address: this.tcpAddress }, 'gRPC listening on TCP');
     return this.tcpAddress;
+  }
+
+  /**
+   * TLS with client certificates, on any address: a client without a certificate signed by
+   * `clientCa` fails the handshake and gets no response at all; an authenticated client's role
+   * decides which RPCs it may call (PERMISSION_DENIED otherwise). Port 0 picks a free port.
+   */
+  async listenTls(hostPort: string, tls: TlsOptions): Promise<string> {
+    const { host, port } = splitHostPort(hostPort);
+    const creds = grpc.ServerCredentials.createSsl(
+      Buffer.from(tls.clientCa),
+      [{ private_key: Buffer.from(tls.key), cert_chain: Buffer.from(tls.cert) }],
+      true,
+    );
+    const server = this.build(null, tls);
+    const bound = await this.bind(server, host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`, creds);
+    this.tlsAddress = host.includes(':') ? `[${host}]:${bound}` : `${host}:${bound}`;
+    this.servers.set(`tls:${this.tlsAddress}`, server);
+    this.log.info({ address: this.tlsAddress, roles: tls.roles.size }, 'gRPC listening on TLS (client certificates required)');
+    return this.tlsAddress;
   }
 
   /** A VM's guest channel: calls arriving here are known to come from `vm`. */
@@ -207,6 +248,79 @@ function guardHandlers(def: grpc.ServiceDefinition, impl: grpc.UntypedServiceImp
         h(call, cb);
       }) as grpc.UntypedHandleCall;
     }
+  }
+  return out;
+}
+
+type AnyCall = NodeJS.EventEmitter & {
+  getPath?: () => string;
+  getAuthContext?: () => { sslPeerCertificate?: import('node:tls').PeerCertificate };
+  end?: (...a: unknown[]) => unknown;
+  emit: (e: string, ...v: unknown[]) => boolean;
+};
+
+/**
+ * Wraps every handler of a service: with `roles` (the TLS listener) the caller's certificate
+ * must map to a role that allows the method, else PERMISSION_DENIED naming the role and the RPC;
+ * on every listener each finished call is reported to `observe` with its status code.
+ */
+function instrument(
+  def: grpc.ServiceDefinition,
+  impl: grpc.UntypedServiceImplementation,
+  roles: Map<string, Role> | null,
+  observe: CallObserver,
+  log: Logger,
+): grpc.UntypedServiceImplementation {
+  const out: grpc.UntypedServiceImplementation = {};
+  for (const [name, m] of Object.entries(def)) {
+    const h = impl[name] as ((...a: unknown[]) => void) | undefined;
+    if (!h) continue;
+    const method = m.path;
+    const respondsWithCallback = !m.responseStream;
+    out[name] = ((call: AnyCall, cb?: (e: unknown, v?: unknown) => void) => {
+      let reported = false;
+      const report = (code: number | undefined) => {
+        if (reported) return;
+        reported = true;
+        observe(method, grpc.status[code ?? grpc.status.OK] ?? String(code));
+      };
+      if (roles) {
+        const cert = call.getAuthContext?.().sslPeerCertificate;
+        const { role, name: who } = roleOf(roles, cert);
+        if (!role || !roleAllows(role, method)) {
+          const details = role
+            ? `role '${role}' (certificate ${who}) may not call ${method}; it needs role 'operator'`
+            : `certificate ${who} has no role in --tls-roles, so it may not call ${method}; add its CN or SAN as 'viewer' or 'operator'`;
+          log.warn({ method, who, role }, 'RPC denied');
+          const err = { code: grpc.status.PERMISSION_DENIED, details };
+          report(err.code);
+          if (respondsWithCallback && cb) cb(err);
+          else call.emit('error', err);
+          return;
+        }
+      }
+      if (respondsWithCallback && cb) {
+        h(call, (e: unknown, v?: unknown) => {
+          report(e ? ((e as { code?: number }).code ?? grpc.status.UNKNOWN) : grpc.status.OK);
+          cb(e, v);
+        });
+        return;
+      }
+      const emit = call.emit.bind(call);
+      call.emit = ((event: string, ...a: unknown[]) => {
+        if (event === 'error') report((a[0] as { code?: number } | undefined)?.code ?? grpc.status.UNKNOWN);
+        return emit(event, ...a);
+      }) as typeof call.emit;
+      if (call.end) {
+        const end = call.end.bind(call);
+        call.end = ((...a: unknown[]) => {
+          report(grpc.status.OK);
+          return end(...a);
+        }) as typeof call.end;
+      }
+      call.once('cancelled', () => report(grpc.status.CANCELLED));
+      h(call);
+    }) as grpc.UntypedHandleCall;
   }
   return out;
 }

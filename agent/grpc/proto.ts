@@ -27,7 +27,14 @@ export function protoDir(): string {
   throw new Error('cannot find the proto/ directory; set HITLESS_PROTO_DIR');
 }
 
-export const PROTO_FILES = ['hitless/v1/checkpoint.proto', 'hitless/v1/vm.proto', 'hitless/v1/upgrade.proto'];
+export const PROTO_FILES = [
+  'hitless/v1/checkpoint.proto',
+  'hitless/v1/vm.proto',
+  'hitless/v1/upgrade.proto',
+  // gNOI, wire-compatible subsets of github.com/openconfig/gnoi (see agent/gnoi/).
+  'github.com/openconfig/gnoi/os/os.proto',
+  'github.com/openconfig/gnoi/system/system.proto',
+];
 
 let cached: { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } | null = null;
 

@@ -181,6 +181,16 @@ export class UpgradeService {
     };
   }
 
+  /** The running control-plane version (VM, image, manifest), or null when none runs. */
+  running(): { vm: string; imageDir: string; manifest: Manifest } | null {
+    try {
+      const r = this.runningSystem();
+      return { vm: r.vm, imageDir: r.imageDir, manifest: r.manifest };
+    } catch {
+      return null;
+    }
+  }
+
   /** The compatibility matrix between the running version and `imageDir`; changes nothing. */
   compatibility(imageDir: string): { running: string; candidate: string; matrix: ProcessCompatibility[]; compatible: boolean; reason: string } {
     const dir = this.checkImageDir(imageDir);

@@ -14,6 +14,8 @@ export interface AgentHandle {
   socket: string;
   stateDir: string;
   tcp: string | null;
+  /** The agent's ready line (grpcTls, metrics, ...). */
+  ready: Record<string, unknown>;
   stderr: () => string;
   stop(): Promise<void>;
   kill9(): Promise<void>;
@@ -36,7 +38,7 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     err += d.toString();
     if (err.length > 1_000_000) err = err.slice(-500_000);
   });
-  const ready = await new Promise<{ grpcTcp: string | null }>((resolve, reject) => {
+  const ready = await new Promise<{ grpcTcp: string | null } & Record<string, unknown>>((resolve, reject) => {
     let out = '';
     const onData = (d: Buffer) => {
       out += d.toString();
@@ -56,6 +58,7 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     socket,
     stateDir,
     tcp: ready.grpcTcp,
+    ready,
     stderr: () => err,
     async stop() {
       running.delete(handle);

@@ -40,3 +40,13 @@ export function registerRaw(client: AnyClient, reg: Record<string, unknown>): Pr
     call.write({ register: reg });
   });
 }
+
+/** A client of `service` over mutual TLS; `client` null connects without a certificate. */
+export function tlsClient(service: string, address: string, caCert: string, client: { cert: string; key: string } | null): AnyClient {
+  const Ctor = clientCtor(service);
+  const creds = client
+    ? grpc.credentials.createSsl(Buffer.from(caCert), Buffer.from(client.key), Buffer.from(client.cert))
+    : grpc.credentials.createSsl(Buffer.from(caCert));
+  // The test server certificate names localhost (and 127.0.0.1).
+  return new Ctor(address, creds, { 'grpc.ssl_target_name_override': 'localhost' }) as unknown as AnyClient;
+}
