@@ -59,7 +59,7 @@ const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringif
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 async function main(): Promise<void> {
-  const agent = await startAgent({ nodeArgs: NODE_FLAGS, args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [] });
+  const agent = await startAgent({ nodeArgs: [...NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])], args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [] });
   const workers: Worker[] = [];
   try {
     const active = worker();
@@ -125,6 +125,10 @@ async function main(): Promise<void> {
     if (process.env.BENCH_DEBUG) {
       const loops = agent.stderr().split('\n').filter((l) => l.includes('event loop')).slice(-3);
       process.stderr.write(`agent event loop (last 5 s windows): ${loops.join(' | ')}\n`);
+      if (process.env.BENCH_TRACE_GC) {
+        const gcs = agent.stdout().split('\n').filter((l) => /Mark-Compact|Scavenge/.test(l)).slice(-25);
+        process.stderr.write(`agent GC (last): \n${gcs.join('\n')}\n`);
+      }
     }
     print({ bench: 'agent-rss-end', records: RECORDS, seconds: 0, rss_mb: round(rssBytes(agent.pid) / 2 ** 20, 1) });
 

@@ -17,6 +17,8 @@ export interface AgentHandle {
   /** The agent's ready line (grpcTls, metrics, ...). */
   ready: Record<string, unknown>;
   stderr: () => string;
+  /** stdout after the ready line (normally empty; V8 traces when asked for). */
+  stdout: () => string;
   stop(): Promise<void>;
   kill9(): Promise<void>;
 }
@@ -34,6 +36,7 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
   const args = [...(opts.nodeArgs ?? []), AGENT_MAIN, '--state-dir', stateDir, '--grpc-socket', socket, ...(opts.tcp ? ['--grpc-tcp', '127.0.0.1:0'] : []), ...(opts.args ?? [])];
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
+  let out2 = '';
   proc.stderr!.on('data', (d) => {
     err += d.toString();
     if (err.length > 1_000_000) err = err.slice(-500_000);
@@ -42,10 +45,17 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     let out = '';
     const onData = (d: Buffer) => {
       out += d.toString();
-      const nl = out.indexOf('\n');
-      if (nl >= 0) {
+      // The ready line is the first JSON line (V8 traces, when asked for, may come before it).
+      const m = /^\{"event":"ready".*$/m.exec(out);
+      if (m) {
         proc.stdout!.off('data', onData);
-        resolve(JSON.parse(out.slice(0, nl)));
+        out2 = out.slice(0, m.index);
+        // Keep draining: a full pipe would block the agent on its next stdout write.
+        proc.stdout!.on('data', (d: Buffer) => {
+          out2 += d.toString();
+          if (out2.length > 1_000_000) out2 = out2.slice(-500_000);
+        });
+        resolve(JSON.parse(m[0]));
       }
     };
     proc.stdout!.on('data', onData);
@@ -60,6 +70,7 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     tcp: ready.grpcTcp,
     ready,
     stderr: () => err,
+    stdout: () => out2,
     async stop() {
       running.delete(handle);
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
