@@ -16,7 +16,6 @@
  *
  * Everything runs under a private state directory and is stopped at the end.
  */
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -24,7 +23,8 @@ import { parseArgs } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { startAgent, stopAllAgents, AgentHandle } from '../test/helpers/agent-process';
 import { rawClient, unaryCall, AnyClient } from '../test/helpers/grpc-client';
-import { generateKeyPair, signBundle } from '../agent/images/signing';
+import { generateKeyPair } from '../agent/images/signing';
+import { buildGuestImages, signedVariant } from '../test/helpers/guest-images';
 import type { AuditResponse, StatusResponse } from '../agent/checkpoint/messages';
 
 const { values } = parseArgs({ options: { json: { type: 'boolean', default: false }, help: { type: 'boolean', short: 'h' } } });
@@ -33,7 +33,6 @@ if (values.help) {
   process.exit(0);
 }
 
-const REPO = path.resolve(__dirname, '..', '..');
 const phases: { name: string; seconds: number }[] = [];
 const say = (s: string) => process.stderr.write(`demo: ${s}\n`);
 
@@ -57,13 +56,6 @@ async function until<T>(what: string, check: () => Promise<T | undefined | false
   }
 }
 
-/** A signed copy of a cached bundle (files hard-linked; the cache itself stays unsigned). */
-async function signedCopy(src: string, dir: string, key: string): Promise<string> {
-  fs.mkdirSync(dir, { recursive: true });
-  for (const f of fs.readdirSync(src)) if (f !== 'manifest.sig') fs.linkSync(path.join(src, f), path.join(dir, f));
-  await signBundle(dir, key);
-  return dir;
-}
 
 interface UpgradeStatusMsg {
   current?: { phase: string; freezeMs: number; toVm: string };
@@ -78,20 +70,15 @@ async function main(): Promise<void> {
   const started: string[] = [];
   try {
     const images = await phase('build guest images v1.0.0 and v2.0.0 (cached)', async () => {
-      const out = execFileSync('bash', [path.join(REPO, 'scripts/build-guest-images.sh'), '--only', 'x86_64-1.0.0,x86_64-2.0.0'], {
-        cwd: REPO,
-        encoding: 'utf8',
-        stdio: ['ignore', 'pipe', 'inherit'],
-      });
-      return JSON.parse(out.trim().split('\n').pop()!) as Record<string, string>;
+      return buildGuestImages(['x86_64-1.0.0', 'x86_64-2.0.0']);
     });
     const { v1, v2 } = await phase('sign both images and trust the key', async () => {
       const pair = generateKeyPair();
       fs.mkdirSync(trust, { recursive: true });
       fs.writeFileSync(path.join(trust, 'vendor.pub'), pair.publicKeyPem);
       return {
-        v1: await signedCopy(images['x86_64-1.0.0'], path.join(work, 'cp-1.0.0'), pair.privateKeyPem),
-        v2: await signedCopy(images['x86_64-2.0.0'], path.join(work, 'cp-2.0.0'), pair.privateKeyPem),
+        v1: await signedVariant(images['x86_64-1.0.0'], path.join(work, 'cp-1.0.0'), pair.privateKeyPem),
+        v2: await signedVariant(images['x86_64-2.0.0'], path.join(work, 'cp-2.0.0'), pair.privateKeyPem),
       };
     });
     agent = await phase('start hitlessd', () => startAgent({ stateDir: path.join(work, 'state'), args: ['--trust-dir', trust] }));

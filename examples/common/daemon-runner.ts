@@ -220,7 +220,8 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   });
 }
 
-function mulberry(seed: number): () => number {
+/** A small seeded PRNG (mulberry32) returning floats in [0, 1). */
+export function mulberry(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) | 0;

@@ -5,7 +5,7 @@
  * sequence number, checksum and links. Churn refreshes LSAs (sequence + 1, new metrics) and
  * flushes a few (MaxAge), as a real area does.
  */
-import { runDaemon } from '../common/daemon-runner';
+import { mulberry, runDaemon } from '../common/daemon-runner';
 
 const TYPES = ['router', 'network', 'summary', 'asbr-summary', 'external'];
 
@@ -27,21 +27,12 @@ function lsa(seq: number, links: number, rand: () => number): Buffer {
   return b;
 }
 
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 void runDaemon({
   process: 'ospf',
   table: 'lsdb',
   *generate(count, seed) {
-    const rand = seeded(seed);
+    const rand = mulberry(seed);
     for (let i = 0; i < count; i++) {
       const type = TYPES[i % TYPES.length];
       yield { key: `${type}:${ip(i)}:${ip(i % 4096)}`, value: lsa(0x80000001, 1 + (i % 8), rand) };

@@ -9,7 +9,6 @@
  * saw, or that a VM's qemu.pid names, gets its process group SIGKILLed.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -22,30 +21,10 @@ import { pidAlive } from '../../agent/vm/qemu-hypervisor';
 import type { StatusResponse } from '../../agent/checkpoint/messages';
 import type { ConsoleLogResponse, ListVmsResponse, PlatformInfo, VmEventMessage, VmInfoMessage } from '../../agent/vm/vm.messages';
 import { QemuReaper } from './fixtures';
+import { buildGuestImages, runIssu as issu } from '../helpers/guest-images';
 
-const REPO = path.resolve(__dirname, '..', '..', '..');
-const ISSU = path.resolve(__dirname, '../../agent/cli/issu.js');
 const measure = (what: string, ms: number) => process.stderr.write(`      MEASURE ${what}: ${ms} ms\n`);
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function issu(socket: string, args: string[], timeoutMs = 120_000): Promise<CliResult> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [ISSU, '--socket', socket, ...args], { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-function buildImages(): Record<string, string> {
-  const out = execFileSync('bash', [path.join(REPO, 'scripts/build-guest-images.sh')], { cwd: REPO, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], timeout: 20 * 60_000 });
-  return JSON.parse(out.trim().split('\n').pop()!) as Record<string, string>;
-}
 
 describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU under TCG)', function () {
   this.timeout(300_000);
@@ -76,7 +55,7 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
 
   before(async function () {
     this.timeout(1_200_000); // first run builds the bundles
-    images = buildImages();
+    images = buildGuestImages();
     agent = await startAgent({ stateDir });
     connect();
   });

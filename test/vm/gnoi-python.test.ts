@@ -7,7 +7,7 @@
  * hitless.v1.Upgrade/Checkpoint on the unix socket.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -17,8 +17,9 @@ import { until } from '../helpers/wait';
 import { Pem, TestCa, tlsAgentArgs } from '../helpers/tls-ca';
 import type { StatusResponse } from '../../agent/checkpoint/messages';
 import type { VmInfoMessage, ListVmsResponse } from '../../agent/vm/vm.messages';
-import { generateKeyPair, signBundle } from '../../agent/images/signing';
+import { generateKeyPair } from '../../agent/images/signing';
 import { QemuReaper } from './fixtures';
+import { buildGuestImages, signedVariant } from '../helpers/guest-images';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const CLIENT = path.join(REPO, 'test/python/gnoi_client.py');
@@ -28,27 +29,7 @@ const measure = (what: string, v: number | string) => process.stderr.write(`    
 
 type Line = Record<string, unknown> & { event: string };
 
-function buildImages(): Record<string, string> {
-  const out = execFileSync('bash', [path.join(REPO, 'scripts/build-guest-images.sh'), '--only', 'x86_64-1.0.0,x86_64-2.0.0'], {
-    cwd: REPO,
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'inherit'],
-    timeout: 20 * 60_000,
-  });
-  return JSON.parse(out.trim().split('\n').pop()!) as Record<string, string>;
-}
 
-/** A copy of `src` with its files hard-linked (except those in `copy`), signed with `key`. */
-async function signedCopy(src: string, dir: string, key: string, copy: string[] = []): Promise<string> {
-  fs.mkdirSync(dir, { recursive: true });
-  for (const f of fs.readdirSync(src)) {
-    if (f === 'manifest.sig') continue;
-    if (copy.includes(f)) fs.copyFileSync(path.join(src, f), path.join(dir, f));
-    else fs.linkSync(path.join(src, f), path.join(dir, f));
-  }
-  await signBundle(dir, key, { checkFiles: false });
-  return dir;
-}
 
 describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', function () {
   this.timeout(900_000);
@@ -84,14 +65,14 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
 
   before(async function () {
     this.timeout(1_200_000);
-    const built = buildImages();
+    const built = buildGuestImages(['x86_64-1.0.0', 'x86_64-2.0.0']);
     const pair = generateKeyPair();
     fs.mkdirSync(trustDir, { recursive: true });
     fs.writeFileSync(path.join(trustDir, 'vendor.pub'), pair.publicKeyPem);
-    v1 = await signedCopy(built['x86_64-1.0.0'], path.join(work, 'v1'), pair.privateKeyPem);
-    v2 = await signedCopy(built['x86_64-2.0.0'], path.join(work, 'v2'), pair.privateKeyPem);
+    v1 = await signedVariant(built['x86_64-1.0.0'], path.join(work, 'v1'), pair.privateKeyPem);
+    v2 = await signedVariant(built['x86_64-2.0.0'], path.join(work, 'v2'), pair.privateKeyPem);
     // Same signed manifest as v2, but one byte of the kernel changed after signing.
-    tampered = await signedCopy(built['x86_64-2.0.0'], path.join(work, 'tampered'), pair.privateKeyPem, ['vmlinuz']);
+    tampered = await signedVariant(built['x86_64-2.0.0'], path.join(work, 'tampered'), pair.privateKeyPem, { copy: ['vmlinuz'] });
     const fd = fs.openSync(path.join(tampered, 'vmlinuz'), 'r+');
     const b = Buffer.alloc(1);
     fs.readSync(fd, b, 0, 1, 4096);

@@ -18,7 +18,6 @@
  * the agent and then every QEMU the test saw or that a VM's qemu.pid names (process group).
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -29,20 +28,11 @@ import { pidAlive } from '../../agent/vm/qemu-hypervisor';
 import type { PeerStatus, ProcessStatus, StatusResponse, SwitchoverResponse } from '../../agent/checkpoint/messages';
 import type { ConsoleLogResponse, StopVmResponse, VmInfoMessage } from '../../agent/vm/vm.messages';
 import { QemuReaper } from './fixtures';
+import { buildGuestImages } from '../helpers/guest-images';
 
-const REPO = path.resolve(__dirname, '..', '..', '..');
 const measure = (what: string, value: number, unit = 'ms') => process.stderr.write(`      MEASURE ${what}: ${value} ${unit}\n`);
 const RECORDS = 20_000;
 
-function buildImages(): Record<string, string> {
-  const out = execFileSync('bash', [path.join(REPO, 'scripts/build-guest-images.sh'), '--only', 'x86_64-1.0.0,x86_64-2.0.0'], {
-    cwd: REPO,
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'inherit'],
-    timeout: 20 * 60_000,
-  });
-  return JSON.parse(out.trim().split('\n').pop()!) as Record<string, string>;
-}
 
 /** The daemon's JSON lines as the guest init prints them on the console: "[bgp] {...}". */
 function bgpEvents(consoleText: string): Record<string, unknown>[] {
@@ -103,7 +93,7 @@ describe('guest upgrade path: v1 ACTIVE in one VM, v2 STANDBY (schema 2) in anot
 
   before(async function () {
     this.timeout(1_200_000); // the first run builds the bundles
-    images = buildImages();
+    images = buildGuestImages(['x86_64-1.0.0', 'x86_64-2.0.0']);
     // debug: the agent logs 'bulk snapshot issued' for every snapshot it hands out.
     agent = await startAgent({ stateDir, args: ['--log-level', 'debug'] });
     vm = rawClient('hitless.v1.Vm', agent.socket);

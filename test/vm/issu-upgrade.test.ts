@@ -7,7 +7,6 @@
  * (old and new version) compared by digest.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -17,11 +16,10 @@ import { AnyClient, expectStatus, rawClient, unaryCall } from '../helpers/grpc-c
 import { until } from '../helpers/wait';
 import type { AuditResponse, StatusResponse } from '../../agent/checkpoint/messages';
 import type { VmInfoMessage, ListVmsResponse } from '../../agent/vm/vm.messages';
-import { generateKeyPair, signBundle } from '../../agent/images/signing';
+import { generateKeyPair } from '../../agent/images/signing';
+import { buildGuestImages, runIssu as issu, signedVariant } from '../helpers/guest-images';
 import { QemuReaper } from './fixtures';
 
-const REPO = path.resolve(__dirname, '..', '..', '..');
-const ISSU = path.resolve(__dirname, '../../agent/cli/issu.js');
 const measure = (what: string, v: number | string) => process.stderr.write(`      MEASURE ${what}: ${v}\n`);
 
 interface UpgradeStatus {
@@ -29,35 +27,8 @@ interface UpgradeStatus {
   history: { phase: string; result: string }[];
 }
 
-function issu(socket: string, args: string[], timeoutMs = 300_000): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [ISSU, '--socket', socket, ...args], { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
-function buildImages(): Record<string, string> {
-  const out = execFileSync('bash', [path.join(REPO, 'scripts/build-guest-images.sh'), '--only', 'x86_64-1.0.0,x86_64-2.0.0'], {
-    cwd: REPO,
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'inherit'],
-    timeout: 20 * 60_000,
-  });
-  return JSON.parse(out.trim().split('\n').pop()!) as Record<string, string>;
-}
 
-/** A copy of `src` (files hard-linked) whose manifest `edit` changes, signed with `key`. */
-async function variant(src: string, dir: string, key: string, edit: (m: Record<string, unknown>) => void): Promise<string> {
-  fs.mkdirSync(dir, { recursive: true });
-  for (const f of fs.readdirSync(src)) if (f !== 'manifest.json' && f !== 'manifest.sig') fs.linkSync(path.join(src, f), path.join(dir, f));
-  const m = JSON.parse(fs.readFileSync(path.join(src, 'manifest.json'), 'utf8'));
-  edit(m);
-  fs.writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify(m, null, 2));
-  await signBundle(dir, key, { checkFiles: false });
-  return dir;
-}
 
 describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', function () {
   this.timeout(600_000);
@@ -101,14 +72,14 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
 
   before(async function () {
     this.timeout(1_200_000);
-    const built = buildImages();
+    const built = buildGuestImages(['x86_64-1.0.0', 'x86_64-2.0.0']);
     const pair = generateKeyPair();
     fs.mkdirSync(trustDir, { recursive: true });
     fs.writeFileSync(path.join(trustDir, 'vendor.pub'), pair.publicKeyPem);
     key = pair.privateKeyPem;
     // Signed copies (files hard-linked): the cached bundles stay untouched.
-    v1 = await variant(built['x86_64-1.0.0'], path.join(work, 'v1'), key, () => undefined);
-    v2 = await variant(built['x86_64-2.0.0'], path.join(work, 'v2'), key, () => undefined);
+    v1 = await signedVariant(built['x86_64-1.0.0'], path.join(work, 'v1'), key);
+    v2 = await signedVariant(built['x86_64-2.0.0'], path.join(work, 'v2'), key);
     agent = await startAgent({ stateDir, args: args() });
     connect();
     const t0 = Date.now();
@@ -145,13 +116,15 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const r1 = await issu(agent.socket, ['loadversion', unsigned]);
     assert.equal(r1.code, 1);
     assert.match(r1.stderr, /PERMISSION_DENIED: .*(not signed|signature)/i);
-    const v3 = await variant(v2, path.join(work, 'v3'), key, (m) => {
+    const v3 = await signedVariant(v2, path.join(work, 'v3'), key, {
+      edit: (m) => {
       m.version = '3.0.0';
       for (const p of m.processes as { schemaWrites: number; schemaReads: number[]; transforms?: string[] }[]) {
         p.schemaWrites = 3;
         p.schemaReads = [3];
         p.transforms = [];
       }
+      },
     });
     const r2 = await issu(agent.socket, ['loadversion', v3]);
     assert.equal(r2.code, 1);
