@@ -5,7 +5,6 @@
  */
 import { Inject, Injectable, Module, OnApplicationBootstrap, OnApplicationShutdown, DynamicModule } from '@nestjs/common';
 import fs from 'node:fs';
-import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { CheckpointService } from './checkpoint/checkpoint.service';
 import { checkpointHandlers } from './checkpoint/checkpoint.grpc';
@@ -280,5 +279,3 @@ export class AppModule {
     };
   }
 }
-
-export const defaultSocketFor = (stateDir: string) => path.join(stateDir, 'agent.sock');

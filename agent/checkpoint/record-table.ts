@@ -150,11 +150,6 @@ export class RecordTable {
     if (this.autoCompact && this.needsCompaction()) this.startCompaction();
   }
 
-  /** Appends frames of a snapshot stream (packed PUT records, plus DELETEs of overridden history). */
-  appendFrame(frame: Buffer): void {
-    this.append(frame);
-  }
-
   get(key: string | Buffer): RecordView | undefined {
     const slot = typeof key === 'string' ? this.findLatin1(key) : this.find(hashBytes(key, 0, key.length), key, 0, key.length);
     if (slot < 0) return undefined;

@@ -1,11 +1,9 @@
 /**
  * Packed record codec: the byte layout documented at the top of proto/hitless/v1/checkpoint.proto.
  *
- * Shared by the agent (validate + apply, snapshot frames) and the SDK (build batches, apply).
- * Keys and stored values are kept as latin1 strings: latin1 maps every byte to one char, so the
- * conversion is lossless, V8 stores them as compact one-byte strings, and Map hashing works on
- * them. A stored value ("entry") is the record body `schema:u16 value`, so a snapshot writes it
- * back with one latin1Write and a reader learns each value's schema without a side table.
+ * Shared by the agent (validation) and the SDK (building batches). Tables hold records in this
+ * same layout (see record-table.ts). Keys given as JS strings are latin1: one char per byte, so
+ * the conversion is lossless.
  */
 
 // Buffer's latin1Slice/latin1Write are the methods toString('latin1')/write(.., 'latin1') call
@@ -102,55 +100,9 @@ export function validateRecords(buf: Buffer, expectedCount: number, limits: Reco
   return { count, schemas };
 }
 
-/** Receives decoded records; keys and entries are latin1 strings (entry = schema:u16 + value). */
-export interface RecordSink {
-  put(key: string, entry: string): void;
-  delete(key: string): void;
-  clear(): void;
-}
-
-/** Applies an already validated batch to a sink. */
-export function applyRecords(buf: Buffer, sink: RecordSink): void {
-  let off = 0;
-  const end = buf.length;
-  while (off < end) {
-    const op = buf[off];
-    const keyLen = buf.readUInt16BE(off + 1);
-    const valLen = buf.readUInt32BE(off + 3);
-    off += RECORD_HEADER_BYTES;
-    if (op === OP_PUT) {
-      const key = buf.latin1Slice(off, off + keyLen);
-      off += keyLen;
-      const entryEnd = off + SCHEMA_BYTES + valLen;
-      sink.put(key, buf.latin1Slice(off, entryEnd));
-      off = entryEnd;
-    } else if (op === OP_DELETE) {
-      sink.delete(buf.latin1Slice(off, off + keyLen));
-      off += keyLen;
-    } else {
-      sink.clear();
-    }
-  }
-}
-
-/** Schema version of a stored entry. */
-export function entrySchema(entry: string): number {
-  return (entry.charCodeAt(0) << 8) | entry.charCodeAt(1);
-}
-
-/** Value bytes of a stored entry. */
-export function entryValue(entry: string): Buffer {
-  return Buffer.from(entry.slice(SCHEMA_BYTES), 'latin1');
-}
-
-/** Builds a stored entry from a schema version and value bytes. */
-export function makeEntry(schema: number, value: Buffer): string {
-  return String.fromCharCode(schema >> 8, schema & 0xff) + value.latin1Slice(0, value.length);
-}
-
 /**
- * Appends records to a growing buffer. Used by the SDK for write batches and by the agent for
- * snapshot frames; reuse one builder and call take() to get each finished batch.
+ * Appends records to a growing buffer: the SDK's write batches (and tests' hand-made ones).
+ * Reuse one builder with take(), or give a single-use one up with takeOwned().
  */
 export class RecordBuilder {
   private buf: Buffer;
@@ -190,24 +142,6 @@ export class RecordBuilder {
     o += SCHEMA_BYTES;
     value.copy(b, o);
     this.off = o + value.length;
-    this.count++;
-  }
-
-  /** Appends a PUT whose key and entry (schema + value) are latin1 strings, as the agent holds them. */
-  putEntry(key: string, entry: string): void {
-    const keyLen = key.length;
-    const valLen = entry.length - SCHEMA_BYTES;
-    this.ensure(RECORD_HEADER_BYTES + keyLen + entry.length);
-    const b = this.buf;
-    let o = this.off;
-    b[o] = OP_PUT;
-    b.writeUInt16BE(keyLen, o + 1);
-    b.writeUInt32BE(valLen, o + 3);
-    o += RECORD_HEADER_BYTES;
-    b.latin1Write(key, o);
-    o += keyLen;
-    b.latin1Write(entry, o);
-    this.off = o + entry.length;
     this.count++;
   }
 
