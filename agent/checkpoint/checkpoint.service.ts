@@ -840,4 +840,3 @@ function process_hrtime(): number {
   return Number(process.hrtime.bigint() / 1000n);
 }
 
-export { HitlessError };

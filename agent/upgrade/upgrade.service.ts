@@ -19,7 +19,7 @@
 import crypto from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import path from 'node:path';
-import { HitlessError, aborted, deadlineExceeded, failedPrecondition, invalidArgument } from '../common/errors';
+import { aborted, deadlineExceeded, failedPrecondition, invalidArgument } from '../common/errors';
 import { Logger } from '../common/logger';
 import { ProcessStatus, SwitchoverResponse, AuditResponse } from '../checkpoint/messages';
 import { Manifest, readManifest } from '../images/manifest';
@@ -564,4 +564,3 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-export { HitlessError };

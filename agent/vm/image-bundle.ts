@@ -7,14 +7,8 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ARCHES, VmError, type Arch } from './hypervisor';
-
-export interface ManifestFile {
-  role: string;
-  path: string;
-  sha256: string;
-  size: number;
-}
+import { VmError, type Arch } from './hypervisor';
+import { parseManifest } from '../images/manifest';
 
 export interface ImageBundle {
   dir: string;
@@ -67,24 +61,14 @@ export async function loadImageBundle(dir: string, opts: { verifyHashes?: boolea
   } catch {
     throw new VmError('FAILED_PRECONDITION', `${dir} has no manifest.json, so it is not an image bundle; build one with scripts/build-guest-images.sh.`);
   }
-  let m: Record<string, unknown>;
-  try {
-    m = JSON.parse(raw) as Record<string, unknown>;
-  } catch (e) {
-    throw bad(dir, `manifest.json is not valid JSON (${(e as Error).message})`);
-  }
-  if (typeof m !== 'object' || m === null) throw bad(dir, 'manifest.json is not an object');
-  const arch = m.arch as Arch;
-  if (!ARCHES.includes(arch)) throw bad(dir, `manifest arch '${String(m.arch)}' is not one of ${ARCHES.join(', ')}`);
-  const version = typeof m.version === 'string' ? m.version : '';
-  if (!version) throw bad(dir, 'manifest has no version');
-  const files = m.files as ManifestFile[] | undefined;
-  if (!Array.isArray(files)) throw bad(dir, 'manifest has no files list');
+  // One validator for the manifest format (agent/images/manifest.ts); this module adds the file
+  // checks a boot needs, with a hash cache so a bundle verified once is not hashed again.
+  const m = parseManifest(raw, manifestPath);
+  const arch: Arch = m.arch;
+  const version = m.version;
+  const files = m.files;
   const byRole = new Map<string, string>();
   for (const f of files) {
-    if (!f || typeof f.path !== 'string' || typeof f.role !== 'string' || !Number.isInteger(f.size) || typeof f.sha256 !== 'string') {
-      throw bad(dir, `malformed files entry ${JSON.stringify(f)}`);
-    }
     const p = path.resolve(dir, f.path);
     if (path.relative(dir, p).startsWith('..')) throw bad(dir, `file ${f.path} points outside the bundle`);
     let fst: fs.Stats;
@@ -107,22 +91,18 @@ export async function loadImageBundle(dir: string, opts: { verifyHashes?: boolea
   for (const role of ['kernel', 'initrd', 'rootfs']) {
     if (!byRole.has(role)) throw bad(dir, `manifest lists no ${role} file`);
   }
-  const kernel = (m.kernel ?? {}) as { cmdline?: unknown };
-  const cmdline = typeof kernel.cmdline === 'string' ? kernel.cmdline.split(/\s+/).filter((a) => a && !a.startsWith('console=')).join(' ') : '';
-  const memoryMiB = Number.isInteger(m.memoryMiB) ? (m.memoryMiB as number) : 256;
-  const cpus = Number.isInteger(m.cpus) ? (m.cpus as number) : 1;
-  const processes = Array.isArray(m.processes) ? (m.processes as { name: string }[]) : [];
+  const cmdline = (m.kernel.cmdline ?? '').split(/\s+/).filter((a) => a && !a.startsWith('console=')).join(' ');
   return {
     dir,
-    name: typeof m.name === 'string' ? m.name : 'hitless-cp',
+    name: m.name,
     version,
     arch,
     kernelPath: byRole.get('kernel')!,
     initrdPath: byRole.get('initrd')!,
     rootfsPath: byRole.get('rootfs')!,
     cmdline,
-    memoryMiB,
-    cpus,
-    processes,
+    memoryMiB: m.memoryMiB,
+    cpus: m.cpus,
+    processes: m.processes,
   };
 }

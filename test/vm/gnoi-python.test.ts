@@ -19,7 +19,7 @@ import type { StatusResponse } from '../../agent/checkpoint/messages';
 import type { VmInfoMessage, ListVmsResponse } from '../../agent/vm/vm.messages';
 import { generateKeyPair } from '../../agent/images/signing';
 import { QemuReaper } from './fixtures';
-import { buildGuestImages, signedVariant } from '../helpers/guest-images';
+import { buildGuestImages, signedVariant, bootControlPlane, printAgentLogIfFailed } from '../helpers/guest-images';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const CLIENT = path.join(REPO, 'test/python/gnoi_client.py');
@@ -89,20 +89,13 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
     ck = rawClient('hitless.v1.Checkpoint', agent.socket);
     vmc = rawClient('hitless.v1.Vm', agent.socket);
     up = rawClient('hitless.v1.Upgrade', agent.socket);
-    const t0 = Date.now();
-    const v = await unaryCall<VmInfoMessage>(vmc, 'Start', { name: 'cp-1', imageDir: v1 });
-    reaper.track(v.pid);
-    await until('bgp v1 active with its table loaded', async () => {
-      const s = await bgp().catch(() => undefined);
-      return s?.peers.some((p) => p.vmId === 'cp-1' && p.role === 'ACTIVE') && (s.tables[0]?.records ?? 0) >= 20_000;
-    }, 240_000, 250);
-    measure('x86_64 v1 boot to active with 20000 routes', `${Date.now() - t0} ms`);
+    const boot = await bootControlPlane(vmc, ck, 'cp-1', v1, 20_000, 240_000);
+    reaper.track(boot.pid);
+    measure('x86_64 v1 boot to active with 20000 routes', `${boot.ms} ms`);
   });
 
   afterEach(function () {
-    if (this.currentTest?.state === 'failed' && agent) {
-      process.stderr.write(`      agent log (last lines):\n${agent.stderr().split('\n').slice(-25).map((l) => `        ${l}`).join('\n')}\n`);
-    }
+    printAgentLogIfFailed(this, agent);
   });
 
   after(async function () {

@@ -17,7 +17,7 @@ import { until } from '../helpers/wait';
 import type { AuditResponse, StatusResponse } from '../../agent/checkpoint/messages';
 import type { VmInfoMessage, ListVmsResponse } from '../../agent/vm/vm.messages';
 import { generateKeyPair } from '../../agent/images/signing';
-import { buildGuestImages, runIssu as issu, signedVariant } from '../helpers/guest-images';
+import { buildGuestImages, runIssu as issu, signedVariant, bootControlPlane, printAgentLogIfFailed } from '../helpers/guest-images';
 import { QemuReaper } from './fixtures';
 
 const measure = (what: string, v: number | string) => process.stderr.write(`      MEASURE ${what}: ${v}\n`);
@@ -82,21 +82,13 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     v2 = await signedVariant(built['x86_64-2.0.0'], path.join(work, 'v2'), key);
     agent = await startAgent({ stateDir, args: args() });
     connect();
-    const t0 = Date.now();
-    const v = await unaryCall<VmInfoMessage>(vmc, 'Start', { name: 'cp-1', imageDir: v1 });
-    reaper.track(v.pid);
-    await until('bgp v1 active with its table loaded', async () => {
-      const b = await bgp().catch(() => undefined);
-      return b?.peers.some((p) => p.vmId === 'cp-1' && p.role === 'ACTIVE') && (b.tables[0]?.records ?? 0) >= 20_000;
-    }, 180_000, 200);
-    measure('x86_64 v1 boot to active with 20000 routes', `${Date.now() - t0} ms`);
+    const boot = await bootControlPlane(vmc, ck, 'cp-1', v1, 20_000, 180_000);
+    reaper.track(boot.pid);
+    measure('x86_64 v1 boot to active with 20000 routes', `${boot.ms} ms`);
   });
 
   afterEach(function () {
-    // On failure, the agent's last log lines say what the upgrade was doing.
-    if (this.currentTest?.state === 'failed' && agent) {
-      process.stderr.write(`      agent log (last lines):\n${agent.stderr().split('\n').slice(-25).map((l) => `        ${l}`).join('\n')}\n`);
-    }
+    printAgentLogIfFailed(this, agent);
   });
 
   after(async function () {
