@@ -88,7 +88,7 @@ processes() { # version -> path of the processes JSON
   {
     "name": "bgp",
     "command": ["/opt/hitless/node", "/opt/hitless/daemons/bgp.js", "--version", "$v", $sargs,
-                "--records", "20000", "--churn", "2000", "--json-only"],
+                "--records", "20000", "--churn", "2000", "--json-only", "--loop-stats", "10"],
     $smeta
   }
 ]

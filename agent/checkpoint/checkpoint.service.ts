@@ -96,7 +96,12 @@ interface PendingCommand {
 
 class PeerSession {
   role: Role;
-  frozen = false;
+  /**
+   * Set while the peer is frozen (switchover, audit): per table, the last sequence it sent before
+   * it stopped writing. Batches up to it are still accepted (they were in flight when the FREEZE
+   * was answered); anything later is refused.
+   */
+  frozenAt: Record<string, number> | null = null;
   /** Highest sequence the peer acknowledged as applied, per table. */
   readonly acked = new Map<string, number>();
   /** In the set SYNC writes wait for: set once the standby caught up, cleared on timeout/leave. */
@@ -132,8 +137,8 @@ class ProcessGroup {
   active: PeerSession | null = null;
   /** SYNC writes waiting for standbys, per table, in sequence order. */
   readonly syncWaits = new Map<string, SyncWait[]>();
-  /** Resolvers waiting for acks (drain during switchover). */
-  ackWaiters: (() => void)[] = [];
+  /** Re-checked after every standby ack and every applied batch (switchover and audit waits). */
+  progressWaiters: (() => void)[] = [];
   switching = false;
 
   constructor(readonly name: string) {}
@@ -349,8 +354,10 @@ export class CheckpointService {
     if (s.role !== 'ACTIVE' || g.active !== s) {
       throw failedPrecondition(`'${s.reg.instanceId}' is ${s.role} for process '${s.reg.process}'; only the active instance writes`);
     }
-    if (s.frozen) throw failedPrecondition(`'${s.reg.instanceId}' is frozen for a switchover; writes resume after UNFREEZE or go to the new active`);
     const t = g.tables.get(req.table);
+    if (s.frozenAt && req.seq > (s.frozenAt[req.table] ?? 0)) {
+      throw failedPrecondition(`'${s.reg.instanceId}' is frozen for a switchover; writes resume after UNFREEZE or go to the new active`);
+    }
     if (!t) {
       throw notFound(`unknown table '${req.table}' for process '${s.reg.process}'; declare it in Register.tables (known: ${[...g.tables.keys()].join(', ') || 'none'})`);
     }
@@ -381,6 +388,7 @@ export class CheckpointService {
     r.applyBatch(req.seq, req.records, summary.schemas);
     for (const peer of g.sessions) peer.subscription?.onBatch(req.table, req.seq, req.records, req.count);
     this.maybeCompact(g.name, r);
+    this.wakeProgressWaiters(g);
     const ack: WriteAck = { table: req.table, seq: req.seq };
     if (t.durability !== 'SYNC') return ack;
     const waitFor = new Set(g.standbys().filter((p) => p.inSync && (p.acked.get(req.table) ?? 0) < req.seq).map((p) => p.id));
@@ -523,11 +531,14 @@ export class CheckpointService {
       this.releaseSyncWaits(g, req.table);
     }
     this.checkReady(g, s);
-    if (g.ackWaiters.length) {
-      const waiters = g.ackWaiters;
-      g.ackWaiters = [];
-      for (const w of waiters) w();
-    }
+    this.wakeProgressWaiters(g);
+  }
+
+  private wakeProgressWaiters(g: ProcessGroup): void {
+    if (g.progressWaiters.length === 0) return;
+    const waiters = g.progressWaiters;
+    g.progressWaiters = [];
+    for (const w of waiters) w();
   }
 
   private lagOf(g: ProcessGroup, s: PeerSession): number {
@@ -567,7 +578,7 @@ export class CheckpointService {
           schemaWrites: s.writeSchema,
           schemaReads: s.reg.schemaReads,
           role: s.role,
-          frozen: s.frozen,
+          frozen: s.frozenAt !== null,
           // READY: caught up with the active once and following since; `lag` says how far
           // behind it is at this instant (a few batches while the active writes).
           ready: s.role === 'ACTIVE' || s.inSync,
@@ -598,33 +609,67 @@ export class CheckpointService {
     });
   }
 
-  private waitAcked(g: ProcessGroup, s: PeerSession, seqs: Record<string, number>, timeoutMs: number): Promise<void> {
-    const done = () => Object.entries(seqs).every(([t, q]) => (s.acked.get(t) ?? 0) >= q);
+  /** Resolves when `done()` holds, re-checked after every ack and applied batch of the group. */
+  private waitProgress(g: ProcessGroup, s: PeerSession, done: () => boolean, timeoutMs: number, what: () => string): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       if (done()) return resolve();
-      const timer = setTimeout(() => {
-        reject(deadlineExceeded(`standby '${s.reg.instanceId}' did not drain to zero lag within ${timeoutMs} ms (lag ${this.lagOf(g, s)} batches)`));
-      }, timeoutMs);
+      const timer = setTimeout(() => reject(deadlineExceeded(`${what()} within ${timeoutMs} ms`)), timeoutMs);
       const check = () => {
         if (!this.sessions.has(s.id)) {
           clearTimeout(timer);
-          return reject(failedPrecondition(`standby '${s.reg.instanceId}' disconnected during the drain`));
+          return reject(failedPrecondition(`'${s.reg.instanceId}' disconnected while the agent waited for it`));
         }
         if (done()) {
           clearTimeout(timer);
           return resolve();
         }
-        g.ackWaiters.push(check);
+        g.progressWaiters.push(check);
       };
-      g.ackWaiters.push(check);
+      g.progressWaiters.push(check);
     });
+  }
+
+  private waitAcked(g: ProcessGroup, s: PeerSession, seqs: Record<string, number>, timeoutMs: number): Promise<void> {
+    return this.waitProgress(
+      g,
+      s,
+      () => Object.entries(seqs).every(([t, q]) => (s.acked.get(t) ?? 0) >= q),
+      timeoutMs,
+      () => `standby '${s.reg.instanceId}' did not drain to zero lag (lag ${this.lagOf(g, s)} batches)`,
+    );
+  }
+
+  /**
+   * Freezes the active `s`: it stops writing and answers with the last sequence it sent per
+   * table; the agent then waits until it applied those batches (they were in flight when the
+   * process answered; it does not wait for their acks before answering, which keeps one
+   * round trip out of the freeze window). Returns the tables' sequences at the freeze.
+   */
+  private async freeze(g: ProcessGroup, s: PeerSession, reason: string): Promise<{ seqs: Record<string, number>; reply: CommandResult }> {
+    const reply = await this.command(s, 'FREEZE', { reason });
+    s.frozenAt = { ...this.tableSeqs(g), ...reply.tableSeqs };
+    const want = s.frozenAt;
+    await this.waitProgress(
+      g,
+      s,
+      () => Object.entries(want).every(([t, q]) => (g.tables.get(t)?.replica.seq ?? 0) >= q),
+      this.opts.commandTimeoutMs,
+      () => `the agent did not receive the batches '${s.reg.instanceId}' sent before it froze (${JSON.stringify(want)} vs ${JSON.stringify(this.tableSeqs(g))})`,
+    );
+    return { seqs: this.tableSeqs(g), reply };
   }
 
   /**
    * Hands the active role of `process` to the READY standby `toInstance`: freeze the active's
-   * writers, drain the standby to zero lag, promote it, demote the old active (it becomes a
-   * standby that resumes from the log, so a switch back is hitless too). Before the promotion is
-   * acknowledged any failure unfreezes the old active and leaves it in charge.
+   * writers, promote the standby at the freeze sequences, demote the old active (it becomes a
+   * standby that resumes from the log, so a switch back is hitless too).
+   *
+   * The freeze window is kept to two round trips, one to each instance: the agent does not wait
+   * for the standby's acks before PROMOTE. Instead the standby's subscription is capped at the
+   * freeze sequences and the standby applies everything up to them before it takes over (it
+   * checks that it holds exactly those sequences). Until the new active acknowledged PROMOTE any
+   * failure puts the old active back in charge: the agent refuses writes from whoever it does not
+   * consider active, so a late promotion cannot fork the table.
    */
   async switchover(process: string, toInstance: string): Promise<SwitchoverResponse> {
     const g = this.groups.get(process);
@@ -644,45 +689,57 @@ export class CheckpointService {
       );
     }
     g.switching = true;
-    let promoted = false;
+    let rolesSwapped = false;
     try {
-      // Best effort: start the freeze when the standby is (nearly) caught up, so the drain inside
-      // the freeze window is short.
+      // Best effort: start the freeze when the standby is (nearly) caught up, so what it must
+      // apply inside the freeze window is short.
       await this.waitAcked(g, target, this.tableSeqs(g), 1000).catch(() => undefined);
       const t0 = process_hrtime();
-      const frozen = await this.command(old, 'FREEZE', { reason: `switchover to ${toInstance}` });
+      const { seqs, reply: frozen } = await this.freeze(g, old, `switchover to ${toInstance}`);
       const tFrozen = process_hrtime();
-      old.frozen = true;
-      const seqs = this.tableSeqs(g);
-      for (const [t, q] of Object.entries(frozen.tableSeqs)) {
-        if ((seqs[t] ?? 0) !== q) throw failedPrecondition(`after FREEZE table '${t}' is at ${seqs[t]} but the active reports ${q}`);
-      }
-      await this.waitAcked(g, target, seqs, this.opts.commandTimeoutMs);
-      const tDrained = process_hrtime();
       // The old active will be a standby: the new active must write what it reads.
       const writeSchema = this.pickWriteSchemaFor(target, [old]);
+      target.subscription?.capAt(seqs);
       target.role = 'ACTIVE';
       target.writeSchema = writeSchema;
-      target.frozen = false;
       old.role = 'STANDBY';
+      g.active = target;
+      rolesSwapped = true;
+      const promoted = await this.command(target, 'PROMOTE', { tableSeqs: seqs, writeSchema, reason: `switchover from ${old.reg.instanceId}` });
+      const tPromoted = process_hrtime();
+      rolesSwapped = false; // committed: no way back from here but another switchover
+      target.subscription?.end();
       old.inSync = true; // it holds everything up to `seqs`, exactly what the new active starts from
       for (const [t, q] of Object.entries(seqs)) old.acked.set(t, q);
-      g.active = target;
-      target.subscription?.end();
-      promoted = true;
-      await this.command(target, 'PROMOTE', { tableSeqs: seqs, writeSchema, reason: `switchover from ${old.reg.instanceId}` });
-      const tPromoted = process_hrtime();
+      old.frozenAt = null;
       const freezeMicros = Math.round(tPromoted - t0);
-      old.frozen = false;
       await this.command(old, 'DEMOTE', { tableSeqs: seqs, reason: `switchover to ${toInstance}` });
       this.log.info(
-        { process, from: old.reg.instanceId, to: toInstance, freezeMicros, freezeAckMicros: tFrozen - t0, drainMicros: tDrained - tFrozen, promoteMicros: tPromoted - tDrained },
+        {
+          process,
+          from: old.reg.instanceId,
+          to: toInstance,
+          freezeMicros,
+          freezeAckMicros: Math.round(tFrozen - t0),
+          freezeHandledMicros: frozen.handledMicros ?? 0,
+          promoteMicros: Math.round(tPromoted - tFrozen),
+          promoteHandledMicros: promoted.handledMicros ?? 0,
+        },
         'switchover done',
       );
       return { freezeMicros, tableSeqs: seqs };
     } catch (e) {
-      if (!promoted && this.sessions.has(old.id)) {
-        old.frozen = false;
+      if (rolesSwapped) {
+        // PROMOTE was refused or not answered: the old active takes over again. Tell the target
+        // it is a standby, in case it promoted itself late; its writes are refused meanwhile.
+        target.role = 'STANDBY';
+        target.subscription?.uncap();
+        old.role = 'ACTIVE';
+        g.active = old;
+        if (this.sessions.has(target.id)) void this.command(target, 'DEMOTE', { tableSeqs: this.tableSeqs(g), reason: 'switchover failed' }).catch(() => undefined);
+      }
+      if (this.sessions.has(old.id) && old.role === 'ACTIVE') {
+        old.frozenAt = null;
         await this.command(old, 'UNFREEZE', { reason: 'switchover failed' }).catch(() => undefined);
       }
       throw e;
@@ -732,10 +789,7 @@ export class CheckpointService {
     g.switching = true;
     const active = g.active;
     try {
-      if (active) {
-        await this.command(active, 'FREEZE', { reason: 'audit' });
-        active.frozen = true;
-      }
+      if (active) await this.freeze(g, active, 'audit');
       const seqs = this.tableSeqs(g);
       for (const s of g.standbys()) if (s.inSync) await this.waitAcked(g, s, seqs, this.opts.commandTimeoutMs);
       const agent: TableDigest[] = [...g.tables].map(([table, t]) => ({ table, seq: t.replica.seq, ...tableDigest(t.replica.table) }));
@@ -757,7 +811,7 @@ export class CheckpointService {
       return { agent, peers, consistent: problems.length === 0, detail: problems.join('; ') };
     } finally {
       if (active && this.sessions.has(active.id)) {
-        active.frozen = false;
+        active.frozenAt = null;
         await this.command(active, 'UNFREEZE', { reason: 'audit done' }).catch(() => undefined);
       }
       g.switching = false;

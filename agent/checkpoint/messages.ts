@@ -37,6 +37,8 @@ export interface CommandResult {
   error: string;
   tableSeqs: Record<string, number>;
   digests: TableDigest[];
+  /** Time the process spent on the command (µs), as it reports it; 0 from older processes. */
+  handledMicros?: number;
 }
 
 export interface PeerDigests {

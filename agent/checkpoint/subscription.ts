@@ -56,6 +56,8 @@ export class Subscription {
   private readonly unacked = new Map<string, [number, number][]>();
   private unackedBytes = 0;
   private windowFull = false;
+  /** Per table, the last sequence to send while a switchover promotes this subscriber. */
+  private cap: Record<string, number> | null = null;
 
   constructor(
     readonly sessionId: string,
@@ -106,11 +108,31 @@ export class Subscription {
     this.send(event);
   }
 
+  /**
+   * Sends nothing beyond `seqs` (what the old active wrote before it froze) until uncap(): the
+   * subscriber is being promoted and its own first writes must not come back to it.
+   */
+  capAt(seqs: Record<string, number>): void {
+    this.cap = { ...seqs };
+  }
+
+  uncap(): void {
+    this.cap = null;
+    this.pump();
+  }
+
+  /** The highest sequence of `table` this subscription may send now. */
+  private limitOf(table: string): number {
+    const seq = this.host.tableSeq(table);
+    return this.cap ? Math.min(seq, this.cap[table] ?? seq) : seq;
+  }
+
   /** Called by the service right after a batch was applied to `table`. */
   onBatch(table: string, seq: number, records: Buffer, count: number): void {
     const c = this.cursors.get(table);
     if (!c || this.closed) return;
     if (this.mode === 'RECOVER') return; // a recovering active gets the state, not later changes
+    if (this.cap && seq > (this.cap[table] ?? seq)) return;
     if (!this.blocked && c.sent === seq - 1) {
       c.sent = seq;
       this.send({ change: { table, seq, records, count } });
@@ -190,9 +212,9 @@ export class Subscription {
         progressed = false;
         for (const [table, c] of this.cursors) {
           if (this.blocked || this.closed) break;
-          const seq = this.host.tableSeq(table);
+          const seq = this.limitOf(table);
           if (c.sent >= seq || this.mode === 'RECOVER') continue;
-          const batches = this.host.readLog(table, c.sent, 64);
+          const batches = this.host.readLog(table, c.sent, Math.min(64, seq - c.sent));
           if (batches === null || batches.length === 0 || batches[0].seq !== c.sent + 1) {
             this.snapshot(table); // the log no longer reaches back: start over from a snapshot
             progressed = true;

@@ -37,6 +37,13 @@ import {
 import { DEFAULT_LIMITS, RecordBuilder, validateRecords } from '../checkpoint/records';
 import { RecordTable, tableDigest } from '../checkpoint/record-table';
 
+/**
+ * How long a promoted standby waits for the changes up to the handover sequence to arrive; well
+ * under the agent's role-command timeout, so a standby that cannot catch up refuses PROMOTE in
+ * time for the agent to put the old active back in charge.
+ */
+const PROMOTE_CATCH_UP_MS = 2_000;
+
 /** Converts a value from one schema version to another (e.g. 1 -> 2 when reading old records). */
 export type Transform = (value: Buffer) => Buffer;
 
@@ -355,6 +362,7 @@ export class CheckpointClient extends EventEmitter {
     const call = (this.stub.WriteStream as () => grpc.ClientDuplexStream<WriteRequest, WriteAck>)();
     this.writeStream = call;
     call.on('data', (ack: WriteAck) => {
+      if (this.writeStream !== call) return; // demoted: DEMOTE settled the outbox
       const head = this.outbox[0];
       if (!head || head.req.table !== ack.table || head.req.seq !== ack.seq) {
         this.emit('error', new Error(`ack ${ack.table}/${ack.seq} does not match the oldest outstanding batch`));
@@ -381,11 +389,6 @@ export class CheckpointClient extends EventEmitter {
     }
   }
 
-  private waitDrained(): Promise<void> {
-    if (this.outbox.length === 0) return Promise.resolve();
-    return new Promise((r) => this.once('drained', () => r()));
-  }
-
   private localSeqs(): Record<string, number> {
     const out: Record<string, number> = {};
     for (const [n, t] of this.tables) out[n] = t.seq;
@@ -395,15 +398,19 @@ export class CheckpointClient extends EventEmitter {
   // ------------------------------------------------------------------ role commands
 
   private async onCommand(cmd: RoleCommand): Promise<void> {
+    const received = performance.now();
     const reply = (ok: boolean, error = '', tableSeqs: Record<string, number> = {}, digests: CommandResult['digests'] = []) => {
-      const result: CommandResult = { commandId: cmd.commandId, ok, error, tableSeqs, digests };
+      const handledMicros = Math.min(0xffffffff, Math.round((performance.now() - received) * 1000));
+      const result: CommandResult = { commandId: cmd.commandId, ok, error, tableSeqs, digests, handledMicros };
       this.session?.write({ result });
     };
     try {
       switch (cmd.kind) {
         case 'FREEZE':
+          // Answer with the last sequence handed to the agent, without waiting for the acks of
+          // batches still in flight: the agent waits for those itself (they are ahead of this
+          // answer on the same connection), which keeps a round trip out of the freeze window.
           this.frozen = true;
-          await this.waitDrained();
           reply(true, '', this.localSeqs());
           this.emit('frozen');
           break;
@@ -416,12 +423,15 @@ export class CheckpointClient extends EventEmitter {
           reply(true, '', this.localSeqs(), [...this.tables.keys()].map((t) => ({ table: t, ...this.digest(t) })));
           break;
         case 'PROMOTE': {
-          this.sub?.cancel();
-          this.sub = null;
-          await this.eventChain; // everything received so far is applied
+          // The agent promotes without waiting for this standby's acks: the changes up to
+          // tableSeqs are on the subscription (capped there), so apply them before taking over.
+          // A refusal keeps the subscription: the agent then leaves this instance a standby.
+          await this.reachSeqs(cmd.tableSeqs, PROMOTE_CATCH_UP_MS);
           for (const [t, s] of Object.entries(cmd.tableSeqs)) {
             if (this.table(t).seq !== s) throw new Error(`table '${t}' is at ${this.table(t).seq}, not at ${s}`);
           }
+          this.sub?.cancel();
+          this.sub = null;
           this.role = 'ACTIVE';
           if (cmd.writeSchema) this.writeSchema = cmd.writeSchema;
           this.openWriteStream(cmd.tableSeqs);
@@ -431,10 +441,19 @@ export class CheckpointClient extends EventEmitter {
           break;
         }
         case 'DEMOTE':
+          if (this.role === 'STANDBY' && this.sub) {
+            reply(true); // already a following standby (the agent undoing a refused promotion)
+            break;
+          }
           this.role = 'STANDBY';
           this.writeStream?.end();
           this.writeStream = null;
-          for (const e of this.outbox.splice(0)) e.reject(new CheckpointError(grpc.status.FAILED_PRECONDITION, 'demoted before the batch was sent'));
+          // The agent holds every batch up to tableSeqs (it applied them before promoting the new
+          // active), acked or not yet; later ones never reached it.
+          for (const e of this.outbox.splice(0)) {
+            if (e.req.seq <= (cmd.tableSeqs[e.req.table] ?? 0)) e.resolve(e.req.seq);
+            else e.reject(new CheckpointError(grpc.status.FAILED_PRECONDITION, 'demoted before the agent accepted the batch'));
+          }
           this.unfreeze();
           this.follow();
           reply(true);
@@ -445,6 +464,26 @@ export class CheckpointClient extends EventEmitter {
       }
     } catch (e) {
       reply(false, (e as Error).message);
+    }
+  }
+
+  /** Waits (at most `timeoutMs`) until every table applied the given sequence from the subscription. */
+  private async reachSeqs(seqs: Record<string, number>, timeoutMs: number): Promise<void> {
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      await this.eventChain;
+      if (Object.entries(seqs).every(([t, q]) => this.table(t).seq >= q)) return;
+      const left = deadline - performance.now();
+      if (left <= 0 || !this.sub) return; // the caller's check names what is missing
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          this.off('change', done);
+          resolve();
+        };
+        const timer = setTimeout(done, left);
+        this.on('change', done);
+      });
     }
   }
 

@@ -7,6 +7,7 @@
  * The daemon's table *is* the SDK's local table: what it serves is exactly what it replicates.
  */
 import readline from 'node:readline';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { CheckpointClient, Transform } from '../../agent/sdk/checkpoint-client';
 
@@ -37,6 +38,7 @@ export const DAEMON_USAGE = (name: string) => `Usage: ${name} [options]
   --sync              declare the table SYNC (acknowledged when standbys applied it)
   --seed N            generator seed (default 1)
   --json-only         no human text on stderr
+  --loop-stats S      every S seconds print the event loop's delay (p50/p99/max ms; default 0 = off)
 env HITLESS_BULK      host:port of the agent's bulk snapshot channel when it differs from what
                       the agent advertises (guests: 10.0.2.100:7001)
 stdin: digest | status | load N | churn RATE | stop | quit      SIGUSR1: digest
@@ -59,6 +61,7 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
       sync: { type: 'boolean', default: false },
       seed: { type: 'string', default: '1' },
       'json-only': { type: 'boolean', default: false },
+      'loop-stats': { type: 'string', default: '0' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -193,6 +196,18 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   setChurn(Number(values.churn));
 
   process.on('SIGUSR1', digest);
+  const loopStatsS = Number(values['loop-stats']);
+  if (loopStatsS > 0) {
+    // How late this process runs its callbacks: role commands wait that long before they are
+    // handled, which is what a switchover's freeze window is made of inside a slow guest.
+    const h = monitorEventLoopDelay({ resolution: 5 });
+    h.enable();
+    setInterval(() => {
+      const ms = (n: number) => Math.round(n / 1e4) / 100;
+      out({ event: 'loop', role: client.role, p50: ms(h.percentile(50)), p99: ms(h.percentile(99)), max: ms(h.max) });
+      h.reset();
+    }, loopStatsS * 1000).unref();
+  }
   const shutdown = async () => {
     setChurn(0);
     await client.close();

@@ -149,4 +149,45 @@ describe('checkpoint: switchover driven by the agent', function () {
     sb.call.end();
     c.close();
   });
+
+  it('puts the old active back in charge, unfrozen, when the standby refuses PROMOTE', async () => {
+    const agent = await startAgent();
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1']);
+    await v1.waitFor((e) => e.event === 'started');
+    // A standby that follows the (empty) table, then answers PROMOTE with a refusal.
+    const sb = await registerRaw(c, { process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'STANDBY', tables: [{ name: 'rib', durability: 'ASYNC' }] });
+    const sub = (c.Subscribe as (r: unknown) => grpc.ClientReadableStream<unknown>).call(c, { sessionId: sb.registered.sessionId, have: {}, mode: 'FOLLOW' });
+    sub.on('error', () => undefined);
+    const commands: string[] = [];
+    sb.call.on('data', (m: Record<string, unknown>) => {
+      const cmd = m.command as { commandId: number; kind: string } | undefined;
+      if (!cmd) return;
+      commands.push(cmd.kind);
+      sb.call.write({ result: { commandId: cmd.commandId, ok: cmd.kind !== 'PROMOTE', error: cmd.kind === 'PROMOTE' ? 'refused by the test' : '' } });
+    });
+    await until('vm2 READY', async () => {
+      const st = await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean }[] }[] }>(c, 'Status', { process: 'bgp' });
+      return st.processes[0].peers.find((p) => p.instanceId === 'bgp@vm2')?.ready;
+    });
+    await assert.rejects(
+      unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' }),
+      (e: grpc.ServiceError) => e.code === grpc.status.FAILED_PRECONDITION && /refused PROMOTE: refused by the test/.test(e.details),
+    );
+    const st = await unaryCall<{ processes: { peers: { instanceId: string; role: string; frozen: boolean }[] }[] }>(c, 'Status', { process: 'bgp' });
+    const peers = Object.fromEntries(st.processes[0].peers.map((p) => [p.instanceId, p]));
+    assert.equal(peers['bgp@vm1'].role, 'ACTIVE');
+    assert.equal(peers['bgp@vm1'].frozen, false);
+    assert.equal(peers['bgp@vm2'].role, 'STANDBY');
+    // The refusing standby is told it is a standby, and the old active writes again.
+    await until('vm2 got DEMOTE', async () => commands.includes('DEMOTE'));
+    const n = v1.events.length;
+    v1.send('load 500');
+    const loaded = await v1.waitFor((e) => e.event === 'loaded', 10_000, n);
+    assert.equal(loaded.records, 500);
+    assert.equal((await v1.digest()).seq, loaded.seq);
+    sub.cancel();
+    sb.call.end();
+    c.close();
+  });
 });
