@@ -4,7 +4,12 @@
  *
  *   Install    receives a tar of a signed bundle (see package-store.ts), verifies it and stores
  *              it as <state-dir>/images/<version>/. A version already installed (or running)
- *              answers Validated without a transfer. One Install at a time.
+ *              answers Validated without a transfer. One Install at a time. Before
+ *              TransferReady it makes room for package_size (releasing older installed versions,
+ *              never one in use) or answers TOO_LARGE. After TransferEnd, a bundle for another
+ *              architecture than the running control plane's, or whose processes cannot take
+ *              over the running ones' checkpoint state, is INCOMPATIBLE (checked here, so no VM
+ *              is ever booted for it).
  *   Activate   no_reboot=true: loadversion (the new version boots in a standby VM and syncs;
  *              the running version is not switched). no_reboot=false: changeversion - load,
  *              run (switchover), accept and commit: the new version runs, the old VM is
@@ -15,6 +20,10 @@
  *              ACCEPTED), UNAVAILABLE while it boots/switches, NON_EXISTENT otherwise.
  *   SwitchControlProcessor  runversion: the loaded standby becomes active (rollback timer
  *              armed; finish with Reboot, issu acceptversion/commitversion or abortversion).
+ *              Control processors are named by VM: /components/component[name=<vm>]; an empty
+ *              path means the standby. Naming the active one is a no-op. Naming the previous
+ *              version's VM after the switch is FAILED_PRECONDITION: going back is an abort
+ *              (issu abortversion), which gNOI has no RPC for.
  *   Reboot     methods COLD, WARM, NSF with delay 0: boots what Activate(no_reboot=true)
  *              loaded, hitlessly - runversion if still LOADED, then commitversion. Without an
  *              activated version: FAILED_PRECONDITION (the agent never cold-restarts the
@@ -40,6 +49,14 @@ const cpPath = (vm: string) => ({ origin: '', elem: [{ name: 'components', key: 
 
 export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Logger): grpc.UntypedServiceImplementation {
   const describe = (m: Manifest) => `${m.name} ${m.version} (${m.arch}, kernel ${m.kernel.release}; processes ${m.processes.map((p) => `${p.name} schema ${p.schemaWrites}`).join(', ')})`;
+
+  /** Bundle directories being activated right now: verified by the upgrade, not yet journaled. */
+  const activating = new Set<string>();
+  /** Installed bundles that Install must neither release nor replace: in use or about to be. */
+  const inUse = (dir: string) => {
+    const cur = upgrade.status().current;
+    return dir === upgrade.running()?.imageDir || dir === cur?.toImage || dir === cur?.fromImage || activating.has(dir);
+  };
 
   /** The bundle for `version`: installed under images/, or the running one. */
   const find = (version: string): { dir: string; manifest: Manifest } | null => {
@@ -102,7 +119,7 @@ export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Lo
                 return;
               }
             }
-            incoming = store.begin(Number(tr.packageSize) || 0);
+            incoming = store.begin(Number(tr.packageSize) || 0, inUse);
             state = 'transfer';
             call.write({ transferReady: {} });
             return;
@@ -138,7 +155,7 @@ export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Lo
                     if (!c.compatible) throw new InstallFailure('INCOMPATIBLE', c.reason);
                   }
                 }
-                const dest = store.commit(inc, manifest.version, (d) => d === running?.imageDir || d === upgrade.status().current?.toImage);
+                const dest = store.commit(inc, manifest.version, inUse);
                 incoming = null;
                 log.info({ version: manifest.version, dir: dest, bytes: inc.received }, 'gNOI Install: package validated and stored');
                 state = 'transfer';
@@ -164,12 +181,15 @@ export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Lo
       if (!have) return { activateError: { type: 'NON_EXISTENT_VERSION', detail: `version '${req.version}' is not installed; Install it first` } };
       const running = upgrade.running();
       if (running?.manifest.version === req.version && !upgrade.status().current) return { activateOk: {} };
+      activating.add(have.dir);
       try {
         if (req.noReboot) await upgrade.loadVersion(have.dir);
         else await upgrade.changeVersion(have.dir);
       } catch (e) {
         if (e instanceof HitlessError) return { activateError: { type: 'UNSPECIFIED', detail: `${e.codeName}: ${e.message}` } };
         throw e;
+      } finally {
+        activating.delete(have.dir);
       }
       return { activateOk: {} };
     }),
@@ -216,7 +236,14 @@ export function systemHandlers(upgrade: UpgradeService, vms: GnoiVms, log: Logge
       if (want && running && want === running.vm) return cpOf(running.vm); // already there: a no-op
       const cur = upgrade.status().current;
       if (!cur) throw failedPrecondition('there is no standby control processor: activate a version with OS.Activate(no_reboot=true) first');
-      if (want && want !== cur.toVm) throw notFound(`control processor '${want}' does not exist; the standby is '${cur.toVm}' and the active '${running?.vm ?? cur.fromVm}'`);
+      const switched = cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED';
+      if (want && switched && want === cur.fromVm) {
+        throw failedPrecondition(
+          `'${want}' runs the previous version ${cur.fromVersion} and follows '${cur.toVm}' as its standby until the upgrade is committed; ` +
+            `switching back is an abort: run 'issu abortversion' (or let the rollback timer do it), or commit ${cur.toVersion} with System.Reboot`,
+        );
+      }
+      if (want && want !== cur.toVm) throw notFound(`control processor '${want}' does not exist; the standby is '${switched ? cur.fromVm : cur.toVm}' and the active '${running?.vm ?? cur.fromVm}'`);
       await upgrade.runVersion();
       return cpOf(cur.toVm);
     }),

@@ -10,6 +10,16 @@
  * against --trust-dir) and then renamed to <state-dir>/images/<version>/, where <version> is the
  * manifest's version (validated, never a client-supplied path). Any failure removes the partial
  * directory.
+ *
+ * Disk space (gNOI: the target manages its own storage, frees space for a new package and answers
+ * TOO_LARGE only when it cannot): a package needs its declared package_size plus DISK_MARGIN_BYTES
+ * free on the images file system before TransferReady (the margin keeps room for everything
+ * else the agent writes there). When that is short, older installed versions are released,
+ * oldest first, but never one the caller protects (the running version, both sides of an
+ * upgrade in progress) and never the last one installed (a client may rely on it). Nothing is
+ * deleted unless that makes enough room. While the package streams in, the margin is checked
+ * again every SPACE_CHECK_BYTES (a package larger than declared, or of unknown size), and a
+ * write that fails with ENOSPC is TOO_LARGE too, not an internal error.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -29,9 +39,26 @@ export class InstallFailure extends Error {
   }
 }
 
-/** Free space kept on the state directory's file system beyond the package itself. */
+/** Free space kept on the images directory's file system beyond the package itself. */
 export const DISK_MARGIN_BYTES = 64 * 1024 * 1024;
+/** How often (in bytes received) a transfer re-checks the free space. */
+export const SPACE_CHECK_BYTES = 1024 * 1024;
 const MAX_FILES = 64;
+
+const noSpace = (e: unknown) => {
+  const code = (e as NodeJS.ErrnoException)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
+};
+
+/** Bytes a flat bundle directory occupies on disk (allocated blocks, not apparent sizes). */
+function diskUsage(dir: string): number {
+  let n = 0;
+  for (const f of fs.readdirSync(dir)) {
+    const st = fs.statSync(path.join(dir, f));
+    n += st.blocks * 512;
+  }
+  return n;
+}
 
 export function validVersion(v: string): boolean {
   return v.length > 0 && v.length <= 64 && SEMVERISH.test(v) && isPlainFileName(v);
@@ -76,13 +103,29 @@ export class PackageStore {
     }
   }
 
-  /** Starts receiving a package; only one at a time (INSTALL_IN_PROGRESS). */
-  begin(packageSize: number): Incoming {
+  /**
+   * Starts receiving a package of `packageSize` bytes (0: not declared); only one at a time
+   * (INSTALL_IN_PROGRESS). Makes room first when needed (see the file comment); `protect` says
+   * which installed bundle directories must not be released.
+   */
+  begin(packageSize: number, protect: (dir: string) => boolean = () => false): Incoming {
     if (this.busy) throw new InstallFailure('INSTALL_IN_PROGRESS', 'another Install is in progress on this agent; retry when it is done');
     if (packageSize > this.maxPackageBytes) throw new InstallFailure('TOO_LARGE', `package_size ${packageSize} bytes exceeds the agent's limit of ${this.maxPackageBytes} bytes (--max-package-bytes)`);
-    const free = freeBytes(this.imagesDir);
-    if (packageSize + DISK_MARGIN_BYTES > free) {
-      throw new InstallFailure('TOO_LARGE', `not enough disk space in ${this.imagesDir}: ${free} bytes free, the package needs ${packageSize} bytes plus a ${DISK_MARGIN_BYTES}-byte margin`);
+    const need = packageSize + DISK_MARGIN_BYTES;
+    let free = freeBytes(this.imagesDir);
+    if (need > free) {
+      const released = this.makeRoom(need, protect);
+      free = freeBytes(this.imagesDir);
+      if (need > free) {
+        const what = packageSize > 0 ? `the package needs ${packageSize} bytes` : 'the package size is not declared (package_size 0)';
+        throw new InstallFailure(
+          'TOO_LARGE',
+          `not enough disk space in ${this.imagesDir}: ${free} bytes free, ${what} plus ${DISK_MARGIN_BYTES} bytes kept free; ` +
+            (released.length
+              ? `released ${released.join(', ')} and still short`
+              : 'no older installed version can be released to make room (the running one, an upgrade\'s and the last installed are kept)'),
+        );
+      }
     }
     this.busy = true;
     const dir = path.join(this.imagesDir, `.incoming-${crypto.randomBytes(6).toString('hex')}`);
@@ -90,6 +133,37 @@ export class PackageStore {
     return new Incoming(dir, this.maxPackageBytes, () => {
       this.busy = false;
     });
+  }
+
+  /** Installed version directories, oldest install first. */
+  installed(): { version: string; dir: string; mtimeMs: number }[] {
+    const out: { version: string; dir: string; mtimeMs: number }[] = [];
+    for (const f of fs.readdirSync(this.imagesDir)) {
+      if (!validVersion(f)) continue;
+      const dir = path.join(this.imagesDir, f);
+      const st = fs.statSync(dir, { throwIfNoEntry: false });
+      if (st?.isDirectory()) out.push({ version: f, dir, mtimeMs: st.mtimeMs });
+    }
+    return out.sort((a, b) => a.mtimeMs - b.mtimeMs || a.version.localeCompare(b.version));
+  }
+
+  /**
+   * Releases older installed versions, oldest first, until `need` bytes are free; releases
+   * nothing when even all of them would not make enough room. Returns the released versions.
+   */
+  private makeRoom(need: number, protect: (dir: string) => boolean): string[] {
+    const all = this.installed();
+    // The newest directory is the last successful install (commit() stamps its mtime).
+    const candidates = all.slice(0, -1).filter((b) => !protect(b.dir));
+    const reclaimable = candidates.reduce((n, b) => n + diskUsage(b.dir), 0);
+    if (freeBytes(this.imagesDir) + reclaimable < need) return [];
+    const released: string[] = [];
+    for (const b of candidates) {
+      if (freeBytes(this.imagesDir) >= need) break;
+      fs.rmSync(b.dir, { recursive: true, force: true });
+      released.push(b.version);
+    }
+    return released;
   }
 
   /** Verifies a received bundle; resolves with its manifest or throws an InstallFailure. */
@@ -115,6 +189,9 @@ export class PackageStore {
       fs.rmSync(dest, { recursive: true, force: true });
     }
     fs.renameSync(incoming.dir, dest);
+    // Marks it as the last installed version, which makeRoom() never releases.
+    const now = new Date();
+    fs.utimesSync(dest, now, now);
     incoming.release();
     return dest;
   }
@@ -144,11 +221,22 @@ export class Incoming {
   push(buf: Buffer): void {
     this.received += buf.length;
     if (this.received > this.maxBytes) throw new InstallFailure('TOO_LARGE', `the package exceeds the agent's limit of ${this.maxBytes} bytes (--max-package-bytes)`);
-    if (this.received - this.lastSpaceCheck > 64 * 1024 * 1024) {
+    if (this.received - this.lastSpaceCheck >= SPACE_CHECK_BYTES) {
       this.lastSpaceCheck = this.received;
       const free = freeBytes(this.dir);
-      if (free < DISK_MARGIN_BYTES) throw new InstallFailure('TOO_LARGE', `disk space ran out while receiving the package (${free} bytes free in ${this.dir})`);
+      if (free < DISK_MARGIN_BYTES) {
+        throw new InstallFailure('TOO_LARGE', `disk space ran short while receiving the package: ${free} bytes free in ${path.dirname(this.dir)} after ${this.received} bytes, ${DISK_MARGIN_BYTES} are kept free; declare package_size so the agent can make room first`);
+      }
     }
+    try {
+      this.unpack(buf);
+    } catch (e) {
+      if (noSpace(e)) throw new InstallFailure('TOO_LARGE', `the disk of ${path.dirname(this.dir)} is full after ${this.received} bytes of the package (${(e as Error).message})`);
+      throw e;
+    }
+  }
+
+  private unpack(buf: Buffer): void {
     let off = 0;
     while (off < buf.length) {
       if (this.remaining > 0) {
