@@ -106,6 +106,7 @@ process.on('message', async (cmd: Cmd) => {
       }
       (globalThis as { gc?: () => void }).gc?.();
       const t0 = now();
+      const measuredFromEpochMs = Date.now() + warmup * 1000;
       for (let i = 0; now() - t0 < warmup + cmd.seconds && i < prepared.length; i++) {
         const due = t0 + (i * interval) / 1000;
         const wait = (due - now()) * 1000;
@@ -125,7 +126,7 @@ process.on('message', async (cmd: Cmd) => {
       await Promise.all(pending);
       lat.sort((a, b) => a - b);
       const q = (p: number) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))];
-      send({ ok: true, batches: lat.length, records: lat.length * cmd.batch, seconds: now() - t0 - warmup, p50: q(0.5), p99: q(0.99), max: lat[lat.length - 1], spikes: spikes.slice(0, 60) });
+      send({ ok: true, batches: lat.length, records: lat.length * cmd.batch, seconds: now() - t0 - warmup, p50: q(0.5), p99: q(0.99), max: lat[lat.length - 1], spikes: spikes.slice(0, 60), measuredFromEpochMs });
     } else if (cmd.op === 'waitSeq') {
       const t0 = now();
       const t = client!.table(cmd.table);

@@ -59,7 +59,7 @@ const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringif
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 async function main(): Promise<void> {
-  const agent = await startAgent({ nodeArgs: [...NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])], args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [] });
+  const agent = await startAgent({ nodeArgs: [...NODE_FLAGS, ...(process.env.BENCH_AGENT_NODE_FLAGS ?? '').split(' ').filter(Boolean), ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])], args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [] });
   const workers: Worker[] = [];
   try {
     const active = worker();
@@ -121,7 +121,7 @@ async function main(): Promise<void> {
     const loopS = await standby.call({ op: 'loopDelay', reset: false });
     if (process.env.BENCH_DEBUG) process.stderr.write(`event-loop delay during sync-ack (ms): active p99 ${round(loopA.p99)} max ${round(loopA.max)}; standby p99 ${round(loopS.p99)} max ${round(loopS.max)}\n`);
     print({ bench: 'sync-ack', records: lat.records, seconds: round(lat.seconds), offered_records_per_s: 50_000, warmup_seconds: 1, p50_ms: round(lat.p50), p99_ms: round(lat.p99), max_ms: round(lat.max) });
-    if (process.env.BENCH_DEBUG) process.stderr.write(`sync spikes (start ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
+    if (process.env.BENCH_DEBUG) process.stderr.write(`sync spikes (start ms after ${lat.measuredFromEpochMs} epoch ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
     if (process.env.BENCH_DEBUG) {
       const loops = agent.stderr().split('\n').filter((l) => l.includes('event loop')).slice(-3);
       process.stderr.write(`agent event loop (last 5 s windows): ${loops.join(' | ')}\n`);

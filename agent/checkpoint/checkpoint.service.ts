@@ -569,6 +569,7 @@ export class CheckpointService {
           records: t.replica.records,
           bytes: t.replica.bytes,
           durability: t.durability,
+          schemas: [...t.replica.schemas].sort((a, b) => a - b),
         })),
         peers: [...g.sessions].map((s) => ({
           sessionId: s.id,
@@ -816,6 +817,28 @@ export class CheckpointService {
       }
       g.switching = false;
     }
+  }
+
+  /**
+   * Lets the active of `process` write the newest schema it can once no standby needs an older
+   * one, leaving out standbys on `leavingVm` (stopped, their sessions may not have ended yet).
+   * After an upgrade is committed the new version otherwise keeps writing the schema its
+   * predecessor read. Returns the schema the active writes.
+   */
+  async raiseWriteSchema(process: string, leavingVm: string): Promise<number> {
+    const g = this.groups.get(process);
+    const a = g?.active;
+    if (!g || !a) throw notFound(`process '${process}' has no active instance`);
+    if (g.switching) throw failedPrecondition(`a role change of '${process}' is in progress`);
+    const want = this.pickWriteSchemaFor(a, g.standbys().filter((s) => s.reg.vmId !== leavingVm));
+    if (want === a.writeSchema) return want;
+    const was = a.writeSchema;
+    // Batches of either schema are accepted from the active (see write()), so the order in which
+    // this takes effect on both sides does not matter.
+    a.writeSchema = want;
+    await this.command(a, 'SET_WRITE_SCHEMA', { writeSchema: want, reason: `no standby reads only schema ${was} any more` });
+    this.log.info({ process, instance: a.reg.instanceId, from: was, to: want }, 'active writes a newer schema');
+    return want;
   }
 
   private pickWriteSchemaFor(target: PeerSession, readers: PeerSession[]): number {

@@ -5,7 +5,7 @@
  */
 export type Role = 'ROLE_UNSPECIFIED' | 'ACTIVE' | 'STANDBY';
 export type Durability = 'DURABILITY_UNSPECIFIED' | 'ASYNC' | 'SYNC';
-export type CommandKind = 'KIND_UNSPECIFIED' | 'PROMOTE' | 'DEMOTE' | 'FREEZE' | 'UNFREEZE' | 'REPORT';
+export type CommandKind = 'KIND_UNSPECIFIED' | 'PROMOTE' | 'DEMOTE' | 'FREEZE' | 'UNFREEZE' | 'REPORT' | 'SET_WRITE_SCHEMA';
 
 export interface TableSpec {
   name: string;
@@ -140,6 +140,7 @@ export interface TableStatus {
   records: number;
   bytes: number;
   durability: Durability;
+  schemas: number[];
 }
 
 export interface PeerStatus {

@@ -418,6 +418,13 @@ export class CheckpointClient extends EventEmitter {
           this.unfreeze();
           reply(true);
           break;
+        case 'SET_WRITE_SCHEMA':
+          if (cmd.writeSchema !== this.opts.schema && !this.opts.transforms?.[`${this.opts.schema}->${cmd.writeSchema}`]) {
+            throw new Error(`no transform ${this.opts.schema}->${cmd.writeSchema} registered`);
+          }
+          this.writeSchema = cmd.writeSchema;
+          reply(true);
+          break;
         case 'REPORT':
           await this.eventChain; // a standby reports what it applied, not what is queued
           reply(true, '', this.localSeqs(), [...this.tables.keys()].map((t) => ({ table: t, ...this.digest(t) })));

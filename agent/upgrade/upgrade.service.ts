@@ -40,6 +40,7 @@ export interface UpgradeCheckpoint {
   status(process: string): ProcessStatus[];
   switchover(process: string, toInstance: string): Promise<SwitchoverResponse>;
   failover(process: string, toInstance: string): Promise<SwitchoverResponse>;
+  raiseWriteSchema(process: string, leavingVm: string): Promise<number>;
   audit(process: string): Promise<AuditResponse>;
 }
 
@@ -300,6 +301,11 @@ export class UpgradeService {
     const rec = cur.phase === 'COMMITTING' ? cur : this.transition(cur, 'COMMITTING', `stopping the old version's VM ${cur.fromVm}`, { timerDeadline: 0 });
     this.stopMonitor();
     await this.stopVm(rec.fromVm);
+    // Nothing can roll back to the old version now: its readers are gone, so the new version
+    // writes its own schema from here on (not fatal: the old schema stays readable).
+    for (const p of Object.keys(rec.processes)) {
+      await this.checkpoint.raiseWriteSchema(p, rec.fromVm).catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
+    }
     this.transition(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped`);
   }
 

@@ -226,6 +226,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   });
 
   it('changeversion runs the whole flow: v2 active, v1 stopped, tables exact', async () => {
+    assert.deepEqual((await bgp()).tables[0].schemas, [1], 'before the commit only schema 1 was written (v1 must read everything)');
     const t0 = Date.now();
     const done = await cli('changeversion', v2);
     measure('changeversion end to end', `${Date.now() - t0} ms`);
@@ -236,6 +237,11 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     assert.equal(a?.softwareVersion, '2.0.0');
     await until('v1 VM stopped', async () => !(await vms()).some((v) => v.name === 'cp-1' && v.state === 'RUNNING'), 60_000);
     await assertAudit('after commit');
+    // With v1 gone nothing needs schema 1 any more: v2 writes its own schema 2 from the commit on.
+    const after = await bgp();
+    assert.equal(after.peers.find((p) => p.role === 'ACTIVE')?.schemaWrites, 2);
+    await until('schema-2 records in the table', async () => (await bgp()).tables[0].schemas.includes(2), 30_000);
+    await assertAudit('after v2 wrote schema 2');
     // Idempotent: committing again is not an error.
     assert.equal((await cli('commitversion')).history[0].phase, 'COMMITTED');
   });
