@@ -15,6 +15,7 @@ import { HealthImplementation } from 'grpc-health-check';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Logger } from '../common/logger';
+import { requestContext, requestIdFor } from '../common/request-context';
 import { loadProtos, serviceDef } from './proto';
 import { Role, roleAllows, roleOf } from './authz';
 
@@ -254,6 +255,8 @@ function guardHandlers(def: grpc.ServiceDefinition, impl: grpc.UntypedServiceImp
 
 type AnyCall = NodeJS.EventEmitter & {
   getPath?: () => string;
+  metadata?: grpc.Metadata;
+  sendMetadata?: (md: grpc.Metadata) => void;
   getAuthContext?: () => { sslPeerCertificate?: import('node:tls').PeerCertificate };
   end?: (...a: unknown[]) => unknown;
   emit: (e: string, ...v: unknown[]) => boolean;
@@ -262,7 +265,9 @@ type AnyCall = NodeJS.EventEmitter & {
 /**
  * Wraps every handler of a service: with `roles` (the TLS listener) the caller's certificate
  * must map to a role that allows the method, else PERMISSION_DENIED naming the role and the RPC;
- * on every listener each finished call is reported to `observe` with its status code.
+ * on every listener each finished call is reported to `observe` with its status code. Every call
+ * gets a request id (the client's `x-request-id` when it sent a usable one), returned in the
+ * `x-request-id` response header and attached to every log line the call causes.
  */
 function instrument(
   def: grpc.ServiceDefinition,
@@ -277,12 +282,18 @@ function instrument(
     if (!h) continue;
     const method = m.path;
     const respondsWithCallback = !m.responseStream;
-    out[name] = ((call: AnyCall, cb?: (e: unknown, v?: unknown) => void) => {
+
+    const serve = (call: AnyCall, cb: ((e: unknown, v?: unknown) => void) | undefined, rid: string, t0: number) => {
       let reported = false;
-      const report = (code: number | undefined) => {
+      const report = (code: number | undefined, details?: string) => {
         if (reported) return;
         reported = true;
-        observe(method, grpc.status[code ?? grpc.status.OK] ?? String(code));
+        const codeName = grpc.status[code ?? grpc.status.OK] ?? String(code);
+        observe(method, codeName);
+        const ms = Math.round((performance.now() - t0) * 10) / 10;
+        // Refusals are what an operator asks about afterwards; successes only at debug.
+        if (code) log.info({ rid, method, code: codeName, details, ms }, 'RPC failed');
+        else log.debug({ rid, method, ms }, 'RPC done');
       };
       if (roles) {
         const cert = call.getAuthContext?.().sslPeerCertificate;
@@ -293,7 +304,7 @@ function instrument(
             : `certificate ${who} has no role in --tls-roles, so it may not call ${method}; add its CN or SAN as 'viewer' or 'operator'`;
           log.warn({ method, who, role }, 'RPC denied');
           const err = { code: grpc.status.PERMISSION_DENIED, details };
-          report(err.code);
+          report(err.code, details);
           if (respondsWithCallback && cb) cb(err);
           else call.emit('error', err);
           return;
@@ -301,14 +312,18 @@ function instrument(
       }
       if (respondsWithCallback && cb) {
         h(call, (e: unknown, v?: unknown) => {
-          report(e ? ((e as { code?: number }).code ?? grpc.status.UNKNOWN) : grpc.status.OK);
+          const err = e as { code?: number; details?: string } | null;
+          report(err ? (err.code ?? grpc.status.UNKNOWN) : grpc.status.OK, err?.details);
           cb(e, v);
         });
         return;
       }
       const emit = call.emit.bind(call);
       call.emit = ((event: string, ...a: unknown[]) => {
-        if (event === 'error') report((a[0] as { code?: number } | undefined)?.code ?? grpc.status.UNKNOWN);
+        if (event === 'error') {
+          const err = a[0] as { code?: number; details?: string } | undefined;
+          report(err?.code ?? grpc.status.UNKNOWN, err?.details);
+        }
         return emit(event, ...a);
       }) as typeof call.emit;
       if (call.end) {
@@ -320,6 +335,14 @@ function instrument(
       }
       call.once('cancelled', () => report(grpc.status.CANCELLED));
       h(call);
+    };
+
+    out[name] = ((call: AnyCall, cb?: (e: unknown, v?: unknown) => void) => {
+      const rid = requestIdFor(call.metadata?.get('x-request-id')[0]);
+      const md = new grpc.Metadata();
+      md.set('x-request-id', rid);
+      call.sendMetadata?.(md);
+      requestContext.run({ rid, method }, () => serve(call, cb, rid, performance.now()));
     }) as grpc.UntypedHandleCall;
   }
   return out;

@@ -5,12 +5,14 @@
 import * as grpc from '@grpc/grpc-js';
 import { HitlessError } from '../common/errors';
 import { Logger } from '../common/logger';
+import { currentRequestId } from '../common/request-context';
 
 export function toServiceError(err: unknown, log: Logger, method: string): Partial<grpc.StatusObject> {
   if (err instanceof HitlessError) return { code: err.code, details: err.message };
   log.error({ method, err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) }, 'unexpected error in RPC handler');
   const msg = err instanceof Error ? err.message : String(err);
-  return { code: grpc.status.INTERNAL, details: `internal error in ${method}: ${msg}; the agent log has details` };
+  const rid = currentRequestId();
+  return { code: grpc.status.INTERNAL, details: `internal error in ${method}: ${msg}; the agent log has details${rid ? ` (request id ${rid})` : ''}` };
 }
 
 /** Wraps a unary handler: exceptions and rejections become statuses; values become responses. */

@@ -10,6 +10,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import { AGENT_MAIN, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
+import { rawClient } from '../helpers/grpc-client';
+import { until } from '../helpers/wait';
 
 const run = promisify(execFile);
 const ISSU = path.resolve(__dirname, '../../agent/cli/issu.js');
@@ -93,6 +95,36 @@ describe('agent: process, listeners and standard services', function () {
       return true;
     });
     await assert.rejects(run(process.execPath, [ISSU, 'frobnicate']), (e: { code: number; stderr: string }) => e.code === 2 && /unknown command 'frobnicate'/.test(e.stderr));
+  });
+
+  it('tags every RPC with a request id: the client\'s own or a new one, in the response header and the log', async () => {
+    const agent = await startAgent();
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    const call = (md: grpc.Metadata) =>
+      new Promise<{ err: grpc.ServiceError; header: grpc.Metadata }>((resolve) => {
+        let header = new grpc.Metadata();
+        const req = (c.Switchover as (...a: unknown[]) => grpc.ClientUnaryCall).call(c, {}, md, (err: grpc.ServiceError) => resolve({ err, header }));
+        req.on('metadata', (m: grpc.Metadata) => (header = m));
+      });
+    const mine = new grpc.Metadata();
+    mine.set('x-request-id', 'nms-4711.a');
+    const r1 = await call(mine);
+    assert.equal(r1.err.code, grpc.status.INVALID_ARGUMENT);
+    assert.deepEqual(r1.header.get('x-request-id'), ['nms-4711.a']);
+    // An unusable id (spaces, too long) is replaced by one of the agent's own.
+    const bad = new grpc.Metadata();
+    bad.set('x-request-id', 'not an id');
+    const r2 = await call(bad);
+    const own = String(r2.header.get('x-request-id')[0]);
+    assert.match(own, /^[0-9a-f]{6}-[0-9a-z]+$/);
+    const logged = (rid: string) =>
+      agent.stderr().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.rid === rid && l.msg === 'RPC failed');
+    await until('both failures logged with their request ids', async () => Boolean(logged('nms-4711.a') && logged(own)), 5_000);
+    const line = logged('nms-4711.a')!;
+    assert.equal(line.method, '/hitless.v1.Checkpoint/Switchover');
+    assert.equal(line.code, 'INVALID_ARGUMENT');
+    assert.match(String(line.details), /Switchover needs process/);
+    c.close();
   });
 
   it('issu shows process status as text and as JSON', async () => {
