@@ -25,7 +25,7 @@ export class SqliteVmRecordStore implements VmRecordStore {
   private readonly selectAll: Database.Statement;
   private readonly remove: Database.Statement;
 
-  constructor(private readonly db: Database.Database) {
+  constructor(db: Database.Database) {
     db.exec(`CREATE TABLE IF NOT EXISTS vm_records (
       name        TEXT PRIMARY KEY,
       arch        TEXT NOT NULL,

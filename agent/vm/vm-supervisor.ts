@@ -94,7 +94,7 @@ export class VmSupervisor {
       if (!this.deps.hypervisors.some((h) => h.arch === bundle.arch)) {
         throw new VmError('FAILED_PRECONDITION', `Image ${req.imageDir} is for ${bundle.arch}, but this agent has no hypervisor for it (has: ${this.deps.hypervisors.map((h) => h.arch).join(', ')}).`);
       }
-      const { agentSocket, bulkSocket } = this.socketsOf(name);
+      const { agentSocket } = this.socketsOf(name);
       const cmdline = [
         bundle.cmdline,
         `hitless.vm=${name}`,

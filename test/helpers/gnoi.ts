@@ -4,12 +4,11 @@
  * tests that never start a VM: storage, limits, activation errors).
  */
 import { execFileSync } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
-import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { signBundle } from '../../agent/images/signing';
 import { AnyClient } from './grpc-client';
+import { writeTestBundle } from './test-bundle';
 
 export type InstallResp = Record<string, unknown> & { response: string };
 export type InstallErrorMsg = { type: string; detail: string };
@@ -73,30 +72,7 @@ export async function installPackage(c: AnyClient, pkg: Buffer, opts: { version?
  * and ed25519 signature, so the agent's Install accepts it; it does not boot.
  */
 export async function fakeBundle(dir: string, version: string, rootfsBytes: number, privateKeyPem: string, over: { arch?: string; processes?: unknown[] } = {}): Promise<string> {
-  fs.mkdirSync(dir, { recursive: true });
-  const files = (
-    [
-      ['kernel', 'vmlinuz', 4096],
-      ['initrd', 'initrd.img', 2048],
-      ['rootfs', 'rootfs.ext4', rootfsBytes],
-    ] as const
-  ).map(([role, p, size]) => {
-    const data = crypto.randomBytes(size);
-    fs.writeFileSync(path.join(dir, p), data);
-    return { role, path: p, sha256: crypto.createHash('sha256').update(data).digest('hex'), size };
-  });
-  const manifest = {
-    name: 'hitless-cp',
-    version,
-    arch: over.arch ?? 'x86_64',
-    kernel: { release: '6.1.0-47-cloud-amd64', package: 'linux-image-6.1.0-47-cloud-amd64', packageVersion: '6.1.170-3', cmdline: 'console=ttyS0 panic=-1 quiet' },
-    console: 'ttyS0',
-    memoryMiB: 256,
-    cpus: 1,
-    files,
-    processes: over.processes ?? [{ name: 'bgp', command: ['/opt/hitless/node', '/opt/hitless/daemons/bgp.js'], schemaWrites: 1, schemaReads: [1] }],
-  };
-  fs.writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
+  writeTestBundle(dir, { version, rootfsBytes, ...over });
   await signBundle(dir, privateKeyPem);
   return dir;
 }

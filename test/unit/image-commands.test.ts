@@ -6,35 +6,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { imageCommand } from '../../agent/cli/image-commands';
-import * as crypto from 'node:crypto';
+import { writeTestBundle } from '../helpers/test-bundle';
 
-/** A small bundle in the build scripts' format (real sha256s); same as in images.test.ts. */
-function makeBundle(dir: string, over: { version?: string } = {}): void {
-  fs.mkdirSync(dir, { recursive: true });
-  const files = (
-    [
-      ['kernel', 'vmlinuz', 3000],
-      ['initrd', 'initrd.img', 2000],
-      ['rootfs', 'rootfs.ext4', 1048576 + 5],
-    ] as const
-  ).map(([role, p, size]) => {
-    const data = crypto.randomBytes(size);
-    fs.writeFileSync(path.join(dir, p), data);
-    return { role, path: p, sha256: crypto.createHash('sha256').update(data).digest('hex'), size };
-  });
-  const m = {
-    name: 'hitless-cp',
-    version: over.version ?? '1.0.0',
-    arch: 'x86_64',
-    kernel: { release: '6.1.0-47-cloud-amd64', package: 'linux-image-6.1.0-47-cloud-amd64', packageVersion: '6.1.170-3', cmdline: 'console=ttyS0 panic=-1 quiet' },
-    console: 'ttyS0',
-    memoryMiB: 256,
-    cpus: 1,
-    files,
-    processes: [{ name: 'bgp', command: ['/opt/hitless/node', '/opt/hitless/daemons/bgp.js'], schemaWrites: 1, schemaReads: [1] }],
-  };
-  fs.writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify(m, null, 2) + '\n');
-}
+const makeBundle = (dir: string, over: { version?: string } = {}) => void writeTestBundle(dir, over);
 
 async function run(...args: string[]): Promise<{ code: number; out: Record<string, unknown>[] }> {
   const out: Record<string, unknown>[] = [];

@@ -13,39 +13,14 @@ import { HitlessError } from '../../agent/common/errors';
 import { assertCompatible, compatibilityMatrix, type ProcessInfo } from '../../agent/images/compatibility';
 import { type Manifest, type ManifestProcess, readManifest } from '../../agent/images/manifest';
 import { generateKeyPair, keyIdOf, signBundle, verifyBundle } from '../../agent/images/signing';
+import { writeTestBundle } from '../helpers/test-bundle';
 
 const REPO = path.resolve(__dirname, '../../..');
 const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
-/** Writes a small bundle: the three role files with random contents and a manifest listing them. */
+/** A small bundle: three role files with random contents (3 MiB rootfs) and its manifest. */
 function makeBundle(dir: string, over: { version?: string; processes?: ManifestProcess[]; mutate?: (m: Record<string, unknown>) => void } = {}): Manifest {
-  fs.mkdirSync(dir, { recursive: true });
-  const files = (
-    [
-      ['kernel', 'vmlinuz', 3000],
-      ['initrd', 'initrd.img', 2000],
-      ['rootfs', 'rootfs.ext4', 3 * 1048576 + 17],
-    ] as const
-  ).map(([role, p, size]) => {
-    const data = crypto.randomBytes(size);
-    fs.writeFileSync(path.join(dir, p), data);
-    return { role, path: p, sha256: sha(data), size };
-  });
-  const m: Record<string, unknown> = {
-    name: 'hitless-cp',
-    version: over.version ?? '1.0.0',
-    arch: 'x86_64',
-    kernel: { release: '6.1.0-47-cloud-amd64', package: 'linux-image-6.1.0-47-cloud-amd64', packageVersion: '6.1.170-3', cmdline: 'console=ttyS0 panic=-1 quiet' },
-    console: 'ttyS0',
-    memoryMiB: 256,
-    cpus: 1,
-    files,
-    processes: over.processes ?? [{ name: 'bgp', command: ['/opt/hitless/node', '/opt/hitless/daemons/bgp.js'], schemaWrites: 1, schemaReads: [1] }],
-    node: { version: 'v20.20.2', source: 'host', path: '/opt/hitless/node' },
-  };
-  over.mutate?.(m);
-  fs.writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify(m, null, 2) + '\n');
-  return m as unknown as Manifest;
+  return writeTestBundle(dir, { ...over, rootfsBytes: 3 * 1048576 + 17 });
 }
 
 async function rejects(p: Promise<unknown> | (() => unknown), code: status, re: RegExp): Promise<HitlessError> {

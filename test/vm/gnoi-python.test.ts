@@ -24,7 +24,7 @@ import { AnyClient, expectStatus, rawClient, tlsClient, unaryCall } from '../hel
 import { until } from '../helpers/wait';
 import { Pem, TestCa, tlsAgentArgs } from '../helpers/tls-ca';
 import type { StatusResponse } from '../../agent/checkpoint/messages';
-import type { VmInfoMessage, ListVmsResponse } from '../../agent/vm/vm.messages';
+import type { ListVmsResponse } from '../../agent/vm/vm.messages';
 import { generateKeyPair } from '../../agent/images/signing';
 import { QemuReaper } from './fixtures';
 import { buildGuestImages, signedVariant, bootControlPlane, printAgentLogIfFailed } from '../helpers/guest-images';

@@ -15,7 +15,7 @@ import { AgentHandle, startAgent, stopAllAgents } from '../helpers/agent-process
 import { AnyClient, expectStatus, rawClient, unaryCall } from '../helpers/grpc-client';
 import { until } from '../helpers/wait';
 import type { AuditResponse, StatusResponse } from '../../agent/checkpoint/messages';
-import type { VmInfoMessage, ListVmsResponse } from '../../agent/vm/vm.messages';
+import type { ListVmsResponse } from '../../agent/vm/vm.messages';
 import { generateKeyPair } from '../../agent/images/signing';
 import { buildGuestImages, runIssu as issu, signedVariant, bootControlPlane, printAgentLogIfFailed } from '../helpers/guest-images';
 import { QemuReaper } from './fixtures';
