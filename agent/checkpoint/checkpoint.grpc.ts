@@ -142,7 +142,7 @@ export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: 
         svc.ack(req, peerVm);
       } catch (e) {
         done = true;
-        callback(toServiceError(e, log, 'Ack') as grpc.ServiceError);
+        callback(toServiceError(e, log, 'Ack', call) as grpc.ServiceError);
       }
     });
     call.on('end', () => {

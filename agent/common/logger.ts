@@ -3,23 +3,11 @@
  * with their name bound, so every line says where it came from.
  */
 import pino from 'pino';
-import { currentRequestId } from './request-context';
 
 export type Logger = pino.Logger;
 
 export function createLogger(level: string = process.env.HITLESS_LOG_LEVEL ?? 'info'): Logger {
-  return pino(
-    {
-      level,
-      base: { svc: 'hitlessd', pid: process.pid },
-      // Lines logged while serving an RPC carry its request id (see request-context.ts).
-      mixin: () => {
-        const rid = currentRequestId();
-        return rid ? { rid } : {};
-      },
-    },
-    pino.destination(2),
-  );
+  return pino({ level, base: { svc: 'hitlessd', pid: process.pid } }, pino.destination(2));
 }
 
 /** A logger that drops everything, for library users (SDK) that did not pass one. */

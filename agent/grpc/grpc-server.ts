@@ -15,7 +15,7 @@ import { HealthImplementation } from 'grpc-health-check';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Logger } from '../common/logger';
-import { requestContext, requestIdFor } from '../common/request-context';
+import { requestIdFor, tagCall } from '../common/request-context';
 import { loadProtos, serviceDef } from './proto';
 import { Role, roleAllows, roleOf } from './authz';
 
@@ -267,7 +267,7 @@ type AnyCall = NodeJS.EventEmitter & {
  * must map to a role that allows the method, else PERMISSION_DENIED naming the role and the RPC;
  * on every listener each finished call is reported to `observe` with its status code. Every call
  * gets a request id (the client's `x-request-id` when it sent a usable one), returned in the
- * `x-request-id` response header and attached to every log line the call causes.
+ * `x-request-id` response header and written on the log lines about the call.
  */
 function instrument(
   def: grpc.ServiceDefinition,
@@ -342,7 +342,8 @@ function instrument(
       const md = new grpc.Metadata();
       md.set('x-request-id', rid);
       call.sendMetadata?.(md);
-      requestContext.run({ rid, method }, () => serve(call, cb, rid, performance.now()));
+      tagCall(call, rid);
+      serve(call, cb, rid, performance.now());
     }) as grpc.UntypedHandleCall;
   }
   return out;

@@ -5,13 +5,13 @@
 import * as grpc from '@grpc/grpc-js';
 import { HitlessError } from '../common/errors';
 import { Logger } from '../common/logger';
-import { currentRequestId } from '../common/request-context';
+import { requestIdOf } from '../common/request-context';
 
-export function toServiceError(err: unknown, log: Logger, method: string): Partial<grpc.StatusObject> {
+export function toServiceError(err: unknown, log: Logger, method: string, call?: object): Partial<grpc.StatusObject> {
   if (err instanceof HitlessError) return { code: err.code, details: err.message };
-  log.error({ method, err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) }, 'unexpected error in RPC handler');
+  const rid = requestIdOf(call);
+  log.error({ rid, method, err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) }, 'unexpected error in RPC handler');
   const msg = err instanceof Error ? err.message : String(err);
-  const rid = currentRequestId();
   return { code: grpc.status.INTERNAL, details: `internal error in ${method}: ${msg}; the agent log has details${rid ? ` (request id ${rid})` : ''}` };
 }
 
@@ -26,17 +26,17 @@ export function unary<Req, Res>(
     try {
       result = fn(call.request, call);
     } catch (e) {
-      callback(toServiceError(e, log, method) as grpc.ServiceError);
+      callback(toServiceError(e, log, method, call) as grpc.ServiceError);
       return;
     }
     Promise.resolve(result).then(
       (res) => callback(null, res),
-      (e) => callback(toServiceError(e, log, method) as grpc.ServiceError),
+      (e) => callback(toServiceError(e, log, method, call) as grpc.ServiceError),
     );
   };
 }
 
 /** Ends a server stream with an error status. */
 export function failStream(call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>, err: unknown, log: Logger, method: string): void {
-  call.emit('error', toServiceError(err, log, method));
+  call.emit('error', toServiceError(err, log, method, call));
 }
