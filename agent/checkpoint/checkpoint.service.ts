@@ -695,6 +695,10 @@ export class CheckpointService {
       // Best effort: start the freeze when the standby is (nearly) caught up, so what it must
       // apply inside the freeze window is short.
       await this.waitAcked(g, target, this.tableSeqs(g), 1000).catch(() => undefined);
+      // One no-op command to each side first (UNFREEZE of a process that is not frozen): the
+      // command path of both processes is then warm (in a slow guest, code run for the first
+      // time costs tens of ms), and that cost is paid before the writers stop, not inside.
+      await Promise.all([old, target].map((s) => this.command(s, 'UNFREEZE', { reason: 'switchover: checking the command path' })));
       const t0 = process_hrtime();
       const { seqs, reply: frozen } = await this.freeze(g, old, `switchover to ${toInstance}`);
       const tFrozen = process_hrtime();
