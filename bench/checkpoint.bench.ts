@@ -25,6 +25,8 @@ const RECORDS = Number(process.env.RECORDS ?? 1_000_000);
 const BATCH = 1000;
 /** Extra V8 flags for every process of the run (e.g. BENCH_NODE_FLAGS=--max-semi-space-size=64). */
 const NODE_FLAGS = (process.env.BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean);
+/** Extra V8 flags for hitlessd only (e.g. BENCH_AGENT_NODE_FLAGS=--initial-old-space-size=256). */
+const AGENT_NODE_FLAGS = (process.env.BENCH_AGENT_NODE_FLAGS ?? '').split(' ').filter(Boolean);
 
 interface Worker {
   proc: ChildProcess;
@@ -59,7 +61,7 @@ const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringif
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 async function main(): Promise<void> {
-  const agent = await startAgent({ nodeArgs: [...NODE_FLAGS, ...(process.env.BENCH_AGENT_NODE_FLAGS ?? '').split(' ').filter(Boolean), ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])], args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [] });
+  const agent = await startAgent({ nodeArgs: [...NODE_FLAGS, ...AGENT_NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])], args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [] });
   const workers: Worker[] = [];
   try {
     const active = worker();

@@ -12,6 +12,7 @@ import { parseArgs } from 'node:util';
 import { startAgent, stopAllAgents } from '../test/helpers/agent-process';
 import { startDaemon, stopAllDaemons, DaemonHandle } from '../test/helpers/daemon-process';
 import { rawClient, unaryCall } from '../test/helpers/grpc-client';
+import { phaseRecorder } from './common/phases';
 
 const { values } = parseArgs({
   options: {
@@ -26,17 +27,7 @@ if (values.help) {
   process.exit(0);
 }
 
-const phases: { name: string; seconds: number }[] = [];
-const say = (s: string) => process.stderr.write(`demo: ${s}\n`);
-async function phase<T>(name: string, fn: () => Promise<T>): Promise<T> {
-  const t0 = process.hrtime.bigint();
-  say(`${name} ...`);
-  const r = await fn();
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  phases.push({ name, seconds: Math.round(seconds * 1000) / 1000 });
-  say(`${name} done in ${seconds.toFixed(2)} s`);
-  return r;
-}
+const { phases, say, phase } = phaseRecorder('demo');
 
 async function quiesce(d: DaemonHandle): Promise<number> {
   const n = d.events.length;

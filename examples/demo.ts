@@ -25,6 +25,8 @@ import { startAgent, stopAllAgents, AgentHandle } from '../test/helpers/agent-pr
 import { rawClient, unaryCall, AnyClient } from '../test/helpers/grpc-client';
 import { generateKeyPair } from '../agent/images/signing';
 import { buildGuestImages, signedVariant } from '../test/helpers/guest-images';
+import { until } from '../test/helpers/wait';
+import { phaseRecorder } from './common/phases';
 import type { AuditResponse, StatusResponse } from '../agent/checkpoint/messages';
 
 const { values } = parseArgs({ options: { json: { type: 'boolean', default: false }, help: { type: 'boolean', short: 'h' } } });
@@ -33,28 +35,7 @@ if (values.help) {
   process.exit(0);
 }
 
-const phases: { name: string; seconds: number }[] = [];
-const say = (s: string) => process.stderr.write(`demo: ${s}\n`);
-
-async function phase<T>(name: string, fn: () => Promise<T>): Promise<T> {
-  const t0 = process.hrtime.bigint();
-  say(`${name} ...`);
-  const r = await fn();
-  const seconds = Math.round(Number(process.hrtime.bigint() - t0) / 1e6) / 1000;
-  phases.push({ name, seconds });
-  say(`${name}: ${seconds.toFixed(2)} s`);
-  return r;
-}
-
-async function until<T>(what: string, check: () => Promise<T | undefined | false>, timeoutMs: number): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await check().catch(() => undefined);
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const { phases, say, phase } = phaseRecorder('demo');
 
 
 interface UpgradeStatusMsg {
@@ -95,7 +76,7 @@ async function main(): Promise<void> {
       await until('bgp v1 active with its table', async () => {
         const b = await bgp();
         return b.peers.some((p) => p.role === 'ACTIVE') && b.tables[0].records >= 20_000;
-      }, 300_000);
+      }, 300_000, 200);
     });
 
     // Progress from the agent's event stream, as an NMS would see it.

@@ -94,6 +94,12 @@ interface PendingCommand {
   timer: NodeJS.Timeout;
 }
 
+/** The schemas of `canWrite` that every one of `readers` reads, newest first. */
+function readableBy(canWrite: number[], readers: Iterable<PeerSession>): number[] {
+  const rs = [...readers];
+  return canWrite.filter((v) => rs.every((r) => r.reg.schemaReads.includes(v))).sort((a, b) => b - a);
+}
+
 class PeerSession {
   role: Role;
   /**
@@ -318,7 +324,7 @@ export class CheckpointService {
   /** The highest schema the new active can write that every current standby reads. */
   private pickWriteSchema(g: ProcessGroup, reg: Register, canWrite: number[]): number {
     const standbys = g.standbys();
-    const ok = canWrite.filter((v) => standbys.every((s) => s.reg.schemaReads.includes(v))).sort((a, b) => b - a);
+    const ok = readableBy(canWrite, standbys);
     if (!ok.length) {
       const sb = standbys.map((s) => `${s.reg.instanceId} reads [${s.reg.schemaReads.join(', ')}]`).join('; ');
       throw failedPrecondition(
@@ -847,8 +853,7 @@ export class CheckpointService {
 
   private pickWriteSchemaFor(target: PeerSession, readers: PeerSession[]): number {
     const canWrite = target.reg.schemaCanWrite.length ? target.reg.schemaCanWrite : [target.reg.schemaWrites];
-    const ok = canWrite.filter((v) => readers.every((r) => r.reg.schemaReads.includes(v))).sort((a, b) => b - a);
-    return ok[0] ?? target.reg.schemaWrites;
+    return readableBy(canWrite, readers)[0] ?? target.reg.schemaWrites;
   }
 
   // ---------------------------------------------------------------- helpers

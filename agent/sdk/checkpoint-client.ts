@@ -316,9 +316,14 @@ export class CheckpointClient extends EventEmitter {
   /** Values in the native schema -> the schema the agent asked this active to write. */
   toWriteSchema(value: Buffer): Buffer {
     if (this.writeSchema === this.opts.schema) return value;
-    const f = this.opts.transforms?.[`${this.opts.schema}->${this.writeSchema}`];
-    if (!f) throw new Error(`no transform ${this.opts.schema}->${this.writeSchema} registered`);
-    return f(value);
+    return this.writerTo(this.writeSchema)(value);
+  }
+
+  /** The transform from the native schema to `schema`; throws when none is registered. */
+  private writerTo(schema: number): Transform {
+    const f = this.opts.transforms?.[`${this.opts.schema}->${schema}`];
+    if (!f) throw new Error(`no transform ${this.opts.schema}->${schema} registered`);
+    return f;
   }
 
   batch(table: string): Batch {
@@ -419,9 +424,7 @@ export class CheckpointClient extends EventEmitter {
           reply(true);
           break;
         case 'SET_WRITE_SCHEMA':
-          if (cmd.writeSchema !== this.opts.schema && !this.opts.transforms?.[`${this.opts.schema}->${cmd.writeSchema}`]) {
-            throw new Error(`no transform ${this.opts.schema}->${cmd.writeSchema} registered`);
-          }
+          if (cmd.writeSchema !== this.opts.schema) this.writerTo(cmd.writeSchema); // refuse what it cannot write
           this.writeSchema = cmd.writeSchema;
           reply(true);
           break;

@@ -65,17 +65,7 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
     for (const c of [vm, platform, checkpoint]) c?.close();
     await stopAllAgents();
     // Whatever QEMU the test or the agent started, by the pids seen and by the pid files.
-    try {
-      for (const name of fs.readdirSync(path.join(stateDir, 'vms'))) {
-        try {
-          reaper.track(Number(fs.readFileSync(path.join(stateDir, 'vms', name, 'qemu.pid'), 'utf8').trim()));
-        } catch {
-          // no pid file: never launched
-        }
-      }
-    } catch {
-      // no vms dir
-    }
+    reaper.trackStateDir(stateDir);
     const killed = reaper.reap();
     if (killed) process.stderr.write(`      cleanup: killed ${killed} leftover QEMU process(es)\n`);
     fs.rmSync(stateDir, { recursive: true, force: true });

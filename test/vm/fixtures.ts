@@ -180,6 +180,25 @@ export class QemuReaper {
   track(pid: number | null | undefined): void {
     if (pid) this.pids.add(pid);
   }
+  /**
+   * Tracks every QEMU an agent with this state dir launched, from the pid files it keeps
+   * (<stateDir>/vms/<name>/qemu.pid): works when the agent itself is already gone.
+   */
+  trackStateDir(stateDir: string): void {
+    let names: string[];
+    try {
+      names = fs.readdirSync(path.join(stateDir, 'vms'));
+    } catch {
+      return; // no VM was ever created
+    }
+    for (const name of names) {
+      try {
+        this.track(Number(fs.readFileSync(path.join(stateDir, 'vms', name, 'qemu.pid'), 'utf8').trim()));
+      } catch {
+        // no pid file: never launched
+      }
+    }
+  }
   reap(): number {
     let killed = 0;
     for (const pid of this.pids) {

@@ -143,6 +143,7 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
     if (vmc) await trackAll().catch(() => undefined);
     for (const c of [ck, vmc, up, sysOp, sysView]) c?.close();
     await stopAllAgents();
+    if (agent) reaper.trackStateDir(agent.stateDir); // also when the agent died before it could list them
     reaper.reap();
     if (agent) fs.rmSync(agent.stateDir, { recursive: true, force: true });
     fs.rmSync(work, { recursive: true, force: true });

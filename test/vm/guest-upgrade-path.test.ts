@@ -104,17 +104,7 @@ describe('guest upgrade path: v1 ACTIVE in one VM, v2 STANDBY (schema 2) in anot
     this.timeout(60_000);
     for (const c of [vm, checkpoint]) c?.close();
     await stopAllAgents();
-    try {
-      for (const name of fs.readdirSync(path.join(stateDir, 'vms'))) {
-        try {
-          reaper.track(Number(fs.readFileSync(path.join(stateDir, 'vms', name, 'qemu.pid'), 'utf8').trim()));
-        } catch {
-          // no pid file: never launched
-        }
-      }
-    } catch {
-      // no vms dir
-    }
+    reaper.trackStateDir(stateDir);
     const killed = reaper.reap();
     if (killed) process.stderr.write(`      cleanup: killed ${killed} leftover QEMU process(es)\n`);
     fs.rmSync(stateDir, { recursive: true, force: true });

@@ -97,6 +97,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     ck?.close();
     vmc?.close();
     await stopAllAgents();
+    reaper.trackStateDir(stateDir); // also when the agent died before it could list them
     reaper.reap();
     fs.rmSync(work, { recursive: true, force: true });
   });
