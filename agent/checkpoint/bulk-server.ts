@@ -30,6 +30,7 @@ interface Ticket {
   producer: BulkProducer;
   timer: NodeJS.Timeout;
   onDone: (err: Error | null, records: number) => void;
+  onClosed?: () => void;
 }
 
 export interface BulkServerOptions {
@@ -90,20 +91,29 @@ export class BulkServer {
     fs.rmSync(socketPath, { force: true });
   }
 
-  /** Registers a producer; returns the token the subscriber must present. */
-  issue(producer: BulkProducer, onDone: (err: Error | null, records: number) => void): Buffer {
+  /**
+   * Registers a producer; returns the token the subscriber must present. `onDone` reports the
+   * transfer's outcome as soon as it is known; `onClosed` runs once afterwards, when nothing reads
+   * the producer's buffers any more (its socket closed and the producer returned, or the ticket
+   * was never redeemed): the owner may then reuse them.
+   */
+  issue(producer: BulkProducer, onDone: (err: Error | null, records: number) => void, onClosed?: () => void): Buffer {
     const token = crypto.randomBytes(16);
     const key = token.toString('hex');
     const timer = setTimeout(() => {
       this.tickets.delete(key);
       onDone(new Error(`bulk snapshot ticket not redeemed within ${this.opts.ticketTtlMs} ms`), 0);
+      onClosed?.();
     }, this.opts.ticketTtlMs);
-    this.tickets.set(key, { producer, timer, onDone });
+    this.tickets.set(key, { producer, timer, onDone, onClosed });
     return token;
   }
 
   async close(): Promise<void> {
-    for (const t of this.tickets.values()) clearTimeout(t.timer);
+    for (const t of this.tickets.values()) {
+      clearTimeout(t.timer);
+      t.onClosed?.();
+    }
     this.tickets.clear();
     for (const s of this.sockets) s.destroy();
     await Promise.all(this.servers.map((s) => new Promise<void>((res) => s.close(() => res()))));
@@ -143,7 +153,20 @@ export class BulkServer {
   private async run(sock: net.Socket, ticket: Ticket): Promise<void> {
     sock.setNoDelay(true);
     let closed = false;
-    sock.once('close', () => (closed = true));
+    // The producer's buffers are let go once both the socket is closed (queued writes point into
+    // them until then) and the producer has stopped reading them.
+    let settled = false;
+    let letGo = false;
+    const letGoIfDone = () => {
+      if (closed && settled && !letGo) {
+        letGo = true;
+        ticket.onClosed?.();
+      }
+    };
+    sock.once('close', () => {
+      closed = true;
+      letGoIfDone();
+    });
     const waitDrain = () =>
       new Promise<void>((res, rej) => {
         const timer = setTimeout(() => {
@@ -181,6 +204,9 @@ export class BulkServer {
     } catch (err) {
       sock.destroy();
       ticket.onDone(err as Error, 0);
+    } finally {
+      settled = true;
+      letGoIfDone();
     }
   }
 }

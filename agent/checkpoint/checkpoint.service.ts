@@ -499,6 +499,7 @@ export class CheckpointService {
         return sent;
       },
       (err) => onDone(err),
+      () => snap.release(),
     );
     this.log.debug({ process: g.name, table, seq: snap.seq, records: snap.records, live: snap.liveRecords }, 'bulk snapshot issued');
     return {
@@ -904,6 +905,8 @@ export class CheckpointService {
     } catch (e) {
       this.store.abortSnapshot(process, r.name, gen);
       throw e;
+    } finally {
+      snap.release(); // SQLite copied every chunk it was given
     }
   }
 

@@ -20,11 +20,17 @@
  *   alone, still yields the live table. Snapshots keep referencing whatever arenas they listed.
  * - Index slot i is empty when slotArena[i] === -1; linear probing with backward-shift deletion,
  *   so there are no tombstones. Capacity is a power of two, load factor <= 0.6.
+ * - With an ArenaPool, arenas that leave the log (compaction, CLEAR) go back to the pool once no
+ *   snapshot pins them, and are written again by whichever table takes them next. Then a value
+ *   view from get()/forEach() is valid only until the next write: copy what you keep. Without a
+ *   pool (the default) arenas are left to the garbage collector and views stay valid.
  */
 import crypto from 'node:crypto';
 import { OP_CLEAR, OP_DELETE, OP_PUT, RECORD_HEADER_BYTES, SCHEMA_BYTES } from './records';
 
 const ARENA_BYTES = 8 * 1024 * 1024;
+/** Retired arenas a pool keeps for reuse at most (beyond this they are left to the collector). */
+const POOL_MAX_FREE_BYTES = 256 * 1024 * 1024;
 const MIN_CAPACITY = 1024;
 /** Live records copied per background compaction slice (~0.5 ms on this hardware). */
 const COMPACT_SLICE_RECORDS = 2048;
@@ -34,7 +40,63 @@ interface Arena {
   buf: Buffer;
   used: number;
   records: number;
+  /** Open snapshots listing this arena: its bytes must not change while > 0. */
+  pins: number;
+  /** Out of the log; returned to the pool when the last pin goes. */
+  retired: boolean;
 }
+
+/**
+ * Where a table's arenas come from, and where retired ones wait to be written again.
+ *
+ * Why not Buffer.allocUnsafeSlow: V8 counts new ArrayBuffer memory against its old-generation
+ * limit, whose headroom is only about 8 MB for a heap the size of the agent's (~17 MB). Every
+ * fresh 8 MiB arena therefore started a full mark-compact: about once a second under a 50k
+ * records/s SYNC load, in the agent and in each client, and those pauses made the SYNC
+ * acknowledgement p99. Arenas are long-lived memory whose lifetime this code manages itself, so
+ * they are SharedArrayBuffers: V8 leaves shared backing stores out of that accounting. The OS
+ * hands their pages out zeroed and lazily (no resident cost until written).
+ *
+ * Retired arenas (compaction, CLEAR) come back here once no snapshot pins them, so a table under
+ * churn stops allocating at all. All tables of one process (the agent, or one client) share the
+ * pool; it keeps at most `maxFreeBytes` and leaves the rest to the garbage collector.
+ */
+export class ArenaPool {
+  private readonly free: Buffer[] = [];
+  /** Pooled-size arenas allocated, and handed out again instead (for tests and diagnostics). */
+  allocated = 0;
+  reused = 0;
+
+  constructor(
+    readonly arenaBytes = ARENA_BYTES,
+    readonly maxFreeBytes = POOL_MAX_FREE_BYTES,
+  ) {}
+
+  /** An arena of at least `bytes` (an oversize batch gets its own ordinary buffer, never pooled). */
+  take(bytes: number): Buffer {
+    if (bytes > this.arenaBytes) return Buffer.allocUnsafeSlow(bytes);
+    const reused = this.free.pop();
+    if (reused) {
+      this.reused++;
+      return reused;
+    }
+    this.allocated++;
+    return Buffer.from(new SharedArrayBuffer(this.arenaBytes));
+  }
+
+  /** Takes back an arena nothing references any more. */
+  give(buf: Buffer): void {
+    if (buf.length !== this.arenaBytes || (this.free.length + 1) * this.arenaBytes > this.maxFreeBytes) return;
+    this.free.push(buf);
+  }
+
+  get freeBytes(): number {
+    return this.free.length * this.arenaBytes;
+  }
+}
+
+/** The pool the agent's replicas and the SDK's local tables share within one process. */
+export const sharedArenaPool = new ArenaPool();
 
 /** A consistent view of the log at `seq`: stream `frames()` to rebuild the table. */
 export interface LogSnapshot {
@@ -44,6 +106,12 @@ export interface LogSnapshot {
   liveRecords: number;
   bytes: number;
   parts: { buf: Buffer; end: number; records: number }[];
+  /**
+   * Ends the snapshot: its arenas may be reused once no other snapshot pins them. Call it when
+   * nothing reads `parts` any more (including bytes queued on a socket); calling it again is a
+   * no-op, and never calling it only means those arenas are left to the garbage collector.
+   */
+  release(): void;
 }
 
 export interface RecordView {
@@ -78,6 +146,8 @@ function recordLength(buf: Buffer, off: number): number {
 }
 
 export class RecordTable {
+  /** Set: retired arenas are recycled through it (see the class comment for what that implies). */
+  private readonly pool: ArenaPool | null;
   /** Arenas by id (ids only grow; a dropped arena leaves a hole). */
   private byId: (Arena | undefined)[] = [];
   /** Arena ids in log order. */
@@ -102,6 +172,10 @@ export class RecordTable {
   compactMinBytes = 64 * 1024 * 1024;
   /** Start background compaction from append() when needed (tests turn it off to drive it). */
   autoCompact = true;
+
+  constructor(opts: { pool?: ArenaPool } = {}) {
+    this.pool = opts.pool ?? null;
+  }
 
   /** Applies a validated packed batch. */
   append(batch: Buffer): void {
@@ -183,14 +257,25 @@ export class RecordTable {
     this.reset();
   }
 
-  /** A consistent view of the log now; cheap (no copying). */
+  /** A consistent view of the log now; cheap (no copying). Release it when done (see LogSnapshot). */
   snapshot(seq: number): LogSnapshot {
+    const arenas = this.order.map((id) => this.byId[id]!).filter((a) => a.used > 0);
+    for (const a of arenas) a.pins++;
+    let open = true;
     return {
       seq,
       records: this.logRecords,
       liveRecords: this.size,
       bytes: this.logBytes,
-      parts: this.order.map((id) => this.byId[id]!).filter((a) => a.used > 0).map((a) => ({ buf: a.buf, end: a.used, records: a.records })),
+      parts: arenas.map((a) => ({ buf: a.buf, end: a.used, records: a.records })),
+      release: () => {
+        if (!open) return;
+        open = false;
+        for (const a of arenas) {
+          a.pins--;
+          if (a.retired && a.pins === 0) this.pool?.give(a.buf);
+        }
+      },
     };
   }
 
@@ -258,6 +343,7 @@ export class RecordTable {
       this.logBytes -= old.used;
       this.logRecords -= old.records;
       this.byId[id] = undefined;
+      this.retire(old);
     }
     this.order = this.order.filter((id) => id >= boundary);
     this.boundary = -1;
@@ -265,7 +351,14 @@ export class RecordTable {
 
   // ---------------------------------------------------------------- internals
 
+  /** An arena left the log: back to the pool now, or when its last snapshot is released. */
+  private retire(a: Arena): void {
+    a.retired = true;
+    if (a.pins === 0) this.pool?.give(a.buf);
+  }
+
   private reset(): void {
+    for (const a of this.byId) if (a) this.retire(a);
     this.byId = [];
     this.order = [];
     this.boundary = -1; // a running compaction has nothing left to do
@@ -285,7 +378,8 @@ export class RecordTable {
     const last = lastId === undefined ? undefined : this.byId[lastId];
     if (last && last.buf.length - last.used >= bytes && !(this.boundary >= 0 && last.id < this.boundary)) return last.id;
     const id = this.nextId++;
-    this.byId[id] = { id, buf: Buffer.allocUnsafeSlow(Math.max(ARENA_BYTES, bytes)), used: 0, records: 0 };
+    const buf = this.pool ? this.pool.take(bytes) : Buffer.allocUnsafeSlow(Math.max(ARENA_BYTES, bytes));
+    this.byId[id] = { id, buf, used: 0, records: 0, pins: 0, retired: false };
     this.order.push(id);
     return id;
   }

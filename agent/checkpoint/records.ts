@@ -104,6 +104,8 @@ export function validateRecords(buf: Buffer, expectedCount: number, limits: Reco
  * Appends records to a growing buffer: the SDK's write batches (and tests' hand-made ones).
  * Reuse one builder with take(), or give a single-use one up with takeOwned().
  */
+const EMPTY = Buffer.alloc(0);
+
 export class RecordBuilder {
   private buf: Buffer;
   private off = 0;
@@ -119,7 +121,7 @@ export class RecordBuilder {
 
   private ensure(n: number): void {
     if (this.off + n <= this.buf.length) return;
-    let size = this.buf.length * 2;
+    let size = Math.max(256, this.buf.length * 2);
     while (size < this.off + n) size *= 2;
     const next = Buffer.allocUnsafe(size);
     this.buf.copy(next, 0, 0, this.off);
@@ -175,7 +177,7 @@ export class RecordBuilder {
   takeOwned(): { records: Buffer; count: number } {
     const records = this.buf.subarray(0, this.off);
     const count = this.count;
-    this.buf = Buffer.allocUnsafe(256);
+    this.buf = EMPTY; // a builder given up usually dies with its batch: allocate only if reused
     this.off = 0;
     this.count = 0;
     return { records, count };

@@ -6,10 +6,11 @@
  * a snapshot taken at `seq` S is exactly the table as of S (see RecordTable: the log is append-only
  * and snapshots reference its prefix).
  */
-import { LogSnapshot, RecordTable } from './record-table';
+import { LogSnapshot, RecordTable, sharedArenaPool } from './record-table';
 
 export class TableReplica {
-  readonly table = new RecordTable();
+  // Pooled arenas: nothing in the agent keeps a value view past the call that read it.
+  readonly table = new RecordTable({ pool: sharedArenaPool });
   seq = 0;
   /** Schema versions of values possibly present (grows; used for compatibility checks). */
   readonly schemas = new Set<number>();
@@ -34,6 +35,7 @@ export class TableReplica {
     this.seq = seq; // (the table compacts its log in the background when needed)
   }
 
+  /** The table as of `seq`; the caller must release() it once nothing reads its bytes. */
   snapshot(): LogSnapshot {
     return this.table.snapshot(this.seq);
   }

@@ -35,7 +35,7 @@ import {
   WriteRequest,
 } from '../checkpoint/messages';
 import { DEFAULT_LIMITS, RecordBuilder, validateRecords } from '../checkpoint/records';
-import { RecordTable, tableDigest } from '../checkpoint/record-table';
+import { RecordTable, sharedArenaPool, tableDigest } from '../checkpoint/record-table';
 
 /**
  * How long a promoted standby waits for the changes up to the handover sequence to arrive; well
@@ -74,7 +74,8 @@ export interface CheckpointClientOptions {
 
 /** The client's copy of one table: the same RecordTable the agent uses, plus its sequence. */
 export class LocalTable {
-  readonly records = new RecordTable();
+  // Pooled arenas (see ArenaPool): get() copies, forEach() views are valid during the callback.
+  readonly records = new RecordTable({ pool: sharedArenaPool });
   seq = 0;
   constructor(
     readonly name: string,
@@ -83,16 +84,19 @@ export class LocalTable {
   get size(): number {
     return this.records.size;
   }
-  /** Value of a key in this build's native schema (transformed when written in another), or undefined. */
+  /**
+   * Value of a key in this build's native schema (transformed when written in another), or
+   * undefined. A copy: the table's own bytes are reused once compaction retires them.
+   */
   get(key: Buffer | string): Buffer | undefined {
     const r = this.records.get(key);
-    return r && this.toNative(r.schema, r.value);
+    return r && Buffer.from(this.toNative(r.schema, r.value));
   }
   /** Applies packed records (validated by the writer or the agent); the log compacts itself. */
   append(records: Buffer): void {
     this.records.append(records);
   }
-  /** Visits live records; values as stored (with their schema). */
+  /** Visits live records; values as stored (with their schema), valid during the callback only. */
   forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
     this.records.forEach(cb);
   }

@@ -3,7 +3,7 @@
  * snapshots that must replay to exactly the table as of their sequence.
  */
 import assert from 'node:assert/strict';
-import { RecordTable, tableDigest } from '../../agent/checkpoint/record-table';
+import { ArenaPool, RecordTable, tableDigest } from '../../agent/checkpoint/record-table';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 
 function rng(seed: number): () => number {
@@ -131,5 +131,87 @@ describe('RecordTable', () => {
     t.append(b.take().records);
     assert.equal(t.get('a')!.schema, 1);
     assert.equal(t.get(Buffer.from('b'))!.schema, 2);
+  });
+});
+
+describe('ArenaPool', () => {
+  const ARENA = 64 * 1024;
+
+  /** A table whose small arenas come from `pool`, compacting whenever the log is twice the table. */
+  function pooled(pool: ArenaPool): RecordTable {
+    const t = new RecordTable({ pool });
+    t.compactMinBytes = 4 * ARENA;
+    t.autoCompact = false; // compacted explicitly below, so the test is deterministic
+    return t;
+  }
+
+  function churn(t: RecordTable, model: Map<string, Buffer>, rand: () => number, round: number, keys: number): void {
+    const b = new RecordBuilder();
+    for (let i = 0; i < 200; i++) {
+      const key = `k${Math.floor(rand() * keys)}`;
+      const v = Buffer.from(`${round}:${i}:${'z'.repeat(Math.floor(rand() * 60))}`);
+      b.put(key, 1, v);
+      model.set(key, v);
+    }
+    t.append(b.take().records);
+    if (t.needsCompaction()) t.compact();
+  }
+
+  it('a table under churn stops allocating: compaction hands its arenas to the next writes', () => {
+    const pool = new ArenaPool(ARENA);
+    const t = pooled(pool);
+    const model = new Map<string, Buffer>();
+    const rand = rng(3);
+    for (let round = 0; round < 200; round++) churn(t, model, rand, round, 2000);
+    const allocatedAfterWarmUp = pool.allocated;
+    const reusedAfterWarmUp = pool.reused;
+    for (let round = 200; round < 600; round++) churn(t, model, rand, round, 2000);
+    assert.ok(pool.reused > reusedAfterWarmUp, 'retired arenas were written again');
+    assert.equal(pool.allocated, allocatedAfterWarmUp, 'no arena was allocated once the table reached its steady size');
+    assert.equal(tableDigest(t).sha256, modelDigest(model));
+    // Arenas live outside what V8 counts as new external memory (see ArenaPool): that is the point.
+    assert.ok(t.snapshot(0).parts[0].buf.buffer instanceof SharedArrayBuffer);
+  });
+
+  it('never reuses an arena a snapshot still lists; release() lets it go', () => {
+    const pool = new ArenaPool(ARENA);
+    const a = pooled(pool);
+    const other = pooled(pool); // a second table of the same process takes what `a` retires
+    const modelA = new Map<string, Buffer>();
+    const modelO = new Map<string, Buffer>();
+    const rand = rng(11);
+    for (let round = 0; round < 100; round++) churn(a, modelA, rand, round, 1500);
+    const pinned = a.snapshot(100);
+    const pinnedDigest = modelDigest(modelA);
+    for (let round = 100; round < 400; round++) {
+      churn(a, modelA, rand, round, 1500);
+      churn(other, modelO, rand, round, 1500);
+    }
+    assert.equal(tableDigest(replay(pinned.parts)).sha256, pinnedDigest, 'bytes of a held snapshot never change');
+    const before = pool.freeBytes;
+    pinned.release();
+    pinned.release(); // a second release is a no-op
+    assert.ok(pool.freeBytes > before, 'the released arenas went back to the pool');
+    for (let round = 400; round < 500; round++) churn(other, modelO, rand, round, 1500);
+    assert.equal(tableDigest(a).sha256, modelDigest(modelA));
+    assert.equal(tableDigest(other).sha256, modelDigest(modelO));
+  });
+
+  it('CLEAR returns a table\'s arenas; oversize batches and arenas beyond the cap are not kept', () => {
+    const pool = new ArenaPool(ARENA, 2 * ARENA);
+    const t = pooled(pool);
+    const b = new RecordBuilder();
+    for (let i = 0; i < 3000; i++) b.put(`c${i}`, 1, Buffer.alloc(60, 1));
+    t.append(b.take().records); // one oversize batch (~200 KB): its own buffer, not pooled
+    assert.equal(pool.allocated, 0);
+    for (let r = 0; r < 25; r++) {
+      for (let i = 0; i < 100; i++) b.put(`d${r}-${i}`, 1, Buffer.alloc(100, 2));
+      t.append(b.take().records);
+    }
+    assert.ok(pool.allocated >= 3, `pooled arenas in use: ${pool.allocated}`);
+    b.clear();
+    t.append(b.take().records);
+    assert.equal(t.size, 0);
+    assert.equal(pool.freeBytes, 2 * ARENA, 'kept up to the cap, the rest left to the collector');
   });
 });
