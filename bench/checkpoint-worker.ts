@@ -125,6 +125,7 @@ process.on('message', async (cmd: Cmd) => {
         return b;
       };
       (globalThis as { gc?: () => void }).gc?.();
+      loop.reset(); // event-loop delay from here on is what the measured batches could meet
       const t0 = now();
       const measuredFromEpochMs = Date.now() + warmup * 1000;
       for (let i = 0; now() - t0 < warmup + cmd.seconds && i < total; i++) {

@@ -100,12 +100,13 @@ export function validateRecords(buf: Buffer, expectedCount: number, limits: Reco
   return { count, schemas };
 }
 
+/** What a builder holds after takeOwned() gave its buffer away. */
+const EMPTY = Buffer.alloc(0);
+
 /**
  * Appends records to a growing buffer: the SDK's write batches (and tests' hand-made ones).
  * Reuse one builder with take(), or give a single-use one up with takeOwned().
  */
-const EMPTY = Buffer.alloc(0);
-
 export class RecordBuilder {
   private buf: Buffer;
   private off = 0;
