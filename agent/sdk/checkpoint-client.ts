@@ -385,7 +385,6 @@ export class CheckpointClient extends EventEmitter {
       }
       this.outbox.shift();
       head.resolve(ack.seq);
-      if (this.outbox.length === 0) this.emit('drained');
     });
     call.on('error', (err: grpc.ServiceError) => {
       if (this.writeStream !== call) return;

@@ -86,17 +86,17 @@ function compare(dir: string): string[] {
   };
   walk(root.lookup('gnoi') as protobuf.Namespace);
 
-  for (const name of new Set([...types.keys(), ...Object.keys(MESSAGES)])) {
-    const ours = types.get(name);
-    const published = MESSAGES[name];
-    if (!ours) {
-      diffs.push(`message ${name}: published, not declared by us`);
-      continue;
+  /** Definitions declared on both sides; one missing on either side is a difference. */
+  function* paired<O, P>(kind: string, ours: Map<string, O>, published: Record<string, P>): Generator<[string, O, P]> {
+    for (const name of new Set([...ours.keys(), ...Object.keys(published)])) {
+      const o = ours.get(name);
+      const p = published[name];
+      if (o && p) yield [name, o, p];
+      else diffs.push(`${kind} ${name}: ${o ? 'declared by us, not in the published protos' : 'published, not declared by us'}`);
     }
-    if (!published) {
-      diffs.push(`message ${name}: declared by us, not in the published protos`);
-      continue;
-    }
+  }
+
+  for (const [name, ours, published] of paired('message', types, MESSAGES)) {
     const got = new Map(ours.fieldsArray.map((f) => [f.name, fieldFact(f)]));
     for (const want of published) {
       const have = got.get(want[0]);
@@ -109,13 +109,7 @@ function compare(dir: string): string[] {
     for (const f of ours.fieldsArray) if (f.options && Object.keys(f.options).length) diffs.push(`${name}.${f.name}: options ${JSON.stringify(f.options)}; published has none`);
   }
 
-  for (const name of new Set([...enums.keys(), ...Object.keys(ENUMS)])) {
-    const ours = enums.get(name);
-    const published = ENUMS[name];
-    if (!ours || !published) {
-      diffs.push(`enum ${name}: ${ours ? 'declared by us, not in the published protos' : 'published, not declared by us'}`);
-      continue;
-    }
+  for (const [name, ours, published] of paired('enum', enums, ENUMS)) {
     if (JSON.stringify(Object.entries(ours.values).sort()) !== JSON.stringify(Object.entries(published.values).sort())) {
       diffs.push(`enum ${name}: ours ${JSON.stringify(ours.values)}, published ${JSON.stringify(published.values)}`);
     }
@@ -124,13 +118,7 @@ function compare(dir: string): string[] {
     }
   }
 
-  for (const name of new Set([...services.keys(), ...Object.keys(SERVICES)])) {
-    const ours = services.get(name);
-    const published = SERVICES[name];
-    if (!ours || !published) {
-      diffs.push(`service ${name}: ${ours ? 'declared by us, not in the published protos' : 'published, not declared by us'}`);
-      continue;
-    }
+  for (const [name, ours, published] of paired('service', services, SERVICES)) {
     const declared = new Set(ours.methodsArray.map((m) => m.name));
     for (const m of ours.methodsArray) {
       const want = published[m.name];
