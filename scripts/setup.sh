@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine lacks for hitless: Debian packages (QEMU for x86-64 and
-# arm64, busybox-static and kernel tooling for guest images, socat for the guest channel, Redis
-# for the benchmark peer) and the npm packages from package-lock.json. Idempotent: packages that
-# are present are not touched. Run as root (or with sudo available).
+# arm64, busybox-static and kernel tooling for guest images, socat for the guest channel,
+# iproute2 for QEMU's private network namespace, Redis for the benchmark peer) and the npm
+# packages from package-lock.json. Idempotent: packages that are present are not touched. Run as
+# root (or with sudo available).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +11,7 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(qemu-system-x86 qemu-system-arm qemu-utils busybox-static socat e2fsprogs cpio xz-utils zstd
+packages=(qemu-system-x86 qemu-system-arm qemu-utils busybox-static socat iproute2 e2fsprogs cpio xz-utils zstd
   redis-server python3-grpcio python3-grpc-tools ca-certificates)
 missing=()
 for p in "${packages[@]}"; do

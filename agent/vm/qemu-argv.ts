@@ -39,11 +39,13 @@ export function commonArgs(spec: VmSpec, paths: VmPaths, opts: CommonArgvOptions
   const ro = spec.rootfsWritable ? 'off' : 'on';
   // Only the agent's per-VM socket is reachable: restrict=on cuts every other route to the
   // host and outside; guestfwd makes QEMU run socat per guest connection to 10.0.2.100:7000.
-  const guestfwd = `tcp:${AGENT_GUEST_ADDR}:${AGENT_GUEST_PORT}-cmd:socat - UNIX-CONNECT:${shellQuote(paths.agentSocket)}`;
+  // socat's standard input and output are a TCP connection to QEMU on 127.0.0.1:
+  // setsockopt-int=6:1:1 is TCP_NODELAY (IPPROTO_TCP 6, option 1) on socat's end, so a small
+  // message after a large one is not held back by Nagle's algorithm (see guest-netns.ts).
+  const relay = (socket: string) => `cmd:socat -,setsockopt-int=6:1:1 UNIX-CONNECT:${shellQuote(socket)}`;
+  const guestfwd = `tcp:${AGENT_GUEST_ADDR}:${AGENT_GUEST_PORT}-${relay(paths.agentSocket)}`;
   // Second channel, same address, port 7001: raw bulk snapshot streams (standbys in guests).
-  const bulkfwd = paths.bulkSocket
-    ? `,guestfwd=${qemuOptValue(`tcp:${AGENT_GUEST_ADDR}:${BULK_GUEST_PORT}-cmd:socat - UNIX-CONNECT:${shellQuote(paths.bulkSocket)}`)}`
-    : '';
+  const bulkfwd = paths.bulkSocket ? `,guestfwd=${qemuOptValue(`tcp:${AGENT_GUEST_ADDR}:${BULK_GUEST_PORT}-${relay(paths.bulkSocket)}`)}` : '';
   return [
     '-name', `guest=${qemuOptValue(spec.name)}`,
     '-nodefaults',

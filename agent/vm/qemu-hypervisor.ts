@@ -26,6 +26,7 @@ import {
   type VmSpec,
 } from './hypervisor';
 import { probeAccelerator } from './accelerator-probe';
+import { guestLaunchCommand } from './guest-netns';
 import { QmpClient, type QmpEvent } from './qmp-client';
 
 export interface QemuHypervisorOptions {
@@ -36,6 +37,8 @@ export interface QemuHypervisorOptions {
   qmpReadyTimeoutMs?: number;
   /** Override the accelerator (tests, or an operator forcing TCG). */
   forceAccelerator?: Accelerator;
+  /** Run QEMU in a private network namespace when the host allows it (default true; see guest-netns.ts). */
+  privateNetns?: boolean;
 }
 
 /** ms between power-button presses during a graceful powerdown. */
@@ -137,19 +140,27 @@ export class QemuHypervisor implements Hypervisor {
     // Stale sockets from a previous run would make QEMU fail to bind.
     for (const f of [paths.qmpSocket, paths.consoleSocket, paths.pidFile]) fs.rmSync(f, { force: true });
     const argv = this.profile.buildArgv(spec, paths, accel);
+    const launch = await guestLaunchCommand(this.profile.qemuBinary, argv, this.logger, this.opts.privateNetns ?? true);
     const logFd = fs.openSync(paths.qemuLog, 'a');
-    fs.writeSync(logFd, `--- ${new Date().toISOString()} launch ${this.profile.qemuBinary} ${JSON.stringify(argv)}\n`);
+    fs.writeSync(logFd, `--- ${new Date().toISOString()} launch ${this.profile.qemuBinary} ${JSON.stringify(argv)}${launch.netns ? ' (private network namespace)' : ''}\n`);
     let child: ChildProcess;
     try {
       // detached: setsid(), so QEMU has its own process group and session and survives the
       // agent's death (and a Ctrl-C on the agent's terminal). stdio goes to qemu.log only.
-      child = spawn(this.profile.qemuBinary, argv, { detached: true, stdio: ['ignore', logFd, logFd], cwd: paths.runDir });
+      // Through the namespace wrapper the pid is still QEMU's: unshare and sh exec into it.
+      child = spawn(launch.command, launch.args, { detached: true, stdio: ['ignore', logFd, logFd], cwd: paths.runDir });
     } finally {
       fs.closeSync(logFd);
     }
     const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
     const exitEarly = new Promise<string>((resolve) =>
-      child.once('exit', (code, signal) => resolve(`QEMU exited during start (code ${code}, signal ${signal})`)),
+      child.once('exit', (code, signal) =>
+        resolve(
+          code === 127 && launch.netns
+            ? `${this.profile.qemuBinary} was not found (install QEMU: apt-get install qemu-system-x86 qemu-system-arm)`
+            : `QEMU exited during start (code ${code}, signal ${signal})`,
+        ),
+      ),
     );
     child.unref();
     if (child.pid === undefined) {

@@ -9,6 +9,7 @@
  * saw, or that a VM's qemu.pid names, gets its process group SIGKILLed.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -129,9 +130,16 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
       measure('x86_64 Start rpc (verify bundle + launch QEMU)', Date.now() - t0);
       // Both guest channels were open before QEMU ran, and QEMU forwards 7000 and 7001 to them.
       const argv = fs.readFileSync(`/proc/${v.pid}/cmdline`, 'utf8');
-      assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7000-cmd:socat - UNIX-CONNECT:'[^']*\/vms\/r1\/agent\.sock'/);
-      assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7001-cmd:socat - UNIX-CONNECT:'[^']*\/vms\/r1\/bulk\.sock'/);
+      assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7000-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'[^']*\/vms\/r1\/agent\.sock'/);
+      assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7001-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'[^']*\/vms\/r1\/bulk\.sock'/);
       assert.match(argv, /hitless\.vm=r1 hitless\.agent=10\.0\.2\.100:7000/);
+      // QEMU runs in a network namespace of its own (this suite runs as root): loopback only,
+      // with ACKs that leave at once (guest-netns.ts), and no route to the host's networks.
+      assert.notEqual(fs.readlinkSync(`/proc/${v.pid}/ns/net`), fs.readlinkSync('/proc/self/ns/net'));
+      const ifaces = fs.readFileSync(`/proc/${v.pid}/net/dev`, 'utf8').split('\n').slice(2).map((l) => l.split(':')[0].trim()).filter(Boolean);
+      assert.deepEqual(ifaces, ['lo']);
+      const routes = execFileSync('nsenter', ['-t', String(v.pid), '-n', 'ip', 'route', 'show', 'table', 'local'], { encoding: 'utf8' });
+      assert.match(routes, /^local 127\.0\.0\.1 dev lo .*quickack 1/m);
       await new Promise<void>((resolve, reject) => net.connect(v.bulkSocket).once('connect', function (this: net.Socket) {
         this.destroy();
         resolve();

@@ -149,7 +149,7 @@ describe('guest upgrade path: v1 ACTIVE in one VM, v2 STANDBY (schema 2) in anot
       const argv = fs.readFileSync(`/proc/${v.pid}/cmdline`, 'utf8');
       assert.match(argv, /hitless\.vm=u2 hitless\.agent=10\.0\.2\.100:7000 hitless\.bulk=10\.0\.2\.100:7001/);
       assert.match(argv, /hitless\.role=standby/);
-      assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7001-cmd:socat - UNIX-CONNECT:'[^']*\/vms\/u2\/bulk\.sock'/);
+      assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7001-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'[^']*\/vms\/u2\/bulk\.sock'/);
 
       const p = await until('bgp@u2 registered', async () => {
         const s = await status();

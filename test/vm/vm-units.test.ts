@@ -101,7 +101,7 @@ describe('VM layer units (no guest boot)', function () {
     assert.ok(opt(x, '-drive')[0].endsWith('readonly=on'));
     assert.ok(opt(x, '-chardev')[0].includes(`logfile=${p.consoleLog}`));
     // a comma in a path is doubled inside QEMU option strings
-    assert.ok(opt(x, '-netdev')[0].includes("restrict=on,guestfwd=tcp:10.0.2.100:7000-cmd:socat - UNIX-CONNECT:'" + p.agentSocket.replace(',', ',,') + "'"));
+    assert.ok(opt(x, '-netdev')[0].includes("restrict=on,guestfwd=tcp:10.0.2.100:7000-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'" + p.agentSocket.replace(',', ',,') + "'"));
     const a = arm64KvmPlatform.buildArgv(spec, p, 'tcg');
     assert.deepEqual(opt(a, '-machine'), ['virt,gic-version=3']);
     assert.deepEqual(opt(a, '-cpu'), ['cortex-a57']);
