@@ -43,6 +43,8 @@ import { RecordTable, sharedArenaPool, tableDigest } from '../checkpoint/record-
  * time for the agent to put the old active back in charge.
  */
 const PROMOTE_CATCH_UP_MS = 2_000;
+/** After PROMOTE the agent ends the old subscription; past this the client cancels it itself. */
+const FOLLOW_END_GRACE_MS = 5_000;
 
 /** Converts a value from one schema version to another (e.g. 1 -> 2 when reading old records). */
 export type Transform = (value: Buffer) => Buffer;
@@ -70,6 +72,8 @@ export interface CheckpointClientOptions {
    * what the agent advertises (inside a guest: the per-VM bulk channel, e.g. 10.0.2.100:7001).
    */
   bulkAddress?: string;
+  /** gRPC client interceptors for every call to the agent (tracing, metrics). */
+  interceptors?: grpc.Interceptor[];
 }
 
 /** The client's copy of one table: the same RecordTable the agent uses, plus its sequence. */
@@ -147,6 +151,16 @@ export class Batch {
   }
 }
 
+/**
+ * Runs `fn` once a reply just handed to HTTP/2 is on the socket: the session writes queued data
+ * from a native immediate, which runs before the JavaScript immediates of the same turn. Role
+ * commands use it for the work that follows an answer (listeners, logging), which in a slow guest
+ * would otherwise hold the answer back by milliseconds while the writers are frozen.
+ */
+function afterReply(fn: () => void): void {
+  setImmediate(fn);
+}
+
 export class CheckpointClient extends EventEmitter {
   readonly tables = new Map<string, LocalTable>();
   role: Role = 'ROLE_UNSPECIFIED';
@@ -159,6 +173,13 @@ export class CheckpointClient extends EventEmitter {
   private readonly log: Logger;
   private session: grpc.ClientDuplexStream<SessionRequest, SessionResponse> | null = null;
   private writeStream: grpc.ClientDuplexStream<WriteRequest, WriteAck> | null = null;
+  /**
+   * A standby keeps one idle WriteStream open (it writes nothing on it; the agent checks the
+   * role per batch). PROMOTE then only switches to it: creating a call is the costliest part of
+   * taking over in a guest under software emulation (first-time code, an HTTP/2 stream to set
+   * up), and it is paid while the writers are frozen if it waits for PROMOTE.
+   */
+  private spareWriteStream: grpc.ClientDuplexStream<WriteRequest, WriteAck> | null = null;
   private ackStream: grpc.ClientWritableStream<AckRequest> | null = null;
   private sub: grpc.ClientReadableStream<SubscribeEvent> | null = null;
   private readonly outbox: OutboxEntry[] = [];
@@ -198,6 +219,7 @@ export class CheckpointClient extends EventEmitter {
       'grpc.use_local_subchannel_pool': 1,
       'grpc.initial_reconnect_backoff_ms': 100,
       'grpc.max_reconnect_backoff_ms': 1000,
+      ...(opts.interceptors ? { interceptors: opts.interceptors } : {}),
     }) as unknown as grpc.Client & Record<string, (...args: unknown[]) => unknown>;
     this.writeSchema = opts.schema;
     this.readable = new Set([opts.schema, ...(opts.reads ?? [])]);
@@ -274,6 +296,7 @@ export class CheckpointClient extends EventEmitter {
     this.connected = false;
     this.writeStream?.cancel();
     this.writeStream = null;
+    this.dropSpareWriteStream();
     this.sub?.cancel();
     this.sub = null;
     this.ackStream?.end();
@@ -374,8 +397,34 @@ export class CheckpointClient extends EventEmitter {
       const e = this.outbox.shift()!;
       e.resolve(e.req.seq);
     }
-    const call = (this.stub.WriteStream as () => grpc.ClientDuplexStream<WriteRequest, WriteAck>)();
+    const call = this.spareWriteStream ?? this.newWriteCall();
+    this.spareWriteStream = null;
     this.writeStream = call;
+    for (const e of this.outbox) {
+      e.req.sessionId = this.sessionId;
+      e.sent = true;
+      call.write(e.req);
+    }
+  }
+
+  /** Opens the idle WriteStream a standby holds for its promotion (see spareWriteStream). */
+  private prepareSpareWriteStream(): void {
+    if (this.spareWriteStream || this.closed || !this.session || this.role !== 'STANDBY') return;
+    this.spareWriteStream = this.newWriteCall();
+  }
+
+  private dropSpareWriteStream(): void {
+    const spare = this.spareWriteStream;
+    this.spareWriteStream = null;
+    spare?.end();
+  }
+
+  /**
+   * A WriteStream call whose acks settle the outbox while it is `this.writeStream`. Until then
+   * (a spare) it ignores everything; an error on a spare just drops it.
+   */
+  private newWriteCall(): grpc.ClientDuplexStream<WriteRequest, WriteAck> {
+    const call = (this.stub.WriteStream as () => grpc.ClientDuplexStream<WriteRequest, WriteAck>)();
     call.on('data', (ack: WriteAck) => {
       if (this.writeStream !== call) return; // demoted: DEMOTE settled the outbox
       const head = this.outbox[0];
@@ -387,6 +436,7 @@ export class CheckpointClient extends EventEmitter {
       head.resolve(ack.seq);
     });
     call.on('error', (err: grpc.ServiceError) => {
+      if (this.spareWriteStream === call) this.spareWriteStream = null;
       if (this.writeStream !== call) return;
       this.writeStream = null;
       if (err.code === grpc.status.CANCELLED || err.code === grpc.status.UNAVAILABLE) return; // session loss handles it
@@ -396,11 +446,7 @@ export class CheckpointClient extends EventEmitter {
       for (const x of this.outbox.splice(0)) x.reject(e);
       this.emit('error', e);
     });
-    for (const e of this.outbox) {
-      e.req.sessionId = this.sessionId;
-      e.sent = true;
-      call.write(e.req);
-    }
+    return call;
   }
 
   private localSeqs(): Record<string, number> {
@@ -426,7 +472,7 @@ export class CheckpointClient extends EventEmitter {
           // answer on the same connection), which keeps a round trip out of the freeze window.
           this.frozen = true;
           reply(true, '', this.localSeqs());
-          this.emit('frozen');
+          afterReply(() => this.emit('frozen'));
           break;
         case 'UNFREEZE':
           this.unfreeze();
@@ -449,14 +495,22 @@ export class CheckpointClient extends EventEmitter {
           for (const [t, s] of Object.entries(cmd.tableSeqs)) {
             if (this.table(t).seq !== s) throw new Error(`table '${t}' is at ${this.table(t).seq}, not at ${s}`);
           }
-          this.sub?.cancel();
+          // Stop following without cancelling the call: the agent capped the subscription at
+          // tableSeqs and ends it once this answer arrives (events after the cap would be ignored,
+          // see consume). A client-side cancel ran ~60 ms of first-time code in a guest under
+          // software emulation, all of it inside the freeze window.
+          const followed = this.sub;
           this.sub = null;
           this.role = 'ACTIVE';
           if (cmd.writeSchema) this.writeSchema = cmd.writeSchema;
-          this.openWriteStream(cmd.tableSeqs);
+          this.openWriteStream(cmd.tableSeqs); // the spare, when there is one: no new call
           this.unfreeze();
           reply(true);
-          this.emit('role', this.role);
+          afterReply(() => {
+            this.emit('role', this.role);
+            // An agent that never ends it (gone, restarting): a cancel of an ended call does nothing.
+            if (followed) setTimeout(() => followed.cancel(), FOLLOW_END_GRACE_MS).unref();
+          });
           break;
         }
         case 'DEMOTE':
@@ -476,7 +530,7 @@ export class CheckpointClient extends EventEmitter {
           this.unfreeze();
           this.follow();
           reply(true);
-          this.emit('role', this.role);
+          afterReply(() => this.emit('role', this.role));
           break;
         default:
           reply(false, `unknown command ${cmd.kind}`);
@@ -525,7 +579,8 @@ export class CheckpointClient extends EventEmitter {
       mode: 'FOLLOW',
     });
     this.sub = call;
-    this.consume(call, () => undefined);
+    this.consume(call, () => undefined, () => this.sub === call);
+    setImmediate(() => this.prepareSpareWriteStream());
   }
 
   /** Reloads every table from the agent (a restarted active). */
@@ -545,8 +600,10 @@ export class CheckpointClient extends EventEmitter {
     });
   }
 
-  private consume(call: grpc.ClientReadableStream<SubscribeEvent>, finished: (err: Error | null) => void): void {
+  /** `current`: false once the instance stopped following this call (promoted); its events are dropped. */
+  private consume(call: grpc.ClientReadableStream<SubscribeEvent>, finished: (err: Error | null) => void, current: () => boolean = () => true): void {
     call.on('data', (ev: SubscribeEvent) => {
+      if (!current()) return;
       this.queuedEvents++;
       if (this.queuedEvents > 2048) call.pause();
       this.eventChain = this.eventChain.then(async () => {
@@ -691,6 +748,7 @@ export class CheckpointClient extends EventEmitter {
   async close(): Promise<void> {
     this.closed = true;
     this.writeStream?.end();
+    this.dropSpareWriteStream();
     this.ackStream?.end();
     this.sub?.cancel();
     this.session?.end();

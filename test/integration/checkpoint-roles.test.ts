@@ -136,6 +136,61 @@ describe('checkpoint: switchover driven by the agent', function () {
     c.close();
   });
 
+  it('a standby takes over on the WriteStream it opened while following, answering PROMOTE before anything else', async () => {
+    const agent = await startAgent();
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    const opts = { address: agent.socket, process: 'bgp', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' as const }] };
+    const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
+    // What the standby's gRPC calls do, in order, as its own interceptor sees them.
+    const seen: string[] = [];
+    const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY', interceptors: [callRecorder(seen)] });
+    const at = (entry: RegExp, from = 0) => seen.findIndex((e, i) => i >= from && entry.test(e));
+    const ready = (id: string) =>
+      until(`${id} READY`, async () => {
+        const st = await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean }[] }[] }>(c, 'Status', { process: 'bgp' });
+        return st.processes[0].peers.find((p) => p.instanceId === id)?.ready;
+      });
+    try {
+      await a.start();
+      for (let i = 0; i < 5; i++) await a.batch('rib').put(`10.0.${i}.0/24`, Buffer.from(`nh${i}`)).commit();
+      await b.start();
+      await ready('bgp@vm2');
+      const spare = at(/^start WriteStream#/);
+      assert.ok(spare >= 0, `the standby holds a WriteStream while following: ${seen.join(', ')}`);
+      const spareId = seen[spare].split(' ')[1];
+      assert.equal(at(new RegExp(`^write ${spareId}`)), -1, 'a standby writes nothing on it');
+
+      await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
+      const promote = at(/^command PROMOTE/);
+      const answered = at(/^result PROMOTE ok/, promote);
+      assert.ok(promote > spare && answered > promote, seen.join(', '));
+      // Between PROMOTE and its answer: no new call and no cancelled subscription (both cost tens
+      // of ms in a slow guest, inside the freeze window). The agent ends the subscription itself.
+      assert.deepEqual(seen.slice(promote + 1, answered).filter((e) => /^(start|cancel) /.test(e)), []);
+      await until('the agent ended the old subscription', () => at(/^status Subscribe#\d+ OK/) >= 0);
+      assert.equal(at(/^cancel Subscribe#/), -1, seen.join(', '));
+
+      // The new active writes on the stream it already had.
+      assert.equal(await b.batch('rib').put('10.9.0.0/16', Buffer.from('nh9')).commit(), 6);
+      assert.ok(at(new RegExp(`^write ${spareId}`)) > answered, seen.join(', '));
+      assert.equal(seen.filter((e) => e.startsWith('start WriteStream#')).length, 1);
+
+      // Back: demoted, it follows again and opens a fresh spare for the next promotion.
+      await ready('bgp@vm1');
+      await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm1' });
+      const demote = at(/^command DEMOTE/);
+      await until('a new spare WriteStream', () => at(/^start WriteStream#/, demote) > demote);
+      await a.batch('rib').delete('10.0.0.0/24').commit();
+      await until('vm2 follows vm1 again', () => b.table('rib').seq === a.table('rib').seq);
+      assert.deepEqual(b.digest('rib'), a.digest('rib'));
+      assert.equal(b.table('rib').size, 5);
+    } finally {
+      await b.close();
+      await a.close();
+      c.close();
+    }
+  });
+
   it('refuses to switch to a standby that is not READY, and leaves the active in charge', async () => {
     const agent = await startAgent();
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
@@ -191,3 +246,44 @@ describe('checkpoint: switchover driven by the agent', function () {
     c.close();
   });
 });
+
+/**
+ * A client interceptor that writes what each call does into `log`, in order: "start M#n",
+ * "write M#n", "cancel M#n", "status M#n CODE", plus the role commands a Session receives
+ * ("command KIND") and the answers it sends ("result KIND ok|refused").
+ */
+function callRecorder(log: string[]): grpc.Interceptor {
+  let n = 0;
+  const kinds = new Map<number, string>();
+  return (options, nextCall) => {
+    const method = options.method_definition.path.split('/').pop()!;
+    const id = `${method}#${++n}`;
+    log.push(`start ${id}`);
+    return new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        next(metadata, {
+          onReceiveMessage(msg: { command?: { commandId: number; kind: string } }, nextMsg) {
+            if (method === 'Session' && msg?.command) {
+              kinds.set(Number(msg.command.commandId), msg.command.kind);
+              log.push(`command ${msg.command.kind}`);
+            }
+            nextMsg(msg);
+          },
+          onReceiveStatus(status, nextStatus) {
+            log.push(`status ${id} ${grpc.status[status.code]}`);
+            nextStatus(status);
+          },
+        });
+      },
+      sendMessage(msg: { result?: { commandId: number; ok: boolean } }, next) {
+        if (method === 'Session' && msg?.result) log.push(`result ${kinds.get(Number(msg.result.commandId))} ${msg.result.ok ? 'ok' : 'refused'}`);
+        if (method === 'WriteStream') log.push(`write ${id}`);
+        next(msg);
+      },
+      cancel(next) {
+        log.push(`cancel ${id}`);
+        next();
+      },
+    });
+  };
+}
