@@ -52,6 +52,8 @@ const SNAPSHOT_FRAME_BYTES = 1024 * 1024;
  * its size bounds the pause that compaction adds to acknowledgements (~1 ms here).
  */
 const STORE_CHUNK_BYTES = 256 * 1024;
+/** Longest a switchover waits for the active's next batch before it freezes it, ms (see switchover). */
+const FREEZE_ALIGN_MS = 100;
 import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
 import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
 import { TableReplica } from './table-replica';
@@ -706,6 +708,12 @@ export class CheckpointService {
       // command path of both processes is then warm (in a slow guest, code run for the first
       // time costs tens of ms), and that cost is paid before the writers stop, not inside.
       await Promise.all([old, target].map((s) => this.command(s, 'UNFREEZE', { reason: 'switchover: checking the command path' })));
+      // Freeze right after the active handed over a batch (waiting at most FREEZE_ALIGN_MS): a
+      // writer has then just finished a burst of work and answers at once. A FREEZE that lands
+      // in the middle of a burst waits for it, in a slow guest for tens of ms.
+      const before = this.tableSeqs(g);
+      const wrote = () => Object.entries(this.tableSeqs(g)).some(([t, q]) => q > (before[t] ?? 0));
+      await this.waitProgress(g, old, wrote, FREEZE_ALIGN_MS, () => '').catch(() => undefined);
       const t0 = process_hrtime();
       const { seqs, reply: frozen } = await this.freeze(g, old, `switchover to ${toInstance}`);
       const tFrozen = process_hrtime();

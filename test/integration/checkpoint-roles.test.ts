@@ -5,6 +5,7 @@
 import * as grpc from '@grpc/grpc-js';
 import assert from 'node:assert/strict';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
+import { RecordBuilder } from '../../agent/checkpoint/records';
 import { startAgent, stopAllAgents } from '../helpers/agent-process';
 import { startDaemon, stopAllDaemons } from '../helpers/daemon-process';
 import { rawClient, registerRaw, unaryCall } from '../helpers/grpc-client';
@@ -187,6 +188,51 @@ describe('checkpoint: switchover driven by the agent', function () {
     } finally {
       await b.close();
       await a.close();
+      c.close();
+    }
+  });
+
+  it('freezes the active right after its next batch, not in the middle of its work', async () => {
+    const agent = await startAgent();
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    // The active is driven by hand, so the test decides when it writes.
+    const act = await registerRaw(c, { process: 'bgp', instanceId: 'bgp@vm1', vmId: 'vm1', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'ACTIVE', tables: [{ name: 'rib', durability: 'ASYNC' }] });
+    let seq = 0;
+    const write = () => {
+      const b = new RecordBuilder();
+      b.put(`10.1.${seq}.0/24`, 1, Buffer.from(`nh${seq}`));
+      return unaryCall(c, 'Write', { sessionId: act.registered.sessionId, table: 'rib', seq: ++seq, ...b.take() });
+    };
+    const commands: string[] = [];
+    act.call.on('data', (m) => {
+      const cmd = m.command as { commandId: number; kind: string } | undefined;
+      if (!cmd) return;
+      commands.push(cmd.kind);
+      act.call.write({ result: { commandId: cmd.commandId, ok: true, tableSeqs: cmd.kind === 'FREEZE' ? { rib: seq } : {} } });
+    });
+    const standby = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' }], role: 'STANDBY' });
+    try {
+      await write();
+      await standby.start();
+      await until('vm2 READY', async () => {
+        const st = await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean }[] }[] }>(c, 'Status', { process: 'bgp' });
+        return st.processes[0].peers.find((p) => p.instanceId === 'bgp@vm2')?.ready;
+      });
+      const switched = unaryCall<{ tableSeqs: Record<string, number> }>(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
+      await until('the command-path check (UNFREEZE)', () => commands.includes('UNFREEZE'));
+      // The agent waits up to 100 ms for the active's next batch before it freezes it.
+      await new Promise((r) => setTimeout(r, 50));
+      assert.deepEqual(commands, ['UNFREEZE'], 'FREEZE came before the active wrote again');
+      await write();
+      const r = await switched;
+      assert.deepEqual(commands.slice(0, 2), ['UNFREEZE', 'FREEZE']);
+      assert.deepEqual(r.tableSeqs, { rib: 2 });
+      assert.equal(standby.role, 'ACTIVE');
+      assert.equal(standby.table('rib').seq, 2);
+      assert.equal(standby.table('rib').get('10.1.1.0/24')?.toString(), 'nh1');
+    } finally {
+      await standby.close();
+      act.call.end();
       c.close();
     }
   });
