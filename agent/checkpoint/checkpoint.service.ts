@@ -44,6 +44,9 @@ import {
   WriteRequest,
 } from './messages';
 import { snapshotFrames, tableDigest } from './record-table';
+import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
+import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
+import { TableReplica } from './table-replica';
 
 /** Bulk snapshot frames, bytes. */
 const SNAPSHOT_FRAME_BYTES = 1024 * 1024;
@@ -54,9 +57,6 @@ const SNAPSHOT_FRAME_BYTES = 1024 * 1024;
 const STORE_CHUNK_BYTES = 256 * 1024;
 /** Longest a switchover waits for the active's next batch before it freezes it, ms (see switchover). */
 const FREEZE_ALIGN_MS = 100;
-import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
-import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
-import { TableReplica } from './table-replica';
 
 export interface CheckpointOptions {
   limits: RecordLimits;
@@ -623,13 +623,21 @@ export class CheckpointService {
   private waitProgress(g: ProcessGroup, s: PeerSession, done: () => boolean, timeoutMs: number, what: () => string): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       if (done()) return resolve();
-      const timer = setTimeout(() => reject(deadlineExceeded(`${what()} within ${timeoutMs} ms`)), timeoutMs);
+      // Once settled (here or by the timer) the check stops re-registering itself.
+      let settled = false;
+      const timer = setTimeout(() => {
+        settled = true;
+        reject(deadlineExceeded(`${what()} within ${timeoutMs} ms`));
+      }, timeoutMs);
       const check = () => {
+        if (settled) return;
         if (!this.sessions.has(s.id)) {
+          settled = true;
           clearTimeout(timer);
           return reject(failedPrecondition(`'${s.reg.instanceId}' disconnected while the agent waited for it`));
         }
         if (done()) {
+          settled = true;
           clearTimeout(timer);
           return resolve();
         }
@@ -713,7 +721,7 @@ export class CheckpointService {
       // in the middle of a burst waits for it, in a slow guest for tens of ms.
       const before = this.tableSeqs(g);
       const wrote = () => Object.entries(this.tableSeqs(g)).some(([t, q]) => q > (before[t] ?? 0));
-      await this.waitProgress(g, old, wrote, FREEZE_ALIGN_MS, () => '').catch(() => undefined);
+      await this.waitProgress(g, old, wrote, FREEZE_ALIGN_MS, () => 'no batch from the active').catch(() => undefined); // then freeze anyway
       const t0 = process_hrtime();
       const { seqs, reply: frozen } = await this.freeze(g, old, `switchover to ${toInstance}`);
       const tFrozen = process_hrtime();

@@ -51,11 +51,10 @@ export function probeGuestNetns(): Promise<GuestNetnsProbe> {
 
 /**
  * The command and arguments that start `qemuBinary argv` in a private namespace, or QEMU
- * directly when that cannot be done here (or `enabled` is false).
+ * directly when that cannot be done here.
  */
-export async function guestLaunchCommand(qemuBinary: string, argv: string[], logger: VmLogger, enabled = true): Promise<{ command: string; args: string[]; netns: boolean }> {
+export async function guestLaunchCommand(qemuBinary: string, argv: string[], logger: VmLogger): Promise<{ command: string; args: string[]; netns: boolean }> {
   const direct = { command: qemuBinary, args: argv, netns: false };
-  if (!enabled) return direct;
   const p = await probeGuestNetns();
   if (!p.usable) {
     if (!told.has(logger)) {

@@ -37,8 +37,6 @@ export interface QemuHypervisorOptions {
   qmpReadyTimeoutMs?: number;
   /** Override the accelerator (tests, or an operator forcing TCG). */
   forceAccelerator?: Accelerator;
-  /** Run QEMU in a private network namespace when the host allows it (default true; see guest-netns.ts). */
-  privateNetns?: boolean;
 }
 
 /** ms between power-button presses during a graceful powerdown. */
@@ -140,7 +138,7 @@ export class QemuHypervisor implements Hypervisor {
     // Stale sockets from a previous run would make QEMU fail to bind.
     for (const f of [paths.qmpSocket, paths.consoleSocket, paths.pidFile]) fs.rmSync(f, { force: true });
     const argv = this.profile.buildArgv(spec, paths, accel);
-    const launch = await guestLaunchCommand(this.profile.qemuBinary, argv, this.logger, this.opts.privateNetns ?? true);
+    const launch = await guestLaunchCommand(this.profile.qemuBinary, argv, this.logger);
     const logFd = fs.openSync(paths.qemuLog, 'a');
     fs.writeSync(logFd, `--- ${new Date().toISOString()} launch ${this.profile.qemuBinary} ${JSON.stringify(argv)}${launch.netns ? ' (private network namespace)' : ''}\n`);
     let child: ChildProcess;
