@@ -220,6 +220,17 @@ export class CheckpointService {
       }
     }
     const g = this.group(reg.process);
+    if (reg.wantedRole === 'ACTIVE' && reg.rejoin && g.active) {
+      // Two instances may both believe they are active after an agent restart in the middle of a
+      // switchover (the old one was frozen, the new one promoted). The first one back keeps the
+      // role; the other follows it (see Register.rejoin) and the upgrade's recovery decides.
+      this.log.warn(
+        { process: reg.process, instance: reg.instanceId, active: g.active.reg.instanceId },
+        'a returning instance asked for ACTIVE but another instance holds it; it joins as STANDBY',
+      );
+      reg.wantedRole = 'STANDBY';
+      reg.tables = [];
+    }
     const reads = new Set(reg.schemaReads);
     const canWrite = reg.schemaCanWrite.length ? reg.schemaCanWrite : [reg.schemaWrites];
     let writeSchema = 0;
@@ -245,6 +256,7 @@ export class CheckpointService {
     const session = new PeerSession(`s-${crypto.randomBytes(6).toString('hex')}`, reg, channel);
     session.writeSchema = writeSchema || reg.schemaWrites;
     if (reg.wantedRole === 'ACTIVE') {
+      this.agreeWriteSchema(g, writeSchema);
       for (const t of reg.tables) this.declareTable(g, t.name, t.durability);
       g.active = session;
     }
@@ -323,7 +335,17 @@ export class CheckpointService {
     }
   }
 
-  /** The highest schema the new active can write that every current standby reads. */
+  /**
+   * The schema a registering active writes: the one the agent agreed on before (stored), when it
+   * can write it and every current standby reads it; otherwise the highest it can write that every
+   * current standby reads.
+   *
+   * The agreed schema wins over "highest" because the standbys present at registration are not
+   * all the readers: after an agent restart in the middle of an upgrade, the new version's active
+   * may re-register before the old version's instances do, and it must go on writing what they
+   * read, or they could not follow it (and the rollback would not be hitless). Only an explicit
+   * decision changes it: a switchover, a failover, or raiseWriteSchema after a commit.
+   */
   private pickWriteSchema(g: ProcessGroup, reg: Register, canWrite: number[]): number {
     const standbys = g.standbys();
     const ok = readableBy(canWrite, standbys);
@@ -333,7 +355,18 @@ export class CheckpointService {
         `'${reg.instanceId}' can write schema versions [${canWrite.join(', ')}] but not every standby can read any of them (${sb}); register a transform to a version the standbys read`,
       );
     }
+    const agreed = this.store.writeSchema(g.name);
+    if (agreed === 0 || ok.includes(agreed)) return agreed || ok[0];
+    this.log.warn(
+      { process: g.name, instance: reg.instanceId, agreed, canWrite, chosen: ok[0] },
+      'the registering active cannot write the schema agreed before (or a standby cannot read it); it writes another',
+    );
     return ok[0];
+  }
+
+  /** Records the schema the active of `g` writes from now on, before the active is told. */
+  private agreeWriteSchema(g: ProcessGroup, schema: number): void {
+    if (this.store.writeSchema(g.name) !== schema) this.store.setWriteSchema(g.name, schema);
   }
 
   // ---------------------------------------------------------------- writes
@@ -727,6 +760,7 @@ export class CheckpointService {
       const tFrozen = process_hrtime();
       // The old active will be a standby: the new active must write what it reads.
       const writeSchema = this.pickWriteSchemaFor(target, [old]);
+      this.agreeWriteSchema(g, writeSchema);
       target.subscription?.capAt(seqs);
       target.role = 'ACTIVE';
       target.writeSchema = writeSchema;
@@ -764,6 +798,7 @@ export class CheckpointService {
         target.subscription?.uncap();
         old.role = 'ACTIVE';
         g.active = old;
+        this.agreeWriteSchema(g, old.writeSchema);
         if (this.sessions.has(target.id)) void this.command(target, 'DEMOTE', { tableSeqs: this.tableSeqs(g), reason: 'switchover failed' }).catch(() => undefined);
       }
       if (this.sessions.has(old.id) && old.role === 'ACTIVE') {
@@ -793,6 +828,7 @@ export class CheckpointService {
       const seqs = this.tableSeqs(g);
       await this.waitAcked(g, target, seqs, this.opts.commandTimeoutMs);
       const writeSchema = this.pickWriteSchemaFor(target, g.standbys().filter((s) => s !== target));
+      this.agreeWriteSchema(g, writeSchema);
       target.role = 'ACTIVE';
       target.writeSchema = writeSchema;
       g.active = target;
@@ -863,6 +899,7 @@ export class CheckpointService {
     // Batches of either schema are accepted from the active (see write()), so the order in which
     // this takes effect on both sides does not matter.
     a.writeSchema = want;
+    this.agreeWriteSchema(g, want);
     await this.command(a, 'SET_WRITE_SCHEMA', { writeSchema: want, reason: `no standby reads only schema ${was} any more` });
     this.log.info({ process, instance: a.reg.instanceId, from: was, to: want }, 'active writes a newer schema');
     return want;

@@ -22,6 +22,8 @@ export interface Register {
   wantedRole: Role;
   tables: TableSpec[];
   schemaCanWrite: number[];
+  /** Registered before (agent restart, lost connection): join as STANDBY when another is ACTIVE. */
+  rejoin: boolean;
 }
 
 export interface TableDigest {

@@ -286,6 +286,7 @@ export class CheckpointClient extends EventEmitter {
         wantedRole: wanted,
         tables: this.opts.tables,
         schemaCanWrite: this.canWrite(),
+        rejoin: this.sessionId !== '',
       },
     });
   }
@@ -321,17 +322,23 @@ export class CheckpointClient extends EventEmitter {
   }
 
   private async onRegistered(r: Registered): Promise<void> {
+    const wasActive = this.role === 'ACTIVE';
     this.sessionId = r.sessionId;
     this.role = r.role;
     this.connected = true;
     this.backoffMs = 100;
     if (r.writeSchema) this.writeSchema = r.writeSchema;
+    // A freeze belongs to the session that received it; a new session starts unfrozen (the agent
+    // that froze this instance is gone, and the one it talks to now never froze it).
+    this.unfreeze();
     this.emit('registered', r);
     try {
       if (r.role === 'ACTIVE') {
         const behind = Object.entries(r.tableSeqs).some(([t, s]) => s > this.table(t).seq);
         if (behind) await this.recover();
         this.openWriteStream(r.tableSeqs);
+      } else if (wasActive) {
+        this.rejoinAsStandby();
       } else {
         this.follow();
       }
@@ -567,15 +574,34 @@ export class CheckpointClient extends EventEmitter {
     for (const r of w) r();
   }
 
+  /**
+   * This instance was active, came back after losing the agent, and found another instance in
+   * the role (Register.rejoin). What the agent never acknowledged may not be in its table (another
+   * writer may even have used those sequences), so those batches fail, and each table that held
+   * some is taken again whole from the agent; the others resume from the log.
+   */
+  private rejoinAsStandby(): void {
+    const unacked = new Set(this.outbox.map((e) => e.req.table));
+    const err = new CheckpointError(
+      grpc.status.ABORTED,
+      'the agent restarted before acknowledging this batch and another instance is active now; the change may be lost, write it again through the active',
+    );
+    for (const e of this.outbox.splice(0)) e.reject(err);
+    this.log.warn({ tables: [...unacked] }, 'another instance is active after the agent restarted; following it as a standby');
+    const have = this.localSeqs();
+    for (const t of unacked) have[t] = 0;
+    this.follow(have);
+  }
+
   // ------------------------------------------------------------------ standby side
 
-  private follow(): void {
+  private follow(have: Record<string, number> = this.localSeqs()): void {
     this.ackStream = (this.stub.Ack as (cb: (e: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<AckRequest>)((err) => {
       if (err && err.code !== grpc.status.CANCELLED && err.code !== grpc.status.UNAVAILABLE) this.emit('error', new CheckpointError(err.code, err.details));
     });
     const call = (this.stub.Subscribe as (r: unknown) => grpc.ClientReadableStream<SubscribeEvent>)({
       sessionId: this.sessionId,
-      have: this.localSeqs(),
+      have,
       mode: 'FOLLOW',
     });
     this.sub = call;

@@ -38,6 +38,13 @@ export interface CheckpointStore {
   writeSnapshotChunk(process: string, table: string, gen: number, chunkNo: number, records: Buffer): void;
   commitSnapshot(process: string, table: string, gen: number, seq: number): void;
   abortSnapshot(process: string, table: string, gen: number): void;
+  /**
+   * The schema version the agent last told `process`'s active to write (0 = never decided).
+   * Recovered state: after an agent restart the active writes this again, whichever instance
+   * re-registers first, so readers that have not reconnected yet are not left behind.
+   */
+  writeSchema(process: string): number;
+  setWriteSchema(process: string, schema: number): void;
 }
 
 export class SqliteCheckpointStore implements CheckpointStore {
@@ -60,6 +67,8 @@ export class SqliteCheckpointStore implements CheckpointStore {
         process TEXT NOT NULL, tbl TEXT NOT NULL, gen INTEGER NOT NULL, chunk INTEGER NOT NULL,
         records BLOB NOT NULL,
         PRIMARY KEY (process, tbl, gen, chunk)) WITHOUT ROWID;
+      CREATE TABLE IF NOT EXISTS ckpt_processes (
+        process TEXT NOT NULL PRIMARY KEY, write_schema INTEGER NOT NULL);
     `);
     this.stmts = {
       list: db.prepare('SELECT process, name, durability, snap_seq AS snapSeq, snap_gen AS snapGen FROM ckpt_tables'),
@@ -85,6 +94,11 @@ export class SqliteCheckpointStore implements CheckpointStore {
       dropGen: db.prepare('DELETE FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ?'),
       dropOtherGens: db.prepare('DELETE FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen <> ?'),
       dropBatches: db.prepare('DELETE FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq <= ?'),
+      getSchema: db.prepare('SELECT write_schema AS s FROM ckpt_processes WHERE process = ?'),
+      setSchema: db.prepare(
+        `INSERT INTO ckpt_processes (process, write_schema) VALUES (?, ?)
+         ON CONFLICT (process) DO UPDATE SET write_schema = excluded.write_schema`,
+      ),
     };
     // Snapshots left half-written by a crash are never current; drop them.
     db.exec(`DELETE FROM ckpt_snapshots WHERE NOT EXISTS (SELECT 1 FROM ckpt_tables t
@@ -155,5 +169,13 @@ export class SqliteCheckpointStore implements CheckpointStore {
 
   abortSnapshot(process: string, table: string, gen: number): void {
     this.stmts.dropGen.run(process, table, gen);
+  }
+
+  writeSchema(process: string): number {
+    return (this.stmts.getSchema.get(process) as { s: number } | undefined)?.s ?? 0;
+  }
+
+  setWriteSchema(process: string, schema: number): void {
+    this.stmts.setSchema.run(process, schema);
   }
 }
