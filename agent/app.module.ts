@@ -150,7 +150,7 @@ export class AppModule {
       providers: [
         { provide: AGENT_CONFIG, useValue: config },
         { provide: LOGGER, useValue: log },
-        { provide: DATABASE, useFactory: () => openDatabase(config.stateDir, { fsync: config.fsync }) },
+        { provide: DATABASE, useFactory: () => openDatabase(config.stateDir, { fsync: config.fsync, log: log.child({ mod: 'store' }) }) },
         {
           provide: BulkServer,
           useFactory: () =>

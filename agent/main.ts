@@ -22,7 +22,7 @@ async function main(): Promise<void> {
     return;
   }
   const log = createLogger(config.logLevel);
-  const app = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false });
+  const app = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false, abortOnError: false });
   await app.init();
   process.stdout.write(JSON.stringify(app.get(AgentLifecycle).readyInfo) + '\n');
   // Own signal handling rather than Nest's shutdown hooks, which re-raise the signal: a clean

@@ -88,31 +88,37 @@ export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: 
   };
 
   const writeStream = (call: grpc.ServerDuplexStream<WriteRequest, WriteAck>) => {
-    // Acks leave in request order: each write's ack waits for the previous one.
+    // Acks leave in request order: each write's ack waits for the previous one. After a refused
+    // batch the later ones are ignored, but the batches before it were applied and still get
+    // their acks (a SYNC one may be waiting for a standby), ahead of the error: the writer then
+    // knows that exactly its unacknowledged batches are missing, and may resend them (full disk).
     let chain: Promise<void> = Promise.resolve();
-    let failed = false;
+    let refused = false;
+    let broken = false; // the call itself failed: nothing more goes out on it
     call.on('data', (req: WriteRequest) => {
-      if (failed) return;
+      if (refused || broken) return;
       let pending: Promise<WriteAck> | WriteAck;
       try {
         pending = svc.write(req, peerVm);
       } catch (e) {
-        failed = true;
+        refused = true;
         const err = e;
-        chain = chain.then(() => failStream(call, err, log, 'WriteStream'));
+        chain = chain.then(() => {
+          if (!broken) failStream(call, err, log, 'WriteStream');
+        });
         return;
       }
       chain = chain.then(async () => {
         const ack = await pending;
-        if (!failed) call.write(ack);
+        if (!broken) call.write(ack);
       });
     });
     call.on('end', () => {
       void chain.then(() => {
-        if (!failed) call.end();
+        if (!refused && !broken) call.end();
       });
     });
-    call.on('error', () => (failed = true));
+    call.on('error', () => (broken = true));
   };
 
   const subscribe = (call: grpc.ServerWritableStream<SubscribeRequest, SubscribeEvent>) => {

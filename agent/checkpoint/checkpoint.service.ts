@@ -371,16 +371,22 @@ export class CheckpointService {
 
   // ---------------------------------------------------------------- writes
 
+  /**
+   * Stored first: a table the store refused (full disk) must not take batches, or they would be
+   * acknowledged and then missing after a restart. An unchanged declaration writes nothing, so
+   * a re-registering active is not refused for want of space it does not need.
+   */
   private declareTable(g: ProcessGroup, name: string, durability: Durability): void {
     const d: Durability = durability === 'SYNC' ? 'SYNC' : 'ASYNC';
     const t = g.tables.get(name);
+    if (t?.durability === d) return;
+    this.store.upsertTable(g.name, name, d === 'SYNC' ? 2 : 1);
     if (t) {
       t.durability = d;
     } else {
       g.tables.set(name, { replica: new TableReplica(g.name, name), durability: d });
       for (const s of g.sessions) s.subscription?.addTable(name);
     }
-    this.store.upsertTable(g.name, name, d === 'SYNC' ? 2 : 1);
   }
 
   /**
@@ -796,9 +802,20 @@ export class CheckpointService {
         // it is a standby, in case it promoted itself late; its writes are refused meanwhile.
         target.role = 'STANDBY';
         target.subscription?.uncap();
-        old.role = 'ACTIVE';
-        g.active = old;
-        this.agreeWriteSchema(g, old.writeSchema);
+        if (this.sessions.has(old.id)) {
+          old.role = 'ACTIVE';
+          g.active = old;
+          try {
+            this.agreeWriteSchema(g, old.writeSchema);
+          } catch (se) {
+            // Go on and unfreeze the old active below: left frozen, it could never write again.
+            this.log.error({ process, err: (se as Error).message }, 'could not store the write schema while undoing a switchover');
+          }
+        } else {
+          // The old active died in the window: nobody is active until it comes back (it
+          // re-registers) or a failover promotes a standby; a dead session never holds the role.
+          g.active = null;
+        }
         if (this.sessions.has(target.id)) void this.command(target, 'DEMOTE', { tableSeqs: this.tableSeqs(g), reason: 'switchover failed' }).catch(() => undefined);
       }
       if (this.sessions.has(old.id) && old.role === 'ACTIVE') {
@@ -897,9 +914,9 @@ export class CheckpointService {
     if (want === a.writeSchema) return want;
     const was = a.writeSchema;
     // Batches of either schema are accepted from the active (see write()), so the order in which
-    // this takes effect on both sides does not matter.
-    a.writeSchema = want;
+    // this takes effect on both sides does not matter. Stored first: a refusal changes nothing.
     this.agreeWriteSchema(g, want);
+    a.writeSchema = want;
     await this.command(a, 'SET_WRITE_SCHEMA', { writeSchema: want, reason: `no standby reads only schema ${was} any more` });
     this.log.info({ process, instance: a.reg.instanceId, from: was, to: want }, 'active writes a newer schema');
     return want;
@@ -939,7 +956,10 @@ export class CheckpointService {
     if (logBytes < Math.max(this.opts.compactMinBytes, 2 * r.bytes)) return;
     this.compacting.add(key);
     void this.compact(process, r)
-      .catch((e) => this.log.error({ process, table: r.name, err: (e as Error).message }, 'store compaction failed; the log keeps everything'))
+      .catch((e) => {
+        // A HitlessError (a full disk) explains itself and what to do; anything else is a bug.
+        this.log[e instanceof HitlessError ? 'warn' : 'error']({ process, table: r.name, err: (e as Error).message }, 'store compaction failed; the log keeps everything');
+      })
       .finally(() => this.compacting.delete(key));
   }
 
@@ -956,7 +976,14 @@ export class CheckpointService {
       this.store.commitSnapshot(process, r.name, gen, snap.seq);
       this.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk }, 'table log compacted into a snapshot');
     } catch (e) {
-      this.store.abortSnapshot(process, r.name, gen);
+      // The log and the current snapshot are untouched until commitSnapshot's transaction; the
+      // new generation's chunks are never current, and when even their deletion finds no room
+      // (a full disk) they are dropped by the next start or the next compaction's commit.
+      try {
+        this.store.abortSnapshot(process, r.name, gen);
+      } catch (ae) {
+        this.log.warn({ process, table: r.name, gen, err: (ae as Error).message }, 'could not drop the chunks of an unfinished snapshot; they are dropped later');
+      }
       throw e;
     } finally {
       snap.release(); // SQLite copied every chunk it was given

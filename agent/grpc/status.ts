@@ -1,14 +1,23 @@
 /**
- * Maps thrown errors onto gRPC statuses. A HitlessError keeps its code and sentence; anything
- * else is a bug on our side and answers INTERNAL without a stack trace (the stack goes to the log).
+ * Maps thrown errors onto gRPC statuses. A HitlessError keeps its code and sentence; a full disk
+ * that reached here unexplained still answers RESOURCE_EXHAUSTED (the operator can fix it, and a
+ * client may retry); anything else is a bug on our side and answers INTERNAL without a stack
+ * trace (the stack goes to the log).
  */
 import * as grpc from '@grpc/grpc-js';
-import { HitlessError } from '../common/errors';
+import { HitlessError, diskFull, isDiskFull } from '../common/errors';
 import { Logger } from '../common/logger';
 import { requestIdOf } from '../common/request-context';
 
 export function toServiceError(err: unknown, log: Logger, method: string, call?: object): Partial<grpc.StatusObject> {
   if (err instanceof HitlessError) return { code: err.code, details: err.message };
+  if (isDiskFull(err)) {
+    // Node names the file it could not write; SQLite errors that were not mapped where they
+    // happened do not, and the agent's files are all under its state directory.
+    const where = (err as NodeJS.ErrnoException).path ?? "the agent's state directory";
+    const e = diskFull(where, `retry ${method}`);
+    return { code: e.code, details: e.message };
+  }
   const rid = requestIdOf(call);
   log.error({ rid, method, err: err instanceof Error ? { message: err.message, stack: err.stack } : String(err) }, 'unexpected error in RPC handler');
   const msg = err instanceof Error ? err.message : String(err);

@@ -11,7 +11,10 @@
  * - restarted active: reloads its tables from the agent (Subscribe RECOVER) before writing;
  * - standby: applies the bulk snapshot (raw socket) and the changes after it, in order,
  *   transforming values of other schema versions with registered transforms, and acknowledges;
- * - reconnects with backoff when the agent restarts, resuming from what it holds.
+ * - reconnects with backoff when the agent restarts, resuming from what it holds;
+ * - when the agent has no room to store a batch (RESOURCE_EXHAUSTED: its state disk is full),
+ *   keeps the outbox and resends it with backoff until the agent stores it again, emitting
+ *   'storage-full' once per episode and 'storage-resumed' when it is over.
  *
  * Keys are bytes; as JS strings they are latin1 (one char per byte), like the agent holds them.
  */
@@ -45,6 +48,15 @@ import { RecordTable, sharedArenaPool, tableDigest } from '../checkpoint/record-
 const PROMOTE_CATCH_UP_MS = 2_000;
 /** After PROMOTE the agent ends the old subscription; past this the client cancels it itself. */
 const FOLLOW_END_GRACE_MS = 5_000;
+/** Resending batches the agent had no room to store: first after this, doubling up to the max. */
+const WRITE_RETRY_MIN_MS = 100;
+const WRITE_RETRY_MAX_MS = 2_000;
+/**
+ * Largest packed batch the client sends: the gRPC limit on both ends is 8 MiB per message. A
+ * larger one would be refused by gRPC itself with RESOURCE_EXHAUSTED, which here means "retry
+ * later", so it is refused before it touches the local table.
+ */
+const MAX_SEND_BATCH_BYTES = 8 * 1024 * 1024 - 1024;
 
 /** Converts a value from one schema version to another (e.g. 1 -> 2 when reading old records). */
 export type Transform = (value: Buffer) => Buffer;
@@ -67,6 +79,12 @@ export interface CheckpointClientOptions {
   logger?: Logger;
   /** Reconnect when the agent goes away (default true). */
   reconnect?: boolean;
+  /**
+   * This instance ran before (a process manager restarted it): when it asks for ACTIVE and
+   * another instance holds the role, it follows that one instead of being refused (see
+   * Register.rejoin). Reconnections after a lost agent always rejoin.
+   */
+  rejoin?: boolean;
   /**
    * host:port where this process reaches the agent's bulk snapshot socket, when it differs from
    * what the agent advertises (inside a guest: the per-VM bulk channel, e.g. 10.0.2.100:7001).
@@ -187,6 +205,10 @@ export class CheckpointClient extends EventEmitter {
   private closed = false;
   private connected = false;
   private backoffMs = 100;
+  private writeRetryMs = WRITE_RETRY_MIN_MS;
+  private writeRetryTimer: NodeJS.Timeout | null = null;
+  /** Set from the agent's first refusal for lack of space until it acknowledges a batch again. */
+  private storageFull = false;
   private readonly readable: Set<number>;
   private readyWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private ready = false;
@@ -286,7 +308,7 @@ export class CheckpointClient extends EventEmitter {
         wantedRole: wanted,
         tables: this.opts.tables,
         schemaCanWrite: this.canWrite(),
-        rejoin: this.sessionId !== '',
+        rejoin: this.opts.rejoin === true || this.sessionId !== '',
       },
     });
   }
@@ -297,6 +319,7 @@ export class CheckpointClient extends EventEmitter {
     this.connected = false;
     this.writeStream?.cancel();
     this.writeStream = null;
+    this.cancelWriteRetry(); // the next registration resends the outbox
     this.dropSpareWriteStream();
     this.sub?.cancel();
     this.sub = null;
@@ -377,6 +400,9 @@ export class CheckpointClient extends EventEmitter {
     if (this.role !== 'ACTIVE') throw new CheckpointError(grpc.status.FAILED_PRECONDITION, `'${this.opts.instanceId}' is ${this.role}; only the active writes`);
     const { records, count } = owned ? builder.takeOwned() : builder.take();
     if (count === 0) return this.table(table).seq;
+    if (records.length > MAX_SEND_BATCH_BYTES) {
+      throw new CheckpointError(grpc.status.INVALID_ARGUMENT, `batch of ${records.length} bytes exceeds the ${MAX_SEND_BATCH_BYTES} a message may carry; split it`);
+    }
     validateRecords(records, count, DEFAULT_LIMITS);
     const local = this.table(table);
     const seq = local.seq + 1;
@@ -440,6 +466,12 @@ export class CheckpointClient extends EventEmitter {
         return;
       }
       this.outbox.shift();
+      this.writeRetryMs = WRITE_RETRY_MIN_MS;
+      if (this.storageFull) {
+        this.storageFull = false;
+        this.log.info({ table: ack.table, seq: ack.seq }, 'the agent stores batches again');
+        this.emit('storage-resumed');
+      }
       head.resolve(ack.seq);
     });
     call.on('error', (err: grpc.ServiceError) => {
@@ -447,6 +479,7 @@ export class CheckpointClient extends EventEmitter {
       if (this.writeStream !== call) return;
       this.writeStream = null;
       if (err.code === grpc.status.CANCELLED || err.code === grpc.status.UNAVAILABLE) return; // session loss handles it
+      if (err.code === grpc.status.RESOURCE_EXHAUSTED) return this.resendLater(err);
       // The agent refused a batch: the local table already holds it, so this instance must not
       // keep writing from a state the agent does not have.
       const e = new CheckpointError(err.code, err.details);
@@ -454,6 +487,36 @@ export class CheckpointClient extends EventEmitter {
       this.emit('error', e);
     });
     return call;
+  }
+
+  /**
+   * The agent had no room to store the outbox's first batch. It refuses a WriteStream batch
+   * before applying anything and answers in order, so every ack before the refusal has arrived
+   * and the outbox holds exactly what the agent lacks; the local table is ahead of the agent by
+   * that outbox, as during a reconnect. Keep it and resend it all on a new stream, with backoff,
+   * until the agent stores it (new batches queue behind it meanwhile).
+   */
+  private resendLater(err: grpc.ServiceError): void {
+    for (const e of this.outbox) e.sent = false;
+    if (!this.storageFull) {
+      this.storageFull = true;
+      this.log.warn({ err: err.details, unacknowledged: this.outbox.length }, 'the agent cannot store batches; keeping them and resending until it can');
+      this.emit('storage-full', new CheckpointError(err.code, err.details));
+    }
+    const delay = this.writeRetryMs;
+    this.writeRetryMs = Math.min(delay * 2, WRITE_RETRY_MAX_MS);
+    this.cancelWriteRetry();
+    this.writeRetryTimer = setTimeout(() => {
+      this.writeRetryTimer = null;
+      // A lost session, a demotion or a close took over in between (a new registration resends).
+      if (this.closed || !this.connected || this.role !== 'ACTIVE' || this.writeStream) return;
+      this.openWriteStream({});
+    }, delay);
+  }
+
+  private cancelWriteRetry(): void {
+    if (this.writeRetryTimer) clearTimeout(this.writeRetryTimer);
+    this.writeRetryTimer = null;
   }
 
   private localSeqs(): Record<string, number> {
@@ -773,6 +836,7 @@ export class CheckpointClient extends EventEmitter {
 
   async close(): Promise<void> {
     this.closed = true;
+    this.cancelWriteRetry();
     this.writeStream?.end();
     this.dropSpareWriteStream();
     this.ackStream?.end();

@@ -6,7 +6,12 @@
  * and the batches after it. Compaction writes a new snapshot generation chunk by chunk, then in
  * one transaction makes it current and drops the older generation and the batches it covers.
  */
-import { Db } from './database';
+import path from 'node:path';
+import { isDiskFull } from '../common/errors';
+import { Db, storeWrite } from './database';
+
+/** What a compaction refused for lack of space is followed by: the log still holds everything. */
+const COMPACT_LATER = 'the agent compacts the log again later; the log still holds every batch';
 
 export interface StoredTable {
   process: string;
@@ -100,9 +105,14 @@ export class SqliteCheckpointStore implements CheckpointStore {
          ON CONFLICT (process) DO UPDATE SET write_schema = excluded.write_schema`,
       ),
     };
-    // Snapshots left half-written by a crash are never current; drop them.
-    db.exec(`DELETE FROM ckpt_snapshots WHERE NOT EXISTS (SELECT 1 FROM ckpt_tables t
-      WHERE t.process = ckpt_snapshots.process AND t.name = ckpt_snapshots.tbl AND t.snap_gen = ckpt_snapshots.gen)`);
+    // Snapshots left half-written by a crash are never current; drop them. On a full disk they
+    // stay (the next compaction's commit drops them too): the agent must still start and serve.
+    try {
+      db.exec(`DELETE FROM ckpt_snapshots WHERE NOT EXISTS (SELECT 1 FROM ckpt_tables t
+        WHERE t.process = ckpt_snapshots.process AND t.name = ckpt_snapshots.tbl AND t.snap_gen = ckpt_snapshots.gen)`);
+    } catch (e) {
+      if (!isDiskFull(e, path.dirname(db.name))) throw e;
+    }
   }
 
   listTables(): StoredTable[] {
@@ -110,11 +120,15 @@ export class SqliteCheckpointStore implements CheckpointStore {
   }
 
   upsertTable(process: string, name: string, durability: number): void {
-    this.stmts.upsert.run(process, name, durability);
+    storeWrite(this.db, () => `register again (the SDK retries by itself); table '${name}' was not declared`, () => this.stmts.upsert.run(process, name, durability));
   }
 
   appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void {
-    this.stmts.append.run(process, table, seq, count, records);
+    storeWrite(
+      this.db,
+      () => `the writer resends batch ${seq} of table '${table}' (the SDK does this by itself); nothing of this batch was applied`,
+      () => this.stmts.append.run(process, table, seq, count, records),
+    );
     const k = `${process}\u0000${table}`;
     this.logBytes.set(k, this.logBytesSinceSnapshot(process, table) + records.length);
   }
@@ -151,24 +165,26 @@ export class SqliteCheckpointStore implements CheckpointStore {
   }
 
   beginSnapshot(process: string, table: string): number {
-    return (this.stmts.nextGen.get(process, table) as { g: number }).g;
+    return storeWrite(this.db, COMPACT_LATER, () => (this.stmts.nextGen.get(process, table) as { g: number }).g);
   }
 
   writeSnapshotChunk(process: string, table: string, gen: number, chunkNo: number, records: Buffer): void {
-    this.stmts.writeChunk.run(process, table, gen, chunkNo, records);
+    storeWrite(this.db, COMPACT_LATER, () => this.stmts.writeChunk.run(process, table, gen, chunkNo, records));
   }
 
   commitSnapshot(process: string, table: string, gen: number, seq: number): void {
-    this.db.transaction(() => {
-      this.stmts.setSnap.run(seq, gen, process, table);
-      this.stmts.dropOtherGens.run(process, table, gen);
-      this.stmts.dropBatches.run(process, table, seq);
-    })();
+    storeWrite(this.db, COMPACT_LATER, () =>
+      this.db.transaction(() => {
+        this.stmts.setSnap.run(seq, gen, process, table);
+        this.stmts.dropOtherGens.run(process, table, gen);
+        this.stmts.dropBatches.run(process, table, seq);
+      })(),
+    );
     this.logBytes.delete(`${process}\u0000${table}`); // recounted from the remaining batches on next use
   }
 
   abortSnapshot(process: string, table: string, gen: number): void {
-    this.stmts.dropGen.run(process, table, gen);
+    storeWrite(this.db, COMPACT_LATER, () => this.stmts.dropGen.run(process, table, gen));
   }
 
   writeSchema(process: string): number {
@@ -176,6 +192,6 @@ export class SqliteCheckpointStore implements CheckpointStore {
   }
 
   setWriteSchema(process: string, schema: number): void {
-    this.stmts.setSchema.run(process, schema);
+    storeWrite(this.db, 'retry the registration or role change (the SDK retries a registration by itself); the agreed write schema was not changed', () => this.stmts.setSchema.run(process, schema));
   }
 }

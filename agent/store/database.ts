@@ -9,25 +9,70 @@ import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
+import { diskFull, isDiskFull } from '../common/errors';
+import { Logger } from '../common/logger';
+import type { CheckpointWorkerReport } from './wal-checkpoint.worker';
 
 export type Db = Database.Database;
 
-export function openDatabase(stateDir: string, opts: { fsync?: boolean } = {}): Db {
+export function openDatabase(stateDir: string, opts: { fsync?: boolean; log?: Logger } = {}): Db {
   fs.mkdirSync(stateDir, { recursive: true, mode: 0o700 });
-  const db = new Database(path.join(stateDir, 'hitless.db'));
-  db.pragma('journal_mode = WAL');
-  db.pragma(`synchronous = ${opts.fsync ? 'FULL' : 'NORMAL'}`);
-  // Checkpoints run on a worker thread (see wal-checkpoint.worker.ts), never inside a commit.
-  db.pragma('wal_autocheckpoint = 0');
-  db.pragma('busy_timeout = 5000');
+  const file = path.join(stateDir, 'hitless.db');
+  let db: Db;
+  try {
+    db = new Database(file);
+    db.pragma('journal_mode = WAL');
+    db.pragma(`synchronous = ${opts.fsync ? 'FULL' : 'NORMAL'}`);
+    // Checkpoints run on a worker thread (see wal-checkpoint.worker.ts), never inside a commit.
+    db.pragma('wal_autocheckpoint = 0');
+    db.pragma('busy_timeout = 5000');
+  } catch (e) {
+    // A fresh WAL and its index need room before the first read.
+    if (isDiskFull(e, stateDir)) throw diskFull(stateDir, 'start the agent again; nothing stored was changed');
+    throw e;
+  }
   const worker = new Worker(path.join(__dirname, 'wal-checkpoint.worker.js'), {
-    workerData: { file: path.join(stateDir, 'hitless.db'), intervalMs: 500, fsync: !!opts.fsync },
+    workerData: { file, intervalMs: 500, fsync: !!opts.fsync },
   });
   worker.unref();
+  watchCheckpointWorker(worker, stateDir, opts.log);
   const close = db.close.bind(db);
   db.close = () => {
     worker.postMessage('stop');
     return close();
   };
   return db;
+}
+
+/**
+ * Logs what the WAL checkpoint worker reports, once per episode: a checkpoint that cannot copy
+ * the WAL into a full disk leaves the WAL growing (and every later write then refused), which an
+ * operator must hear about; a worker that dies must not take the agent with it.
+ */
+function watchCheckpointWorker(worker: Worker, stateDir: string, log: Logger | undefined): void {
+  worker.on('message', (m: CheckpointWorkerReport) => {
+    if (m.ok) {
+      log?.info('WAL checkpoints succeed again');
+    } else if (isDiskFull({ code: m.code }, stateDir)) {
+      log?.warn({ code: m.code }, `${diskFull(stateDir, 'WAL checkpoints resume by themselves').message}; until then the WAL is not copied into the database`);
+    } else {
+      log?.warn({ code: m.code, err: m.message }, 'WAL checkpoint failed; retrying');
+    }
+  });
+  worker.on('error', (e) => log?.error({ err: e.message }, 'the WAL checkpoint worker failed; the WAL grows until the agent restarts'));
+}
+
+/**
+ * Runs a write of the store; a full state disk becomes a RESOURCE_EXHAUSTED error saying what
+ * happens once there is room (`then`). SQLite rolled the statement or transaction back by then,
+ * so nothing of it is stored.
+ */
+export function storeWrite<T>(db: Db, then: string | (() => string), fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    const dir = path.dirname(db.name);
+    if (isDiskFull(e, dir)) throw diskFull(dir, typeof then === 'string' ? then : then());
+    throw e;
+  }
 }

@@ -8,6 +8,9 @@
 import Database from 'better-sqlite3';
 import { parentPort, workerData } from 'node:worker_threads';
 
+/** Posted to the agent when checkpoints start failing (per error code) and when they work again. */
+export type CheckpointWorkerReport = { ok: true } | { ok: false; code: string; message: string };
+
 const { file, intervalMs, fsync } = workerData as { file: string; intervalMs: number; fsync: boolean };
 const db = new Database(file);
 db.pragma('busy_timeout = 1000');
@@ -15,11 +18,19 @@ db.pragma('busy_timeout = 1000');
 // database pages in the OS page cache are enough, and an fsync here would stall the agent's
 // writes to the same files (measured as 10-30 ms spikes in SYNC acknowledgements).
 db.pragma(`synchronous = ${fsync ? 'FULL' : 'OFF'}`);
+/** The code of the failure last reported, so a failing checkpoint is reported once, not every round. */
+let failing: string | null = null;
 const timer = setInterval(() => {
   try {
     db.pragma('wal_checkpoint(PASSIVE)');
-  } catch {
-    // busy: try again next round
+    if (failing) parentPort?.postMessage({ ok: true } satisfies CheckpointWorkerReport);
+    failing = null;
+  } catch (e) {
+    const code = String((e as { code?: unknown }).code ?? 'unknown');
+    // Busy: a writer holds the lock; try again next round.
+    if (code.startsWith('SQLITE_BUSY') || code === failing) return;
+    failing = code;
+    parentPort?.postMessage({ ok: false, code, message: (e as Error).message } satisfies CheckpointWorkerReport);
   }
 }, intervalMs);
 parentPort?.on('message', (m) => {

@@ -5,7 +5,7 @@
  * transition in order. A transition is written (in one transaction with the row) before the
  * action it announces starts, so a restarted agent knows exactly what may have been under way.
  */
-import { Db } from '../store/database';
+import { Db, storeWrite } from '../store/database';
 
 export type Phase =
   | 'LOADING'
@@ -97,14 +97,16 @@ export class SqliteUpgradeStore implements UpgradeStore {
   }
 
   create(r: UpgradeRecord, note: string): void {
-    this.db.transaction(() => {
+    storeWrite(this.db, 'run the command again; no upgrade was started', () => this.db.transaction(() => {
       this.db.prepare('INSERT INTO upgrades (id, phase, started_at, data) VALUES (?, ?, ?, ?)').run(r.id, r.phase, r.startedAt, JSON.stringify(r));
       this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, 1, ?, ?, ?)').run(r.id, Date.now(), r.phase, note);
-    })();
+    })());
   }
 
+  /** A refusal (full disk) leaves the phase as it was: the action it announces must not start. */
   transition(id: string, phase: Phase, note: string, fields: Partial<UpgradeRecord> = {}): UpgradeRecord {
-    return this.db.transaction(() => {
+    const then = () => `run the command again; upgrade ${id} stays in its phase (not ${phase})`;
+    return storeWrite(this.db, then, () => this.db.transaction(() => {
       const cur = this.decode(this.db.prepare('SELECT id, phase, data FROM upgrades WHERE id = ?').get(id) as Row | undefined);
       if (!cur) throw new Error(`upgrade ${id} is not in the journal`);
       const next: UpgradeRecord = { ...cur, ...fields, phase, updatedAt: Date.now() };
@@ -112,6 +114,6 @@ export class SqliteUpgradeStore implements UpgradeStore {
       const n = (this.db.prepare('SELECT COALESCE(MAX(n), 0) + 1 AS n FROM upgrade_journal WHERE id = ?').get(id) as { n: number }).n;
       this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, ?, ?, ?, ?)').run(id, n, Date.now(), phase, note);
       return next;
-    })();
+    })());
   }
 }

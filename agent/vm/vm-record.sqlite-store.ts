@@ -3,6 +3,7 @@
  * Database it is given; spec and paths are JSON text columns (read whole, never queried into).
  */
 import type Database from 'better-sqlite3';
+import { storeWrite } from '../store/database';
 import type { Accelerator, Arch, VmPaths, VmSpec, VmState } from './hypervisor';
 import type { VmRecord, VmRecordStore } from './vm-record-store';
 
@@ -25,7 +26,7 @@ export class SqliteVmRecordStore implements VmRecordStore {
   private readonly selectAll: Database.Statement;
   private readonly remove: Database.Statement;
 
-  constructor(db: Database.Database) {
+  constructor(private readonly db: Database.Database) {
     db.exec(`CREATE TABLE IF NOT EXISTS vm_records (
       name        TEXT PRIMARY KEY,
       arch        TEXT NOT NULL,
@@ -61,7 +62,7 @@ export class SqliteVmRecordStore implements VmRecordStore {
       updated_at: r.updatedAt,
       last_exit: r.lastExit,
     };
-    this.upsert.run(row);
+    storeWrite(this.db, () => `retry; the record of VM ${r.name} was not updated (state ${r.state} not stored)`, () => this.upsert.run(row));
   }
 
   get(name: string): VmRecord | undefined {
@@ -74,7 +75,7 @@ export class SqliteVmRecordStore implements VmRecordStore {
   }
 
   delete(name: string): boolean {
-    return this.remove.run(name).changes > 0;
+    return storeWrite(this.db, () => `retry; the record of VM ${name} was not removed`, () => this.remove.run(name).changes > 0);
   }
 }
 

@@ -366,6 +366,17 @@ export class VmService {
   }
 
   private onHandleEvent(e: VmEvent): void {
+    try {
+      this.recordEvent(e);
+    } catch (err) {
+      // The event still goes out: the upgrade's monitor must hear of a crash even when the
+      // record cannot be stored (a full state disk); the stored state is stale until the next one.
+      this.deps.logger.error({ vm: e.vm, event: e.type, err: (err as Error).message }, 'could not store the VM state change');
+    }
+    this.notify(e);
+  }
+
+  private recordEvent(e: VmEvent): void {
     switch (e.type) {
       case 'STOP':
         this.update(e.vm, { state: 'PAUSED' });
@@ -387,7 +398,6 @@ export class VmService {
       default:
         break;
     }
-    this.notify(e);
   }
 
   /** Memory and vCPUs held by active VMs other than `except`. */
