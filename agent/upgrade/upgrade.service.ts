@@ -296,59 +296,94 @@ export class UpgradeService {
     return this.status();
   }
 
-  private async doCommit(cur: UpgradeRecord): Promise<void> {
+  private async doCommit(cur: UpgradeRecord, why = ''): Promise<void> {
     this.clearTimer();
-    const rec = cur.phase === 'COMMITTING' ? cur : this.transition(cur, 'COMMITTING', `stopping the old version's VM ${cur.fromVm}`, { timerDeadline: 0 });
+    const rec =
+      cur.phase === 'COMMITTING' ? cur : this.transition(cur, 'COMMITTING', why || `stopping the old version's VM ${cur.fromVm}`, { timerDeadline: 0, ...(why ? { result: why } : {}) });
     this.stopMonitor();
+    if (!this.isRunning(rec.toVm) && this.isRunning(rec.fromVm)) {
+      // The new version died before the old one was stopped: keep the old one instead.
+      await this.doAbort(rec, `the new version's VM ${rec.toVm} is gone; the commit was not completed`);
+      throw aborted(`commitversion did not complete: the new version's VM ${rec.toVm} is gone, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`);
+    }
+    // The new version must hold every role before the old one goes. After a normal runversion it
+    // does; after a crash of the old version (fail-forward) or an agent restart it may not yet.
+    try {
+      for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.to, rec.toVm, rec.fromVm);
+    } catch (e) {
+      if (!(e instanceof TargetVmGone) || !this.isRunning(rec.fromVm)) throw e;
+      await this.doAbort(rec, `the new version's VM ${rec.toVm} died during the commit`);
+      throw aborted(`commitversion did not complete: the new version's VM ${rec.toVm} died, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`);
+    }
     await this.stopVm(rec.fromVm);
     // Nothing can roll back to the old version now: its readers are gone, so the new version
     // writes its own schema from here on (not fatal: the old schema stays readable).
     for (const p of Object.keys(rec.processes)) {
       await this.checkpoint.raiseWriteSchema(p, rec.fromVm).catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
     }
-    this.transition(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped`);
+    this.transition(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
   }
 
   private async doAbort(cur: UpgradeRecord, reason: string): Promise<void> {
     this.clearTimer();
     this.stopMonitor();
-    const switchedOver = cur.phase === 'SWITCHING' || cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED' || (cur.phase === 'ABORTING' && cur.result.startsWith('rollback'));
+    if (!this.isRunning(cur.fromVm) && this.isRunning(cur.toVm) && cur.phase !== 'LOADING') {
+      // Nothing to go back to: the old version's VM is gone. The loaded new version, which holds
+      // every acknowledged change, takes over for good.
+      return this.doCommit(cur, `the old version's VM ${cur.fromVm} is gone (${reason}); ${cur.toVersion} took over and there is nothing to roll back to`);
+    }
+    const switchedOver =
+      cur.phase === 'SWITCHING' || cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED' || cur.phase === 'COMMITTING' || (cur.phase === 'ABORTING' && cur.result.startsWith('rollback'));
     const rec = cur.phase === 'ABORTING' ? cur : this.transition(cur, 'ABORTING', reason, { timerDeadline: 0, result: switchedOver ? `rollback: ${reason}` : reason });
     if (switchedOver) {
       await this.waitForProcesses(rec, this.opts.peerGraceMs);
-      for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.from);
+      try {
+        for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.from, rec.fromVm, rec.toVm);
+      } catch (e) {
+        if (!(e instanceof TargetVmGone) || !this.isRunning(rec.toVm)) throw e;
+        // The old version died on the way back: the new one, still running, stays for good.
+        return this.doCommit(rec, `the old version's VM ${rec.fromVm} died during the rollback (${reason}); ${rec.toVersion} stays and there is nothing to roll back to`);
+      }
     }
     await this.stopVm(rec.toVm);
     this.transition(rec, switchedOver ? 'ROLLED_BACK' : 'ABORTED', switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
   }
 
   /**
-   * Makes `from` the active instance of `process` again: a switchover while the new version's
-   * active is alive, a failover once it is gone. A crashed VM's sessions take a moment to close,
-   * and a command can race with that; so it retries until the deadline.
+   * Makes `target` the active instance of `process`, leaving the instance in `leavingVm`: a
+   * switchover while that one is alive, a failover once it is gone. A crashed VM's sessions take
+   * a moment to close, and a command can race with that; so it retries until the deadline.
+   * Rollback passes the old instance (in the old VM), leaving the new VM; commit and fail-forward
+   * the reverse. Throws TargetVmGone as soon as `targetVm` is not running: the caller then turns
+   * to the other version instead of retrying in vain.
    */
-  private async restoreActive(rec: UpgradeRecord, process: string, from: string): Promise<void> {
+  private async restoreActive(rec: UpgradeRecord, process: string, target: string, targetVm: string, leavingVm: string): Promise<void> {
     const deadline = Date.now() + Math.max(30_000, this.opts.peerGraceMs);
+    const phase = this.store.current()?.phase ?? rec.phase;
     for (;;) {
       const active = this.checkpoint.status(process)[0]?.peers.find((x) => x.role === 'ACTIVE');
-      if (active?.instanceId === from) return;
-      const newAlive = this.vms.find(rec.toVm)?.state === 'RUNNING';
+      if (active?.instanceId === target) return;
+      if (!this.isRunning(targetVm)) throw new TargetVmGone(`${target} cannot take over: its VM ${targetVm} is not running`);
       try {
         if (!active) {
-          const r = await this.checkpoint.failover(process, from);
-          this.emit('PROGRESS', rec.id, 'ABORTING', `${process}: ${from} promoted (failover, ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
-        } else if (newAlive || active.vmId !== rec.toVm) {
-          const r = await this.checkpoint.switchover(process, from);
-          this.emit('PROGRESS', rec.id, 'ABORTING', `${process}: ${from} is active again (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
+          const r = await this.checkpoint.failover(process, target);
+          this.emit('PROGRESS', rec.id, phase, `${process}: ${target} promoted (failover, ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
+        } else if (this.isRunning(leavingVm) || active.vmId !== leavingVm) {
+          const r = await this.checkpoint.switchover(process, target);
+          this.emit('PROGRESS', rec.id, phase, `${process}: ${target} is active (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
         } else {
           await sleep(200); // the dead VM's session is closing
         }
       } catch (e) {
         if (Date.now() > deadline) throw e;
-        this.emit('WARNING', rec.id, 'ABORTING', `${process}: ${(e as Error).message}; retrying`);
+        this.emit('WARNING', rec.id, phase, `${process}: ${(e as Error).message}; retrying`);
         await sleep(500);
       }
     }
+  }
+
+  private isRunning(vm: string): boolean {
+    return this.vms.find(vm)?.state === 'RUNNING';
   }
 
   // ------------------------------------------------------------------ restart recovery
@@ -521,17 +556,24 @@ export class UpgradeService {
     const trigger = (why: string) => {
       const cur = this.store.current();
       if (!cur || TERMINAL.includes(cur.phase) || cur.phase === 'COMMITTING' || cur.phase === 'ABORTING') return;
-      this.emit('WARNING', cur.id, cur.phase, `${why}; ${cur.phase === 'LOADED' ? 'aborting' : 'rolling back'}`);
+      const forward = !this.isRunning(cur.fromVm) && this.isRunning(cur.toVm);
+      this.emit('WARNING', cur.id, cur.phase, `${why}; ${forward ? 'the new version takes over' : cur.phase === 'LOADED' ? 'aborting' : 'rolling back'}`);
       void this.abortVersion(why).catch((e) => this.log.error({ err: (e as Error).message }, 'automatic abort failed'));
     };
     this.monitorOff = this.vms.onEvent((e) => {
       const cur = this.store.current();
-      if (cur && e.vm === cur.toVm && (e.type === 'EXITED' || e.type === 'CRASHED' || e.type === 'GUEST_PANICKED')) trigger(`the new version's VM ${cur.toVm} ${e.type.toLowerCase()}`);
+      if (!cur || (e.type !== 'EXITED' && e.type !== 'CRASHED' && e.type !== 'GUEST_PANICKED')) return;
+      if (e.vm === cur.toVm) trigger(`the new version's VM ${cur.toVm} ${e.type.toLowerCase()}`);
+      else if (e.vm === cur.fromVm) trigger(`the old version's VM ${cur.fromVm} ${e.type.toLowerCase()}`);
     });
     const missingSince = new Map<string, number>();
     this.monitorTimer = setInterval(() => {
       const cur = this.store.current();
       if (!cur || (cur.phase !== 'LOADED' && cur.phase !== 'SWITCHED' && cur.phase !== 'ACCEPTED')) return;
+      // Polled as well as watched: a VM that died while a command ran (its event came in
+      // SWITCHING, say) is still found here once the phase settles.
+      if (!this.isRunning(cur.toVm)) return trigger(`the new version's VM ${cur.toVm} is not running`);
+      if (!this.isRunning(cur.fromVm)) return trigger(`the old version's VM ${cur.fromVm} is not running`);
       for (const [p, inst] of Object.entries(cur.processes)) {
         const key = `${p}/${inst.to}`;
         if (this.peerOf(p, inst.to)) missingSince.delete(key);
@@ -565,6 +607,9 @@ export class UpgradeService {
     this.events.emit('event', ev);
   }
 }
+
+/** restoreActive gave up because the VM of the instance it was to make active is gone. */
+class TargetVmGone extends Error {}
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
