@@ -50,6 +50,8 @@ export const DAEMON_USAGE = (name: string) => `Usage: ${name} [options]
   --loop-stats S      every S seconds print the event loop's delay (p50/p99/max ms; default 0 = off)
 env HITLESS_BULK      host:port of the agent's bulk snapshot channel when it differs from what
                       the agent advertises (guests: 10.0.2.100:7001)
+env HITLESS_RESTARTS  how often a process manager restarted this process; above 0 it asks for
+                      ACTIVE and follows the active instance if there is one (--role is ignored)
 stdin: digest | status | load N | churn RATE | stop | quit      SIGUSR1: digest
 `;
 
@@ -86,6 +88,10 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   }
   const vm = values.vm ?? process.env.HITLESS_VM ?? 'host';
   const batchSize = Number(values.batch);
+  // Set by the guest init when it restarted this process after it died (0 on the first start). A
+  // restarted process takes ACTIVE when nobody holds it, else follows whoever does (rejoin),
+  // whatever role it was first started with: the peer may have been promoted meanwhile.
+  const restarts = Number(process.env.HITLESS_RESTARTS ?? 0) || 0;
   const client = new CheckpointClient({
     address: agent,
     process: model.process,
@@ -96,7 +102,8 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
     reads: values.reads ? values.reads.split(',').map(Number) : [],
     transforms: model.transforms,
     tables: [{ name: model.table, durability: values.sync ? 'SYNC' : 'ASYNC' }],
-    role: values.role === 'standby' ? 'STANDBY' : 'ACTIVE',
+    role: restarts === 0 && values.role === 'standby' ? 'STANDBY' : 'ACTIVE',
+    rejoin: restarts > 0,
     bulkAddress: process.env.HITLESS_BULK || undefined,
   });
   const table = client.table(model.table);

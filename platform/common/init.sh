@@ -9,17 +9,20 @@
 #      prefixed "[name] " on the console, then print HITLESS-READY
 #   6. wait; on the power button (QMP system_powerdown): SIGTERM all, wait
 #      up to 5 s, SIGKILL the rest, HITLESS-POWERDOWN, sync, poweroff -f.
-# Nothing is ever restarted here: a process exit is reported as
-# "HITLESS-EXIT name=N status=S" and the agent on the host decides.
+# A process that exits is reported as "HITLESS-EXIT name=N status=S" and
+# started again a second later (see hitless_start), except during powerdown.
+# hitless.faults=1 (fault-injection images only) also reads console lines
+# "HITLESS-FAULT kill NAME" and SIGKILLs that process (see the fault port).
 #
 # Console lines starting with HITLESS- are a protocol read by the agent:
 #   HITLESS-INIT version=V arch=A kernel=R   init started (before modules)
 #   HITLESS-NODE vX.Y.Z                      node runs inside the rootfs
-#   HITLESS-START name=N pid=P               process started
+#   HITLESS-START name=N pid=P restarts=R    process started (R: restarts so far)
 #   HITLESS-READY                            all processes started
 #   HITLESS-EXIT name=N status=S             a process exited
 #   HITLESS-STOPPING                         power button seen, SIGTERM sent
 #   HITLESS-POWERDOWN                        processes gone, powering off now
+#   HITLESS-FAULT killed name=N pid=P        fault port: process SIGKILLed
 #   HITLESS-WARN ... / HITLESS-FATAL ...     problems (FATAL powers off)
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -60,6 +63,7 @@ HITLESS_ROLE=""
 HITLESS_IP="10.0.2.15/24"
 HITLESS_ROOT="/dev/vda"
 HITLESS_NODECHECK=1
+HITLESS_FAULTS=0
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     hitless.vm=*) HITLESS_VM="${arg#hitless.vm=}" ;;
@@ -69,6 +73,7 @@ for arg in $(cat /proc/cmdline); do
     hitless.ip=*) HITLESS_IP="${arg#hitless.ip=}" ;;
     hitless.root=*) HITLESS_ROOT="${arg#hitless.root=}" ;;
     hitless.nodecheck=*) HITLESS_NODECHECK="${arg#hitless.nodecheck=}" ;;
+    hitless.faults=*) HITLESS_FAULTS="${arg#hitless.faults=}" ;;
   esac
 done
 case "$HITLESS_ROLE" in
@@ -114,6 +119,7 @@ POWERING_DOWN=""
 powerdown() {
   [ -z "$POWERING_DOWN" ] || return 0
   POWERING_DOWN=1
+  : > /run/hitless/stopping # no process is restarted from here on
   echo "HITLESS-STOPPING"
   pids=""
   for f in /run/hitless/*.pid; do
@@ -172,33 +178,60 @@ fi
 # ---- processes
 mkdir -p /run/hitless
 # hitless_start NAME ARGV...  (called from the generated processes.sh)
+# A process that dies is started again after a second, as a router's process manager does, with
+# HITLESS_RESTARTS=n in its environment (a restarted process takes ACTIVE if nobody holds it,
+# else follows the instance that does). Powerdown creates /run/hitless/stopping first, so the
+# processes it stops stay stopped.
 hitless_start() {
   name="$1"; shift
-  fifo="/run/hitless/$name.out"
-  rm -f "$fifo"; mkfifo "$fifo"
-  # One prefixer per process; it ends when the process closes its output.
-  # awk+fflush because busybox sed block-buffers even on a tty.
-  awk -v p="[$name] " '{ print p $0; fflush() }' < "$fifo" &
-  # Subshell = per-process waiter, so PID 1 itself never blocks on one child.
-  # chroot (busybox) does chdir("/"): daemons start with cwd=/ in the rootfs.
   # HITLESS_ROLE only when the cmdline set it: an empty value would not mean "default".
+  # chroot (busybox) does chdir("/"): daemons start with cwd=/ in the rootfs.
+  set -- PATH=/opt/hitless:/usr/bin:/bin HOME=/tmp TMPDIR=/tmp \
+    HITLESS_VM="$HITLESS_VM" HITLESS_AGENT="$HITLESS_AGENT" HITLESS_BULK="$HITLESS_BULK" \
+    HITLESS_PROCESS="$name" HITLESS_VERSION="$HITLESS_VERSION" \
+    ${HITLESS_ROLE:+HITLESS_ROLE="$HITLESS_ROLE"} \
+    chroot /newroot "$@"
+  # Subshell = per-process supervisor, so PID 1 itself never blocks on one child.
   (
-    set -- env -i PATH=/opt/hitless:/usr/bin:/bin HOME=/tmp TMPDIR=/tmp \
-      HITLESS_VM="$HITLESS_VM" HITLESS_AGENT="$HITLESS_AGENT" HITLESS_BULK="$HITLESS_BULK" \
-      HITLESS_PROCESS="$name" HITLESS_VERSION="$HITLESS_VERSION" \
-      ${HITLESS_ROLE:+HITLESS_ROLE="$HITLESS_ROLE"} \
-      chroot /newroot "$@"
-    "$@" > "$fifo" 2>&1 < /dev/null &
-    pid=$!
-    echo "HITLESS-START name=$name pid=$pid"
-    echo "$pid" > "/run/hitless/$name.pid"
-    wait "$pid"
-    echo "HITLESS-EXIT name=$name status=$?"
-    rm -f "/run/hitless/$name.pid"
+    restarts=0
+    while [ ! -f /run/hitless/stopping ]; do
+      fifo="/run/hitless/$name.out"
+      rm -f "$fifo"; mkfifo "$fifo"
+      # One prefixer per run; it ends when the process closes its output.
+      # awk+fflush because busybox sed block-buffers even on a tty.
+      awk -v p="[$name] " '{ print p $0; fflush() }' < "$fifo" &
+      env -i HITLESS_RESTARTS="$restarts" "$@" > "$fifo" 2>&1 < /dev/null &
+      pid=$!
+      echo "HITLESS-START name=$name pid=$pid restarts=$restarts"
+      echo "$pid" > "/run/hitless/$name.pid"
+      wait "$pid"
+      echo "HITLESS-EXIT name=$name status=$?"
+      rm -f "/run/hitless/$name.pid"
+      restarts=$((restarts + 1))
+      sleep 1
+    done
   ) &
   # Wait until the pid file exists so a power-down right after READY sees it.
   while [ ! -f "/run/hitless/$name.pid" ]; do sleep 0.01; done
 }
+# ---- fault port (hitless.faults=1 only: images made for the fault campaign). One command,
+# read from the console: "HITLESS-FAULT kill NAME" SIGKILLs process NAME, as a crash would.
+# Anything else typed there is ignored; production images never start this reader.
+if [ "$HITLESS_FAULTS" = 1 ]; then
+  echo "HITLESS-WARN fault port open on the console (hitless.faults=1)"
+  (
+    while read -r word cmd arg; do
+      [ "$word" = HITLESS-FAULT ] && [ "$cmd" = kill ] || continue
+      case "$arg" in ""|*[!A-Za-z0-9_-]*) echo "HITLESS-WARN fault port: bad process name"; continue ;; esac
+      if p="$(cat "/run/hitless/$arg.pid" 2>/dev/null)" && kill -KILL "$p" 2>/dev/null; then
+        echo "HITLESS-FAULT killed name=$arg pid=$p"
+      else
+        echo "HITLESS-WARN fault port: no process $arg"
+      fi
+    done < /dev/console
+  ) &
+fi
+
 [ -f /newroot/etc/hitless/processes.sh ] || fatal "rootfs has no /etc/hitless/processes.sh"
 . /newroot/etc/hitless/processes.sh
 echo "HITLESS-READY"

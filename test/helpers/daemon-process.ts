@@ -23,8 +23,9 @@ export interface DaemonHandle {
 const running = new Set<DaemonHandle>();
 const EXAMPLES = path.resolve(__dirname, '../../examples');
 
-export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[]): DaemonHandle {
-  const proc = spawn(process.execPath, [path.join(EXAMPLES, kind, 'daemon.js'), ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+/** `env` is added to this process's environment (e.g. HITLESS_RESTARTS, as a guest's init sets it). */
+export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: Record<string, string> = {}): DaemonHandle {
+  const proc = spawn(process.execPath, [path.join(EXAMPLES, kind, 'daemon.js'), ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   const events: DaemonEvent[] = [];
   const waiters: { pred: (e: DaemonEvent) => boolean; resolve: (e: DaemonEvent) => void }[] = [];
   let stderr = '';

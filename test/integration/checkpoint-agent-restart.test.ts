@@ -1,6 +1,7 @@
 /**
- * An agent killed in the middle of an upgrade: what it decided before (which schema the active
- * writes, who holds the role) must not depend on the order in which processes come back.
+ * An agent or a process killed in the middle of an upgrade: what the agent decided before (which
+ * schema the active writes, who holds the role) must not depend on the order in which processes
+ * come back, and a process that a process manager restarts must find its place again.
  * Real agent processes (SIGKILL and restart on the same state directory), real gRPC; the order is
  * forced, not left to chance: a process is stopped (SIGSTOP) or its calls held by an interceptor
  * until the other one is registered.
@@ -16,7 +17,7 @@ import { until } from '../helpers/wait';
 
 type Peer = StatusResponse['processes'][number]['peers'][number];
 
-describe('checkpoint: an agent restart in the middle of an upgrade', function () {
+describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', function () {
   this.timeout(120_000);
   let agent: AgentHandle;
   let c: AnyClient;
@@ -129,6 +130,37 @@ describe('checkpoint: an agent restart in the middle of an upgrade', function ()
       await b.close();
       await a.close();
     }
+  });
+  it('a restarted process takes ACTIVE when nobody holds it, and follows the active when somebody does', async () => {
+    agent = await startAgent({ stateDir: tempDir('restart') });
+    c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1', '--records', '5000', '--churn', '2000']);
+    await v1.waitFor((e) => e.event === 'loaded');
+    const v2 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm2', '--role', 'standby', '--churn', '2000', '--version', '2.0.0', '--schema', '2']);
+    await until('v2 READY', async () => (await peer('bgp@vm2'))?.ready);
+    await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
+
+    // The new active crashes; its process manager starts it again with the role it first had
+    // (standby), as a guest's init does. Nobody holds ACTIVE, so it takes the role back.
+    await v2.kill9();
+    await until('v2 gone', async () => !(await peer('bgp@vm2')));
+    const v2again = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm2', '--role', 'standby', '--churn', '2000', '--version', '2.0.0', '--schema', '2'], { HITLESS_RESTARTS: '1' });
+    await until('the restarted v2 is ACTIVE', async () => (await peer('bgp@vm2'))?.role === 'ACTIVE');
+    assert.equal((await peer('bgp@vm2'))?.schemaWrites, 1, 'and still writes what v1 reads');
+
+    // The standby crashes and comes back asking for ACTIVE: it follows v2 instead.
+    await v1.kill9();
+    await until('v1 gone', async () => !(await peer('bgp@vm1')));
+    startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1', '--records', '5000', '--churn', '2000'], { HITLESS_RESTARTS: '1' });
+    await until('the restarted v1 follows as a READY standby', async () => {
+      const p = await peer('bgp@vm1');
+      return p?.role === 'STANDBY' && p.ready;
+    });
+    assert.equal((await peers()).filter((p) => p.role === 'ACTIVE').length, 1);
+    const seq = (await v2again.digest()).seq as number;
+    await until('v2 churns on', async () => ((await v2again.digest()).seq as number) > seq);
+    const audit = await unaryCall<AuditResponse>(c, 'Audit', { process: 'bgp' });
+    assert.ok(audit.consistent, audit.detail);
   });
 });
 
