@@ -19,7 +19,8 @@
 import crypto from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import path from 'node:path';
-import { aborted, deadlineExceeded, failedPrecondition, invalidArgument } from '../common/errors';
+import { status } from '@grpc/grpc-js';
+import { HitlessError, aborted, deadlineExceeded, failedPrecondition, invalidArgument } from '../common/errors';
 import { Logger } from '../common/logger';
 import { ProcessStatus, SwitchoverResponse, AuditResponse } from '../checkpoint/messages';
 import { Manifest, readManifest } from '../images/manifest';
@@ -89,6 +90,7 @@ export class UpgradeService {
   private timer: NodeJS.Timeout | null = null;
   private monitorOff: (() => void) | null = null;
   private monitorTimer: NodeJS.Timeout | null = null;
+  private readonly keeperOff: () => void;
 
   constructor(
     private readonly store: UpgradeStore,
@@ -99,6 +101,27 @@ export class UpgradeService {
     private readonly opts: UpgradeOptions = DEFAULT_UPGRADE_OPTIONS,
   ) {
     this.events.setMaxListeners(100);
+    this.keeperOff = this.vms.onEvent((e) => this.keepCommitted(e));
+  }
+
+  /**
+   * After a commit the new version's VM is the only control plane. When it crashes (QEMU died,
+   * the guest panicked; not a stop by an operator) while no upgrade runs, it is started again
+   * from the same image, without the standby role it was loaded with: its processes find no
+   * active, take the role and reload their tables from the agent, which holds every acknowledged
+   * change. A crash during the commit itself (after the old VM was stopped) is covered too.
+   */
+  private keepCommitted(e: { vm: string; type: string }): void {
+    if (e.type !== 'CRASHED' && e.type !== 'GUEST_PANICKED') return;
+    const last = this.store.history(1)[0];
+    if (this.store.current() || last?.phase !== 'COMMITTED' || e.vm !== last.toVm) return;
+    void this.serial(async () => {
+      const again = this.store.history(1)[0];
+      if (this.store.current() || again?.id !== last.id || this.isRunning(last.toVm)) return;
+      this.emit('WARNING', last.id, 'COMMITTED', `the control-plane VM ${last.toVm} ${e.type === 'CRASHED' ? 'crashed' : 'panicked'}; starting it again from ${last.toImage}`);
+      await this.vms.kill(last.toVm).catch(() => undefined); // a panicked guest's QEMU still runs
+      await this.vms.start({ name: last.toVm, imageDir: last.toImage });
+    }).catch((err: Error) => this.log.error({ vm: last.toVm, err: err.message }, 'could not restart the crashed control-plane VM; start it with issu vm start'));
   }
 
   // ------------------------------------------------------------------ commands
@@ -258,10 +281,10 @@ export class UpgradeService {
       await this.waitStandbysReady(rec);
     } catch (e) {
       await this.vms.stop(toVm, this.opts.stopTimeoutMs).catch(() => this.vms.kill(toVm).catch(() => undefined));
-      this.transition(rec, 'ABORTED', `loadversion failed: ${(e as Error).message}`, { result: (e as Error).message });
+      await this.recordOutcome(rec, 'ABORTED', `loadversion failed: ${(e as Error).message}`, { result: (e as Error).message });
       throw e;
     }
-    this.transition(rec, 'LOADED', 'every standby process is READY');
+    await this.recordOutcome(rec, 'LOADED', 'every standby process is READY');
     this.startMonitor();
     return this.status();
   }
@@ -285,10 +308,10 @@ export class UpgradeService {
     } catch (e) {
       // Put back what moved; the old version stays in charge and the new one stays loaded.
       for (const p of switched.reverse()) await this.checkpoint.switchover(p, rec.processes[p].from).catch(() => undefined);
-      this.transition(rec, 'LOADED', `runversion failed and was undone: ${(e as Error).message}`);
+      await this.recordOutcome(rec, 'LOADED', `runversion failed and was undone: ${(e as Error).message}`);
       throw e;
     }
-    rec = this.transition(rec, 'SWITCHED', `new version active; rollback timer ${Math.round(this.opts.rollbackTimeoutMs / 1000)} s`, {
+    rec = await this.recordOutcome(rec, 'SWITCHED', `new version active; rollback timer ${Math.round(this.opts.rollbackTimeoutMs / 1000)} s`, {
       timerDeadline: Date.now() + this.opts.rollbackTimeoutMs,
       freezeMs,
     });
@@ -321,7 +344,10 @@ export class UpgradeService {
     for (const p of Object.keys(rec.processes)) {
       await this.checkpoint.raiseWriteSchema(p, rec.fromVm).catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
     }
-    this.transition(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
+    await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
+    // It may have died while the old one was being stopped: its crash event came too early for
+    // keepCommitted, which waits for COMMITTED (queued: this runs inside a command).
+    if (!this.isRunning(rec.toVm)) this.keepCommitted({ vm: rec.toVm, type: 'CRASHED' });
   }
 
   private async doAbort(cur: UpgradeRecord, reason: string): Promise<void> {
@@ -346,7 +372,7 @@ export class UpgradeService {
       }
     }
     await this.stopVm(rec.toVm);
-    this.transition(rec, switchedOver ? 'ROLLED_BACK' : 'ABORTED', switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
+    await this.recordOutcome(rec, switchedOver ? 'ROLLED_BACK' : 'ABORTED', switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
   }
 
   /**
@@ -405,7 +431,7 @@ export class UpgradeService {
           await this.waitForProcesses(cur, this.opts.peerGraceMs);
           const allMoved = Object.entries(cur.processes).every(([p, inst]) => this.checkpoint.status(p)[0]?.peers.some((x) => x.instanceId === inst.to && x.role === 'ACTIVE'));
           if (allMoved) {
-            const rec = this.transition(cur, 'SWITCHED', 'the agent restarted after every process had switched', { timerDeadline: Date.now() + this.opts.rollbackTimeoutMs });
+            const rec = await this.recordOutcome(cur, 'SWITCHED', 'the agent restarted after every process had switched', { timerDeadline: Date.now() + this.opts.rollbackTimeoutMs });
             this.armTimer(rec);
             this.startMonitor();
             return 'completed an interrupted runversion';
@@ -431,6 +457,7 @@ export class UpgradeService {
   }
 
   close(): void {
+    this.keeperOff();
     this.clearTimer();
     this.stopMonitor();
   }
@@ -600,6 +627,30 @@ export class UpgradeService {
     this.log.info({ upgrade: rec.id, from: rec.phase, to: phase, note }, 'upgrade phase');
     this.emit('PHASE', rec.id, phase, note);
     return next;
+  }
+
+  /**
+   * Journals a phase that records what already happened (processes switched, a VM stopped). On a
+   * full state disk it cannot fail like a transition that announces an action (that one is
+   * refused and nothing starts): the journal must catch up with the world, so it retries every
+   * second until there is room, saying so once. Without that a live agent would report the old
+   * phase until a restart recovered it.
+   */
+  private async recordOutcome(rec: UpgradeRecord, phase: Phase, note: string, fields: Partial<UpgradeRecord> = {}): Promise<UpgradeRecord> {
+    let warned = false;
+    for (;;) {
+      try {
+        return this.transition(rec, phase, note, fields);
+      } catch (e) {
+        if (!(e instanceof HitlessError) || e.code !== status.RESOURCE_EXHAUSTED) throw e;
+        if (!warned) {
+          this.log.warn({ upgrade: rec.id, phase, err: e.message }, 'cannot journal an upgrade phase; retrying every second');
+          this.emit('WARNING', rec.id, rec.phase, `cannot journal ${phase}: ${e.message}; retrying every second`);
+        }
+        warned = true;
+        await sleep(1000);
+      }
+    }
   }
 
   private emit(type: UpgradeEvent['type'], upgradeId: string, phase: Phase | '', message: string, done = 0, total = 0): void {
