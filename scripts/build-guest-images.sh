@@ -2,7 +2,9 @@
 # Builds the guest image bundles the VM tests and demos boot:
 #   x86_64  1.0.0  kernel linux-image-6.1.0-47-cloud-amd64, daemons report version 1.0.0
 #   x86_64  2.0.0  kernel linux-image-6.1.0-50-cloud-amd64, daemons report version 2.0.0
-#   aarch64 1.0.0  the arm64 default kernel (see platform/README.md), daemons 1.0.0
+#   aarch64 1.0.0  kernel linux-image-6.1.0-47-arm64, daemons report version 1.0.0
+#   aarch64 2.0.0  kernel linux-image-6.1.0-50-arm64, daemons report version 2.0.0
+# (arm64 takes the generic flavour, not -cloud-: see platform/arm64-kvm/build-image.sh.)
 #
 # Steps: bundle the example daemons (examples/bgp-rib, examples/ospf-lsdb) with esbuild into
 # one self-contained CommonJS file each (platform node, target node18: the arm64 guest runs
@@ -34,7 +36,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY="${2:?}"; shift 2 ;;
     --force) FORCE=(--force); shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    # The whole header comment, whatever its length (a fixed line range cut it short).
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "build-guest-images: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -109,7 +112,8 @@ build() { # key script version [extra args]
 }
 build x86_64-1.0.0 platform/x86-kvm/build-image.sh 1.0.0 --kernel linux-image-6.1.0-47-cloud-amd64
 build x86_64-2.0.0 platform/x86-kvm/build-image.sh 2.0.0 --kernel linux-image-6.1.0-50-cloud-amd64
-build aarch64-1.0.0 platform/arm64-kvm/build-image.sh 1.0.0
+build aarch64-1.0.0 platform/arm64-kvm/build-image.sh 1.0.0 --kernel linux-image-6.1.0-47-arm64
+build aarch64-2.0.0 platform/arm64-kvm/build-image.sh 2.0.0 --kernel linux-image-6.1.0-50-arm64
 
 json="{"
 sep=""
