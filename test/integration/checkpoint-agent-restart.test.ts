@@ -31,13 +31,8 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
     c = rawClient('hitless.v1.Checkpoint', agent.socket);
   };
 
-  afterEach(async () => {
-    c?.close();
-    await stopAllDaemons();
-    await stopAllAgents();
-  });
-
-  it('keeps the write schema the old version reads when the new active re-registers first', async () => {
+  /** v1 (schema 1) loaded and churning, v2 (schema 2 with transforms) promoted, v1 following it. */
+  const switchedOverToV2 = async () => {
     agent = await startAgent({ stateDir: tempDir('restart') });
     c = rawClient('hitless.v1.Checkpoint', agent.socket);
     const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1', '--records', '5000', '--churn', '2000']);
@@ -45,6 +40,17 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
     const v2 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm2', '--role', 'standby', '--churn', '2000', '--version', '2.0.0', '--schema', '2']);
     await until('v2 READY', async () => (await peer('bgp@vm2'))?.ready);
     await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
+    return { v1, v2 };
+  };
+
+  afterEach(async () => {
+    c?.close();
+    await stopAllDaemons();
+    await stopAllAgents();
+  });
+
+  it('keeps the write schema the old version reads when the new active re-registers first', async () => {
+    const { v1 } = await switchedOverToV2();
     assert.equal((await peer('bgp@vm2'))?.schemaWrites, 1, 'v2 writes schema 1 while v1 follows it');
 
     // The losing order, on purpose: v1 cannot reconnect until v2 registered with the new agent.
@@ -131,14 +137,9 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
       await a.close();
     }
   });
+
   it('a restarted process takes ACTIVE when nobody holds it, and follows the active when somebody does', async () => {
-    agent = await startAgent({ stateDir: tempDir('restart') });
-    c = rawClient('hitless.v1.Checkpoint', agent.socket);
-    const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1', '--records', '5000', '--churn', '2000']);
-    await v1.waitFor((e) => e.event === 'loaded');
-    const v2 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm2', '--role', 'standby', '--churn', '2000', '--version', '2.0.0', '--schema', '2']);
-    await until('v2 READY', async () => (await peer('bgp@vm2'))?.ready);
-    await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
+    const { v1, v2 } = await switchedOverToV2();
 
     // The new active crashes; its process manager starts it again with the role it first had
     // (standby), as a guest's init does. Nobody holds ACTIVE, so it takes the role back.
