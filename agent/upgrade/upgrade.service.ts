@@ -117,7 +117,7 @@ export class UpgradeService {
     if (this.store.current() || last?.phase !== 'COMMITTED' || e.vm !== last.toVm) return;
     void this.serial(async () => {
       const again = this.store.history(1)[0];
-      if (this.store.current() || again?.id !== last.id || this.isRunning(last.toVm)) return;
+      if (this.store.current() || again?.id !== last.id || this.isAlive(last.toVm)) return;
       this.emit('WARNING', last.id, 'COMMITTED', `the control-plane VM ${last.toVm} ${e.type === 'CRASHED' ? 'crashed' : 'panicked'}; starting it again from ${last.toImage}`);
       await this.vms.kill(last.toVm).catch(() => undefined); // a panicked guest's QEMU still runs
       await this.vms.start({ name: last.toVm, imageDir: last.toImage });
@@ -324,7 +324,7 @@ export class UpgradeService {
     const rec =
       cur.phase === 'COMMITTING' ? cur : this.transition(cur, 'COMMITTING', why || `stopping the old version's VM ${cur.fromVm}`, { timerDeadline: 0, ...(why ? { result: why } : {}) });
     this.stopMonitor();
-    if (!this.isRunning(rec.toVm) && this.isRunning(rec.fromVm)) {
+    if (!this.isAlive(rec.toVm) && this.isAlive(rec.fromVm)) {
       // The new version died before the old one was stopped: keep the old one instead.
       await this.doAbort(rec, `the new version's VM ${rec.toVm} is gone; the commit was not completed`);
       throw aborted(`commitversion did not complete: the new version's VM ${rec.toVm} is gone, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`);
@@ -334,7 +334,7 @@ export class UpgradeService {
     try {
       for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.to, rec.toVm, rec.fromVm);
     } catch (e) {
-      if (!(e instanceof TargetVmGone) || !this.isRunning(rec.fromVm)) throw e;
+      if (!(e instanceof TargetVmGone) || !this.isAlive(rec.fromVm)) throw e;
       await this.doAbort(rec, `the new version's VM ${rec.toVm} died during the commit`);
       throw aborted(`commitversion did not complete: the new version's VM ${rec.toVm} died, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`);
     }
@@ -347,13 +347,13 @@ export class UpgradeService {
     await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
     // It may have died while the old one was being stopped: its crash event came too early for
     // keepCommitted, which waits for COMMITTED (queued: this runs inside a command).
-    if (!this.isRunning(rec.toVm)) this.keepCommitted({ vm: rec.toVm, type: 'CRASHED' });
+    if (!this.isAlive(rec.toVm)) this.keepCommitted({ vm: rec.toVm, type: 'CRASHED' });
   }
 
   private async doAbort(cur: UpgradeRecord, reason: string): Promise<void> {
     this.clearTimer();
     this.stopMonitor();
-    if (!this.isRunning(cur.fromVm) && this.isRunning(cur.toVm) && cur.phase !== 'LOADING') {
+    if (!this.isAlive(cur.fromVm) && this.isAlive(cur.toVm) && cur.phase !== 'LOADING') {
       // Nothing to go back to: the old version's VM is gone. The loaded new version, which holds
       // every acknowledged change, takes over for good.
       return this.doCommit(cur, `the old version's VM ${cur.fromVm} is gone (${reason}); ${cur.toVersion} took over and there is nothing to roll back to`);
@@ -366,7 +366,7 @@ export class UpgradeService {
       try {
         for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.from, rec.fromVm, rec.toVm);
       } catch (e) {
-        if (!(e instanceof TargetVmGone) || !this.isRunning(rec.toVm)) throw e;
+        if (!(e instanceof TargetVmGone) || !this.isAlive(rec.toVm)) throw e;
         // The old version died on the way back: the new one, still running, stays for good.
         return this.doCommit(rec, `the old version's VM ${rec.fromVm} died during the rollback (${reason}); ${rec.toVersion} stays and there is nothing to roll back to`);
       }
@@ -380,7 +380,7 @@ export class UpgradeService {
    * switchover while that one is alive, a failover once it is gone. A crashed VM's sessions take
    * a moment to close, and a command can race with that; so it retries until the deadline.
    * Rollback passes the old instance (in the old VM), leaving the new VM; commit and fail-forward
-   * the reverse. Throws TargetVmGone as soon as `targetVm` is not running: the caller then turns
+   * the reverse. Throws TargetVmGone as soon as `targetVm` stopped or crashed: the caller then turns
    * to the other version instead of retrying in vain.
    */
   private async restoreActive(rec: UpgradeRecord, process: string, target: string, targetVm: string, leavingVm: string): Promise<void> {
@@ -389,12 +389,12 @@ export class UpgradeService {
     for (;;) {
       const active = this.checkpoint.status(process)[0]?.peers.find((x) => x.role === 'ACTIVE');
       if (active?.instanceId === target) return;
-      if (!this.isRunning(targetVm)) throw new TargetVmGone(`${target} cannot take over: its VM ${targetVm} is not running`);
+      if (!this.isAlive(targetVm)) throw new TargetVmGone(`${target} cannot take over: its VM ${targetVm} is gone`);
       try {
         if (!active) {
           const r = await this.checkpoint.failover(process, target);
           this.emit('PROGRESS', rec.id, phase, `${process}: ${target} promoted (failover, ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
-        } else if (this.isRunning(leavingVm) || active.vmId !== leavingVm) {
+        } else if (this.isAlive(leavingVm) || active.vmId !== leavingVm) {
           const r = await this.checkpoint.switchover(process, target);
           this.emit('PROGRESS', rec.id, phase, `${process}: ${target} is active (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
         } else {
@@ -408,8 +408,13 @@ export class UpgradeService {
     }
   }
 
-  private isRunning(vm: string): boolean {
-    return this.vms.find(vm)?.state === 'RUNNING';
+  /**
+   * Whether the VM exists and has not stopped or crashed. A paused VM (an operator's `issu vm
+   * pause`) is alive: pausing must not roll an upgrade back.
+   */
+  private isAlive(vm: string): boolean {
+    const state = this.vms.find(vm)?.state;
+    return state !== undefined && state !== 'STOPPED' && state !== 'CRASHED';
   }
 
   // ------------------------------------------------------------------ restart recovery
@@ -583,7 +588,7 @@ export class UpgradeService {
     const trigger = (why: string) => {
       const cur = this.store.current();
       if (!cur || TERMINAL.includes(cur.phase) || cur.phase === 'COMMITTING' || cur.phase === 'ABORTING') return;
-      const forward = !this.isRunning(cur.fromVm) && this.isRunning(cur.toVm);
+      const forward = !this.isAlive(cur.fromVm) && this.isAlive(cur.toVm);
       this.emit('WARNING', cur.id, cur.phase, `${why}; ${forward ? 'the new version takes over' : cur.phase === 'LOADED' ? 'aborting' : 'rolling back'}`);
       void this.abortVersion(why).catch((e) => this.log.error({ err: (e as Error).message }, 'automatic abort failed'));
     };
@@ -599,8 +604,8 @@ export class UpgradeService {
       if (!cur || (cur.phase !== 'LOADED' && cur.phase !== 'SWITCHED' && cur.phase !== 'ACCEPTED')) return;
       // Polled as well as watched: a VM that died while a command ran (its event came in
       // SWITCHING, say) is still found here once the phase settles.
-      if (!this.isRunning(cur.toVm)) return trigger(`the new version's VM ${cur.toVm} is not running`);
-      if (!this.isRunning(cur.fromVm)) return trigger(`the old version's VM ${cur.fromVm} is not running`);
+      if (!this.isAlive(cur.toVm)) return trigger(`the new version's VM ${cur.toVm} is gone`);
+      if (!this.isAlive(cur.fromVm)) return trigger(`the old version's VM ${cur.fromVm} is gone`);
       for (const [p, inst] of Object.entries(cur.processes)) {
         const key = `${p}/${inst.to}`;
         if (this.peerOf(p, inst.to)) missingSince.delete(key);
