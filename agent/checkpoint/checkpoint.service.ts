@@ -21,6 +21,7 @@ import {
   notFound,
   outOfRange,
   permissionDenied,
+  unavailable,
 } from '../common/errors';
 import { CheckpointStore } from '../store/checkpoint-store';
 import { BulkServer } from './bulk-server';
@@ -286,7 +287,9 @@ export class CheckpointService {
     s.subscription?.cancelled();
     for (const p of s.pending.values()) {
       clearTimeout(p.timer);
-      p.reject(new Error(`process '${s.reg.instanceId}' disconnected`));
+      // A status of its own, not INTERNAL: the caller (an audit, a switchover) learns that the
+      // process went away, which is a fact about the process, not a bug here.
+      p.reject(unavailable(`process '${s.reg.instanceId}' disconnected (${reason}) before it answered; check the process (issu vm log), then try again`));
     }
     this.leaveInSync(g, s);
     this.log.info({ process: s.reg.process, instance: s.reg.instanceId, session: sessionId, reason }, 'process session ended');
