@@ -16,10 +16,10 @@
 import { ChildProcess, fork } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startAgent } from '../test/helpers/agent-process';
+import { startAgent } from '../harness/agent-process';
 import { generateRib } from '../examples/bgp-rib/rib-generator';
 import { measureRedisReplicaFullSync } from './peers/redis-replica';
-import { rawClient, unaryCall } from '../test/helpers/grpc-client';
+import { rawClient, unaryCall } from '../harness/grpc-client';
 
 const RECORDS = Number(process.env.RECORDS ?? 1_000_000);
 const BATCH = 1000;

@@ -13,8 +13,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { generateKeyPair } from '../agent/images/signing';
-import { buildGuestImages, signedVariant } from '../test/helpers/guest-images';
-import { stopAllAgents } from '../test/helpers/agent-process';
+import { buildGuestImages, signedVariant } from '../harness/guest-images';
+import { stopAllAgents } from '../harness/agent-process';
 import { FAULTS, PHASES, cellName } from './faults';
 import { RoundResult, runRound } from './round';
 

@@ -7,10 +7,10 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { execFileSync } from 'node:child_process';
 import path from 'node:path';
-import { AgentHandle, startAgent } from '../test/helpers/agent-process';
-import { AnyClient, rawClient, unaryCall } from '../test/helpers/grpc-client';
-import { bootControlPlane } from '../test/helpers/guest-images';
-import { QemuReaper } from '../test/vm/fixtures';
+import { AgentHandle, startAgent } from '../harness/agent-process';
+import { AnyClient, rawClient, unaryCall } from '../harness/grpc-client';
+import { bootControlPlane } from '../harness/guest-images';
+import { QemuReaper } from '../harness/qemu-reaper';
 import type { AuditResponse, StatusResponse } from '../agent/checkpoint/messages';
 
 /** The parts of hitless.v1.UpgradeStatus the campaign reads. */

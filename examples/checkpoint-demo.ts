@@ -9,9 +9,9 @@
  * Options: --records N (default 200000)  --churn RATE (records/s, default 20000)  --json
  */
 import { parseArgs } from 'node:util';
-import { startAgent, stopAllAgents } from '../test/helpers/agent-process';
-import { startDaemon, stopAllDaemons, DaemonHandle } from '../test/helpers/daemon-process';
-import { rawClient, unaryCall } from '../test/helpers/grpc-client';
+import { startAgent, stopAllAgents } from '../harness/agent-process';
+import { startDaemon, stopAllDaemons, DaemonHandle } from '../harness/daemon-process';
+import { rawClient, unaryCall } from '../harness/grpc-client';
 import { phaseRecorder } from './common/phases';
 
 const { values } = parseArgs({

@@ -21,11 +21,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
-import { startAgent, stopAllAgents, AgentHandle } from '../test/helpers/agent-process';
-import { rawClient, unaryCall, AnyClient } from '../test/helpers/grpc-client';
+import { startAgent, stopAllAgents, AgentHandle } from '../harness/agent-process';
+import { rawClient, unaryCall, AnyClient } from '../harness/grpc-client';
 import { generateKeyPair } from '../agent/images/signing';
-import { buildGuestImages, signedVariant } from '../test/helpers/guest-images';
-import { until } from '../test/helpers/wait';
+import { buildGuestImages, signedVariant } from '../harness/guest-images';
+import { until } from '../harness/wait';
 import { phaseRecorder } from './common/phases';
 import type { AuditResponse, StatusResponse } from '../agent/checkpoint/messages';
 

@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { signBundle } from '../../agent/images/signing';
-import { AnyClient } from './grpc-client';
+import { AnyClient } from '../../harness/grpc-client';
 import { writeTestBundle } from './test-bundle';
 
 export type InstallResp = Record<string, unknown> & { response: string };

@@ -10,10 +10,10 @@ import type { AuditResponse, PeerStatus, ProcessStatus, StatusResponse, TableDig
 import { generateKeyPair } from '../../agent/images/signing';
 import type { Arch } from '../../agent/vm/hypervisor';
 import type { ListVmsResponse, VmInfoMessage } from '../../agent/vm/vm.messages';
-import { QemuReaper } from '../vm/fixtures';
-import { AgentHandle, startAgent, stopAllAgents } from './agent-process';
-import { AnyClient, rawClient, unaryCall } from './grpc-client';
-import { bootControlPlane, buildGuestImages, runIssu, signedVariant } from './guest-images';
+import { QemuReaper } from '../../harness/qemu-reaper';
+import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
+import { AnyClient, rawClient, unaryCall } from '../../harness/grpc-client';
+import { bootControlPlane, buildGuestImages, runIssu, signedVariant } from '../../harness/guest-images';
 
 /** The parts of `issu --json` output (hitless.v1.UpgradeStatus) the tests read. */
 export interface UpgradeStatus {

@@ -9,9 +9,9 @@ import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
-import { AGENT_MAIN, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
-import { rawClient } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
+import { AGENT_MAIN, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
+import { rawClient } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
 
 const run = promisify(execFile);
 const ISSU = path.resolve(__dirname, '../../agent/cli/issu.js');

@@ -10,10 +10,10 @@ import * as grpc from '@grpc/grpc-js';
 import assert from 'node:assert/strict';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import type { AuditResponse, StatusResponse } from '../../agent/checkpoint/messages';
-import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
-import { startDaemon, stopAllDaemons } from '../helpers/daemon-process';
-import { AnyClient, rawClient, unaryCall } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
+import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
+import { startDaemon, stopAllDaemons } from '../../harness/daemon-process';
+import { AnyClient, rawClient, unaryCall } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
 
 type Peer = StatusResponse['processes'][number]['peers'][number];
 

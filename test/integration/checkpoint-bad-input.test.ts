@@ -6,9 +6,9 @@ import * as grpc from '@grpc/grpc-js';
 import assert from 'node:assert/strict';
 import { RecordBuilder, OP_PUT } from '../../agent/checkpoint/records';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
-import { AgentHandle, startAgent, stopAllAgents } from '../helpers/agent-process';
-import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
+import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
+import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
 
 const reg = (over: Record<string, unknown> = {}) => ({
   process: 'bgp',

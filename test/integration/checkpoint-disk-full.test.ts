@@ -20,9 +20,9 @@ import { silentLogger } from '../../agent/common/logger';
 import { CheckpointClient, CheckpointError } from '../../agent/sdk/checkpoint-client';
 import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
 import { Db, openDatabase } from '../../agent/store/database';
-import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
-import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
+import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
+import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
 
 const FULL = (dir: string) => new RegExp(`^the agent's state disk is full \\(${dir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\): free space, then `);
 

@@ -3,10 +3,10 @@
  * standby) on a unix socket, with the active churning its table throughout.
  */
 import assert from 'node:assert/strict';
-import { startAgent, stopAllAgents, AgentHandle } from '../helpers/agent-process';
-import { startDaemon, stopAllDaemons, DaemonHandle } from '../helpers/daemon-process';
-import { rawClient, unaryCall } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
+import { startAgent, stopAllAgents, AgentHandle } from '../../harness/agent-process';
+import { startDaemon, stopAllDaemons, DaemonHandle } from '../../harness/daemon-process';
+import { rawClient, unaryCall } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
 
 interface StatusResp {
   processes: { process: string; tables: { name: string; seq: number; records: number }[]; peers: { instanceId: string; role: string; ready: boolean; lag: number }[] }[];

@@ -6,10 +6,10 @@ import * as grpc from '@grpc/grpc-js';
 import assert from 'node:assert/strict';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import { RecordBuilder } from '../../agent/checkpoint/records';
-import { startAgent, stopAllAgents } from '../helpers/agent-process';
-import { startDaemon, stopAllDaemons } from '../helpers/daemon-process';
-import { rawClient, registerRaw, unaryCall } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
+import { startAgent, stopAllAgents } from '../../harness/agent-process';
+import { startDaemon, stopAllDaemons } from '../../harness/daemon-process';
+import { rawClient, registerRaw, unaryCall } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
 
 describe('checkpoint: SYNC and ASYNC acknowledgements', function () {
   this.timeout(60_000);

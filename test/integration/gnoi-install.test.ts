@@ -7,10 +7,10 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
-import { AnyClient, rawClient } from '../helpers/grpc-client';
+import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
+import { AnyClient, rawClient } from '../../harness/grpc-client';
 import { InstallErrorMsg, InstallResp, fakeBundle, install, installPackage, tarBundle } from '../helpers/gnoi';
-import { until } from '../helpers/wait';
+import { until } from '../../harness/wait';
 import { DISK_MARGIN_BYTES } from '../../agent/gnoi/package-store';
 import { generateKeyPair } from '../../agent/images/signing';
 

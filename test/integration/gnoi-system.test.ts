@@ -9,8 +9,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
-import { AnyClient, expectStatus, rawClient, unaryCall } from '../helpers/grpc-client';
+import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
+import { AnyClient, expectStatus, rawClient, unaryCall } from '../../harness/grpc-client';
 import { fakeBundle, installPackage, tarBundle } from '../helpers/gnoi';
 import { generateKeyPair } from '../../agent/images/signing';
 

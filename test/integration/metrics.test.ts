@@ -4,9 +4,9 @@
  */
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import { startAgent, stopAllAgents } from '../helpers/agent-process';
-import { startDaemon, stopAllDaemons } from '../helpers/daemon-process';
-import { rawClient, unaryCall } from '../helpers/grpc-client';
+import { startAgent, stopAllAgents } from '../../harness/agent-process';
+import { startDaemon, stopAllDaemons } from '../../harness/daemon-process';
+import { rawClient, unaryCall } from '../../harness/grpc-client';
 
 function scrape(address: string): Promise<string> {
   return new Promise((resolve, reject) => {

@@ -6,8 +6,8 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
-import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../helpers/agent-process';
-import { AnyClient, expectStatus, rawClient, tlsClient, unaryCall } from '../helpers/grpc-client';
+import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
+import { AnyClient, expectStatus, rawClient, tlsClient, unaryCall } from '../../harness/grpc-client';
 import { TestCa, tlsAgentArgs } from '../helpers/tls-ca';
 
 describe('TLS listener: mutual TLS and roles', function () {

@@ -15,14 +15,14 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { AgentHandle, startAgent, stopAllAgents } from '../helpers/agent-process';
-import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
+import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
+import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
 import { pidAlive } from '../../agent/vm/qemu-hypervisor';
 import type { StatusResponse } from '../../agent/checkpoint/messages';
 import type { ConsoleLogResponse, ListVmsResponse, PlatformInfo, VmEventMessage, VmInfoMessage } from '../../agent/vm/vm.messages';
-import { QemuReaper } from './fixtures';
-import { buildGuestImages, runIssu as issu } from '../helpers/guest-images';
+import { QemuReaper } from '../../harness/qemu-reaper';
+import { buildGuestImages, runIssu as issu } from '../../harness/guest-images';
 
 const measure = (what: string, ms: number) => process.stderr.write(`      MEASURE ${what}: ${ms} ms\n`);
 

@@ -16,7 +16,6 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Arch, VmLogger } from '../../agent/vm/hypervisor';
-import { pidAlive } from '../../agent/vm/qemu-hypervisor';
 
 type GuestSource = 'bundle' | 'testguest' | 'prefer-bundle';
 const SOURCES: readonly GuestSource[] = ['bundle', 'testguest', 'prefer-bundle'];
@@ -174,50 +173,6 @@ export function makeStateDir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), 'hvm-'));
 }
 
-/** Collects the pids of every QEMU a test starts and SIGKILLs the survivors' groups. */
-export class QemuReaper {
-  private readonly pids = new Set<number>();
-  track(pid: number | null | undefined): void {
-    if (pid) this.pids.add(pid);
-  }
-  /**
-   * Tracks every QEMU an agent with this state dir launched, from the pid files it keeps
-   * (<stateDir>/vms/<name>/qemu.pid): works when the agent itself is already gone.
-   */
-  trackStateDir(stateDir: string): void {
-    let names: string[];
-    try {
-      names = fs.readdirSync(path.join(stateDir, 'vms'));
-    } catch {
-      return; // no VM was ever created
-    }
-    for (const name of names) {
-      try {
-        this.track(Number(fs.readFileSync(path.join(stateDir, 'vms', name, 'qemu.pid'), 'utf8').trim()));
-      } catch {
-        // no pid file: never launched
-      }
-    }
-  }
-  reap(): number {
-    let killed = 0;
-    for (const pid of this.pids) {
-      if (!pidAlive(pid)) continue;
-      try {
-        process.kill(-pid, 'SIGKILL');
-      } catch {
-        try {
-          process.kill(pid, 'SIGKILL');
-        } catch {
-          continue;
-        }
-      }
-      killed++;
-    }
-    this.pids.clear();
-    return killed;
-  }
-}
 
 /** Collects log lines so a failing test can show them; also the VmLogger for the service. */
 export class MemoryLogger implements VmLogger {

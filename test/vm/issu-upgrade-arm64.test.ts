@@ -10,8 +10,8 @@ import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { until } from '../helpers/wait';
-import { printAgentLogIfFailed } from '../helpers/guest-images';
+import { until } from '../../harness/wait';
+import { printAgentLogIfFailed } from '../../harness/guest-images';
 import { UpgradeHarness, signedUpgradePair } from '../helpers/upgrade-harness';
 
 const measure = (what: string, v: number | string) => process.stderr.write(`      MEASURE ${what}: ${v}\n`);

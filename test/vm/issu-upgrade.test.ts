@@ -11,9 +11,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { expectStatus, rawClient, unaryCall } from '../helpers/grpc-client';
-import { until } from '../helpers/wait';
-import { signedVariant, printAgentLogIfFailed } from '../helpers/guest-images';
+import { expectStatus, rawClient, unaryCall } from '../../harness/grpc-client';
+import { until } from '../../harness/wait';
+import { signedVariant, printAgentLogIfFailed } from '../../harness/guest-images';
 import { UpgradeHarness, signedUpgradePair } from '../helpers/upgrade-harness';
 
 const measure = (what: string, v: number | string) => process.stderr.write(`      MEASURE ${what}: ${v}\n`);

@@ -10,7 +10,8 @@ import { QemuHypervisor, pidAlive } from '../../agent/vm/qemu-hypervisor';
 import { InMemoryVmRecordStore } from '../../agent/vm/vm-record-store';
 import { VmService } from '../../agent/vm/vm.service';
 import { arm64KvmPlatform } from '../../platform/arm64-kvm';
-import { INIT_MARKER, MemoryLogger, QemuReaper, guestImage, makeStateDir, waitForText, type GuestImage } from './fixtures';
+import { INIT_MARKER, MemoryLogger, guestImage, makeStateDir, waitForText, type GuestImage } from './fixtures';
+import { QemuReaper } from '../../harness/qemu-reaper';
 
 describe('VM layer, arm64 under TCG (real QEMU)', function () {
   this.timeout(240_000);

@@ -18,7 +18,8 @@ import { QmpClient } from '../../agent/vm/qmp-client';
 import { SqliteVmRecordStore } from '../../agent/vm/vm-record.sqlite-store';
 import { VmService } from '../../agent/vm/vm.service';
 import { x86KvmPlatform } from '../../platform/x86-kvm';
-import { INIT_MARKER, MemoryLogger, QemuReaper, guestImage, makeStateDir, testGuestImage, waitForText, type GuestImage } from './fixtures';
+import { INIT_MARKER, MemoryLogger, guestImage, makeStateDir, testGuestImage, waitForText, type GuestImage } from './fixtures';
+import { QemuReaper } from '../../harness/qemu-reaper';
 
 const measure = (what: string, ms: number) => process.stderr.write(`      MEASURE x86_64 ${what}: ${ms} ms\n`);
 

@@ -27,7 +27,8 @@ import { SqliteVmRecordStore } from '../../agent/vm/vm-record.sqlite-store';
 import { VmService } from '../../agent/vm/vm.service';
 import { arm64KvmPlatform } from '../../platform/arm64-kvm';
 import { x86KvmPlatform } from '../../platform/x86-kvm';
-import { MemoryLogger, QemuReaper, makeStateDir } from './fixtures';
+import { MemoryLogger, makeStateDir } from './fixtures';
+import { QemuReaper } from '../../harness/qemu-reaper';
 
 const hostHasVirt = /\b(vmx|svm)\b/.test(fs.readFileSync('/proc/cpuinfo', 'utf8'));
 

@@ -24,7 +24,7 @@ export interface AgentHandle {
 }
 
 const running = new Set<AgentHandle>();
-export const AGENT_MAIN = path.resolve(__dirname, '../../agent/main.js');
+export const AGENT_MAIN = path.resolve(__dirname, '../agent/main.js');
 
 export function tempDir(prefix: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `hitless-${prefix}-`));

@@ -5,14 +5,14 @@
 import { execFile, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { signBundle } from '../../agent/images/signing';
-import type { StatusResponse } from '../../agent/checkpoint/messages';
+import { signBundle } from '../agent/images/signing';
+import type { StatusResponse } from '../agent/checkpoint/messages';
 import type { AgentHandle } from './agent-process';
 import { AnyClient, unaryCall } from './grpc-client';
 import { until } from './wait';
 
-const REPO = path.resolve(__dirname, '..', '..', '..');
-const ISSU = path.resolve(__dirname, '../../agent/cli/issu.js');
+const REPO = path.resolve(__dirname, '..', '..');
+const ISSU = path.resolve(__dirname, '../agent/cli/issu.js');
 
 /** Bundle dirs by "arch-version" (e.g. "x86_64-1.0.0"); `only` limits which are built. */
 export function buildGuestImages(only?: string[]): Record<string, string> {

@@ -3,7 +3,7 @@
  * and promise wrappers for unary calls.
  */
 import * as grpc from '@grpc/grpc-js';
-import { clientCtor } from '../../agent/grpc/proto';
+import { clientCtor } from '../agent/grpc/proto';
 
 export type AnyClient = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
 

@@ -21,7 +21,7 @@ export interface DaemonHandle {
 }
 
 const running = new Set<DaemonHandle>();
-const EXAMPLES = path.resolve(__dirname, '../../examples');
+const EXAMPLES = path.resolve(__dirname, '../examples');
 
 /** `env` is added to this process's environment (e.g. HITLESS_RESTARTS, as a guest's init sets it). */
 export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: Record<string, string> = {}): DaemonHandle {
