@@ -76,7 +76,6 @@ export async function runRound(spec: RoundSpec): Promise<RoundResult> {
       commitversion: () => w.upgrade('CommitVersion'),
       abortversion: () => w.upgrade('AbortVersion', { reason: 'chaos round' }),
     };
-    const seqBefore = new Map((await w.processes()).map((p) => [p.process, p.tables.map((t) => ({ name: t.name, seq: t.seq }))]));
     const t0 = Date.now();
     const running = command[spec.phase]().then(
       () => ({ done: true, err: '' }),
@@ -88,7 +87,7 @@ export async function runRound(spec: RoundSpec): Promise<RoundResult> {
     res.phase_at_fault = phaseOf(await w.status());
     res.command_done = done;
     // Sequences only grow: what the agent holds now was acknowledged (stored before the ack).
-    for (const p of await w.processes()) seqBefore.set(p.process, p.tables.map((t) => ({ name: t.name, seq: t.seq })));
+    const seqBefore = new Map((await w.processes()).map((p) => [p.process, p.tables.map((t) => ({ name: t.name, seq: t.seq }))]));
     await spec.fault.inject(w);
     const tFault = Date.now();
     const outcome = await Promise.race([running, sleep(spec.settleMs).then(() => ({ done: false, err: 'still running' }))]);
