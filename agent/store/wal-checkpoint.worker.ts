@@ -4,9 +4,11 @@
  * Why: an automatic checkpoint runs inside the commit that crosses the threshold, on the agent's
  * only thread, and copying tens of MB back into the database stalls every write and ack for
  * hundreds of milliseconds. A PASSIVE checkpoint from another connection never blocks writers.
+ * A checkpoint the disk has no room to finish is not started (see wal-checkpoint.ts).
  */
 import Database from 'better-sqlite3';
 import { parentPort, workerData } from 'node:worker_threads';
+import { checkpointIfRoom } from './wal-checkpoint';
 
 /** Posted to the agent when checkpoints start failing (per error code) and when they work again. */
 export type CheckpointWorkerReport = { ok: true } | { ok: false; code: string; message: string };
@@ -22,7 +24,16 @@ db.pragma(`synchronous = ${fsync ? 'FULL' : 'OFF'}`);
 let failing: string | null = null;
 const timer = setInterval(() => {
   try {
-    db.pragma('wal_checkpoint(PASSIVE)');
+    const r = checkpointIfRoom(db, file);
+    if (!r.ran) {
+      // Reported like the ENOSPC the checkpoint would have met, once per episode.
+      const mib = (n: number) => (n / 1048576).toFixed(1);
+      if (failing !== 'SQLITE_FULL') {
+        failing = 'SQLITE_FULL';
+        parentPort?.postMessage({ ok: false, code: failing, message: `a checkpoint must grow the database by ${mib(r.growBytes)} MiB and keep a reserve for writes; ${mib(r.freeBytes)} MiB are free` } satisfies CheckpointWorkerReport);
+      }
+      return;
+    }
     if (failing) parentPort?.postMessage({ ok: true } satisfies CheckpointWorkerReport);
     failing = null;
   } catch (e) {

@@ -6,6 +6,7 @@
  * themselves. Real processes on a real (small) tmpfs, filled with a file until writes fail.
  */
 import * as grpc from '@grpc/grpc-js';
+import Database from 'better-sqlite3';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -20,6 +21,7 @@ import { silentLogger } from '../../agent/common/logger';
 import { CheckpointClient, CheckpointError } from '../../agent/sdk/checkpoint-client';
 import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
 import { Db, openDatabase } from '../../agent/store/database';
+import { checkpointIfRoom, freeBytes } from '../../agent/store/wal-checkpoint';
 import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
 import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../../harness/grpc-client';
 import { until } from '../../harness/wait';
@@ -334,5 +336,56 @@ describe("checkpoint: compaction when the state disk is full", function () {
     for (const chunk of store.snapshotChunks('bgp', 'rib')) rebuilt.table.append(chunk);
     assert.equal(rebuilt.records, r.records);
     assert.equal(rebuilt.bytes, r.bytes);
+  });
+});
+
+describe('checkpoint: WAL checkpoints when the state disk is nearly full', function () {
+  this.timeout(60_000);
+  let disk: { dir: string; remove: () => void } | null = null;
+  const open: Database.Database[] = [];
+
+  before(function () {
+    requireRoot(this);
+    disk = mountTmpfs('walroom', '16m');
+  });
+
+  after(() => {
+    for (const d of open) d.close();
+    disk?.remove();
+  });
+
+  it('does not start a checkpoint it has no room to finish, so the room freed stays for the WAL appends', () => {
+    const file = path.join(disk!.dir, 'hitless.db');
+    const filler = path.join(disk!.dir, 'filler');
+    // The writer: the agent's connection, without checkpoints of its own.
+    const w = new Database(file);
+    open.push(w);
+    w.pragma('journal_mode = WAL');
+    w.pragma('wal_autocheckpoint = 0');
+    w.exec('CREATE TABLE t (b BLOB)');
+    w.pragma('wal_checkpoint(TRUNCATE)');
+    const insert = w.prepare('INSERT INTO t (b) VALUES (?)');
+    // Two MiB of new pages in the WAL: copying them into the database needs that much room.
+    for (let i = 0; i < 32; i++) insert.run(Buffer.alloc(64 * 1024, i));
+    assert.ok(fillDisk(filler) > 0);
+    fs.truncateSync(filler, fs.statSync(filler).size - 1024 * 1024);
+    const freed = freeBytes(disk!.dir);
+
+    // The checkpointer's own connection, as in the worker thread.
+    const c = new Database(file);
+    open.push(c);
+    const r = checkpointIfRoom(c, file);
+    assert.equal(r.ran, false);
+    assert.ok(!r.ran && r.growBytes >= 2 * 1024 * 1024 && r.freeBytes === freed, JSON.stringify(r));
+    assert.equal(freeBytes(disk!.dir), freed, 'the skipped checkpoint wrote nothing');
+    // The freed megabyte takes a half-megabyte batch.
+    insert.run(Buffer.alloc(512 * 1024, 0xee));
+
+    // With room, the checkpoint runs and copies the whole WAL.
+    fs.rmSync(filler);
+    assert.deepEqual(checkpointIfRoom(c, file), { ran: true });
+    const [wal] = w.pragma('wal_checkpoint(PASSIVE)') as { busy: number; log: number; checkpointed: number }[];
+    assert.equal(wal.checkpointed, wal.log);
+    assert.equal((w.prepare('SELECT COUNT(*) AS n FROM t').get() as { n: number }).n, 33);
   });
 });
