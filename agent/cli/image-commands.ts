@@ -45,7 +45,9 @@ type Spec = Record<string, { type: 'string' | 'boolean'; short?: string }>;
 function parse(sub: string, args: string[], options: Spec, positionals: number): { values: Record<string, string | boolean | undefined>; pos: string[] } {
   let r: ReturnType<typeof parseArgs>;
   try {
-    r = parseArgs({ args, options: { ...options, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
+    // issu's global options are accepted here too (an image command needs no agent: they do nothing).
+    const globals: Spec = { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' }, socket: { type: 'string' }, address: { type: 'string' }, 'timeout-ms': { type: 'string' } };
+    r = parseArgs({ args, options: { ...options, ...globals }, allowPositionals: true, strict: true });
   } catch (e) {
     throw usageError(`image ${sub}: ${(e as Error).message}`);
   }

@@ -47,7 +47,7 @@ Other commands
                                          elsewhere (--address) it goes through the agent
   help                                   this text
 
-Global options
+Global options (before the command or after it)
   --socket PATH      agent unix socket (env HITLESS_GRPC_SOCKET;
                      default <HITLESS_STATE_DIR or /var/lib/hitless>/agent.sock)
   --address H:P      agent TCP address instead of the socket (env HITLESS_GRPC_ADDRESS)
@@ -93,13 +93,69 @@ function printStatus(processes: ProcessStatus[]): void {
   }
 }
 
+/** Options every command takes, before the command or after it. */
+const GLOBAL_OPTIONS = {
+  socket: { type: 'string' },
+  address: { type: 'string' },
+  json: { type: 'boolean' },
+  'timeout-ms': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+/** Options of the agent commands (vm, show, checkpoint, upgrade); `image` parses its own. */
+const COMMAND_OPTIONS = {
+  image: { type: 'string' },
+  memory: { type: 'string' },
+  cpus: { type: 'string' },
+  cmdline: { type: 'string' },
+  'wait-s': { type: 'string' },
+  'no-wait': { type: 'boolean' },
+  timeout: { type: 'string' },
+  bytes: { type: 'string' },
+  reason: { type: 'string' },
+} as const;
+
+/**
+ * Splits `argv` into the global options in front of the command and the rest (the command and
+ * everything after it), so a command group's own flags never meet the global parser: `issu
+ * --socket S image keygen --out D` gives `--out` to `image`. An unknown option before the
+ * command is a usage error naming it.
+ */
+function splitGlobalOptions(argv: string[]): { globals: string[]; rest: string[] } {
+  const takesValue = new Set(['--socket', '--address', '--timeout-ms']);
+  let i = 0;
+  while (i < argv.length && argv[i].startsWith('-') && argv[i] !== '-') {
+    const a = argv[i];
+    if (a === '--') {
+      i++;
+      break;
+    }
+    const name = a.split('=')[0];
+    if (takesValue.has(name)) i += a.includes('=') ? 1 : 2;
+    else if (name === '--json' || name === '--help' || name === '-h') i++;
+    else throw new UsageError(`unknown option '${a}' before the command; the options that go there are --socket PATH, --address H:P, --json, --timeout-ms N and --help`);
+  }
+  if (i > argv.length) throw new UsageError(`option '${argv[argv.length - 1]}' needs a value`);
+  return { globals: argv.slice(0, i), rest: argv.slice(i) };
+}
+
+/** parseArgs's own errors ("Unknown option '--x'") are usage errors (exit status 2). */
+function asUsage<T>(parse: () => T): T {
+  try {
+    return parse();
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
 async function main(argv: string[]): Promise<number> {
+  const { globals, rest: commandArgs } = splitGlobalOptions(argv);
+  const front = asUsage(() => parseArgs({ args: globals, options: GLOBAL_OPTIONS, strict: true })).values;
   // Field-upgrade tooling works offline, without an agent, and has flags of its own.
-  const imageAt = argv.indexOf('image');
-  if (imageAt >= 0 && argv.slice(0, imageAt).every((a) => a === '--json')) {
-    const json = argv.includes('--json');
+  if (commandArgs[0] === 'image') {
+    const json = !!front.json || commandArgs.includes('--json');
     try {
-      return await imageCommand(argv.slice(imageAt + 1).filter((a) => a !== '--json').concat(json ? ['--json'] : []), {
+      return await imageCommand(commandArgs.slice(1).filter((a) => a !== '--json').concat(json ? ['--json'] : []), {
         json,
         out: (obj, text) => (json ? console.log(JSON.stringify(obj)) : text()),
       });
@@ -108,31 +164,19 @@ async function main(argv: string[]): Promise<number> {
       throw e;
     }
   }
-  let parsed;
-  try {
-    parsed = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
-      socket: { type: 'string' },
-      address: { type: 'string' },
-      json: { type: 'boolean', default: false },
-      'timeout-ms': { type: 'string', default: '30000' },
-      image: { type: 'string' },
-      memory: { type: 'string' },
-      cpus: { type: 'string' },
-      cmdline: { type: 'string' },
-      'wait-s': { type: 'string' },
-      'no-wait': { type: 'boolean', default: false },
-      timeout: { type: 'string' },
-      bytes: { type: 'string' },
-      reason: { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
+  // Global options may also follow the command; given twice, the later one counts.
+  const after = asUsage(() => parseArgs({ args: commandArgs, options: { ...GLOBAL_OPTIONS, ...COMMAND_OPTIONS }, allowPositionals: true, strict: true }));
+  const parsed = {
+    values: {
+      ...front,
+      ...after.values,
+      json: !!(after.values.json ?? front.json),
+      'timeout-ms': after.values['timeout-ms'] ?? front['timeout-ms'] ?? '30000',
+      'no-wait': !!after.values['no-wait'],
+      help: after.values.help ?? front.help,
     },
-  });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
+    positionals: after.positionals,
+  };
   const { values, positionals } = parsed;
   const [cmd, sub, ...rest] = positionals;
   if (values.help || !cmd || cmd === 'help') {

@@ -6,6 +6,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
@@ -95,6 +96,34 @@ describe('agent: process, listeners and standard services', function () {
       return true;
     });
     await assert.rejects(run(process.execPath, [ISSU, 'frobnicate']), (e: { code: number; stderr: string }) => e.code === 2 && /unknown command 'frobnicate'/.test(e.stderr));
+  });
+
+  it('issu takes the global options before every command group, and after the command too', async () => {
+    const agent = await startAgent();
+    const keys = tempDir('issu-keys');
+    const globals = ['--socket', agent.socket, '--json', '--timeout-ms', '20000'];
+    const groups: [string[], (out: Record<string, unknown>) => void][] = [
+      [['checkpoint', 'status'], (o) => assert.deepEqual(o.processes, [])],
+      [['vm', 'list'], (o) => assert.deepEqual(o.vms, [])],
+      [['show', 'platform'], (o) => assert.equal(typeof o.cpus, 'number')],
+      [['status'], (o) => assert.equal(o.current, null)],
+      [['image', 'keygen', '--out', keys], (o) => assert.match(String(o.keyId), /^[0-9a-f]{16}$/)],
+    ];
+    for (const [cmd, check] of groups) {
+      for (const args of [[...globals, ...cmd], [...cmd, ...globals]]) {
+        if (cmd[0] === 'image') fs.rmSync(keys, { recursive: true, force: true });
+        const { stdout } = await run(process.execPath, [ISSU, ...args]);
+        check(JSON.parse(stdout));
+      }
+    }
+    // --name=value works as well; an option that is not a global one is refused before the command.
+    JSON.parse((await run(process.execPath, [ISSU, `--socket=${agent.socket}`, '--json', 'vm', 'list'])).stdout);
+    await assert.rejects(run(process.execPath, [ISSU, '--out', keys, 'image', 'keygen']), (e: { code: number; stderr: string }) => {
+      assert.equal(e.code, 2);
+      assert.match(e.stderr, /unknown option '--out' before the command/);
+      return true;
+    });
+    await assert.rejects(run(process.execPath, [ISSU, '--socket']), (e: { code: number; stderr: string }) => e.code === 2 && /'--socket' needs a value/.test(e.stderr));
   });
 
   it('tags every RPC with a request id: the client\'s own or a new one, in the response header and the log', async () => {
