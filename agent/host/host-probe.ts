@@ -1,13 +1,13 @@
 /**
  * Host inventory and admission control: what this router host has (CPU, virtualization,
  * KVM, memory, state-dir disk) and whether one more VM fits. The VM layer asks admit() before
- * every launch; a refusal is a RESOURCE_EXHAUSTED VmError whose message has the numbers.
+ * every launch; a refusal is a RESOURCE_EXHAUSTED HitlessError whose message has the numbers.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as si from 'systeminformation';
-import { probeKvm } from '../vm/accelerator-probe';
-import { VmError } from '../vm/hypervisor';
+import { resourceExhausted } from '../common/errors';
+import { probeKvm } from './kvm-probe';
 
 /** memoryMiB in MiB, cpus in (v)CPUs. */
 export interface ResourceAmount {
@@ -113,20 +113,17 @@ export class SystemInformationHostProbe implements HostProbe {
     // Guest RAM is allocated lazily by QEMU, so "available" alone would let us overcommit:
     // also require the sum of all VMs' memory to fit in total minus the reserve.
     if (want.memoryMiB > availableMiB - reserve.memoryMiB) {
-      throw new VmError(
-        'RESOURCE_EXHAUSTED',
+      throw resourceExhausted(
         `VM needs ${want.memoryMiB} MiB of memory but the host has ${availableMiB} MiB available minus a ${reserve.memoryMiB} MiB reserve = ${availableMiB - reserve.memoryMiB} MiB (total ${totalMiB} MiB). Give the VM less memory or stop another VM.`,
       );
     }
     if (want.memoryMiB + committed.memoryMiB > totalMiB - reserve.memoryMiB) {
-      throw new VmError(
-        'RESOURCE_EXHAUSTED',
+      throw resourceExhausted(
         `VM needs ${want.memoryMiB} MiB of memory; running VMs already hold ${committed.memoryMiB} MiB of the host's ${totalMiB} MiB total minus a ${reserve.memoryMiB} MiB reserve = ${totalMiB - reserve.memoryMiB - committed.memoryMiB} MiB left. Give the VM less memory or stop another VM.`,
       );
     }
     if (want.cpus + committed.cpus > vcpuCapacity) {
-      throw new VmError(
-        'RESOURCE_EXHAUSTED',
+      throw resourceExhausted(
         `VM needs ${want.cpus} vCPUs; running VMs already hold ${committed.cpus} of a capacity of ${vcpuCapacity} (${cpu.cores} host CPUs minus a reserve of ${reserve.cpus}, times ${this.vcpuPerHostCpu} vCPUs per host CPU). Give the VM fewer vCPUs or stop another VM.`,
       );
     }

@@ -3,6 +3,7 @@
  * attach, pause/resume, refusals, agent restart + graceful powerdown; two QEMUs that never
  * need to boot (r3, r4) for crash detection. Every QEMU is reaped in after() even on failure.
  */
+import * as grpc from '@grpc/grpc-js';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -10,6 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { PassThrough } from 'node:stream';
 import Database from 'better-sqlite3';
+import { HitlessError } from '../../agent/common/errors';
 import { SystemInformationHostProbe } from '../../agent/host/host-probe';
 import { attachConsole, openConsolePty } from '../../agent/vm/console-attach';
 import { VmError, type VmEvent, type VmSpec } from '../../agent/vm/hypervisor';
@@ -189,13 +191,13 @@ describe('VM layer, x86-64 under TCG (real QEMU)', function () {
     const totalMiB = Math.floor(os.totalmem() / (1024 * 1024));
     const want = totalMiB + 1024;
     await assert.rejects(service.start(spec('huge', { memoryMiB: want })), (e: unknown) => {
-      assert.ok(e instanceof VmError);
-      assert.equal(e.grpcCode, 'RESOURCE_EXHAUSTED');
+      assert.ok(e instanceof HitlessError);
+      assert.equal(grpc.status[e.code], 'RESOURCE_EXHAUSTED');
       assert.match(e.message, new RegExp(`needs ${want} MiB`));
       assert.match(e.message, /\d+ MiB available minus a 512 MiB reserve/);
       return true;
     });
-    await assert.rejects(service.start(spec('wide', { cpus: 200 })), (e: unknown) => e instanceof VmError && e.grpcCode === 'RESOURCE_EXHAUSTED' && /200 vCPUs/.test(e.message));
+    await assert.rejects(service.start(spec('wide', { cpus: 200 })), (e: unknown) => e instanceof HitlessError && grpc.status[e.code] === 'RESOURCE_EXHAUSTED' && /200 vCPUs/.test(e.message));
     assert.throws(() => service.get('huge'), (e: unknown) => e instanceof VmError && e.grpcCode === 'NOT_FOUND');
   });
 

@@ -9,7 +9,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { SystemInformationHostProbe, type HostProbe } from '../../agent/host/host-probe';
-import { probeAccelerator, probeKvm } from '../../agent/vm/accelerator-probe';
+import { probeKvm } from '../../agent/host/kvm-probe';
+import { probeAccelerator } from '../../agent/vm/accelerator-probe';
 import {
   VmError,
   VmEventBus,
