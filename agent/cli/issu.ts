@@ -42,6 +42,9 @@ Other commands
   vm kill NAME                           SIGKILL the VM's QEMU at once
   vm pause NAME | vm resume NAME         stop / continue the VM's vCPUs
   vm log NAME [--bytes N]                the last N bytes (default 65536) of the serial console
+  wait-ready                             wait (up to --timeout-ms) until the agent answers on its
+                                         socket; exit 0 then, 3 if it never does. The systemd
+                                         unit's readiness check
   vm console NAME                        interactive serial console; Ctrl-] detaches. On the
                                          agent's host it attaches to the console socket directly;
                                          elsewhere (--address) it goes through the agent
@@ -197,7 +200,17 @@ async function main(argv: string[]): Promise<number> {
   if (cmd === 'show' || cmd === 'vm') return vmCommands(address, cmd, sub, rest, values, timeoutMs, out);
   const stub = new (clientCtor('hitless.v1.Checkpoint'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
   try {
-    if (cmd === 'checkpoint' && sub === 'status') {
+    if (cmd === 'wait-ready') {
+      if (sub !== undefined) throw new UsageError(`wait-ready takes no arguments, got '${[sub, ...rest].join(' ')}'`);
+      // waitForReady: a missing or refused socket (the agent still recovering its state, or not
+      // started yet) is retried until the deadline instead of failing the call at once.
+      const started = Date.now();
+      await new Promise<void>((resolve, reject) =>
+        (stub.Status as (r: unknown, m: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null) => void) => void).call(stub, { process: '' }, new grpc.Metadata({ waitForReady: true }), { deadline: started + timeoutMs }, (e) => (e ? reject(e) : resolve())),
+      );
+      const waitedMs = Date.now() - started;
+      out({ ready: true, address, waitedMs }, () => console.log(`The agent at ${address} answers (waited ${waitedMs} ms).`));
+    } else if (cmd === 'checkpoint' && sub === 'status') {
       const r = await call<StatusResponse>(stub, 'Status', { process: rest[0] ?? '' }, timeoutMs);
       out(r, () => printStatus(r.processes));
     } else if (cmd === 'checkpoint' && sub === 'switchover') {
