@@ -27,7 +27,13 @@ let routes: RibRoute[] = [];
 const send = (m: unknown) => process.send!(m);
 const now = () => Number(process.hrtime.bigint()) / 1e9;
 
-async function pipelined(total: number, batch: number, window: number, fill: (b: ReturnType<CheckpointClient['batch']>, i: number, n: number) => void, table = 'rib'): Promise<void> {
+async function pipelined(
+  total: number,
+  batch: number,
+  window: number,
+  fill: (b: ReturnType<CheckpointClient['batch']>, i: number, n: number) => void,
+  table = 'rib',
+): Promise<void> {
   const c = client!;
   let inflight = 0;
   let wake: (() => void) | null = null;
@@ -155,7 +161,17 @@ process.on('message', async (cmd: Cmd) => {
       if (failure) throw failure;
       lat.sort((a, b) => a - b);
       const q = (p: number) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))];
-      send({ ok: true, batches: lat.length, records: lat.length * cmd.batch, seconds: now() - t0 - warmup, p50: q(0.5), p99: q(0.99), max: lat[lat.length - 1], spikes: spikes.slice(0, 60), measuredFromEpochMs });
+      send({
+        ok: true,
+        batches: lat.length,
+        records: lat.length * cmd.batch,
+        seconds: now() - t0 - warmup,
+        p50: q(0.5),
+        p99: q(0.99),
+        max: lat[lat.length - 1],
+        spikes: spikes.slice(0, 60),
+        measuredFromEpochMs,
+      });
     } else if (cmd.op === 'waitSeq') {
       const t0 = now();
       const t = client!.table(cmd.table);

@@ -34,7 +34,10 @@ interface Worker {
 }
 
 function worker(): Worker {
-  const proc = fork(path.join(__dirname, 'checkpoint-worker.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: ['--expose-gc', ...NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])] });
+  const proc = fork(path.join(__dirname, 'checkpoint-worker.js'), [], {
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    execArgv: ['--expose-gc', ...NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])],
+  });
   let queue = Promise.resolve<unknown>(undefined);
   return {
     proc,
@@ -61,7 +64,10 @@ const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringif
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 async function main(): Promise<void> {
-  const agent = await startAgent({ nodeArgs: [...NODE_FLAGS, ...AGENT_NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])], args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [] });
+  const agent = await startAgent({
+    nodeArgs: [...NODE_FLAGS, ...AGENT_NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])],
+    args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [],
+  });
   const workers: Worker[] = [];
   try {
     const active = worker();
@@ -113,7 +119,13 @@ async function main(): Promise<void> {
     const incSeconds = done.seconds + t.seconds;
     const d2A = await active.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
     const d2S = await standby.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
-    print({ bench: 'incremental', records: RECORDS, seconds: round(incSeconds), records_per_s: Math.round(RECORDS / incSeconds), digest_match: d2A.sha256 === d2S.sha256 });
+    print({
+      bench: 'incremental',
+      records: RECORDS,
+      seconds: round(incSeconds),
+      records_per_s: Math.round(RECORDS / incSeconds),
+      digest_match: d2A.sha256 === d2S.sha256,
+    });
 
     // SYNC acks at 50k records/s offered (100-record batches every 2 ms).
     await active.call({ op: 'loopDelay', reset: true });
@@ -121,14 +133,35 @@ async function main(): Promise<void> {
     const lat = await active.call({ op: 'syncLatency', rate: 50_000, batch: 100, seconds: 5, warmup: 1 });
     const loopA = await active.call({ op: 'loopDelay', reset: false });
     const loopS = await standby.call({ op: 'loopDelay', reset: false });
-    if (process.env.BENCH_DEBUG) process.stderr.write(`event-loop delay during sync-ack (ms): active p99 ${round(loopA.p99)} max ${round(loopA.max)}; standby p99 ${round(loopS.p99)} max ${round(loopS.max)}\n`);
-    print({ bench: 'sync-ack', records: lat.records, seconds: round(lat.seconds), offered_records_per_s: 50_000, warmup_seconds: 1, p50_ms: round(lat.p50), p99_ms: round(lat.p99), max_ms: round(lat.max) });
-    if (process.env.BENCH_DEBUG) process.stderr.write(`sync spikes (start ms after ${lat.measuredFromEpochMs} epoch ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
+    if (process.env.BENCH_DEBUG)
+      process.stderr.write(
+        `event-loop delay during sync-ack (ms): active p99 ${round(loopA.p99)} max ${round(loopA.max)}; standby p99 ${round(loopS.p99)} max ${round(loopS.max)}\n`,
+      );
+    print({
+      bench: 'sync-ack',
+      records: lat.records,
+      seconds: round(lat.seconds),
+      offered_records_per_s: 50_000,
+      warmup_seconds: 1,
+      p50_ms: round(lat.p50),
+      p99_ms: round(lat.p99),
+      max_ms: round(lat.max),
+    });
+    if (process.env.BENCH_DEBUG)
+      process.stderr.write(`sync spikes (start ms after ${lat.measuredFromEpochMs} epoch ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
     if (process.env.BENCH_DEBUG) {
-      const loops = agent.stderr().split('\n').filter((l) => l.includes('event loop')).slice(-3);
+      const loops = agent
+        .stderr()
+        .split('\n')
+        .filter((l) => l.includes('event loop'))
+        .slice(-3);
       process.stderr.write(`agent event loop (last 5 s windows): ${loops.join(' | ')}\n`);
       if (process.env.BENCH_TRACE_GC) {
-        const gcs = agent.stdout().split('\n').filter((l) => /Mark-Compact|Scavenge/.test(l)).slice(-25);
+        const gcs = agent
+          .stdout()
+          .split('\n')
+          .filter((l) => /Mark-Compact|Scavenge/.test(l))
+          .slice(-25);
         process.stderr.write(`agent GC (last): \n${gcs.join('\n')}\n`);
       }
     }
@@ -152,7 +185,14 @@ async function main(): Promise<void> {
       ck.close();
     }
     freezes.sort((a, b) => a - b);
-    print({ bench: 'switchover', records: RECORDS, seconds: round(freezes[freezes.length >> 1] / 1000, 6), freeze_ms_median: round(freezes[freezes.length >> 1]), freeze_ms_max: round(freezes[freezes.length - 1]), samples_ms: freezes.map((x) => round(x)) });
+    print({
+      bench: 'switchover',
+      records: RECORDS,
+      seconds: round(freezes[freezes.length >> 1] / 1000, 6),
+      freeze_ms_median: round(freezes[freezes.length >> 1]),
+      freeze_ms_max: round(freezes[freezes.length - 1]),
+      samples_ms: freezes.map((x) => round(x)),
+    });
   } finally {
     for (const w of workers) if (w.proc.exitCode === null) w.proc.kill('SIGKILL');
     await agent.stop();

@@ -73,17 +73,22 @@ function parse() {
   const all = FAULTS.flatMap((f) => PHASES.map((p) => ({ fault: f, phase: p, name: cellName(f.name, p) })));
   let cells = all;
   if (v.only) {
-    const wanted = v.only.split(',').map((s) => s.trim()).filter(Boolean);
+    const wanted = v.only
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean);
     for (const w of wanted) {
       const [f, p] = w.split('@');
       if (!p || !all.some((c) => (f === '*' || c.fault.name === f) && (p === '*' || c.phase === p))) {
         fail(`unknown cell '${w}'; cells are FAULT@PHASE with FAULT in ${FAULTS.map((x) => x.name).join(', ')} and PHASE in ${PHASES.join(', ')} (or *)`);
       }
     }
-    cells = all.filter((c) => wanted.some((w) => {
-      const [f, p] = w.split('@');
-      return (f === '*' || c.fault.name === f) && (p === '*' || c.phase === p);
-    }));
+    cells = all.filter((c) =>
+      wanted.some((w) => {
+        const [f, p] = w.split('@');
+        return (f === '*' || c.fault.name === f) && (p === '*' || c.phase === p);
+      }),
+    );
   }
   return {
     cells,
@@ -139,8 +144,22 @@ async function main(): Promise<void> {
     fs.rmSync(work, { recursive: true, force: true });
   }
   const failed = results.filter((r) => !r.pass);
-  if (!o.json) process.stdout.write(table(o.cells.map((c) => c.name), results));
-  process.stdout.write(JSON.stringify({ summary: true, rounds: results.length, passed: results.length - failed.length, failed: failed.map((r) => ({ cell: r.cell, seed: r.seed })), minutes: Math.round((Date.now() - t0) / 6000) / 10 }) + '\n');
+  if (!o.json)
+    process.stdout.write(
+      table(
+        o.cells.map((c) => c.name),
+        results,
+      ),
+    );
+  process.stdout.write(
+    JSON.stringify({
+      summary: true,
+      rounds: results.length,
+      passed: results.length - failed.length,
+      failed: failed.map((r) => ({ cell: r.cell, seed: r.seed })),
+      minutes: Math.round((Date.now() - t0) / 6000) / 10,
+    }) + '\n',
+  );
   process.exitCode = failed.length ? 1 : 0;
 }
 

@@ -57,7 +57,17 @@ export async function runRound(spec: RoundSpec): Promise<RoundResult> {
   // The cell is mixed in so that one seed draws a different moment in every cell.
   const rand = createRng(spec.seed ^ cellHash(cell));
   const faultAt = rand() % (PHASE_WINDOW_MS[spec.phase] + 1);
-  const res: RoundResult = { cell, seed: spec.seed, fault_at_ms: faultAt, phase_at_fault: '', command_done: false, phase_settled: '', settle_s: 0, pass: false, why: '' };
+  const res: RoundResult = {
+    cell,
+    seed: spec.seed,
+    fault_at_ms: faultAt,
+    phase_at_fault: '',
+    command_done: false,
+    phase_settled: '',
+    settle_s: 0,
+    pass: false,
+    why: '',
+  };
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-chaos-'));
   const w = new ChaosWorld(work, spec.trustDir, spec.log, spec.fault.stateTmpfsMiB ?? 0);
   try {
@@ -100,7 +110,10 @@ export async function runRound(spec: RoundSpec): Promise<RoundResult> {
     for (const p of await w.processes()) {
       for (const before of seqBefore.get(p.process) ?? []) {
         const now = p.tables.find((t) => t.name === before.name);
-        check(now && now.seq >= before.seq, `${p.process}/${before.name}: the table went back from seq ${before.seq} to ${now?.seq} (acknowledged batches lost)`);
+        check(
+          now && now.seq >= before.seq,
+          `${p.process}/${before.name}: the table went back from seq ${before.seq} to ${now?.seq} (acknowledged batches lost)`,
+        );
       }
       await auditOk(w, p.process, `after the fault (${settled.phase})`);
     }
@@ -113,7 +126,10 @@ export async function runRound(spec: RoundSpec): Promise<RoundResult> {
       check(!back.current, `abortversion left the upgrade ${back.current?.phase}`);
       for (const p of await w.processes()) {
         const a = p.peers.filter((x) => x.role === 'ACTIVE');
-        check(a.length === 1 && a[0].vmId === OLD_VM && a[0].softwareVersion === spec.images.fromVersion, `${p.process}: after abortversion the active is ${a.map((x) => `${x.instanceId} ${x.softwareVersion}`).join(', ') || 'none'}, not the old version in ${OLD_VM}`);
+        check(
+          a.length === 1 && a[0].vmId === OLD_VM && a[0].softwareVersion === spec.images.fromVersion,
+          `${p.process}: after abortversion the active is ${a.map((x) => `${x.instanceId} ${x.softwareVersion}`).join(', ') || 'none'}, not the old version in ${OLD_VM}`,
+        );
         await auditOk(w, p.process, 'after abortversion');
       }
     }
@@ -166,10 +182,16 @@ async function auditOk(w: ChaosWorld, process: string, when: string): Promise<vo
 
 async function newVersionAlone(w: ChaosWorld, toVersion: string): Promise<void> {
   const running = (await w.vms()).filter((v) => v.state === 'RUNNING');
-  check(running.length === 1 && running[0].name !== OLD_VM, `after commit the running VMs are [${running.map((v) => v.name).join(', ')}], not the new version alone`);
+  check(
+    running.length === 1 && running[0].name !== OLD_VM,
+    `after commit the running VMs are [${running.map((v) => v.name).join(', ')}], not the new version alone`,
+  );
   for (const p of await w.processes()) {
     const a = p.peers.filter((x) => x.role === 'ACTIVE');
-    check(a.length === 1 && a[0].softwareVersion === toVersion, `${p.process}: after commit the active is ${a.map((x) => `${x.instanceId} ${x.softwareVersion}`).join(', ')}, not version ${toVersion}`);
+    check(
+      a.length === 1 && a[0].softwareVersion === toVersion,
+      `${p.process}: after commit the active is ${a.map((x) => `${x.instanceId} ${x.softwareVersion}`).join(', ')}, not version ${toVersion}`,
+    );
   }
 }
 

@@ -127,7 +127,7 @@ export class ChaosWorld {
   async killActiveProcess(process: string): Promise<void> {
     const active = (await this.processes()).find((p) => p.process === process)?.peers.find((x) => x.role === 'ACTIVE');
     if (!active) throw new Error(`process ${process} has no active instance to kill`);
-    const vm = (await unaryCall<{ consoleSocket: string }>(this.c.vm, 'Get', { name: active.vmId }));
+    const vm = await unaryCall<{ consoleSocket: string }>(this.c.vm, 'Get', { name: active.vmId });
     this.log(`SIGKILL of ${active.instanceId} through the console of ${active.vmId}`);
     await new Promise<void>((resolve, reject) => {
       const sock = net.connect(vm.consoleSocket, () => sock.end(`\nHITLESS-FAULT kill ${process}\n`, () => resolve()));

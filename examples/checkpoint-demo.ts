@@ -40,7 +40,8 @@ async function main(): Promise<void> {
   const churn = String(Number(values.churn));
   const agent = await phase('start agent', () => startAgent());
   const c = rawClient('hitless.v1.Checkpoint', agent.socket);
-  const status = async () => (await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean; lag: number }[] }[] }>(c, 'Status', { process: 'bgp' })).processes[0];
+  const status = async () =>
+    (await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean; lag: number }[] }[] }>(c, 'Status', { process: 'bgp' })).processes[0];
   try {
     const v1 = await phase('v1 active loads its table', async () => {
       const d = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'slot-a', '--version', '1.0.0', '--records', String(records), '--churn', churn]);
@@ -61,7 +62,9 @@ async function main(): Promise<void> {
       return d;
     });
     await phase('changes flow while both run', () => new Promise((r) => setTimeout(r, 1000)));
-    const sw = await phase('switchover to v2', () => unaryCall<{ freezeMicros: number; tableSeqs: Record<string, number> }>(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@slot-b' }));
+    const sw = await phase('switchover to v2', () =>
+      unaryCall<{ freezeMicros: number; tableSeqs: Record<string, number> }>(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@slot-b' }),
+    );
     await phase('v2 active writes, v1 follows as standby', () => new Promise((r) => setTimeout(r, 1000)));
     const verified = await phase('verify tables', async () => {
       const seq = await quiesce(v2);
@@ -72,7 +75,13 @@ async function main(): Promise<void> {
         await new Promise((r) => setTimeout(r, 50));
       }
       const [a, b] = [await v2.digest(), await v1.digest()];
-      return { equal: a.sha256 === b.sha256, records: a.records as number, sha256: a.sha256 as string, failedV1: v1.events.filter((e) => e.event === 'write-failed').length, failedV2: v2.events.filter((e) => e.event === 'write-failed').length };
+      return {
+        equal: a.sha256 === b.sha256,
+        records: a.records as number,
+        sha256: a.sha256 as string,
+        failedV1: v1.events.filter((e) => e.event === 'write-failed').length,
+        failedV2: v2.events.filter((e) => e.event === 'write-failed').length,
+      };
     });
     await phase('stop v1', () => v1.stop());
     const report = {

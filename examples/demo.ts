@@ -37,7 +37,6 @@ if (values.help) {
 
 const { phases, say, phase } = phaseRecorder('demo');
 
-
 interface UpgradeStatusMsg {
   current?: { phase: string; freezeMs: number; toVm: string };
   history: { phase: string; freezeMs: number; toVm: string }[];
@@ -73,10 +72,15 @@ async function main(): Promise<void> {
     await phase('boot v1 and load 20,000 routes (churning 2,000/s)', async () => {
       await unaryCall(vm, 'Start', { name: 'cp-1', imageDir: v1 });
       started.push('cp-1');
-      await until('bgp v1 active with its table', async () => {
-        const b = await bgp();
-        return b.peers.some((p) => p.role === 'ACTIVE') && b.tables[0].records >= 20_000;
-      }, 300_000, 200);
+      await until(
+        'bgp v1 active with its table',
+        async () => {
+          const b = await bgp();
+          return b.peers.some((p) => p.role === 'ACTIVE') && b.tables[0].records >= 20_000;
+        },
+        300_000,
+        200,
+      );
     });
 
     // Progress from the agent's event stream, as an NMS would see it.

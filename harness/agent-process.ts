@@ -33,7 +33,16 @@ export function tempDir(prefix: string): string {
 export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?: string[]; nodeArgs?: string[] } = {}): Promise<AgentHandle> {
   const stateDir = opts.stateDir ?? tempDir('agent');
   const socket = path.join(stateDir, 'agent.sock');
-  const args = [...(opts.nodeArgs ?? []), AGENT_MAIN, '--state-dir', stateDir, '--grpc-socket', socket, ...(opts.tcp ? ['--grpc-tcp', '127.0.0.1:0'] : []), ...(opts.args ?? [])];
+  const args = [
+    ...(opts.nodeArgs ?? []),
+    AGENT_MAIN,
+    '--state-dir',
+    stateDir,
+    '--grpc-socket',
+    socket,
+    ...(opts.tcp ? ['--grpc-tcp', '127.0.0.1:0'] : []),
+    ...(opts.args ?? []),
+  ];
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
   let out2 = '';

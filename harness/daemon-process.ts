@@ -58,7 +58,11 @@ export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: 
       return new Promise((resolve, reject) => {
         const t = setTimeout(() => {
           waiters.splice(waiters.indexOf(w), 1);
-          reject(new Error(`${kind} ${args.join(' ')}: no matching event within ${timeoutMs} ms; last events: ${JSON.stringify(events.slice(-5))} stderr: ${stderr.slice(-2000)}`));
+          reject(
+            new Error(
+              `${kind} ${args.join(' ')}: no matching event within ${timeoutMs} ms; last events: ${JSON.stringify(events.slice(-5))} stderr: ${stderr.slice(-2000)}`,
+            ),
+          );
         }, timeoutMs);
         const w = {
           pred,

@@ -32,7 +32,10 @@ export async function expectStatus(p: Promise<unknown>, code: grpc.status, match
 }
 
 /** Opens a Session stream and registers; resolves with the Registered message and the stream. */
-export function registerRaw(client: AnyClient, reg: Record<string, unknown>): Promise<{ registered: Record<string, unknown> & { sessionId: string }; call: grpc.ClientDuplexStream<unknown, Record<string, unknown>> }> {
+export function registerRaw(
+  client: AnyClient,
+  reg: Record<string, unknown>,
+): Promise<{ registered: Record<string, unknown> & { sessionId: string }; call: grpc.ClientDuplexStream<unknown, Record<string, unknown>> }> {
   const call = (client.Session as () => grpc.ClientDuplexStream<unknown, Record<string, unknown>>).call(client);
   return new Promise((resolve, reject) => {
     call.once('data', (m) => resolve({ registered: m.registered as Record<string, unknown> & { sessionId: string }, call }));

@@ -60,19 +60,38 @@ export function runIssu(socket: string, args: string[], timeoutMs = 300_000): Pr
  * Boots `imageDir` as VM `name` through the agent and waits until its bgp daemon is ACTIVE with
  * at least `records` routes checkpointed. Returns QEMU's pid (for cleanup) and the time taken.
  */
-export async function bootControlPlane(vm: AnyClient, ck: AnyClient, name: string, imageDir: string, records: number, timeoutMs: number): Promise<{ pid: number; ms: number }> {
+export async function bootControlPlane(
+  vm: AnyClient,
+  ck: AnyClient,
+  name: string,
+  imageDir: string,
+  records: number,
+  timeoutMs: number,
+): Promise<{ pid: number; ms: number }> {
   const t0 = Date.now();
   const v = await unaryCall<{ pid: number }>(vm, 'Start', { name, imageDir });
-  await until(`bgp in ${name} active with ${records} routes`, async () => {
-    const b = (await unaryCall<StatusResponse>(ck, 'Status', { process: 'bgp' }).catch(() => undefined))?.processes[0];
-    return b?.peers.some((p) => p.vmId === name && p.role === 'ACTIVE') && (b.tables[0]?.records ?? 0) >= records;
-  }, timeoutMs, 200);
+  await until(
+    `bgp in ${name} active with ${records} routes`,
+    async () => {
+      const b = (await unaryCall<StatusResponse>(ck, 'Status', { process: 'bgp' }).catch(() => undefined))?.processes[0];
+      return b?.peers.some((p) => p.vmId === name && p.role === 'ACTIVE') && (b.tables[0]?.records ?? 0) >= records;
+    },
+    timeoutMs,
+    200,
+  );
   return { pid: v.pid, ms: Date.now() - t0 };
 }
 
 /** For afterEach: when the test failed, print the agent's last log lines (what it was doing). */
 export function printAgentLogIfFailed(ctx: Mocha.Context, agent: AgentHandle | undefined): void {
   if (ctx.currentTest?.state === 'failed' && agent) {
-    process.stderr.write(`      agent log (last lines):\n${agent.stderr().split('\n').slice(-25).map((l) => `        ${l}`).join('\n')}\n`);
+    process.stderr.write(
+      `      agent log (last lines):\n${agent
+        .stderr()
+        .split('\n')
+        .slice(-25)
+        .map((l) => `        ${l}`)
+        .join('\n')}\n`,
+    );
   }
 }

@@ -399,7 +399,8 @@ export class CheckpointService {
   write(req: WriteRequest, peerVm: string | null): Promise<WriteAck> | WriteAck {
     const s = this.sessions.get(req.sessionId);
     if (!s) throw failedPrecondition(`unknown session '${req.sessionId}': register on the Session stream first and use the session_id it returns`);
-    if (peerVm !== null && s.reg.vmId !== peerVm) throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}', not to this connection's VM '${peerVm}'`);
+    if (peerVm !== null && s.reg.vmId !== peerVm)
+      throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}', not to this connection's VM '${peerVm}'`);
     const g = this.group(s.reg.process);
     if (s.role !== 'ACTIVE' || g.active !== s) {
       throw failedPrecondition(`'${s.reg.instanceId}' is ${s.role} for process '${s.reg.process}'; only the active instance writes`);
@@ -409,7 +410,9 @@ export class CheckpointService {
       throw failedPrecondition(`'${s.reg.instanceId}' is frozen for a switchover; writes resume after UNFREEZE or go to the new active`);
     }
     if (!t) {
-      throw notFound(`unknown table '${req.table}' for process '${s.reg.process}'; declare it in Register.tables (known: ${[...g.tables.keys()].join(', ') || 'none'})`);
+      throw notFound(
+        `unknown table '${req.table}' for process '${s.reg.process}'; declare it in Register.tables (known: ${[...g.tables.keys()].join(', ') || 'none'})`,
+      );
     }
     const r = t.replica;
     if (req.seq <= r.seq) {
@@ -430,7 +433,9 @@ export class CheckpointService {
     }
     for (const sc of summary.schemas) {
       if (sc !== s.writeSchema && !s.reg.schemaCanWrite.includes(sc) && sc !== s.reg.schemaWrites) {
-        throw invalidArgument(`table '${req.table}' batch ${req.seq} holds values of schema ${sc}, but '${s.reg.instanceId}' registered to write schema ${s.writeSchema}`);
+        throw invalidArgument(
+          `table '${req.table}' batch ${req.seq} holds values of schema ${sc}, but '${s.reg.instanceId}' registered to write schema ${s.writeSchema}`,
+        );
       }
     }
     // Durable first, then visible: an ack must never cover a batch the store does not hold.
@@ -441,7 +446,12 @@ export class CheckpointService {
     this.wakeProgressWaiters(g);
     const ack: WriteAck = { table: req.table, seq: req.seq };
     if (t.durability !== 'SYNC') return ack;
-    const waitFor = new Set(g.standbys().filter((p) => p.inSync && (p.acked.get(req.table) ?? 0) < req.seq).map((p) => p.id));
+    const waitFor = new Set(
+      g
+        .standbys()
+        .filter((p) => p.inSync && (p.acked.get(req.table) ?? 0) < req.seq)
+        .map((p) => p.id),
+    );
     if (waitFor.size === 0) return ack;
     return new Promise<WriteAck>((resolve) => {
       const list = g.syncWaits.get(req.table) ?? [];
@@ -714,7 +724,8 @@ export class CheckpointService {
       s,
       () => Object.entries(want).every(([t, q]) => (g.tables.get(t)?.replica.seq ?? 0) >= q),
       this.opts.commandTimeoutMs,
-      () => `the agent did not receive the batches '${s.reg.instanceId}' sent before it froze (${JSON.stringify(want)} vs ${JSON.stringify(this.tableSeqs(g))})`,
+      () =>
+        `the agent did not receive the batches '${s.reg.instanceId}' sent before it froze (${JSON.stringify(want)} vs ${JSON.stringify(this.tableSeqs(g))})`,
     );
     return { seqs: this.tableSeqs(g), reply };
   }
@@ -819,7 +830,8 @@ export class CheckpointService {
           // re-registers) or a failover promotes a standby; a dead session never holds the role.
           g.active = null;
         }
-        if (this.sessions.has(target.id)) void this.command(target, 'DEMOTE', { tableSeqs: this.tableSeqs(g), reason: 'switchover failed' }).catch(() => undefined);
+        if (this.sessions.has(target.id))
+          void this.command(target, 'DEMOTE', { tableSeqs: this.tableSeqs(g), reason: 'switchover failed' }).catch(() => undefined);
       }
       if (this.sessions.has(old.id) && old.role === 'ACTIVE') {
         old.frozenAt = null;
@@ -847,7 +859,10 @@ export class CheckpointService {
     try {
       const seqs = this.tableSeqs(g);
       await this.waitAcked(g, target, seqs, this.opts.commandTimeoutMs);
-      const writeSchema = this.pickWriteSchemaFor(target, g.standbys().filter((s) => s !== target));
+      const writeSchema = this.pickWriteSchemaFor(
+        target,
+        g.standbys().filter((s) => s !== target),
+      );
       this.agreeWriteSchema(g, writeSchema);
       target.role = 'ACTIVE';
       target.writeSchema = writeSchema;
@@ -888,7 +903,9 @@ export class CheckpointService {
           const d = p.digests.find((x) => x.table === a.table);
           if (!d) problems.push(`${p.instanceId} has no table '${a.table}'`);
           else if (d.sha256 !== a.sha256 || d.seq !== a.seq) {
-            problems.push(`${p.instanceId} table '${a.table}': seq ${d.seq}, ${d.records} records, sha256 ${d.sha256.slice(0, 12)} vs agent seq ${a.seq}, ${a.records} records, sha256 ${a.sha256.slice(0, 12)}`);
+            problems.push(
+              `${p.instanceId} table '${a.table}': seq ${d.seq}, ${d.records} records, sha256 ${d.sha256.slice(0, 12)} vs agent seq ${a.seq}, ${a.records} records, sha256 ${a.sha256.slice(0, 12)}`,
+            );
           }
         }
       }
@@ -913,7 +930,10 @@ export class CheckpointService {
     const a = g?.active;
     if (!g || !a) throw notFound(`process '${process}' has no active instance`);
     if (g.switching) throw failedPrecondition(`a role change of '${process}' is in progress`);
-    const want = this.pickWriteSchemaFor(a, g.standbys().filter((s) => s.reg.vmId !== leavingVm));
+    const want = this.pickWriteSchemaFor(
+      a,
+      g.standbys().filter((s) => s.reg.vmId !== leavingVm),
+    );
     if (want === a.writeSchema) return want;
     const was = a.writeSchema;
     // Batches of either schema are accepted from the active (see write()), so the order in which
@@ -961,7 +981,10 @@ export class CheckpointService {
     void this.compact(process, r)
       .catch((e) => {
         // A HitlessError (a full disk) explains itself and what to do; anything else is a bug.
-        this.log[e instanceof HitlessError ? 'warn' : 'error']({ process, table: r.name, err: (e as Error).message }, 'store compaction failed; the log keeps everything');
+        this.log[e instanceof HitlessError ? 'warn' : 'error'](
+          { process, table: r.name, err: (e as Error).message },
+          'store compaction failed; the log keeps everything',
+        );
       })
       .finally(() => this.compacting.delete(key));
   }
@@ -985,7 +1008,10 @@ export class CheckpointService {
       try {
         this.store.abortSnapshot(process, r.name, gen);
       } catch (ae) {
-        this.log.warn({ process, table: r.name, gen, err: (ae as Error).message }, 'could not drop the chunks of an unfinished snapshot; they are dropped later');
+        this.log.warn(
+          { process, table: r.name, gen, err: (ae as Error).message },
+          'could not drop the chunks of an unfinished snapshot; they are dropped later',
+        );
       }
       throw e;
     } finally {
@@ -1011,4 +1037,3 @@ function durabilityName(d: number): Durability {
 function process_hrtime(): number {
   return Number(process.hrtime.bigint() / 1000n);
 }
-

@@ -38,7 +38,13 @@ function usageError(message: string): Error {
 }
 
 const human = (n: number) =>
-  n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(2)} GiB` : n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
+  n >= 1 << 30
+    ? `${(n / (1 << 30)).toFixed(2)} GiB`
+    : n >= 1 << 20
+      ? `${(n / (1 << 20)).toFixed(1)} MiB`
+      : n >= 1024
+        ? `${(n / 1024).toFixed(1)} KiB`
+        : `${n} B`;
 
 type Spec = Record<string, { type: 'string' | 'boolean'; short?: string }>;
 
@@ -46,7 +52,13 @@ function parse(sub: string, args: string[], options: Spec, positionals: number):
   let r: ReturnType<typeof parseArgs>;
   try {
     // issu's global options are accepted here too (an image command needs no agent: they do nothing).
-    const globals: Spec = { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' }, socket: { type: 'string' }, address: { type: 'string' }, 'timeout-ms': { type: 'string' } };
+    const globals: Spec = {
+      json: { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+      socket: { type: 'string' },
+      address: { type: 'string' },
+      'timeout-ms': { type: 'string' },
+    };
     r = parseArgs({ args, options: { ...options, ...globals }, allowPositionals: true, strict: true });
   } catch (e) {
     throw usageError(`image ${sub}: ${(e as Error).message}`);
@@ -97,12 +109,16 @@ async function keygen(args: string[], o: ImageCommandOptions): Promise<number> {
   if (values.help) return help(o);
   const dir = requireOpt(values, 'out', 'keygen', 'DIR (where NAME.key and NAME.pub are written)');
   const name = typeof values.name === 'string' ? values.name : 'image-signing';
-  if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name) || name.startsWith('.')) throw usageError(`image keygen: --name must match [A-Za-z0-9_.-]{1,64} and not start with '.', got '${name}'`);
+  if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name) || name.startsWith('.'))
+    throw usageError(`image keygen: --name must match [A-Za-z0-9_.-]{1,64} and not start with '.', got '${name}'`);
   const keyFile = path.resolve(dir, `${name}.key`);
   const pubFile = path.resolve(dir, `${name}.pub`);
   if (!values.force) {
     for (const f of [keyFile, pubFile]) {
-      if (fs.existsSync(f)) throw alreadyExists(`${f} already exists; pick another --name, or pass --force to replace the key pair (bundles signed with the old key will no longer verify against the new .pub)`);
+      if (fs.existsSync(f))
+        throw alreadyExists(
+          `${f} already exists; pick another --name, or pass --force to replace the key pair (bundles signed with the old key will no longer verify against the new .pub)`,
+        );
     }
   }
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -154,15 +170,30 @@ async function verify(args: string[], o: ImageCommandOptions): Promise<number> {
     p.done();
     const ms = Number(process.hrtime.bigint() - t0) / 1e6;
     const m = v.manifest;
-    const res = { ok: true, bundle: dir, name: m.name, version: m.version, arch: m.arch, keyId: v.keyId, trustedKey: v.trustedKeyFile, files: m.files.length, bytes: v.bytes, elapsedMs: Math.round(ms) };
+    const res = {
+      ok: true,
+      bundle: dir,
+      name: m.name,
+      version: m.version,
+      arch: m.arch,
+      keyId: v.keyId,
+      trustedKey: v.trustedKeyFile,
+      files: m.files.length,
+      bytes: v.bytes,
+      elapsedMs: Math.round(ms),
+    };
     o.out(res, () =>
-      console.log(`OK ${m.name} ${m.version} (${m.arch}): signed by trusted key ${v.keyId} (${path.basename(v.trustedKeyFile)}); ${m.files.length} files, ${human(v.bytes)} verified in ${(ms / 1000).toFixed(2)} s`),
+      console.log(
+        `OK ${m.name} ${m.version} (${m.arch}): signed by trusted key ${v.keyId} (${path.basename(v.trustedKeyFile)}); ${m.files.length} files, ${human(v.bytes)} verified in ${(ms / 1000).toFixed(2)} s`,
+      ),
     );
     return 0;
   } catch (e) {
     p.done();
     if (!(e instanceof HitlessError)) throw e;
-    o.out({ ok: false, bundle: dir, error: { code: e.codeName, message: e.message } }, () => process.stderr.write(`issu: verify ${dir}: FAILED (${e.codeName}): ${e.message}\n`));
+    o.out({ ok: false, bundle: dir, error: { code: e.codeName, message: e.message } }, () =>
+      process.stderr.write(`issu: verify ${dir}: FAILED (${e.codeName}): ${e.message}\n`),
+    );
     return 1;
   }
 }
@@ -194,7 +225,10 @@ async function inspect(args: string[], o: ImageCommandOptions): Promise<number> 
   const listed = new Set([MANIFEST_FILE, SIGNATURE_FILE, ...m.files.map((f) => f.path)]);
   let extra: string[] = [];
   try {
-    extra = fs.readdirSync(dir).filter((n) => !listed.has(n)).sort();
+    extra = fs
+      .readdirSync(dir)
+      .filter((n) => !listed.has(n))
+      .sort();
   } catch {
     /* readManifest succeeded, so the directory exists */
   }
@@ -209,7 +243,13 @@ async function inspect(args: string[], o: ImageCommandOptions): Promise<number> 
     cpus: m.cpus,
     node: m.node ?? null,
     build: m.build ? { key: m.build.key, builtAt: m.build.builtAt } : null,
-    processes: m.processes.map((p) => ({ name: p.name, command: p.command, schemaWrites: p.schemaWrites, schemaReads: p.schemaReads, transforms: p.transforms ?? [] })),
+    processes: m.processes.map((p) => ({
+      name: p.name,
+      command: p.command,
+      schemaWrites: p.schemaWrites,
+      schemaReads: p.schemaReads,
+      transforms: p.transforms ?? [],
+    })),
     files,
     totalBytes: totalBytes(m),
     signature,

@@ -87,11 +87,15 @@ function printStatus(processes: ProcessStatus[]): void {
   for (const p of processes) {
     console.log(`process ${p.process}`);
     for (const t of p.tables) {
-      console.log(`  table ${t.name.padEnd(16)} seq ${String(t.seq).padStart(8)}  records ${String(t.records).padStart(9)}  ${(t.bytes / 2 ** 20).toFixed(1)} MiB  ${t.durability}`);
+      console.log(
+        `  table ${t.name.padEnd(16)} seq ${String(t.seq).padStart(8)}  records ${String(t.records).padStart(9)}  ${(t.bytes / 2 ** 20).toFixed(1)} MiB  ${t.durability}`,
+      );
     }
     for (const s of p.peers) {
       const state = s.role === 'ACTIVE' ? (s.frozen ? 'frozen' : 'writing') : s.ready ? 'READY' : `syncing, lag ${s.lag}`;
-      console.log(`  ${s.role.padEnd(8)} ${s.instanceId.padEnd(20)} vm ${s.vmId.padEnd(10)} v${s.softwareVersion.padEnd(8)} schema ${s.schemaWrites}  ${state}`);
+      console.log(
+        `  ${s.role.padEnd(8)} ${s.instanceId.padEnd(20)} vm ${s.vmId.padEnd(10)} v${s.softwareVersion.padEnd(8)} schema ${s.schemaWrites}  ${state}`,
+      );
     }
   }
 }
@@ -136,7 +140,10 @@ function splitGlobalOptions(argv: string[]): { globals: string[]; rest: string[]
     const name = a.split('=')[0];
     if (takesValue.has(name)) i += a.includes('=') ? 1 : 2;
     else if (name === '--json' || name === '--help' || name === '-h') i++;
-    else throw new UsageError(`unknown option '${a}' before the command; the options that go there are --socket PATH, --address H:P, --json, --timeout-ms N and --help`);
+    else
+      throw new UsageError(
+        `unknown option '${a}' before the command; the options that go there are --socket PATH, --address H:P, --json, --timeout-ms N and --help`,
+      );
   }
   if (i > argv.length) throw new UsageError(`option '${argv[argv.length - 1]}' needs a value`);
   return { globals: argv.slice(0, i), rest: argv.slice(i) };
@@ -158,10 +165,16 @@ async function main(argv: string[]): Promise<number> {
   if (commandArgs[0] === 'image') {
     const json = !!front.json || commandArgs.includes('--json');
     try {
-      return await imageCommand(commandArgs.slice(1).filter((a) => a !== '--json').concat(json ? ['--json'] : []), {
-        json,
-        out: (obj, text) => (json ? console.log(JSON.stringify(obj)) : text()),
-      });
+      return await imageCommand(
+        commandArgs
+          .slice(1)
+          .filter((a) => a !== '--json')
+          .concat(json ? ['--json'] : []),
+        {
+          json,
+          out: (obj, text) => (json ? console.log(JSON.stringify(obj)) : text()),
+        },
+      );
     } catch (e) {
       if ((e as Error).name === 'UsageError') throw new UsageError((e as Error).message);
       throw e;
@@ -194,7 +207,14 @@ async function main(argv: string[]): Promise<number> {
   if (!Number.isInteger(timeoutMs) || timeoutMs <= 0) throw new UsageError(`--timeout-ms must be a positive integer, got '${values['timeout-ms']}'`);
   const out = (obj: unknown, text: () => void) => (values.json ? console.log(JSON.stringify(obj)) : text());
   if (UPGRADE_COMMANDS.has(cmd)) {
-    return upgradeCommand(address, cmd, [sub, ...rest].filter((x): x is string => x !== undefined), { json: values.json, reason: values.reason, timeoutMs }, out, (m) => new UsageError(m));
+    return upgradeCommand(
+      address,
+      cmd,
+      [sub, ...rest].filter((x): x is string => x !== undefined),
+      { json: values.json, reason: values.reason, timeoutMs },
+      out,
+      (m) => new UsageError(m),
+    );
   }
   if (cmd === 'show' && sub === 'compatibility') return showCompatibility(address, rest[0], { json: values.json, timeoutMs }, out, (m) => new UsageError(m));
   if (cmd === 'show' || cmd === 'vm') return vmCommands(address, cmd, sub, rest, values, timeoutMs, out);
@@ -206,7 +226,13 @@ async function main(argv: string[]): Promise<number> {
       // started yet) is retried until the deadline instead of failing the call at once.
       const started = Date.now();
       await new Promise<void>((resolve, reject) =>
-        (stub.Status as (r: unknown, m: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null) => void) => void).call(stub, { process: '' }, new grpc.Metadata({ waitForReady: true }), { deadline: started + timeoutMs }, (e) => (e ? reject(e) : resolve())),
+        (stub.Status as (r: unknown, m: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null) => void) => void).call(
+          stub,
+          { process: '' },
+          new grpc.Metadata({ waitForReady: true }),
+          { deadline: started + timeoutMs },
+          (e) => (e ? reject(e) : resolve()),
+        ),
       );
       const waitedMs = Date.now() - started;
       out({ ready: true, address, waitedMs }, () => console.log(`The agent at ${address} answers (waited ${waitedMs} ms).`));
@@ -226,7 +252,17 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-type Values = { json: boolean; image?: string; memory?: string; cpus?: string; cmdline?: string; 'wait-s'?: string; 'no-wait': boolean; timeout?: string; bytes?: string };
+type Values = {
+  json: boolean;
+  image?: string;
+  memory?: string;
+  cpus?: string;
+  cmdline?: string;
+  'wait-s'?: string;
+  'no-wait': boolean;
+  timeout?: string;
+  bytes?: string;
+};
 type Out = (obj: unknown, text: () => void) => void;
 
 function positiveInt(flag: string, v: string | undefined, def: number, min = 1): number {
@@ -249,7 +285,9 @@ function printVms(vms: VmInfoMessage[]): void {
   console.log(`${'NAME'.padEnd(16)} ${'STATE'.padEnd(9)} ${'PID'.padStart(7)}  ${'ARCH'.padEnd(7)} ACCEL ${'MEM'.padStart(6)} CPUS  IMAGE`);
   for (const v of vms) {
     const last = v.state === 'STOPPED' || v.state === 'CRASHED' ? `  (${v.lastExit})` : '';
-    console.log(`${v.name.padEnd(16)} ${v.state.padEnd(9)} ${String(v.pid || '-').padStart(7)}  ${v.arch.padEnd(7)} ${(v.accelerator || '-').padEnd(5)} ${`${v.memoryMib}M`.padStart(6)} ${String(v.cpus).padStart(4)}  v${v.imageVersion} ${v.imageDir}${last}`);
+    console.log(
+      `${v.name.padEnd(16)} ${v.state.padEnd(9)} ${String(v.pid || '-').padStart(7)}  ${v.arch.padEnd(7)} ${(v.accelerator || '-').padEnd(5)} ${`${v.memoryMib}M`.padStart(6)} ${String(v.cpus).padStart(4)}  v${v.imageVersion} ${v.imageDir}${last}`,
+    );
   }
 }
 
@@ -259,7 +297,10 @@ function printPlatform(p: PlatformInfo): void {
   console.log(`KVM        ${p.kvm ? 'usable' : 'NOT usable'}: ${p.kvmReason}${p.kvmDevicePresent ? '' : ' (no /dev/kvm)'}`);
   console.log(`Memory     ${p.memoryAvailableMib} MiB available of ${p.memoryTotalMib} MiB`);
   if (p.stateDisk) console.log(`State disk ${p.stateDisk.path} on ${p.stateDisk.mount}: ${p.stateDisk.availableMib} MiB free of ${p.stateDisk.totalMib} MiB`);
-  for (const a of p.accelerators) console.log(`Guest ${a.arch.padEnd(8)} platform ${a.platformId.padEnd(10)} accelerator ${a.accelerator}${a.accelerator === 'tcg' ? ' (software emulation, slow)' : ''}`);
+  for (const a of p.accelerators)
+    console.log(
+      `Guest ${a.arch.padEnd(8)} platform ${a.platformId.padEnd(10)} accelerator ${a.accelerator}${a.accelerator === 'tcg' ? ' (software emulation, slow)' : ''}`,
+    );
 }
 
 async function vmCommands(address: string, cmd: string, sub: string | undefined, rest: string[], values: Values, timeoutMs: number, out: Out): Promise<number> {
@@ -289,7 +330,13 @@ async function vmCommands(address: string, cmd: string, sub: string | undefined,
         const timeoutS = positiveInt('--timeout', values.timeout, 30);
         if (!values.json) process.stderr.write(`${name}: powering down (guest power button; QMP quit after ${timeoutS} s)...\n`);
         const r = await call<StopVmResponse>(stub, 'Stop', { name, timeoutS }, timeoutMs + timeoutS * 1000 + 15_000);
-        out(r, () => console.log(r.method === 'already-exited' ? `${name} was not running (${r.vm.state}).` : `${name} stopped in ${(r.elapsedMs / 1000).toFixed(1)} s (${r.method === 'guest' ? 'guest powerdown' : r.method}).`));
+        out(r, () =>
+          console.log(
+            r.method === 'already-exited'
+              ? `${name} was not running (${r.vm.state}).`
+              : `${name} stopped in ${(r.elapsedMs / 1000).toFixed(1)} s (${r.method === 'guest' ? 'guest powerdown' : r.method}).`,
+          ),
+        );
         return 0;
       }
       case 'kill': {
@@ -336,7 +383,9 @@ async function vmStart(stub: Stub, name: string, values: Values, timeoutMs: numb
   progress(`${name}: verifying ${imageDir} and launching...`);
   const vm = await call<VmInfoMessage>(stub, 'Start', { name, imageDir, memoryMib, cpus, cmdlineExtra: values.cmdline ?? '' }, timeoutMs);
   const launchedMs = Date.now() - t0;
-  progress(`${name}: launched: QEMU pid ${vm.pid}, ${vm.arch} ${vm.accelerator}, ${vm.memoryMib} MiB, ${vm.cpus} vCPU, image v${vm.imageVersion} (${launchedMs} ms)`);
+  progress(
+    `${name}: launched: QEMU pid ${vm.pid}, ${vm.arch} ${vm.accelerator}, ${vm.memoryMib} MiB, ${vm.cpus} vCPU, image v${vm.imageVersion} (${launchedMs} ms)`,
+  );
   const result: Record<string, unknown> = { vm, launchedMs, bootMarkerMs: null, readyMs: null };
   if (values['no-wait']) {
     out(result, () => console.log(`${name} launched; follow the boot with 'issu vm log ${name}'.`));
@@ -372,7 +421,9 @@ async function vmStart(stub: Stub, name: string, values: Values, timeoutMs: numb
   }
   if (result.readyMs === null) {
     const what = result.bootMarkerMs === null ? 'no boot marker (HITLESS-INIT)' : 'no HITLESS-READY';
-    process.stderr.write(`issu: ${name} is running but showed ${what} within ${waitS} s; look at 'issu vm log ${name}' (a TCG guest may just be slow: raise --wait-s).\n`);
+    process.stderr.write(
+      `issu: ${name} is running but showed ${what} within ${waitS} s; look at 'issu vm log ${name}' (a TCG guest may just be slow: raise --wait-s).\n`,
+    );
     if (values.json) console.log(JSON.stringify({ ...result, error: { code: 'DEADLINE_EXCEEDED', message: what } }));
     return 1;
   }

@@ -78,15 +78,21 @@ function printStatus(s: StatusMsg): void {
 
 function call<T>(stub: Stub, method: string, req: unknown, timeoutMs: number): Promise<T> {
   return new Promise<T>((resolve, reject) =>
-    (stub[method] as (r: unknown, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, v: T) => void) => void).call(stub, req, { deadline: Date.now() + timeoutMs }, (e, v) =>
-      e ? reject(e) : resolve(v),
+    (stub[method] as (r: unknown, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, v: T) => void) => void).call(
+      stub,
+      req,
+      { deadline: Date.now() + timeoutMs },
+      (e, v) => (e ? reject(e) : resolve(v)),
     ),
   );
 }
 
 /** Shows agent events on stderr while `run` is under way. */
 async function withProgress<T>(stub: Stub, json: boolean, run: () => Promise<T>): Promise<T> {
-  const events = (stub.Events as (r: unknown) => grpc.ClientReadableStream<{ type: string; phase: string; message: string; done: number; total: number }>).call(stub, {});
+  const events = (stub.Events as (r: unknown) => grpc.ClientReadableStream<{ type: string; phase: string; message: string; done: number; total: number }>).call(
+    stub,
+    {},
+  );
   events.on('data', (e) => {
     if (json) return;
     const count = e.total ? ` [${e.done}/${e.total}]` : '';
@@ -101,7 +107,14 @@ async function withProgress<T>(stub: Stub, json: boolean, run: () => Promise<T>)
   }
 }
 
-export async function upgradeCommand(address: string, cmd: string, rest: string[], opts: { json: boolean; reason?: string; timeoutMs: number }, out: Out, usage: (m: string) => Error): Promise<number> {
+export async function upgradeCommand(
+  address: string,
+  cmd: string,
+  rest: string[],
+  opts: { json: boolean; reason?: string; timeoutMs: number },
+  out: Out,
+  usage: (m: string) => Error,
+): Promise<number> {
   const stub = new (clientCtor('hitless.v1.Upgrade'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
   const image = () => {
     if (!rest[0]) throw usage(`${cmd} needs an image bundle directory, e.g. issu ${cmd} /var/lib/hitless/images/cp-2.0.0`);
@@ -143,7 +156,13 @@ export async function upgradeCommand(address: string, cmd: string, rest: string[
   }
 }
 
-export async function showCompatibility(address: string, imageDir: string | undefined, opts: { json: boolean; timeoutMs: number }, out: Out, usage: (m: string) => Error): Promise<number> {
+export async function showCompatibility(
+  address: string,
+  imageDir: string | undefined,
+  opts: { json: boolean; timeoutMs: number },
+  out: Out,
+  usage: (m: string) => Error,
+): Promise<number> {
   if (!imageDir) throw usage('show compatibility needs an image bundle directory');
   const stub = new (clientCtor('hitless.v1.Upgrade'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
   try {
@@ -152,7 +171,18 @@ export async function showCompatibility(address: string, imageDir: string | unde
       candidateVersion: string;
       compatible: boolean;
       reason: string;
-      rows: { process: string; change: string; fromWrites: number; toWrites: number; fromReads: number[]; toReads: number[]; forward: boolean; backward: boolean; via: string; reason: string }[];
+      rows: {
+        process: string;
+        change: string;
+        fromWrites: number;
+        toWrites: number;
+        fromReads: number[];
+        toReads: number[];
+        forward: boolean;
+        backward: boolean;
+        via: string;
+        reason: string;
+      }[];
     }>(stub, 'ShowCompatibility', { imageDir: path.resolve(imageDir) }, opts.timeoutMs);
     out(r, () => {
       console.log(`running ${r.runningVersion} -> candidate ${r.candidateVersion}: ${r.compatible ? 'compatible' : 'NOT compatible'}`);

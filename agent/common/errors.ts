@@ -36,8 +36,7 @@ export const aborted = (m: string) => new HitlessError(status.ABORTED, m);
  * The refusal for a write the agent's state disk has no room for. The sentence names the
  * directory, so an operator knows which filesystem to free, and says what happens after.
  */
-export const diskFull = (dir: string, then: string) =>
-  resourceExhausted(`the agent's state disk is full (${dir}): free space, then ${then}`);
+export const diskFull = (dir: string, then: string) => resourceExhausted(`the agent's state disk is full (${dir}): free space, then ${then}`);
 
 /** SQLite I/O errors that a write into a full filesystem can also surface as (see isDiskFull). */
 const SQLITE_WRITE_IOERRS = new Set(['SQLITE_IOERR_WRITE', 'SQLITE_IOERR_SHMSIZE', 'SQLITE_IOERR_TRUNCATE', 'SQLITE_IOERR_FSYNC']);

@@ -45,10 +45,17 @@ export interface GnoiVms {
 
 const PROGRESS_EVERY = 4 * 1024 * 1024;
 const nsSinceEpoch = (ms: number) => (BigInt(Math.round(ms)) * 1_000_000n).toString();
-const cpPath = (vm: string) => ({ origin: '', elem: [{ name: 'components', key: {} }, { name: 'component', key: { name: vm } }] });
+const cpPath = (vm: string) => ({
+  origin: '',
+  elem: [
+    { name: 'components', key: {} },
+    { name: 'component', key: { name: vm } },
+  ],
+});
 
 export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Logger): grpc.UntypedServiceImplementation {
-  const describe = (m: Manifest) => `${m.name} ${m.version} (${m.arch}, kernel ${m.kernel.release}; processes ${m.processes.map((p) => `${p.name} schema ${p.schemaWrites}`).join(', ')})`;
+  const describe = (m: Manifest) =>
+    `${m.name} ${m.version} (${m.arch}, kernel ${m.kernel.release}; processes ${m.processes.map((p) => `${p.name} schema ${p.schemaWrites}`).join(', ')})`;
 
   /** Bundle directories being activated right now: verified by the upgrade, not yet journaled. */
   const activating = new Set<string>();
@@ -108,10 +115,12 @@ export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Lo
           if (state === 'start') {
             const tr = req.transferRequest as { version: string; standbySupervisor: boolean; packageSize: number } | undefined;
             if (req.request !== 'transferRequest' || !tr) throw new InstallFailure('UNSPECIFIED', 'the first Install message must be a TransferRequest');
-            if (tr.standbySupervisor) throw new InstallFailure('NOT_SUPPORTED_ON_BACKUP', 'this target installs the whole system with one Install; do not set standby_supervisor');
+            if (tr.standbySupervisor)
+              throw new InstallFailure('NOT_SUPPORTED_ON_BACKUP', 'this target installs the whole system with one Install; do not set standby_supervisor');
             requested = tr.version;
             if (requested) {
-              if (!validVersion(requested)) throw new InstallFailure('UNSPECIFIED', `'${requested}' is not a valid bundle version (MAJOR.MINOR.PATCH[-pre][+build])`);
+              if (!validVersion(requested))
+                throw new InstallFailure('UNSPECIFIED', `'${requested}' is not a valid bundle version (MAJOR.MINOR.PATCH[-pre][+build])`);
               const have = find(requested);
               if (have) {
                 log.info({ version: requested, dir: have.dir }, 'gNOI Install: version already present');
@@ -176,7 +185,10 @@ export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Lo
     },
 
     Activate: unary<{ version: string; standbySupervisor: boolean; noReboot: boolean }, unknown>(log, 'gnoi.os.OS/Activate', async (req) => {
-      if (req.standbySupervisor) return { activateError: { type: 'NOT_SUPPORTED_ON_BACKUP', detail: 'this target activates the whole system with one Activate; do not set standby_supervisor' } };
+      if (req.standbySupervisor)
+        return {
+          activateError: { type: 'NOT_SUPPORTED_ON_BACKUP', detail: 'this target activates the whole system with one Activate; do not set standby_supervisor' },
+        };
       const have = req.version ? find(req.version) : null;
       if (!have) return { activateError: { type: 'NON_EXISTENT_VERSION', detail: `version '${req.version}' is not installed; Install it first` } };
       const running = upgrade.running();
@@ -200,8 +212,10 @@ export function osHandlers(store: PackageStore, upgrade: UpgradeService, log: Lo
       const cur = st.current;
       let verifyStandby: unknown;
       if (!cur) verifyStandby = { standbyState: { state: 'NON_EXISTENT' } };
-      else if (cur.phase === 'LOADED') verifyStandby = { verifyResponse: { id: cur.toVm, version: cur.toVersion, activationFailMessage: '', imageName: path.basename(cur.toImage) } };
-      else if (cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED') verifyStandby = { verifyResponse: { id: cur.fromVm, version: cur.fromVersion, activationFailMessage: '', imageName: path.basename(cur.fromImage) } };
+      else if (cur.phase === 'LOADED')
+        verifyStandby = { verifyResponse: { id: cur.toVm, version: cur.toVersion, activationFailMessage: '', imageName: path.basename(cur.toImage) } };
+      else if (cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED')
+        verifyStandby = { verifyResponse: { id: cur.fromVm, version: cur.fromVersion, activationFailMessage: '', imageName: path.basename(cur.fromImage) } };
       else verifyStandby = { standbyState: { state: 'UNAVAILABLE' } };
       const last = st.history[0];
       const failed = !cur && last && (last.phase === 'ROLLED_BACK' || last.phase === 'ABORTED') && last.toVersion !== running?.manifest.version;
@@ -230,46 +244,68 @@ export function systemHandlers(upgrade: UpgradeService, vms: GnoiVms, log: Logge
     return elems.length ? elems[elems.length - 1].name : '';
   };
   return {
-    SwitchControlProcessor: unary<{ controlProcessor: { elem?: { name: string; key?: Record<string, string> }[] } | null }, unknown>(log, 'gnoi.system.System/SwitchControlProcessor', async (req) => {
-      const want = targetName(req.controlProcessor);
-      const running = upgrade.running();
-      if (want && running && want === running.vm) return cpOf(running.vm); // already there: a no-op
-      const cur = upgrade.status().current;
-      if (!cur) throw failedPrecondition('there is no standby control processor: activate a version with OS.Activate(no_reboot=true) first');
-      const switched = cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED';
-      if (want && switched && want === cur.fromVm) {
-        throw failedPrecondition(
-          `'${want}' runs the previous version ${cur.fromVersion} and follows '${cur.toVm}' as its standby until the upgrade is committed; ` +
-            `switching back is an abort: run 'issu abortversion' (or let the rollback timer do it), or commit ${cur.toVersion} with System.Reboot`,
-        );
-      }
-      if (want && want !== cur.toVm) throw notFound(`control processor '${want}' does not exist; the standby is '${switched ? cur.fromVm : cur.toVm}' and the active '${running?.vm ?? cur.fromVm}'`);
-      await upgrade.runVersion();
-      return cpOf(cur.toVm);
-    }),
-    Reboot: unary<{ method: string; delay: number; message: string; subcomponents: unknown[]; force: boolean }, unknown>(log, 'gnoi.system.System/Reboot', async (req) => {
-      if (!['COLD', 'WARM', 'NSF'].includes(req.method)) throw invalidArgument(`reboot method ${req.method} is not supported; use COLD, WARM or NSF (all of them switch to the activated version hitlessly)`);
-      if (Number(req.delay) > 0) throw invalidArgument('delayed reboots are not supported; send delay 0');
-      if (req.subcomponents?.length) throw invalidArgument('rebooting subcomponents is not supported; send none');
-      if (rebooting) throw failedPrecondition(`a reboot is already in progress since ${new Date(rebooting.since).toISOString()}`);
-      const cur = upgrade.status().current;
-      if (!cur) throw failedPrecondition('no version is activated: use OS.Activate(no_reboot=true) first; the agent never cold-restarts the running control plane');
-      rebooting = { since: Date.now(), method: req.method, reason: req.message };
-      try {
-        if (cur.phase === 'LOADED') await upgrade.runVersion();
-        await upgrade.commitVersion();
-        last = { method: req.method, ok: true, message: `${cur.toVersion} running` };
-        count++;
-      } catch (e) {
-        last = { method: req.method, ok: false, message: (e as Error).message };
-        throw e;
-      } finally {
-        rebooting = null;
-      }
-      return {};
-    }),
+    SwitchControlProcessor: unary<{ controlProcessor: { elem?: { name: string; key?: Record<string, string> }[] } | null }, unknown>(
+      log,
+      'gnoi.system.System/SwitchControlProcessor',
+      async (req) => {
+        const want = targetName(req.controlProcessor);
+        const running = upgrade.running();
+        if (want && running && want === running.vm) return cpOf(running.vm); // already there: a no-op
+        const cur = upgrade.status().current;
+        if (!cur) throw failedPrecondition('there is no standby control processor: activate a version with OS.Activate(no_reboot=true) first');
+        const switched = cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED';
+        if (want && switched && want === cur.fromVm) {
+          throw failedPrecondition(
+            `'${want}' runs the previous version ${cur.fromVersion} and follows '${cur.toVm}' as its standby until the upgrade is committed; ` +
+              `switching back is an abort: run 'issu abortversion' (or let the rollback timer do it), or commit ${cur.toVersion} with System.Reboot`,
+          );
+        }
+        if (want && want !== cur.toVm)
+          throw notFound(
+            `control processor '${want}' does not exist; the standby is '${switched ? cur.fromVm : cur.toVm}' and the active '${running?.vm ?? cur.fromVm}'`,
+          );
+        await upgrade.runVersion();
+        return cpOf(cur.toVm);
+      },
+    ),
+    Reboot: unary<{ method: string; delay: number; message: string; subcomponents: unknown[]; force: boolean }, unknown>(
+      log,
+      'gnoi.system.System/Reboot',
+      async (req) => {
+        if (!['COLD', 'WARM', 'NSF'].includes(req.method))
+          throw invalidArgument(`reboot method ${req.method} is not supported; use COLD, WARM or NSF (all of them switch to the activated version hitlessly)`);
+        if (Number(req.delay) > 0) throw invalidArgument('delayed reboots are not supported; send delay 0');
+        if (req.subcomponents?.length) throw invalidArgument('rebooting subcomponents is not supported; send none');
+        if (rebooting) throw failedPrecondition(`a reboot is already in progress since ${new Date(rebooting.since).toISOString()}`);
+        const cur = upgrade.status().current;
+        if (!cur)
+          throw failedPrecondition('no version is activated: use OS.Activate(no_reboot=true) first; the agent never cold-restarts the running control plane');
+        rebooting = { since: Date.now(), method: req.method, reason: req.message };
+        try {
+          if (cur.phase === 'LOADED') await upgrade.runVersion();
+          await upgrade.commitVersion();
+          last = { method: req.method, ok: true, message: `${cur.toVersion} running` };
+          count++;
+        } catch (e) {
+          last = { method: req.method, ok: false, message: (e as Error).message };
+          throw e;
+        } finally {
+          rebooting = null;
+        }
+        return {};
+      },
+    ),
     RebootStatus: unary<unknown, unknown>(log, 'gnoi.system.System/RebootStatus', () => {
-      if (rebooting) return { active: true, wait: 0, when: nsSinceEpoch(rebooting.since), reason: rebooting.reason, count, method: rebooting.method, status: { status: 'STATUS_UNKNOWN', message: '' } };
+      if (rebooting)
+        return {
+          active: true,
+          wait: 0,
+          when: nsSinceEpoch(rebooting.since),
+          reason: rebooting.reason,
+          count,
+          method: rebooting.method,
+          status: { status: 'STATUS_UNKNOWN', message: '' },
+        };
       return {
         active: false,
         wait: 0,

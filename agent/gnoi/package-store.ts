@@ -28,7 +28,8 @@ import { HitlessError } from '../common/errors';
 import { Manifest, SEMVERISH, isPlainFileName, parseManifest, readManifestBytes } from '../images/manifest';
 import { checkSignature, verifyBundle } from '../images/signing';
 
-export type InstallErrorType = 'UNSPECIFIED' | 'INCOMPATIBLE' | 'TOO_LARGE' | 'PARSE_FAIL' | 'INTEGRITY_FAIL' | 'INSTALL_RUN_PACKAGE' | 'INSTALL_IN_PROGRESS' | 'NOT_SUPPORTED_ON_BACKUP';
+export type InstallErrorType =
+  'UNSPECIFIED' | 'INCOMPATIBLE' | 'TOO_LARGE' | 'PARSE_FAIL' | 'INTEGRITY_FAIL' | 'INSTALL_RUN_PACKAGE' | 'INSTALL_IN_PROGRESS' | 'NOT_SUPPORTED_ON_BACKUP';
 
 export class InstallFailure extends Error {
   constructor(
@@ -110,7 +111,11 @@ export class PackageStore {
    */
   begin(packageSize: number, protect: (dir: string) => boolean = () => false): Incoming {
     if (this.busy) throw new InstallFailure('INSTALL_IN_PROGRESS', 'another Install is in progress on this agent; retry when it is done');
-    if (packageSize > this.maxPackageBytes) throw new InstallFailure('TOO_LARGE', `package_size ${packageSize} bytes exceeds the agent's limit of ${this.maxPackageBytes} bytes (--max-package-bytes)`);
+    if (packageSize > this.maxPackageBytes)
+      throw new InstallFailure(
+        'TOO_LARGE',
+        `package_size ${packageSize} bytes exceeds the agent's limit of ${this.maxPackageBytes} bytes (--max-package-bytes)`,
+      );
     const need = packageSize + DISK_MARGIN_BYTES;
     let free = freeBytes(this.imagesDir);
     if (need > free) {
@@ -123,7 +128,7 @@ export class PackageStore {
           `not enough disk space in ${this.imagesDir}: ${free} bytes free, ${what} plus ${DISK_MARGIN_BYTES} bytes kept free; ` +
             (released.length
               ? `released ${released.join(', ')} and still short`
-              : 'no older installed version can be released to make room (the running one, an upgrade\'s and the last installed are kept)'),
+              : "no older installed version can be released to make room (the running one, an upgrade's and the last installed are kept)"),
         );
       }
     }
@@ -220,18 +225,26 @@ export class Incoming {
 
   push(buf: Buffer): void {
     this.received += buf.length;
-    if (this.received > this.maxBytes) throw new InstallFailure('TOO_LARGE', `the package exceeds the agent's limit of ${this.maxBytes} bytes (--max-package-bytes)`);
+    if (this.received > this.maxBytes)
+      throw new InstallFailure('TOO_LARGE', `the package exceeds the agent's limit of ${this.maxBytes} bytes (--max-package-bytes)`);
     if (this.received - this.lastSpaceCheck >= SPACE_CHECK_BYTES) {
       this.lastSpaceCheck = this.received;
       const free = freeBytes(this.dir);
       if (free < DISK_MARGIN_BYTES) {
-        throw new InstallFailure('TOO_LARGE', `disk space ran short while receiving the package: ${free} bytes free in ${path.dirname(this.dir)} after ${this.received} bytes, ${DISK_MARGIN_BYTES} are kept free; declare package_size so the agent can make room first`);
+        throw new InstallFailure(
+          'TOO_LARGE',
+          `disk space ran short while receiving the package: ${free} bytes free in ${path.dirname(this.dir)} after ${this.received} bytes, ${DISK_MARGIN_BYTES} are kept free; declare package_size so the agent can make room first`,
+        );
       }
     }
     try {
       this.unpack(buf);
     } catch (e) {
-      if (noSpace(e)) throw new InstallFailure('TOO_LARGE', `the disk of ${path.dirname(this.dir)} is full after ${this.received} bytes of the package (${(e as Error).message})`);
+      if (noSpace(e))
+        throw new InstallFailure(
+          'TOO_LARGE',
+          `the disk of ${path.dirname(this.dir)} is full after ${this.received} bytes of the package (${(e as Error).message})`,
+        );
       throw e;
     }
   }
@@ -267,7 +280,8 @@ export class Incoming {
 
   /** After TransferEnd: the archive must be complete. */
   finish(): void {
-    if (this.remaining > 0 || this.headerFill > 0) throw new InstallFailure('PARSE_FAIL', `the package ends in the middle of a tar entry after ${this.received} bytes; send the whole archive`);
+    if (this.remaining > 0 || this.headerFill > 0)
+      throw new InstallFailure('PARSE_FAIL', `the package ends in the middle of a tar entry after ${this.received} bytes; send the whole archive`);
     if (this.names.size === 0) throw new InstallFailure('PARSE_FAIL', 'the package holds no files; it must be a tar archive of an image bundle directory');
   }
 
@@ -298,7 +312,11 @@ export class Incoming {
     const stored = parseOctal(h, 148, 8);
     let sum = 0;
     for (let i = 0; i < 512; i++) sum += i >= 148 && i < 156 ? 32 : h[i];
-    if (stored !== sum) throw new InstallFailure('PARSE_FAIL', `the package is not a tar archive (bad header checksum at byte ${this.received}); send a tar (ustar) of the bundle directory`);
+    if (stored !== sum)
+      throw new InstallFailure(
+        'PARSE_FAIL',
+        `the package is not a tar archive (bad header checksum at byte ${this.received}); send a tar (ustar) of the bundle directory`,
+      );
     const name = cstr(h, 0, 100);
     const ustar = cstr(h, 257, 6).startsWith('ustar');
     const prefix = ustar ? cstr(h, 345, 155) : '';
@@ -337,7 +355,8 @@ export class Incoming {
   }
 
   private setTop(top: string, full: string): void {
-    if (this.topDir !== null && this.topDir !== top) throw new InstallFailure('PARSE_FAIL', `tar entry '${full}' is outside the bundle directory '${this.topDir}'`);
+    if (this.topDir !== null && this.topDir !== top)
+      throw new InstallFailure('PARSE_FAIL', `tar entry '${full}' is outside the bundle directory '${this.topDir}'`);
     this.topDir = top;
   }
 }

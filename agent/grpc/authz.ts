@@ -42,7 +42,8 @@ export function loadRoles(file: string): Map<string, Role> {
   } catch (e) {
     throw new Error(`--tls-roles ${file}: cannot read it as JSON (${(e as Error).message}); expected {"<certificate CN or SAN>": "viewer"|"operator"}`);
   }
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new Error(`--tls-roles ${file}: expected a JSON object mapping certificate CN or SAN to a role`);
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
+    throw new Error(`--tls-roles ${file}: expected a JSON object mapping certificate CN or SAN to a role`);
   const out = new Map<string, Role>();
   for (const [who, role] of Object.entries(raw as Record<string, unknown>)) {
     if (!ROLES.includes(role as Role)) throw new Error(`--tls-roles ${file}: '${who}' has role '${String(role)}'; roles are ${ROLES.join(', ')}`);
@@ -58,7 +59,10 @@ export function certificateNames(cert: PeerCertificate | undefined): string[] {
   const cn = cert.subject.CN as string | string[] | undefined;
   if (Array.isArray(cn)) names.push(...cn);
   else if (cn) names.push(cn);
-  for (const entry of (cert.subjectaltname ?? '').split(',').map((s) => s.trim()).filter(Boolean)) {
+  for (const entry of (cert.subjectaltname ?? '')
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean)) {
     names.push(entry);
     const i = entry.indexOf(':');
     if (i > 0) names.push(entry.slice(i + 1));

@@ -79,7 +79,10 @@ export class GrpcServer {
       if (peerVm !== null && !b.guest) continue;
       const def = serviceDef(pkg, b.name);
       const handlers = guardHandlers(def, b.handlers(peerVm));
-      server.addService(guardMalformed(def), instrument(def, handlers, tls?.roles ?? null, (m, c) => this.onCall?.(m, c), this.log));
+      server.addService(
+        guardMalformed(def),
+        instrument(def, handlers, tls?.roles ?? null, (m, c) => this.onCall?.(m, c), this.log),
+      );
     }
     this.health.addToServer(server);
     new ReflectionService(def).addToServer(server);
@@ -88,9 +91,7 @@ export class GrpcServer {
 
   private async bind(server: grpc.Server, address: string, creds = grpc.ServerCredentials.createInsecure()): Promise<number> {
     widenFlowControl(server, 'before-bind');
-    const port = await new Promise<number>((resolve, reject) =>
-      server.bindAsync(address, creds, (err, p) => (err ? reject(err) : resolve(p))),
-    );
+    const port = await new Promise<number>((resolve, reject) => server.bindAsync(address, creds, (err, p) => (err ? reject(err) : resolve(p))));
     widenFlowControl(server, 'after-bind');
     return port;
   }
@@ -127,11 +128,7 @@ export class GrpcServer {
    */
   async listenTls(hostPort: string, tls: TlsOptions): Promise<string> {
     const { host, port } = splitHostPort(hostPort);
-    const creds = grpc.ServerCredentials.createSsl(
-      Buffer.from(tls.clientCa),
-      [{ private_key: Buffer.from(tls.key), cert_chain: Buffer.from(tls.cert) }],
-      true,
-    );
+    const creds = grpc.ServerCredentials.createSsl(Buffer.from(tls.clientCa), [{ private_key: Buffer.from(tls.key), cert_chain: Buffer.from(tls.cert) }], true);
     const server = this.build(null, tls);
     const bound = await this.bind(server, host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`, creds);
     this.tlsAddress = host.includes(':') ? `[${host}]:${bound}` : `${host}:${bound}`;

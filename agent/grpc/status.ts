@@ -46,6 +46,11 @@ export function unary<Req, Res>(
 }
 
 /** Ends a server stream with an error status. */
-export function failStream(call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>, err: unknown, log: Logger, method: string): void {
+export function failStream(
+  call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>,
+  err: unknown,
+  log: Logger,
+  method: string,
+): void {
   call.emit('error', toServiceError(err, log, method, call));
 }

@@ -70,13 +70,7 @@ export class SystemInformationHostProbe implements HostProbe {
   }
 
   async inventory(): Promise<HostInventory> {
-    const [cpu, flags, mem, disks, kvm] = await Promise.all([
-      si.cpu(),
-      si.cpuFlags(),
-      si.mem(),
-      si.fsSize(),
-      probeKvm(this.qemuBinary),
-    ]);
+    const [cpu, flags, mem, disks, kvm] = await Promise.all([si.cpu(), si.cpuFlags(), si.mem(), si.fsSize(), probeKvm(this.qemuBinary)]);
     const flagSet = new Set(flags.split(/\s+/));
     return {
       cpuModel: `${cpu.manufacturer} ${cpu.brand}`.trim(),

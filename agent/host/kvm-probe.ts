@@ -89,9 +89,7 @@ function qemuSaysKvmWorks(qemuBinary: string, probeArgs: string[]): Promise<{ ok
         child.stdin.write('{"execute":"quit"}\n');
       }
     });
-    child.on('exit', (code, signal) =>
-      finish(false, (err.trim().split('\n').pop() ?? '') || `QEMU exited with code ${code} signal ${signal}`),
-    );
+    child.on('exit', (code, signal) => finish(false, (err.trim().split('\n').pop() ?? '') || `QEMU exited with code ${code} signal ${signal}`));
     child.stdin.on('error', () => undefined);
     child.stdin.write('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n');
   });

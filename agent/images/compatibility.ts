@@ -62,7 +62,8 @@ interface Side {
 }
 
 function side(p: ProcessInfo, version: string | undefined, where: string): Side {
-  if (!Number.isSafeInteger(p.schemaWrites) || p.schemaWrites < 1) throw invalidArgument(`${where}: schemaWrites must be an integer >= 1, got ${p.schemaWrites}`);
+  if (!Number.isSafeInteger(p.schemaWrites) || p.schemaWrites < 1)
+    throw invalidArgument(`${where}: schemaWrites must be an integer >= 1, got ${p.schemaWrites}`);
   if (!Array.isArray(p.schemaReads)) throw invalidArgument(`${where}: schemaReads must be an array of schema versions`);
   const nativeReads = new Set([...p.schemaReads, p.schemaWrites]);
   const readable = new Set(nativeReads);
@@ -168,7 +169,10 @@ export function compatibilityMatrix(running: Manifest | ProcessInfo[], candidate
 function advice(r: ProcessCompatibility): string {
   const todo: string[] = [];
   if (!r.forward) todo.push(`the candidate must read schema ${r.fromWrites} (add it to schemaReads, or declare a transform "${r.fromWrites}->${r.toWrites}")`);
-  if (!r.backward) todo.push(`for a hitless rollback the candidate must declare a transform "${r.toWrites}->${r.fromWrites}" (or upgrade first to a release that reads ${r.toWrites})`);
+  if (!r.backward)
+    todo.push(
+      `for a hitless rollback the candidate must declare a transform "${r.toWrites}->${r.fromWrites}" (or upgrade first to a release that reads ${r.toWrites})`,
+    );
   return todo.join(' and ');
 }
 
@@ -179,6 +183,9 @@ function advice(r: ProcessCompatibility): string {
 export function assertCompatible(matrix: ProcessCompatibility[]): void {
   const bad = matrix.filter((r) => !r.forward || !r.backward);
   if (!bad.length) return;
-  const parts = bad.map((r) => `incompatible schema ${r.fromWrites}->${r.toWrites} for process ${r.process} (${r.fromVersion ?? '?'} -> ${r.toVersion ?? '?'}): ${r.reason}; ${advice(r)}`);
+  const parts = bad.map(
+    (r) =>
+      `incompatible schema ${r.fromWrites}->${r.toWrites} for process ${r.process} (${r.fromVersion ?? '?'} -> ${r.toVersion ?? '?'}): ${r.reason}; ${advice(r)}`,
+  );
   throw failedPrecondition(`${parts.join('. ')}. The upgrade was not started; pick a candidate bundle that is schema-compatible.`);
 }

@@ -213,7 +213,8 @@ function checkManifest(m: unknown): string[] {
         if (!Array.isArray(p.transforms)) c.add(`${at}.transforms`, `must be an array of "from->to" strings, got ${show(p.transforms)}`);
         else
           p.transforms.forEach((t, j) => {
-            if (typeof t !== 'string' || !parseTransform(t)) c.add(`${at}.transforms[${j}]`, `must be "FROM->TO" with two different schema versions >= 1, got ${show(t)}`);
+            if (typeof t !== 'string' || !parseTransform(t))
+              c.add(`${at}.transforms[${j}]`, `must be "FROM->TO" with two different schema versions >= 1, got ${show(t)}`);
           });
       }
     });

@@ -76,7 +76,9 @@ function loadPrivateKey(pem: string): crypto.KeyObject {
     throw invalidArgument(`the signing key is not a PEM private key (${(e as Error).message}); give the NAME.key file written by 'issu image keygen'`);
   }
   if (key.asymmetricKeyType !== 'ed25519') {
-    throw invalidArgument(`the signing key is a ${key.asymmetricKeyType ?? 'unknown'} key, bundles are signed with ed25519; create one with 'issu image keygen'`);
+    throw invalidArgument(
+      `the signing key is a ${key.asymmetricKeyType ?? 'unknown'} key, bundles are signed with ed25519; create one with 'issu image keygen'`,
+    );
   }
   return key;
 }
@@ -137,10 +139,14 @@ export function readSignature(dir: string): BundleSignature | undefined {
   }
   const o = s as Record<string, unknown>;
   if (typeof o !== 'object' || o === null || typeof o.keyId !== 'string' || !KEY_ID.test(o.keyId) || typeof o.signature !== 'string') {
-    throw permissionDenied(`signature not trusted: ${file} is malformed (needs keyId of 16 hex digits and a base64 signature); fetch the bundle again or re-sign it`);
+    throw permissionDenied(
+      `signature not trusted: ${file} is malformed (needs keyId of 16 hex digits and a base64 signature); fetch the bundle again or re-sign it`,
+    );
   }
   if (o.algorithm !== SIGNATURE_ALGORITHM) {
-    throw permissionDenied(`signature not trusted: ${file} uses algorithm ${JSON.stringify(o.algorithm)}, only ed25519 is accepted; re-sign the bundle with 'issu image sign'`);
+    throw permissionDenied(
+      `signature not trusted: ${file} uses algorithm ${JSON.stringify(o.algorithm)}, only ed25519 is accepted; re-sign the bundle with 'issu image sign'`,
+    );
   }
   return { keyId: o.keyId, algorithm: SIGNATURE_ALGORITHM, signature: o.signature };
 }
@@ -188,7 +194,9 @@ export function loadTrustDir(trustDir: string): { keys: TrustedKey[]; skipped: s
 export function checkSignature(dir: string, manifestRaw: Buffer, trustDir: string): TrustedKey {
   const sig = readSignature(dir);
   if (!sig) {
-    throw permissionDenied(`signature not trusted: ${dir} is unsigned (no ${SIGNATURE_FILE}); sign it with 'issu image sign ${dir} --key KEY' using a key whose .pub is in ${trustDir}`);
+    throw permissionDenied(
+      `signature not trusted: ${dir} is unsigned (no ${SIGNATURE_FILE}); sign it with 'issu image sign ${dir} --key KEY' using a key whose .pub is in ${trustDir}`,
+    );
   }
   const { keys, skipped } = loadTrustDir(trustDir);
   const trusted = keys.find((k) => k.keyId === sig.keyId);
@@ -223,9 +231,12 @@ export async function verifyFiles(dir: string, manifest: Manifest, onProgress?: 
     } catch {
       throw failedPrecondition(`file ${f.path} (${f.role}) is missing from ${dir}: the bundle is incomplete; fetch it again`);
     }
-    if (!st.isFile()) throw failedPrecondition(`file ${f.path} (${f.role}) is not a regular file (symlinks are not allowed in a bundle); fetch the bundle again`);
+    if (!st.isFile())
+      throw failedPrecondition(`file ${f.path} (${f.role}) is not a regular file (symlinks are not allowed in a bundle); fetch the bundle again`);
     if (st.size !== f.size) {
-      throw failedPrecondition(`file ${f.path}: size mismatch (manifest ${f.size} bytes, file ${st.size}): the bundle is corrupt or was modified; fetch it again`);
+      throw failedPrecondition(
+        `file ${f.path}: size mismatch (manifest ${f.size} bytes, file ${st.size}): the bundle is corrupt or was modified; fetch it again`,
+      );
     }
   }
   let done = 0;
@@ -250,7 +261,9 @@ export async function verifyFiles(dir: string, manifest: Manifest, onProgress?: 
       await fh.close();
     }
     if (n !== f.size) {
-      throw failedPrecondition(`file ${f.path}: size mismatch (manifest ${f.size} bytes, read ${n}${n > f.size ? '+' : ''}): the file changed while it was verified; fetch the bundle again`);
+      throw failedPrecondition(
+        `file ${f.path}: size mismatch (manifest ${f.size} bytes, read ${n}${n > f.size ? '+' : ''}): the file changed while it was verified; fetch the bundle again`,
+      );
     }
     const got = h.digest('hex');
     if (got !== f.sha256) {

@@ -46,23 +46,63 @@ export class Metrics {
       for (const [l, v] of samples) out.push(`${name}${labels(l)} ${Number.isFinite(v) ? v : 0}`);
     };
     const procs = this.sources.checkpoint();
-    family('hitless_checkpoint_records', 'gauge', 'Records held in the agent replica of a checkpoint table.',
-      procs.flatMap((p) => p.tables.map((t) => [{ process: p.process, table: t.name }, t.records] as [Record<string, string>, number])));
-    family('hitless_checkpoint_bytes', 'gauge', 'Bytes (keys and values) held in the agent replica of a checkpoint table.',
-      procs.flatMap((p) => p.tables.map((t) => [{ process: p.process, table: t.name }, t.bytes] as [Record<string, string>, number])));
-    family('hitless_checkpoint_seq', 'gauge', 'Latest sequence number of a checkpoint table.',
-      procs.flatMap((p) => p.tables.map((t) => [{ process: p.process, table: t.name }, t.seq] as [Record<string, string>, number])));
-    family('hitless_standby_lag_batches', 'gauge', 'Batches a standby instance still has to apply.',
-      procs.flatMap((p) => p.peers.filter((x) => x.role !== 'ACTIVE').map((x) => [{ process: p.process, instance: x.instanceId, vm: x.vmId }, x.lag] as [Record<string, string>, number])));
-    family('hitless_standby_ready', 'gauge', '1 when a standby instance is in sync (READY).',
-      procs.flatMap((p) => p.peers.filter((x) => x.role !== 'ACTIVE').map((x) => [{ process: p.process, instance: x.instanceId, vm: x.vmId }, x.ready ? 1 : 0] as [Record<string, string>, number])));
+    family(
+      'hitless_checkpoint_records',
+      'gauge',
+      'Records held in the agent replica of a checkpoint table.',
+      procs.flatMap((p) => p.tables.map((t) => [{ process: p.process, table: t.name }, t.records] as [Record<string, string>, number])),
+    );
+    family(
+      'hitless_checkpoint_bytes',
+      'gauge',
+      'Bytes (keys and values) held in the agent replica of a checkpoint table.',
+      procs.flatMap((p) => p.tables.map((t) => [{ process: p.process, table: t.name }, t.bytes] as [Record<string, string>, number])),
+    );
+    family(
+      'hitless_checkpoint_seq',
+      'gauge',
+      'Latest sequence number of a checkpoint table.',
+      procs.flatMap((p) => p.tables.map((t) => [{ process: p.process, table: t.name }, t.seq] as [Record<string, string>, number])),
+    );
+    family(
+      'hitless_standby_lag_batches',
+      'gauge',
+      'Batches a standby instance still has to apply.',
+      procs.flatMap((p) =>
+        p.peers
+          .filter((x) => x.role !== 'ACTIVE')
+          .map((x) => [{ process: p.process, instance: x.instanceId, vm: x.vmId }, x.lag] as [Record<string, string>, number]),
+      ),
+    );
+    family(
+      'hitless_standby_ready',
+      'gauge',
+      '1 when a standby instance is in sync (READY).',
+      procs.flatMap((p) =>
+        p.peers
+          .filter((x) => x.role !== 'ACTIVE')
+          .map((x) => [{ process: p.process, instance: x.instanceId, vm: x.vmId }, x.ready ? 1 : 0] as [Record<string, string>, number]),
+      ),
+    );
     const up = this.sources.upgradePhase();
-    family('hitless_upgrade_phase', 'gauge', 'The phase of the current (or last) upgrade: 1 for its phase, 0 for the others; all 0 before the first upgrade.',
-      PHASES.map((ph) => [{ phase: ph }, up?.phase === ph ? 1 : 0] as [Record<string, string>, number]));
-    family('hitless_vm_state', 'gauge', 'VMs the agent manages, 1 for each VM in its current state.',
-      this.sources.vms().map((v) => [{ vm: v.name, state: v.state, version: v.imageVersion ?? '' }, 1] as [Record<string, string>, number]));
-    family('hitless_grpc_calls_total', 'counter', 'Finished gRPC calls by full method and status code.',
-      [...this.calls.values()].map((c) => [{ method: c.method, code: c.code }, c.n] as [Record<string, string>, number]));
+    family(
+      'hitless_upgrade_phase',
+      'gauge',
+      'The phase of the current (or last) upgrade: 1 for its phase, 0 for the others; all 0 before the first upgrade.',
+      PHASES.map((ph) => [{ phase: ph }, up?.phase === ph ? 1 : 0] as [Record<string, string>, number]),
+    );
+    family(
+      'hitless_vm_state',
+      'gauge',
+      'VMs the agent manages, 1 for each VM in its current state.',
+      this.sources.vms().map((v) => [{ vm: v.name, state: v.state, version: v.imageVersion ?? '' }, 1] as [Record<string, string>, number]),
+    );
+    family(
+      'hitless_grpc_calls_total',
+      'counter',
+      'Finished gRPC calls by full method and status code.',
+      [...this.calls.values()].map((c) => [{ method: c.method, code: c.code }, c.n] as [Record<string, string>, number]),
+    );
     return out.join('\n') + '\n';
   }
 

@@ -283,7 +283,10 @@ export class CheckpointClient extends EventEmitter {
     if (!err) this.ready = true;
     const w = this.readyWaiters;
     this.readyWaiters = [];
-    for (const x of w) (err ? x.reject(err) : x.resolve());
+    for (const x of w) {
+      if (err) x.reject(err);
+      else x.resolve();
+    }
   }
 
   private connect(): void {
@@ -326,7 +329,8 @@ export class CheckpointClient extends EventEmitter {
     this.ackStream?.end();
     this.ackStream = null;
     if (this.closed) return;
-    const fatal = err && [grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION, grpc.status.PERMISSION_DENIED, grpc.status.ALREADY_EXISTS].includes(err.code);
+    const fatal =
+      err && [grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION, grpc.status.PERMISSION_DENIED, grpc.status.ALREADY_EXISTS].includes(err.code);
     if (fatal && !this.ready) {
       this.settleReady(new CheckpointError(err.code, err.details));
       this.closed = true;
@@ -401,7 +405,10 @@ export class CheckpointClient extends EventEmitter {
     const { records, count } = owned ? builder.takeOwned() : builder.take();
     if (count === 0) return this.table(table).seq;
     if (records.length > MAX_SEND_BATCH_BYTES) {
-      throw new CheckpointError(grpc.status.INVALID_ARGUMENT, `batch of ${records.length} bytes exceeds the ${MAX_SEND_BATCH_BYTES} a message may carry; split it`);
+      throw new CheckpointError(
+        grpc.status.INVALID_ARGUMENT,
+        `batch of ${records.length} bytes exceeds the ${MAX_SEND_BATCH_BYTES} a message may carry; split it`,
+      );
     }
     validateRecords(records, count, DEFAULT_LIMITS);
     const local = this.table(table);
@@ -555,7 +562,12 @@ export class CheckpointClient extends EventEmitter {
           break;
         case 'REPORT':
           await this.eventChain; // a standby reports what it applied, not what is queued
-          reply(true, '', this.localSeqs(), [...this.tables.keys()].map((t) => ({ table: t, ...this.digest(t) })));
+          reply(
+            true,
+            '',
+            this.localSeqs(),
+            [...this.tables.keys()].map((t) => ({ table: t, ...this.digest(t) })),
+          );
           break;
         case 'PROMOTE': {
           // The agent promotes without waiting for this standby's acks: the changes up to
@@ -668,7 +680,11 @@ export class CheckpointClient extends EventEmitter {
       mode: 'FOLLOW',
     });
     this.sub = call;
-    this.consume(call, () => undefined, () => this.sub === call);
+    this.consume(
+      call,
+      () => undefined,
+      () => this.sub === call,
+    );
     setImmediate(() => this.prepareSpareWriteStream());
   }
 
@@ -684,7 +700,8 @@ export class CheckpointClient extends EventEmitter {
       this.consume(call, (err) => {
         if (done) return;
         done = true;
-        err ? reject(err) : resolve();
+        if (err) reject(err);
+        else resolve();
       });
     });
   }

@@ -82,18 +82,12 @@ export class SqliteCheckpointStore implements CheckpointStore {
          ON CONFLICT (process, name) DO UPDATE SET durability = excluded.durability`,
       ),
       append: db.prepare('INSERT INTO ckpt_batches (process, tbl, seq, count, records) VALUES (?, ?, ?, ?, ?)'),
-      read: db.prepare(
-        'SELECT seq, records, count FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq > ? ORDER BY seq LIMIT ?',
-      ),
+      read: db.prepare('SELECT seq, records, count FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq > ? ORDER BY seq LIMIT ?'),
       minSeq: db.prepare('SELECT MIN(seq) AS s FROM ckpt_batches WHERE process = ? AND tbl = ?'),
       snapSeq: db.prepare('SELECT snap_seq AS s, snap_gen AS g FROM ckpt_tables WHERE process = ? AND name = ?'),
-      logBytes: db.prepare(
-        'SELECT COALESCE(SUM(LENGTH(records)), 0) AS b FROM ckpt_batches WHERE process = ? AND tbl = ?',
-      ),
+      logBytes: db.prepare('SELECT COALESCE(SUM(LENGTH(records)), 0) AS b FROM ckpt_batches WHERE process = ? AND tbl = ?'),
       chunks: db.prepare('SELECT records FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ? ORDER BY chunk'),
-      nextGen: db.prepare(
-        'UPDATE ckpt_tables SET next_gen = next_gen + 1 WHERE process = ? AND name = ? RETURNING next_gen - 1 AS g',
-      ),
+      nextGen: db.prepare('UPDATE ckpt_tables SET next_gen = next_gen + 1 WHERE process = ? AND name = ? RETURNING next_gen - 1 AS g'),
       writeChunk: db.prepare('INSERT INTO ckpt_snapshots (process, tbl, gen, chunk, records) VALUES (?, ?, ?, ?, ?)'),
       setSnap: db.prepare('UPDATE ckpt_tables SET snap_seq = ?, snap_gen = ? WHERE process = ? AND name = ?'),
       dropGen: db.prepare('DELETE FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ?'),
@@ -120,7 +114,11 @@ export class SqliteCheckpointStore implements CheckpointStore {
   }
 
   upsertTable(process: string, name: string, durability: number): void {
-    storeWrite(this.db, () => `register again (the SDK retries by itself); table '${name}' was not declared`, () => this.stmts.upsert.run(process, name, durability));
+    storeWrite(
+      this.db,
+      () => `register again (the SDK retries by itself); table '${name}' was not declared`,
+      () => this.stmts.upsert.run(process, name, durability),
+    );
   }
 
   appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void {
@@ -192,6 +190,8 @@ export class SqliteCheckpointStore implements CheckpointStore {
   }
 
   setWriteSchema(process: string, schema: number): void {
-    storeWrite(this.db, 'retry the registration or role change (the SDK retries a registration by itself); the agreed write schema was not changed', () => this.stmts.setSchema.run(process, schema));
+    storeWrite(this.db, 'retry the registration or role change (the SDK retries a registration by itself); the agreed write schema was not changed', () =>
+      this.stmts.setSchema.run(process, schema),
+    );
   }
 }

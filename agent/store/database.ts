@@ -54,7 +54,10 @@ function watchCheckpointWorker(worker: Worker, stateDir: string, log: Logger | u
     if (m.ok) {
       log?.info('WAL checkpoints succeed again');
     } else if (isDiskFull({ code: m.code }, stateDir)) {
-      log?.warn({ code: m.code, detail: m.message }, `${diskFull(stateDir, 'WAL checkpoints resume by themselves').message}; until then the WAL is not copied into the database`);
+      log?.warn(
+        { code: m.code, detail: m.message },
+        `${diskFull(stateDir, 'WAL checkpoints resume by themselves').message}; until then the WAL is not copied into the database`,
+      );
     } else {
       log?.warn({ code: m.code, err: m.message }, 'WAL checkpoint failed; retrying');
     }

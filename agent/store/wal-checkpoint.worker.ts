@@ -30,7 +30,11 @@ const timer = setInterval(() => {
       const mib = (n: number) => (n / 1048576).toFixed(1);
       if (failing !== 'SQLITE_FULL') {
         failing = 'SQLITE_FULL';
-        parentPort?.postMessage({ ok: false, code: failing, message: `a checkpoint must grow the database by ${mib(r.growBytes)} MiB and keep a reserve for writes; ${mib(r.freeBytes)} MiB are free` } satisfies CheckpointWorkerReport);
+        parentPort?.postMessage({
+          ok: false,
+          code: failing,
+          message: `a checkpoint must grow the database by ${mib(r.growBytes)} MiB and keep a reserve for writes; ${mib(r.freeBytes)} MiB are free`,
+        } satisfies CheckpointWorkerReport);
       }
       return;
     }

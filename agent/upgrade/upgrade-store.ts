@@ -7,17 +7,7 @@
  */
 import { Db, storeWrite } from '../store/database';
 
-export type Phase =
-  | 'LOADING'
-  | 'LOADED'
-  | 'SWITCHING'
-  | 'SWITCHED'
-  | 'ACCEPTED'
-  | 'COMMITTING'
-  | 'COMMITTED'
-  | 'ABORTING'
-  | 'ABORTED'
-  | 'ROLLED_BACK';
+export type Phase = 'LOADING' | 'LOADED' | 'SWITCHING' | 'SWITCHED' | 'ACCEPTED' | 'COMMITTING' | 'COMMITTED' | 'ABORTING' | 'ABORTED' | 'ROLLED_BACK';
 
 export const TERMINAL: readonly Phase[] = ['COMMITTED', 'ABORTED', 'ROLLED_BACK'];
 
@@ -97,23 +87,27 @@ export class SqliteUpgradeStore implements UpgradeStore {
   }
 
   create(r: UpgradeRecord, note: string): void {
-    storeWrite(this.db, 'run the command again; no upgrade was started', () => this.db.transaction(() => {
-      this.db.prepare('INSERT INTO upgrades (id, phase, started_at, data) VALUES (?, ?, ?, ?)').run(r.id, r.phase, r.startedAt, JSON.stringify(r));
-      this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, 1, ?, ?, ?)').run(r.id, Date.now(), r.phase, note);
-    })());
+    storeWrite(this.db, 'run the command again; no upgrade was started', () =>
+      this.db.transaction(() => {
+        this.db.prepare('INSERT INTO upgrades (id, phase, started_at, data) VALUES (?, ?, ?, ?)').run(r.id, r.phase, r.startedAt, JSON.stringify(r));
+        this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, 1, ?, ?, ?)').run(r.id, Date.now(), r.phase, note);
+      })(),
+    );
   }
 
   /** A refusal (full disk) leaves the phase as it was: the action it announces must not start. */
   transition(id: string, phase: Phase, note: string, fields: Partial<UpgradeRecord> = {}): UpgradeRecord {
     const then = () => `run the command again; upgrade ${id} stays in its phase (not ${phase})`;
-    return storeWrite(this.db, then, () => this.db.transaction(() => {
-      const cur = this.decode(this.db.prepare('SELECT id, phase, data FROM upgrades WHERE id = ?').get(id) as Row | undefined);
-      if (!cur) throw new Error(`upgrade ${id} is not in the journal`);
-      const next: UpgradeRecord = { ...cur, ...fields, phase, updatedAt: Date.now() };
-      this.db.prepare('UPDATE upgrades SET phase = ?, data = ? WHERE id = ?').run(phase, JSON.stringify(next), id);
-      const n = (this.db.prepare('SELECT COALESCE(MAX(n), 0) + 1 AS n FROM upgrade_journal WHERE id = ?').get(id) as { n: number }).n;
-      this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, ?, ?, ?, ?)').run(id, n, Date.now(), phase, note);
-      return next;
-    })());
+    return storeWrite(this.db, then, () =>
+      this.db.transaction(() => {
+        const cur = this.decode(this.db.prepare('SELECT id, phase, data FROM upgrades WHERE id = ?').get(id) as Row | undefined);
+        if (!cur) throw new Error(`upgrade ${id} is not in the journal`);
+        const next: UpgradeRecord = { ...cur, ...fields, phase, updatedAt: Date.now() };
+        this.db.prepare('UPDATE upgrades SET phase = ?, data = ? WHERE id = ?').run(phase, JSON.stringify(next), id);
+        const n = (this.db.prepare('SELECT COALESCE(MAX(n), 0) + 1 AS n FROM upgrade_journal WHERE id = ?').get(id) as { n: number }).n;
+        this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, ?, ?, ?, ?)').run(id, n, Date.now(), phase, note);
+        return next;
+      })(),
+    );
   }
 }

@@ -78,7 +78,8 @@ export function upgradeHandlers(svc: UpgradeService, store: UpgradeStore, log: L
       };
     }),
     Events: (call: grpc.ServerWritableStream<unknown, unknown>) => {
-      const on = (e: UpgradeEvent) => call.write({ type: e.type, upgradeId: e.upgradeId, phase: e.phase, message: e.message, done: e.done, total: e.total, atMs: e.at });
+      const on = (e: UpgradeEvent) =>
+        call.write({ type: e.type, upgradeId: e.upgradeId, phase: e.phase, message: e.message, done: e.done, total: e.total, atMs: e.at });
       svc.events.on('event', on);
       const off = () => svc.events.off('event', on);
       call.on('cancelled', off);

@@ -118,10 +118,17 @@ export class UpgradeService {
     void this.serial(async () => {
       const again = this.store.history(1)[0];
       if (this.store.current() || again?.id !== last.id || this.isAlive(last.toVm)) return;
-      this.emit('WARNING', last.id, 'COMMITTED', `the control-plane VM ${last.toVm} ${e.type === 'CRASHED' ? 'crashed' : 'panicked'}; starting it again from ${last.toImage}`);
+      this.emit(
+        'WARNING',
+        last.id,
+        'COMMITTED',
+        `the control-plane VM ${last.toVm} ${e.type === 'CRASHED' ? 'crashed' : 'panicked'}; starting it again from ${last.toImage}`,
+      );
       await this.vms.kill(last.toVm).catch(() => undefined); // a panicked guest's QEMU still runs
       await this.vms.start({ name: last.toVm, imageDir: last.toImage });
-    }).catch((err: Error) => this.log.error({ vm: last.toVm, err: err.message }, 'could not restart the crashed control-plane VM; start it with issu vm start'));
+    }).catch((err: Error) =>
+      this.log.error({ vm: last.toVm, err: err.message }, 'could not restart the crashed control-plane VM; start it with issu vm start'),
+    );
   }
 
   // ------------------------------------------------------------------ commands
@@ -177,7 +184,8 @@ export class UpgradeService {
     return this.serial(async () => {
       const cur = this.store.current();
       if (!cur) return this.status(); // nothing in progress: already aborted or committed
-      if (cur.phase === 'COMMITTING') throw failedPrecondition(`upgrade ${cur.id} is committing (the old version is being stopped); it can no longer be aborted`);
+      if (cur.phase === 'COMMITTING')
+        throw failedPrecondition(`upgrade ${cur.id} is committing (the old version is being stopped); it can no longer be aborted`);
       await this.doAbort(cur, reason);
       return this.status();
     });
@@ -253,7 +261,8 @@ export class UpgradeService {
     const processes: UpgradeRecord['processes'] = {};
     for (const p of manifest.processes) {
       const from = running.actives.get(p.name);
-      if (!from) throw failedPrecondition(`process '${p.name}' of version ${manifest.version} has no active instance in the running version; it cannot take over state`);
+      if (!from)
+        throw failedPrecondition(`process '${p.name}' of version ${manifest.version} has no active instance in the running version; it cannot take over state`);
       processes[p.name] = { from, to: `${p.name}@${toVm}` };
     }
     const id = `u-${new Date().toISOString().replace(/[-:T]/g, '').slice(0, 14)}-${crypto.randomBytes(2).toString('hex')}`;
@@ -303,7 +312,14 @@ export class UpgradeService {
         const r = await this.checkpoint.switchover(p, inst.to);
         freezeMs = Math.max(freezeMs, r.freezeMicros / 1000);
         switched.push(p);
-        this.emit('PROGRESS', rec.id, 'SWITCHING', `${p}: ${inst.to} is active (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`, switched.length, Object.keys(rec.processes).length);
+        this.emit(
+          'PROGRESS',
+          rec.id,
+          'SWITCHING',
+          `${p}: ${inst.to} is active (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`,
+          switched.length,
+          Object.keys(rec.processes).length,
+        );
       }
     } catch (e) {
       // Put back what moved; the old version stays in charge and the new one stays loaded.
@@ -322,12 +338,16 @@ export class UpgradeService {
   private async doCommit(cur: UpgradeRecord, why = ''): Promise<void> {
     this.clearTimer();
     const rec =
-      cur.phase === 'COMMITTING' ? cur : this.transition(cur, 'COMMITTING', why || `stopping the old version's VM ${cur.fromVm}`, { timerDeadline: 0, ...(why ? { result: why } : {}) });
+      cur.phase === 'COMMITTING'
+        ? cur
+        : this.transition(cur, 'COMMITTING', why || `stopping the old version's VM ${cur.fromVm}`, { timerDeadline: 0, ...(why ? { result: why } : {}) });
     this.stopMonitor();
     if (!this.isAlive(rec.toVm) && this.isAlive(rec.fromVm)) {
       // The new version died before the old one was stopped: keep the old one instead.
       await this.doAbort(rec, `the new version's VM ${rec.toVm} is gone; the commit was not completed`);
-      throw aborted(`commitversion did not complete: the new version's VM ${rec.toVm} is gone, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`);
+      throw aborted(
+        `commitversion did not complete: the new version's VM ${rec.toVm} is gone, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`,
+      );
     }
     // The new version must hold every role before the old one goes. After a normal runversion it
     // does; after a crash of the old version (fail-forward) or an agent restart it may not yet.
@@ -336,13 +356,17 @@ export class UpgradeService {
     } catch (e) {
       if (!(e instanceof TargetVmGone) || !this.isAlive(rec.fromVm)) throw e;
       await this.doAbort(rec, `the new version's VM ${rec.toVm} died during the commit`);
-      throw aborted(`commitversion did not complete: the new version's VM ${rec.toVm} died, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`);
+      throw aborted(
+        `commitversion did not complete: the new version's VM ${rec.toVm} died, so ${rec.fromVersion} stays (rolled back); see 'issu vm log ${rec.toVm}'`,
+      );
     }
     await this.stopVm(rec.fromVm);
     // Nothing can roll back to the old version now: its readers are gone, so the new version
     // writes its own schema from here on (not fatal: the old schema stays readable).
     for (const p of Object.keys(rec.processes)) {
-      await this.checkpoint.raiseWriteSchema(p, rec.fromVm).catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
+      await this.checkpoint
+        .raiseWriteSchema(p, rec.fromVm)
+        .catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
     }
     await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
     // It may have died while the old one was being stopped: its crash event came too early for
@@ -359,8 +383,13 @@ export class UpgradeService {
       return this.doCommit(cur, `the old version's VM ${cur.fromVm} is gone (${reason}); ${cur.toVersion} took over and there is nothing to roll back to`);
     }
     const switchedOver =
-      cur.phase === 'SWITCHING' || cur.phase === 'SWITCHED' || cur.phase === 'ACCEPTED' || cur.phase === 'COMMITTING' || (cur.phase === 'ABORTING' && cur.result.startsWith('rollback'));
-    const rec = cur.phase === 'ABORTING' ? cur : this.transition(cur, 'ABORTING', reason, { timerDeadline: 0, result: switchedOver ? `rollback: ${reason}` : reason });
+      cur.phase === 'SWITCHING' ||
+      cur.phase === 'SWITCHED' ||
+      cur.phase === 'ACCEPTED' ||
+      cur.phase === 'COMMITTING' ||
+      (cur.phase === 'ABORTING' && cur.result.startsWith('rollback'));
+    const rec =
+      cur.phase === 'ABORTING' ? cur : this.transition(cur, 'ABORTING', reason, { timerDeadline: 0, result: switchedOver ? `rollback: ${reason}` : reason });
     if (switchedOver) {
       await this.waitForProcesses(rec, this.opts.peerGraceMs);
       try {
@@ -368,7 +397,10 @@ export class UpgradeService {
       } catch (e) {
         if (!(e instanceof TargetVmGone) || !this.isAlive(rec.toVm)) throw e;
         // The old version died on the way back: the new one, still running, stays for good.
-        return this.doCommit(rec, `the old version's VM ${rec.fromVm} died during the rollback (${reason}); ${rec.toVersion} stays and there is nothing to roll back to`);
+        return this.doCommit(
+          rec,
+          `the old version's VM ${rec.fromVm} died during the rollback (${reason}); ${rec.toVersion} stays and there is nothing to roll back to`,
+        );
       }
     }
     await this.stopVm(rec.toVm);
@@ -434,9 +466,13 @@ export class UpgradeService {
           return 'kept the loaded version';
         case 'SWITCHING': {
           await this.waitForProcesses(cur, this.opts.peerGraceMs);
-          const allMoved = Object.entries(cur.processes).every(([p, inst]) => this.checkpoint.status(p)[0]?.peers.some((x) => x.instanceId === inst.to && x.role === 'ACTIVE'));
+          const allMoved = Object.entries(cur.processes).every(([p, inst]) =>
+            this.checkpoint.status(p)[0]?.peers.some((x) => x.instanceId === inst.to && x.role === 'ACTIVE'),
+          );
           if (allMoved) {
-            const rec = await this.recordOutcome(cur, 'SWITCHED', 'the agent restarted after every process had switched', { timerDeadline: Date.now() + this.opts.rollbackTimeoutMs });
+            const rec = await this.recordOutcome(cur, 'SWITCHED', 'the agent restarted after every process had switched', {
+              timerDeadline: Date.now() + this.opts.rollbackTimeoutMs,
+            });
             this.armTimer(rec);
             this.startMonitor();
             return 'completed an interrupted runversion';
@@ -486,11 +522,13 @@ export class UpgradeService {
         vms.add(a.vmId);
       }
     }
-    if (vms.size === 0) throw failedPrecondition('no process is ACTIVE, so there is no running version to upgrade; start the control-plane VM first (issu vm start)');
+    if (vms.size === 0)
+      throw failedPrecondition('no process is ACTIVE, so there is no running version to upgrade; start the control-plane VM first (issu vm start)');
     if (vms.size > 1) throw failedPrecondition(`active processes run in several VMs (${[...vms].join(', ')}); an upgrade needs one running control-plane VM`);
     const vm = [...vms][0];
     const info = this.vms.find(vm);
-    if (!info?.imageDir) throw failedPrecondition(`the active processes run in '${vm}', which is not a VM this agent started from an image; upgrades need an agent-managed VM`);
+    if (!info?.imageDir)
+      throw failedPrecondition(`the active processes run in '${vm}', which is not a VM this agent started from an image; upgrades need an agent-managed VM`);
     return { vm, imageDir: info.imageDir, manifest: readManifest(info.imageDir), actives };
   }
 
@@ -510,8 +548,12 @@ export class UpgradeService {
   private checkStandbysReady(rec: UpgradeRecord): void {
     for (const [p, inst] of Object.entries(rec.processes)) {
       const peer = this.peerOf(p, inst.to);
-      if (!peer) throw failedPrecondition(`standby '${inst.to}' of process '${p}' is not registered; check the standby VM ${rec.toVm} (issu vm log ${rec.toVm}) or abortversion`);
-      if (!peer.ready) throw failedPrecondition(`standby '${inst.to}' of process '${p}' is not READY (lag ${peer.lag} batches); wait, then run runversion again`);
+      if (!peer)
+        throw failedPrecondition(
+          `standby '${inst.to}' of process '${p}' is not registered; check the standby VM ${rec.toVm} (issu vm log ${rec.toVm}) or abortversion`,
+        );
+      if (!peer.ready)
+        throw failedPrecondition(`standby '${inst.to}' of process '${p}' is not READY (lag ${peer.lag} batches); wait, then run runversion again`);
     }
   }
 
@@ -545,7 +587,9 @@ export class UpgradeService {
   private async waitForProcesses(rec: UpgradeRecord, graceMs: number): Promise<void> {
     const deadline = Date.now() + graceMs;
     while (Date.now() < deadline) {
-      const all = Object.entries(rec.processes).every(([p, inst]) => this.peerOf(p, inst.from) && (this.peerOf(p, inst.to) || this.vms.find(rec.toVm)?.state !== 'RUNNING'));
+      const all = Object.entries(rec.processes).every(
+        ([p, inst]) => this.peerOf(p, inst.from) && (this.peerOf(p, inst.to) || this.vms.find(rec.toVm)?.state !== 'RUNNING'),
+      );
       if (all) return;
       await sleep(200);
     }
@@ -670,4 +714,3 @@ class TargetVmGone extends Error {}
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
-

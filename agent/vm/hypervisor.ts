@@ -63,16 +63,7 @@ export const ACTIVE_STATES: readonly VmState[] = ['STARTING', 'RUNNING', 'PAUSED
  * emitted by VmService (not by hypervisors) when the recorded state changes:
  * data = { state, previous }.
  */
-export type VmEventType =
-  | 'STATE'
-  | 'SHUTDOWN'
-  | 'POWERDOWN'
-  | 'STOP'
-  | 'RESUME'
-  | 'RESET'
-  | 'GUEST_PANICKED'
-  | 'EXITED'
-  | 'CRASHED';
+export type VmEventType = 'STATE' | 'SHUTDOWN' | 'POWERDOWN' | 'STOP' | 'RESUME' | 'RESET' | 'GUEST_PANICKED' | 'EXITED' | 'CRASHED';
 
 export interface VmEvent {
   vm: string;
@@ -208,14 +199,7 @@ export interface VmLogger {
 }
 
 export type VmErrorCode =
-  | 'ALREADY_EXISTS'
-  | 'FAILED_PRECONDITION'
-  | 'RESOURCE_EXHAUSTED'
-  | 'NOT_FOUND'
-  | 'INVALID_ARGUMENT'
-  | 'DEADLINE_EXCEEDED'
-  | 'UNAVAILABLE'
-  | 'INTERNAL';
+  'ALREADY_EXISTS' | 'FAILED_PRECONDITION' | 'RESOURCE_EXHAUSTED' | 'NOT_FOUND' | 'INVALID_ARGUMENT' | 'DEADLINE_EXCEEDED' | 'UNAVAILABLE' | 'INTERNAL';
 
 /** Domain error with a gRPC-like code name and a sentence saying what to do. */
 export class VmError extends HitlessError {

@@ -38,20 +38,27 @@ async function sha256File(p: string): Promise<string> {
 }
 
 const bad = (dir: string, why: string) =>
-  new VmError('INVALID_ARGUMENT', `Image bundle ${dir} is not usable: ${why}. Rebuild it (scripts/build-guest-images.sh or platform/<arch>-kvm/build-image.sh).`);
+  new VmError(
+    'INVALID_ARGUMENT',
+    `Image bundle ${dir} is not usable: ${why}. Rebuild it (scripts/build-guest-images.sh or platform/<arch>-kvm/build-image.sh).`,
+  );
 
 /**
  * Loads dir/manifest.json and checks every file it lists. Errors: INVALID_ARGUMENT for a
  * relative path or a broken bundle, FAILED_PRECONDITION when the directory or a file is missing.
  */
 export async function loadImageBundle(dir: string, opts: { verifyHashes?: boolean } = {}): Promise<ImageBundle> {
-  if (typeof dir !== 'string' || dir === '') throw new VmError('INVALID_ARGUMENT', 'image_dir is required: the absolute path of an image bundle directory (it holds manifest.json).');
+  if (typeof dir !== 'string' || dir === '')
+    throw new VmError('INVALID_ARGUMENT', 'image_dir is required: the absolute path of an image bundle directory (it holds manifest.json).');
   if (!path.isAbsolute(dir)) throw new VmError('INVALID_ARGUMENT', `image_dir must be an absolute path, got '${dir}'.`);
   let st: fs.Stats;
   try {
     st = fs.statSync(dir);
   } catch {
-    throw new VmError('FAILED_PRECONDITION', `Image bundle directory ${dir} does not exist; build it first (scripts/build-guest-images.sh) or give the right path.`);
+    throw new VmError(
+      'FAILED_PRECONDITION',
+      `Image bundle directory ${dir} does not exist; build it first (scripts/build-guest-images.sh) or give the right path.`,
+    );
   }
   if (!st.isDirectory()) throw new VmError('INVALID_ARGUMENT', `image_dir ${dir} is not a directory; give the bundle directory that holds manifest.json.`);
   const manifestPath = path.join(dir, 'manifest.json');
@@ -82,7 +89,8 @@ export async function loadImageBundle(dir: string, opts: { verifyHashes?: boolea
       const key = fileKey(p, fst);
       if (verified.get(key) !== f.sha256) {
         const got = await sha256File(p);
-        if (got !== f.sha256) throw bad(dir, `${f.path} has sha256 ${got.slice(0, 16)}… but the manifest says ${f.sha256.slice(0, 16)}… (corrupted or replaced)`);
+        if (got !== f.sha256)
+          throw bad(dir, `${f.path} has sha256 ${got.slice(0, 16)}… but the manifest says ${f.sha256.slice(0, 16)}… (corrupted or replaced)`);
         verified.set(key, got);
       }
     }
@@ -91,7 +99,10 @@ export async function loadImageBundle(dir: string, opts: { verifyHashes?: boolea
   for (const role of ['kernel', 'initrd', 'rootfs']) {
     if (!byRole.has(role)) throw bad(dir, `manifest lists no ${role} file`);
   }
-  const cmdline = (m.kernel.cmdline ?? '').split(/\s+/).filter((a) => a && !a.startsWith('console=')).join(' ');
+  const cmdline = (m.kernel.cmdline ?? '')
+    .split(/\s+/)
+    .filter((a) => a && !a.startsWith('console='))
+    .join(' ');
   return {
     dir,
     name: m.name,

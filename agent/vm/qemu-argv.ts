@@ -47,24 +47,36 @@ export function commonArgs(spec: VmSpec, paths: VmPaths, opts: CommonArgvOptions
   // Second channel, same address, port 7001: raw bulk snapshot streams (standbys in guests).
   const bulkfwd = paths.bulkSocket ? `,guestfwd=${qemuOptValue(`tcp:${AGENT_GUEST_ADDR}:${BULK_GUEST_PORT}-${relay(paths.bulkSocket)}`)}` : '';
   return [
-    '-name', `guest=${qemuOptValue(spec.name)}`,
+    '-name',
+    `guest=${qemuOptValue(spec.name)}`,
     '-nodefaults',
     '-no-user-config',
-    '-display', 'none',
-    '-m', `${spec.memoryMiB}M`,
-    '-smp', String(spec.cpus),
-    '-pidfile', paths.pidFile,
-    '-msg', 'timestamp=on',
-    '-qmp', `unix:${qemuOptValue(paths.qmpSocket)},server=on,wait=off`,
+    '-display',
+    'none',
+    '-m',
+    `${spec.memoryMiB}M`,
+    '-smp',
+    String(spec.cpus),
+    '-pidfile',
+    paths.pidFile,
+    '-msg',
+    'timestamp=on',
+    '-qmp',
+    `unix:${qemuOptValue(paths.qmpSocket)},server=on,wait=off`,
     // One chardev, two sinks: every byte the guest writes goes to console.log (whether or not
     // someone is attached), and console.sock serves one interactive client at a time.
     '-chardev',
     `socket,id=con0,path=${qemuOptValue(paths.consoleSocket)},server=on,wait=off,logfile=${qemuOptValue(paths.consoleLog)},logappend=on`,
-    '-serial', 'chardev:con0',
-    '-drive', `file=${qemuOptValue(spec.rootfsPath)},if=none,id=root,format=raw,readonly=${ro}`,
-    '-device', `${blk},drive=root`,
-    '-netdev', `user,id=n0,restrict=on,guestfwd=${qemuOptValue(guestfwd)}${bulkfwd}`,
+    '-serial',
+    'chardev:con0',
+    '-drive',
+    `file=${qemuOptValue(spec.rootfsPath)},if=none,id=root,format=raw,readonly=${ro}`,
+    '-device',
+    `${blk},drive=root`,
+    '-netdev',
+    `user,id=n0,restrict=on,guestfwd=${qemuOptValue(guestfwd)}${bulkfwd}`,
     // romfile= : no iPXE option ROM, we never netboot (and the ROM package may be absent).
-    '-device', `${netDev},netdev=n0,romfile=`,
+    '-device',
+    `${netDev},netdev=n0,romfile=`,
   ];
 }

@@ -64,7 +64,10 @@ export function pidAlive(pid: number): boolean {
 /** argv of a live process, to make sure a recorded pid was not reused by something else. */
 export function processArgv(pid: number): string[] | null {
   try {
-    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((s) => s.length > 0);
+    return fs
+      .readFileSync(`/proc/${pid}/cmdline`, 'utf8')
+      .split('\0')
+      .filter((s) => s.length > 0);
   } catch {
     return null;
   }
@@ -140,7 +143,10 @@ export class QemuHypervisor implements Hypervisor {
     const argv = this.profile.buildArgv(spec, paths, accel);
     const launch = await guestLaunchCommand(this.profile.qemuBinary, argv, this.logger);
     const logFd = fs.openSync(paths.qemuLog, 'a');
-    fs.writeSync(logFd, `--- ${new Date().toISOString()} launch ${this.profile.qemuBinary} ${JSON.stringify(argv)}${launch.netns ? ' (private network namespace)' : ''}\n`);
+    fs.writeSync(
+      logFd,
+      `--- ${new Date().toISOString()} launch ${this.profile.qemuBinary} ${JSON.stringify(argv)}${launch.netns ? ' (private network namespace)' : ''}\n`,
+    );
     let child: ChildProcess;
     try {
       // detached: setsid(), so QEMU has its own process group and session and survives the
@@ -163,7 +169,10 @@ export class QemuHypervisor implements Hypervisor {
     child.unref();
     if (child.pid === undefined) {
       const err = await spawnError;
-      throw new VmError('FAILED_PRECONDITION', `Cannot run ${this.profile.qemuBinary}: ${err.message}. Install QEMU (apt-get install qemu-system-x86 qemu-system-arm).`);
+      throw new VmError(
+        'FAILED_PRECONDITION',
+        `Cannot run ${this.profile.qemuBinary}: ${err.message}. Install QEMU (apt-get install qemu-system-x86 qemu-system-arm).`,
+      );
     }
     const pid = child.pid;
     this.logger.info({ vm: spec.name, pid, accel, platform: this.profile.id }, 'QEMU spawned');
@@ -214,7 +223,10 @@ export class QemuHypervisor implements Hypervisor {
     try {
       qmp = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 3000 });
     } catch (e) {
-      throw new VmError('UNAVAILABLE', `QEMU pid ${record.pid} of VM ${record.name} is alive but its QMP socket does not answer (${(e as Error).message}); close other QMP clients and run recover again, or kill the VM.`);
+      throw new VmError(
+        'UNAVAILABLE',
+        `QEMU pid ${record.pid} of VM ${record.name} is alive but its QMP socket does not answer (${(e as Error).message}); close other QMP clients and run recover again, or kill the VM.`,
+      );
     }
     let accel = record.accelerator;
     if (!accel) {
@@ -325,7 +337,10 @@ class QemuVmHandle implements VmHandle {
 
   private requireQmp(what: string): QmpClient {
     if (!this.qmp || this.gone) {
-      throw new VmError('FAILED_PRECONDITION', `Cannot ${what} VM ${this.name}: its QMP connection is gone (QEMU pid ${this.pid} exited or is unreachable). Check 'status' and restart the VM.`);
+      throw new VmError(
+        'FAILED_PRECONDITION',
+        `Cannot ${what} VM ${this.name}: its QMP connection is gone (QEMU pid ${this.pid} exited or is unreachable). Check 'status' and restart the VM.`,
+      );
     }
     return this.qmp;
   }

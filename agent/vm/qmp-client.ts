@@ -41,11 +41,7 @@ interface Pending {
   timer: NodeJS.Timeout;
 }
 
-type QmpMessage =
-  | { QMP: Record<string, unknown> }
-  | { return: unknown; id?: unknown }
-  | { error: { class: string; desc: string }; id?: unknown }
-  | QmpEvent;
+type QmpMessage = { QMP: Record<string, unknown> } | { return: unknown; id?: unknown } | { error: { class: string; desc: string }; id?: unknown } | QmpEvent;
 
 export interface QmpConnectOptions {
   /** Time for connect + greeting + capabilities handshake. */

@@ -62,7 +62,11 @@ export class SqliteVmRecordStore implements VmRecordStore {
       updated_at: r.updatedAt,
       last_exit: r.lastExit,
     };
-    storeWrite(this.db, () => `retry; the record of VM ${r.name} was not updated (state ${r.state} not stored)`, () => this.upsert.run(row));
+    storeWrite(
+      this.db,
+      () => `retry; the record of VM ${r.name} was not updated (state ${r.state} not stored)`,
+      () => this.upsert.run(row),
+    );
   }
 
   get(name: string): VmRecord | undefined {
@@ -75,7 +79,11 @@ export class SqliteVmRecordStore implements VmRecordStore {
   }
 
   delete(name: string): boolean {
-    return storeWrite(this.db, () => `retry; the record of VM ${name} was not removed`, () => this.remove.run(name).changes > 0);
+    return storeWrite(
+      this.db,
+      () => `retry; the record of VM ${name} was not removed`,
+      () => this.remove.run(name).changes > 0,
+    );
   }
 }
 

@@ -80,19 +80,28 @@ export class VmSupervisor {
   async start(req: StartRequest): Promise<VmInfo> {
     const name = checkVmName(req.name);
     const extra = (req.cmdlineExtra ?? '').trim();
-    if (/[\x00-\x1f\x7f]/.test(extra)) throw new VmError('INVALID_ARGUMENT', 'cmdline_extra must be one line of printable characters (no newlines or control characters).');
+    // eslint-disable-next-line no-control-regex -- control characters are exactly what is refused
+    if (/[\x00-\x1f\x7f]/.test(extra))
+      throw new VmError('INVALID_ARGUMENT', 'cmdline_extra must be one line of printable characters (no newlines or control characters).');
     if (extra.length > 1024) throw new VmError('INVALID_ARGUMENT', `cmdline_extra is ${extra.length} characters; keep it under 1024.`);
-    if (RESERVED_CMDLINE.test(extra)) throw new VmError('INVALID_ARGUMENT', 'cmdline_extra must not set hitless.vm=, hitless.agent= or hitless.bulk=; the agent sets them for the VM.');
+    if (RESERVED_CMDLINE.test(extra))
+      throw new VmError('INVALID_ARGUMENT', 'cmdline_extra must not set hitless.vm=, hitless.agent= or hitless.bulk=; the agent sets them for the VM.');
     if (this.starting.has(name)) throw new VmError('ALREADY_EXISTS', `VM ${name} is being started by another request; wait for it, then check 'issu vm list'.`);
     const existing = this.vms.list().find((v) => v.name === name);
     if (existing && ACTIVE_STATES.includes(existing.state)) {
-      throw new VmError('ALREADY_EXISTS', `VM ${name} already exists and is ${existing.state} (pid ${existing.pid ?? 'none yet'}); stop it first or choose another name.`);
+      throw new VmError(
+        'ALREADY_EXISTS',
+        `VM ${name} already exists and is ${existing.state} (pid ${existing.pid ?? 'none yet'}); stop it first or choose another name.`,
+      );
     }
     this.starting.add(name);
     try {
       const bundle = await loadImageBundle(req.imageDir);
       if (!this.deps.hypervisors.some((h) => h.arch === bundle.arch)) {
-        throw new VmError('FAILED_PRECONDITION', `Image ${req.imageDir} is for ${bundle.arch}, but this agent has no hypervisor for it (has: ${this.deps.hypervisors.map((h) => h.arch).join(', ')}).`);
+        throw new VmError(
+          'FAILED_PRECONDITION',
+          `Image ${req.imageDir} is for ${bundle.arch}, but this agent has no hypervisor for it (has: ${this.deps.hypervisors.map((h) => h.arch).join(', ')}).`,
+        );
       }
       const { agentSocket } = this.socketsOf(name);
       const cmdline = [
@@ -194,7 +203,10 @@ export class VmSupervisor {
 
   private enqueue(name: string, fn: () => Promise<void>): Promise<void> {
     const next = (this.queue.get(name) ?? Promise.resolve()).then(fn, fn);
-    this.queue.set(name, next.catch(() => undefined));
+    this.queue.set(
+      name,
+      next.catch(() => undefined),
+    );
     return next;
   }
 

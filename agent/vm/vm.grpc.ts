@@ -65,7 +65,9 @@ export function toPlatformInfo(p: PlatformReport): PlatformInfo {
     kvmReason: p.kvm.reason,
     memoryTotalMib: p.memory.totalMiB,
     memoryAvailableMib: p.memory.availableMiB,
-    stateDisk: p.stateDisk ? { path: p.stateDisk.path, mount: p.stateDisk.mount, totalMib: p.stateDisk.totalMiB, availableMib: p.stateDisk.availableMiB } : null,
+    stateDisk: p.stateDisk
+      ? { path: p.stateDisk.path, mount: p.stateDisk.mount, totalMib: p.stateDisk.totalMiB, availableMib: p.stateDisk.availableMiB }
+      : null,
     accelerators: p.accelerators,
     hostArch: p.hostArch,
   };
@@ -154,8 +156,10 @@ function consoleStream(sup: VmSupervisor, log: Logger, call: grpc.ServerDuplexSt
     if (!sock) {
       try {
         const v = sup.get(checkVmName(msg.name));
-        if (!ACTIVE_STATES.includes(v.state)) throw new VmError('FAILED_PRECONDITION', `VM ${v.name} is ${v.state}; its console exists only while it runs. Start it first.`);
-        if (!fs.existsSync(v.paths.consoleSocket)) throw new VmError('UNAVAILABLE', `VM ${v.name} has no console socket at ${v.paths.consoleSocket}; check 'issu vm list' and retry.`);
+        if (!ACTIVE_STATES.includes(v.state))
+          throw new VmError('FAILED_PRECONDITION', `VM ${v.name} is ${v.state}; its console exists only while it runs. Start it first.`);
+        if (!fs.existsSync(v.paths.consoleSocket))
+          throw new VmError('UNAVAILABLE', `VM ${v.name} has no console socket at ${v.paths.consoleSocket}; check 'issu vm list' and retry.`);
         sock = net.connect(v.paths.consoleSocket);
       } catch (e) {
         finish(e);

@@ -72,7 +72,10 @@ const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/;
 /** VM names: what every entry point (gRPC, CLI, start()) accepts. Throws INVALID_ARGUMENT. */
 export function checkVmName(name: unknown): string {
   if (typeof name !== 'string' || !NAME_RE.test(name)) {
-    throw new VmError('INVALID_ARGUMENT', `VM name '${String(name ?? '')}' is invalid: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit.`);
+    throw new VmError(
+      'INVALID_ARGUMENT',
+      `VM name '${String(name ?? '')}' is invalid: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit.`,
+    );
   }
   return name;
 }
@@ -362,7 +365,10 @@ export class VmService {
 
   private adopt(handle: VmHandle): void {
     this.handles.set(handle.name, handle);
-    this.unsubscribe.set(handle.name, handle.events.on((e) => this.onHandleEvent(e)));
+    this.unsubscribe.set(
+      handle.name,
+      handle.events.on((e) => this.onHandleEvent(e)),
+    );
   }
 
   private onHandleEvent(e: VmEvent): void {
@@ -414,27 +420,45 @@ export class VmService {
 
   private validate(spec: VmSpec): Hypervisor {
     const bad = (m: string) => new VmError('INVALID_ARGUMENT', m);
-    if (!NAME_RE.test(spec.name ?? '')) throw bad(`VM name '${spec.name}' is invalid: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit.`);
+    if (!NAME_RE.test(spec.name ?? ''))
+      throw bad(`VM name '${spec.name}' is invalid: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit.`);
     const hv = this.hypervisors.get(spec.arch);
-    if (!hv) throw new VmError('FAILED_PRECONDITION', `This agent has no hypervisor for arch '${spec.arch}' (has: ${[...this.hypervisors.keys()].join(', ') || 'none'}); run the VM on a host configured for it.`);
+    if (!hv)
+      throw new VmError(
+        'FAILED_PRECONDITION',
+        `This agent has no hypervisor for arch '${spec.arch}' (has: ${[...this.hypervisors.keys()].join(', ') || 'none'}); run the VM on a host configured for it.`,
+      );
     if (!Number.isInteger(spec.memoryMiB) || spec.memoryMiB < 64) throw bad(`memoryMiB must be an integer >= 64, got ${spec.memoryMiB}.`);
     if (!Number.isInteger(spec.cpus) || spec.cpus < 1 || spec.cpus > 255) throw bad(`cpus must be an integer from 1 to 255, got ${spec.cpus}.`);
-    for (const [what, p] of [['kernelPath', spec.kernelPath], ['initrdPath', spec.initrdPath], ['rootfsPath', spec.rootfsPath], ['agentSocketPath', spec.agentSocketPath]] as const) {
+    for (const [what, p] of [
+      ['kernelPath', spec.kernelPath],
+      ['initrdPath', spec.initrdPath],
+      ['rootfsPath', spec.rootfsPath],
+      ['agentSocketPath', spec.agentSocketPath],
+    ] as const) {
       if (typeof p !== 'string' || !path.isAbsolute(p)) throw bad(`${what} must be an absolute path, got '${p}'.`);
     }
-    for (const [what, p] of [['kernel', spec.kernelPath], ['initrd', spec.initrdPath], ['rootfs', spec.rootfsPath]] as const) {
+    for (const [what, p] of [
+      ['kernel', spec.kernelPath],
+      ['initrd', spec.initrdPath],
+      ['rootfs', spec.rootfsPath],
+    ] as const) {
       if (!fs.existsSync(p)) throw new VmError('FAILED_PRECONDITION', `The ${what} file ${p} does not exist; build or fetch the image bundle first.`);
     }
     const paths = this.runtimePaths(spec.name, spec.agentSocketPath);
     for (const p of [paths.qmpSocket, paths.consoleSocket, paths.agentSocket, paths.bulkSocket ?? '']) {
-      if (Buffer.byteLength(p) > MAX_UNIX_PATH) throw bad(`Socket path ${p} is longer than ${MAX_UNIX_PATH} bytes (unix socket limit); use a shorter state directory or VM name.`);
+      if (Buffer.byteLength(p) > MAX_UNIX_PATH)
+        throw bad(`Socket path ${p} is longer than ${MAX_UNIX_PATH} bytes (unix socket limit); use a shorter state directory or VM name.`);
     }
     return hv;
   }
 
   private checkConflicts(spec: VmSpec, existing: VmRecord | undefined): void {
     if (existing && isActive(existing.state)) {
-      throw new VmError('ALREADY_EXISTS', `VM ${spec.name} already exists and is ${existing.state} (pid ${existing.pid ?? 'none yet'}); stop it first or choose another name.`);
+      throw new VmError(
+        'ALREADY_EXISTS',
+        `VM ${spec.name} already exists and is ${existing.state} (pid ${existing.pid ?? 'none yet'}); stop it first or choose another name.`,
+      );
     }
     const rootfs = realOrResolved(spec.rootfsPath);
     const agentSock = path.resolve(spec.agentSocketPath);
@@ -444,7 +468,10 @@ export class VmService {
         throw new VmError('ALREADY_EXISTS', `Agent socket ${agentSock} is already used by VM ${other.name}; give each VM its own socket path.`);
       }
       if (realOrResolved(other.spec.rootfsPath) === rootfs && (spec.rootfsWritable || other.spec.rootfsWritable)) {
-        throw new VmError('FAILED_PRECONDITION', `Disk ${rootfs} is attached ${other.spec.rootfsWritable ? 'writable' : 'read-only'} to VM ${other.name}; a writable disk cannot be shared. Use a copy of the image or stop ${other.name} first.`);
+        throw new VmError(
+          'FAILED_PRECONDITION',
+          `Disk ${rootfs} is attached ${other.spec.rootfsWritable ? 'writable' : 'read-only'} to VM ${other.name}; a writable disk cannot be shared. Use a copy of the image or stop ${other.name} first.`,
+        );
       }
     }
   }

@@ -74,10 +74,7 @@ export function redisServerVersion(bin = 'redis-server'): { text: string; major:
   try {
     out = execFileSync(bin, ['--version'], { encoding: 'utf8' });
   } catch (err) {
-    throw new Error(
-      `cannot run ${bin} --version (${err instanceof Error ? err.message : String(err)}); ` +
-        'install it with: apt-get install -y redis-server',
-    );
+    throw new Error(`cannot run ${bin} --version (${err instanceof Error ? err.message : String(err)}); ` + 'install it with: apt-get install -y redis-server');
   }
   const m = /v=(\d+)\.(\d+)\.(\d+)/.exec(out);
   if (!m) throw new Error(`unrecognised redis-server --version output: ${out.trim()}`);
@@ -113,14 +110,22 @@ function exited(p: ChildProcess): boolean {
 /** Common flags: loopback only, no RDB/AOF persistence, log to a file in `dir`. */
 function baseArgs(port: number, dir: string, name: string): string[] {
   return [
-    '--port', String(port),
-    '--bind', '127.0.0.1',
-    '--daemonize', 'no',
-    '--save', '',
-    '--appendonly', 'no',
-    '--dir', dir,
-    '--dbfilename', `${name}.rdb`,
-    '--logfile', path.join(dir, `${name}.log`),
+    '--port',
+    String(port),
+    '--bind',
+    '127.0.0.1',
+    '--daemonize',
+    'no',
+    '--save',
+    '',
+    '--appendonly',
+    'no',
+    '--dir',
+    dir,
+    '--dbfilename',
+    `${name}.rdb`,
+    '--logfile',
+    path.join(dir, `${name}.log`),
   ];
 }
 
@@ -153,13 +158,7 @@ async function connectWhenUp(server: RedisServer, deadline: number, pollMs: numb
 }
 
 /** Start a server on a free port and wait until it answers PING; retries a few ports. */
-async function startServer(
-  bin: string,
-  dir: string,
-  name: string,
-  extra: string[],
-  live: Set<number>,
-): Promise<{ server: RedisServer; client: RespClient }> {
+async function startServer(bin: string, dir: string, name: string, extra: string[], live: Set<number>): Promise<{ server: RedisServer; client: RespClient }> {
   let lastErr: unknown;
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = await freePort();
@@ -267,9 +266,7 @@ async function bulkLoad(client: RespClient, records: Iterable<KeyValueRecord>): 
   await flush();
   const keys = await client.command('DBSIZE');
   if (client.pipelineErrors.count > 0) {
-    throw new Error(
-      `${client.pipelineErrors.count} SET commands failed, e.g. ${client.pipelineErrors.samples.join('; ')}`,
-    );
+    throw new Error(`${client.pipelineErrors.count} SET commands failed, e.g. ${client.pipelineErrors.samples.join('; ')}`);
   }
   if (typeof keys !== 'number') throw new Error(`unexpected DBSIZE reply ${JSON.stringify(keys)}`);
   return { sent, keys };
@@ -281,10 +278,7 @@ async function bulkLoad(client: RespClient, records: Iterable<KeyValueRecord>): 
  * Load `records` into a fresh primary, then time a fresh replica's full sync.
  * See the file header for the procedure.
  */
-export async function measureRedisReplicaFullSync(
-  records: RecordSource,
-  opts?: RedisReplicaOptions,
-): Promise<RedisReplicaSyncResult> {
+export async function measureRedisReplicaFullSync(records: RecordSource, opts?: RedisReplicaOptions): Promise<RedisReplicaSyncResult> {
   const bin = opts?.redisServer ?? 'redis-server';
   const timeoutMs = opts?.timeoutMs ?? 600_000;
   const pollMs = opts?.pollMs ?? 2;
@@ -313,13 +307,7 @@ export async function measureRedisReplicaFullSync(
   const clients: RespClient[] = [];
   try {
     // Primary: diskless sync with no delay, so the transfer starts at once.
-    const primary = await startServer(
-      bin,
-      dir,
-      'primary',
-      ['--repl-diskless-sync', 'yes', '--repl-diskless-sync-delay', '0'],
-      live,
-    );
+    const primary = await startServer(bin, dir, 'primary', ['--repl-diskless-sync', 'yes', '--repl-diskless-sync-delay', '0'], live);
     servers.push(primary.server);
     clients.push(primary.client);
 
@@ -331,10 +319,7 @@ export async function measureRedisReplicaFullSync(
 
     // Replica: timed from just before spawn.
     const replicaPort = await freePort();
-    const replicaArgs = [
-      ...baseArgs(replicaPort, dir, 'replica'),
-      '--replicaof', '127.0.0.1', String(primary.server.port),
-    ];
+    const replicaArgs = [...baseArgs(replicaPort, dir, 'replica'), '--replicaof', '127.0.0.1', String(primary.server.port)];
     if (disklessLoad !== 'disabled') replicaArgs.push('--repl-diskless-load', disklessLoad);
     const syncStart = performance.now();
     const deadline = syncStart + timeoutMs;
@@ -414,7 +399,7 @@ if (require.main === module) {
       );
     })
     .catch((err: unknown) => {
-      console.error(err instanceof Error ? err.stack ?? err.message : String(err));
+      console.error(err instanceof Error ? (err.stack ?? err.message) : String(err));
       process.exitCode = 1;
     });
 }

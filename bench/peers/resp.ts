@@ -78,9 +78,7 @@ function parseReply(buf: Buffer, pos: number): Parsed | typeof INCOMPLETE {
 }
 
 /** Pending replies, in order: a caller waiting for one, or a run of counted pipelined ones. */
-type Pending =
-  | { kind: 'one'; resolve: (v: RespValue) => void; reject: (e: Error) => void }
-  | { kind: 'counted'; remaining: number };
+type Pending = { kind: 'one'; resolve: (v: RespValue) => void; reject: (e: Error) => void } | { kind: 'counted'; remaining: number };
 
 /** RESP encoding of one command (array of bulk strings). */
 export function encodeCommand(args: ReadonlyArray<string | Buffer | number>): Buffer {

@@ -333,8 +333,23 @@ export function decodePathAttributes(buf: Uint8Array): PathAttributes {
 const MIN_LEN = 8;
 const MAX_LEN = 24;
 const SHARES_PER_MILLION: Readonly<Record<number, number>> = {
-  8: 16, 9: 14, 10: 38, 11: 105, 12: 320, 13: 620, 14: 1150, 15: 2000, 16: 13600,
-  17: 8600, 18: 14800, 19: 26500, 20: 47500, 21: 54000, 22: 121000, 23: 112000, 24: 597737,
+  8: 16,
+  9: 14,
+  10: 38,
+  11: 105,
+  12: 320,
+  13: 620,
+  14: 1150,
+  15: 2000,
+  16: 13600,
+  17: 8600,
+  18: 14800,
+  19: 26500,
+  20: 47500,
+  21: 54000,
+  22: 121000,
+  23: 112000,
+  24: 597737,
 };
 
 /** Share (0..1) of each prefix length the generator aims for. */
@@ -349,9 +364,18 @@ export function prefixLengthShares(): Map<number, number> {
  * class D/E). A generated prefix must not overlap any of these.
  */
 const BOGONS: ReadonlyArray<readonly [number, number]> = [
-  ['0.0.0.0', 8], ['10.0.0.0', 8], ['100.64.0.0', 10], ['127.0.0.0', 8],
-  ['169.254.0.0', 16], ['172.16.0.0', 12], ['192.0.0.0', 24], ['192.0.2.0', 24],
-  ['192.168.0.0', 16], ['198.18.0.0', 15], ['198.51.100.0', 24], ['203.0.113.0', 24],
+  ['0.0.0.0', 8],
+  ['10.0.0.0', 8],
+  ['100.64.0.0', 10],
+  ['127.0.0.0', 8],
+  ['169.254.0.0', 16],
+  ['172.16.0.0', 12],
+  ['192.0.0.0', 24],
+  ['192.0.2.0', 24],
+  ['192.168.0.0', 16],
+  ['198.18.0.0', 15],
+  ['198.51.100.0', 24],
+  ['203.0.113.0', 24],
   ['224.0.0.0', 3],
 ].map(([a, l]) => [ipv4FromString(a as string), l as number] as const);
 
@@ -491,9 +515,9 @@ export interface RibGeneratorOptions {
 }
 
 /** Neighbours the synthetic router learns routes from: [peer ASN, next hop]. */
-const PEERS: ReadonlyArray<readonly [number, number]> = [
-  174, 1299, 2914, 3257, 3356, 3491, 6453, 6461, 6762, 6939, 7018, 9002, 12956, 1273, 5511, 6830,
-].map((asn, i) => [asn, ipv4FromString(`198.51.100.${i + 1}`)] as const);
+const PEERS: ReadonlyArray<readonly [number, number]> = [174, 1299, 2914, 3257, 3356, 3491, 6453, 6461, 6762, 6939, 7018, 9002, 12956, 1273, 5511, 6830].map(
+  (asn, i) => [asn, ipv4FromString(`198.51.100.${i + 1}`)] as const,
+);
 
 /** Our own (private) ASN, used as the administrator in communities we tag. */
 const LOCAL_ASN = 65000;
@@ -530,7 +554,11 @@ class RibStream {
   private pos = 0;
   private remaining: number;
 
-  constructor(count: number, private readonly valueBytes: number, seed: number) {
+  constructor(
+    count: number,
+    private readonly valueBytes: number,
+    seed: number,
+  ) {
     this.rng = createRng(seed);
     this.q = quotas(count);
     this.remaining = count;

@@ -27,7 +27,6 @@ function lsa(seq: number, links: number, rand: () => number): Buffer {
   return b;
 }
 
-
 void runDaemon({
   process: 'ospf',
   table: 'lsdb',

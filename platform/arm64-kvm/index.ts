@@ -15,10 +15,14 @@ export const arm64KvmPlatform: PlatformProfile = {
   buildArgv(spec: VmSpec, paths: VmPaths, accel: Accelerator): string[] {
     return [
       // GIC: whatever the host has under KVM; v3 under TCG (v2 caps at 8 vCPUs).
-      '-machine', `virt,gic-version=${accel === 'kvm' ? 'host' : '3'}`,
-      '-accel', accel,
-      '-cpu', accel === 'kvm' ? 'host' : 'cortex-a57',
-      '-device', 'pvpanic-pci',
+      '-machine',
+      `virt,gic-version=${accel === 'kvm' ? 'host' : '3'}`,
+      '-accel',
+      accel,
+      '-cpu',
+      accel === 'kvm' ? 'host' : 'cortex-a57',
+      '-device',
+      'pvpanic-pci',
       ...kernelArgs(spec, 'ttyAMA0'),
       ...commonArgs(spec, paths),
     ];

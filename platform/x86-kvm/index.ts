@@ -13,11 +13,15 @@ export const x86KvmPlatform: PlatformProfile = {
   consoleDevice: 'ttyS0',
   buildArgv(spec: VmSpec, paths: VmPaths, accel: Accelerator): string[] {
     return [
-      '-machine', 'q35',
-      '-accel', accel,
-      '-cpu', accel === 'kvm' ? 'host' : 'max',
+      '-machine',
+      'q35',
+      '-accel',
+      accel,
+      '-cpu',
+      accel === 'kvm' ? 'host' : 'max',
       // pvpanic: a guest kernel panic becomes a GUEST_PANICKED QMP event instead of silence.
-      '-device', 'pvpanic',
+      '-device',
+      'pvpanic',
       ...kernelArgs(spec, 'ttyS0'),
       ...commonArgs(spec, paths),
     ];

@@ -47,7 +47,11 @@ export function install(c: AnyClient) {
  * TransferEnd. Resolves with the final response (validated or installError), skipping
  * transferProgress, and whether the transfer was started.
  */
-export async function installPackage(c: AnyClient, pkg: Buffer, opts: { version?: string; packageSize?: number; chunk?: number } = {}): Promise<{ final: InstallResp; transferred: boolean }> {
+export async function installPackage(
+  c: AnyClient,
+  pkg: Buffer,
+  opts: { version?: string; packageSize?: number; chunk?: number } = {},
+): Promise<{ final: InstallResp; transferred: boolean }> {
   const s = install(c);
   s.call.write({ transferRequest: { version: opts.version ?? '', packageSize: opts.packageSize ?? 0 } });
   const first = await s.next();
@@ -71,7 +75,13 @@ export async function installPackage(c: AnyClient, pkg: Buffer, opts: { version?
  * manifest (x86_64, one bgp process with schema 1 unless `processes` says otherwise), sha256s
  * and ed25519 signature, so the agent's Install accepts it; it does not boot.
  */
-export async function fakeBundle(dir: string, version: string, rootfsBytes: number, privateKeyPem: string, over: { arch?: string; processes?: unknown[] } = {}): Promise<string> {
+export async function fakeBundle(
+  dir: string,
+  version: string,
+  rootfsBytes: number,
+  privateKeyPem: string,
+  over: { arch?: string; processes?: unknown[] } = {},
+): Promise<string> {
   writeTestBundle(dir, { version, rootfsBytes, ...over });
   await signBundle(dir, privateKeyPem);
   return dir;

@@ -34,7 +34,12 @@ export function writeTestBundle(dir: string, over: TestBundleOptions = {}): Mani
     name: 'hitless-cp',
     version: over.version ?? '1.0.0',
     arch: over.arch ?? 'x86_64',
-    kernel: { release: '6.1.0-47-cloud-amd64', package: 'linux-image-6.1.0-47-cloud-amd64', packageVersion: '6.1.170-3', cmdline: 'console=ttyS0 panic=-1 quiet' },
+    kernel: {
+      release: '6.1.0-47-cloud-amd64',
+      package: 'linux-image-6.1.0-47-cloud-amd64',
+      packageVersion: '6.1.170-3',
+      cmdline: 'console=ttyS0 panic=-1 quiet',
+    },
     console: 'ttyS0',
     memoryMiB: 256,
     cpus: 1,

@@ -26,7 +26,23 @@ export class TestCa {
     fs.mkdirSync(dir, { recursive: true });
     const keyFile = path.join(dir, `${name}-ca.key`);
     const certFile = path.join(dir, `${name}-ca.crt`);
-    openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile, '-out', certFile, '-subj', `/CN=${name} test CA`, '-days', '2']);
+    openssl([
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:prime256v1',
+      '-nodes',
+      '-keyout',
+      keyFile,
+      '-out',
+      certFile,
+      '-subj',
+      `/CN=${name} test CA`,
+      '-days',
+      '2',
+    ]);
     this.ca = { keyFile, certFile, key: fs.readFileSync(keyFile, 'utf8'), cert: fs.readFileSync(certFile, 'utf8') };
   }
 
@@ -47,7 +63,23 @@ export class TestCa {
       ].join('\n') + '\n',
     );
     openssl(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile, '-out', csr, '-subj', `/CN=${cn}`]);
-    openssl(['x509', '-req', '-in', csr, '-CA', this.ca.certFile, '-CAkey', this.ca.keyFile, '-CAcreateserial', '-out', certFile, '-days', '2', '-extfile', ext]);
+    openssl([
+      'x509',
+      '-req',
+      '-in',
+      csr,
+      '-CA',
+      this.ca.certFile,
+      '-CAkey',
+      this.ca.keyFile,
+      '-CAcreateserial',
+      '-out',
+      certFile,
+      '-days',
+      '2',
+      '-extfile',
+      ext,
+    ]);
     return { keyFile, certFile, key: fs.readFileSync(keyFile, 'utf8'), cert: fs.readFileSync(certFile, 'utf8') };
   }
 }

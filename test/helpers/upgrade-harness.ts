@@ -70,7 +70,10 @@ export class UpgradeHarness {
   /** Starts hitlessd (again) on the state dir and connects to it. */
   startAgent = async (): Promise<AgentHandle> => {
     // A rollback timer must not fire during a test, and loads under TCG on a busy host are slow.
-    this.agent = await startAgent({ stateDir: this.opts.stateDir, args: ['--trust-dir', this.opts.trustDir, '--rollback-timeout-s', '900', '--load-timeout-s', '240'] });
+    this.agent = await startAgent({
+      stateDir: this.opts.stateDir,
+      args: ['--trust-dir', this.opts.trustDir, '--rollback-timeout-s', '900', '--load-timeout-s', '240'],
+    });
     this.ck?.close();
     this.vmc?.close();
     this.ck = rawClient('hitless.v1.Checkpoint', this.agent.socket);

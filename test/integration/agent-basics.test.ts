@@ -31,7 +31,8 @@ describe('agent: process, listeners and standard services', function () {
 
   it('prints complete --help and exits 0', async () => {
     const { stdout } = await run(process.execPath, [AGENT_MAIN, '--help']);
-    for (const flag of ['--grpc-socket', '--grpc-tcp', '--state-dir', '--fsync', '--max-key-bytes', '--stall-timeout-ms', '--log-level']) assert.match(stdout, new RegExp(flag));
+    for (const flag of ['--grpc-socket', '--grpc-tcp', '--state-dir', '--fsync', '--max-key-bytes', '--stall-timeout-ms', '--log-level'])
+      assert.match(stdout, new RegExp(flag));
   });
 
   it('refuses plaintext TCP on a non-loopback address with a message saying what to use', async () => {
@@ -45,7 +46,11 @@ describe('agent: process, listeners and standard services', function () {
 
   it('serves grpc.health.v1 and server reflection on the unix socket and on TCP', async () => {
     const agent = await startAgent({ tcp: true });
-    const Health = loadService(path.join(NM, 'grpc-health-check/proto/health/v1/health.proto'), path.join(NM, 'grpc-health-check/proto'), 'grpc.health.v1.Health');
+    const Health = loadService(
+      path.join(NM, 'grpc-health-check/proto/health/v1/health.proto'),
+      path.join(NM, 'grpc-health-check/proto'),
+      'grpc.health.v1.Health',
+    );
     const Reflection = loadService(
       path.join(NM, '@grpc/reflection/build/proto/grpc/reflection/v1alpha/reflection.proto'),
       path.join(NM, '@grpc/reflection/build/proto'),
@@ -76,7 +81,17 @@ describe('agent: process, listeners and standard services', function () {
 
   it('shuts down gracefully on SIGTERM and keeps its data for the next start', async () => {
     const agent = await startAgent();
-    const a = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm1', vmId: 'vm1', softwareVersion: '1', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' }], role: 'ACTIVE', reconnect: false });
+    const a = new CheckpointClient({
+      address: agent.socket,
+      process: 'bgp',
+      instanceId: 'bgp@vm1',
+      vmId: 'vm1',
+      softwareVersion: '1',
+      schema: 1,
+      tables: [{ name: 'rib', durability: 'ASYNC' }],
+      role: 'ACTIVE',
+      reconnect: false,
+    });
     await a.start();
     await a.batch('rib').put('10.0.0.0/8', Buffer.from('x')).commit();
     await a.close();
@@ -90,12 +105,18 @@ describe('agent: process, listeners and standard services', function () {
   });
 
   it('issu reports an unreachable agent with exit status 3 and what to do', async () => {
-    await assert.rejects(run(process.execPath, [ISSU, '--socket', '/nonexistent/agent.sock', '--timeout-ms', '2000', 'checkpoint', 'status']), (e: { code: number; stderr: string }) => {
-      assert.equal(e.code, 3);
-      assert.match(e.stderr, /cannot reach the agent .* Is hitlessd running\?/);
-      return true;
-    });
-    await assert.rejects(run(process.execPath, [ISSU, 'frobnicate']), (e: { code: number; stderr: string }) => e.code === 2 && /unknown command 'frobnicate'/.test(e.stderr));
+    await assert.rejects(
+      run(process.execPath, [ISSU, '--socket', '/nonexistent/agent.sock', '--timeout-ms', '2000', 'checkpoint', 'status']),
+      (e: { code: number; stderr: string }) => {
+        assert.equal(e.code, 3);
+        assert.match(e.stderr, /cannot reach the agent .* Is hitlessd running\?/);
+        return true;
+      },
+    );
+    await assert.rejects(
+      run(process.execPath, [ISSU, 'frobnicate']),
+      (e: { code: number; stderr: string }) => e.code === 2 && /unknown command 'frobnicate'/.test(e.stderr),
+    );
   });
 
   it('issu takes the global options before every command group, and after the command too', async () => {
@@ -110,7 +131,10 @@ describe('agent: process, listeners and standard services', function () {
       [['image', 'keygen', '--out', keys], (o) => assert.match(String(o.keyId), /^[0-9a-f]{16}$/)],
     ];
     for (const [cmd, check] of groups) {
-      for (const args of [[...globals, ...cmd], [...cmd, ...globals]]) {
+      for (const args of [
+        [...globals, ...cmd],
+        [...cmd, ...globals],
+      ]) {
         if (cmd[0] === 'image') fs.rmSync(keys, { recursive: true, force: true });
         const { stdout } = await run(process.execPath, [ISSU, ...args]);
         check(JSON.parse(stdout));
@@ -123,10 +147,13 @@ describe('agent: process, listeners and standard services', function () {
       assert.match(e.stderr, /unknown option '--out' before the command/);
       return true;
     });
-    await assert.rejects(run(process.execPath, [ISSU, '--socket']), (e: { code: number; stderr: string }) => e.code === 2 && /'--socket' needs a value/.test(e.stderr));
+    await assert.rejects(
+      run(process.execPath, [ISSU, '--socket']),
+      (e: { code: number; stderr: string }) => e.code === 2 && /'--socket' needs a value/.test(e.stderr),
+    );
   });
 
-  it('tags every RPC with a request id: the client\'s own or a new one, in the response header and the log', async () => {
+  it("tags every RPC with a request id: the client's own or a new one, in the response header and the log", async () => {
     const agent = await startAgent();
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
     const call = (md: grpc.Metadata) =>
@@ -147,7 +174,12 @@ describe('agent: process, listeners and standard services', function () {
     const own = String(r2.header.get('x-request-id')[0]);
     assert.match(own, /^[0-9a-f]{6}-[0-9a-z]+$/);
     const logged = (rid: string) =>
-      agent.stderr().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.rid === rid && l.msg === 'RPC failed');
+      agent
+        .stderr()
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as Record<string, unknown>)
+        .find((l) => l.rid === rid && l.msg === 'RPC failed');
     await until('both failures logged with their request ids', async () => Boolean(logged('nms-4711.a') && logged(own)), 5_000);
     const line = logged('nms-4711.a')!;
     assert.equal(line.method, '/hitless.v1.Checkpoint/Switchover');
@@ -158,7 +190,16 @@ describe('agent: process, listeners and standard services', function () {
 
   it('issu shows process status as text and as JSON', async () => {
     const agent = await startAgent();
-    const a = new CheckpointClient({ address: agent.socket, process: 'ospf', instanceId: 'ospf@vm1', vmId: 'vm1', softwareVersion: '1.2.0', schema: 1, tables: [{ name: 'lsdb', durability: 'SYNC' }], role: 'ACTIVE' });
+    const a = new CheckpointClient({
+      address: agent.socket,
+      process: 'ospf',
+      instanceId: 'ospf@vm1',
+      vmId: 'vm1',
+      softwareVersion: '1.2.0',
+      schema: 1,
+      tables: [{ name: 'lsdb', durability: 'SYNC' }],
+      role: 'ACTIVE',
+    });
     await a.start();
     try {
       const text = (await run(process.execPath, [ISSU, '--socket', agent.socket, 'checkpoint', 'status'])).stdout;

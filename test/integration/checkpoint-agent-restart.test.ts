@@ -87,11 +87,29 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
     const opts = { process: 'bgp', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' as const }] };
     const oldCtl = new CallControl();
     const newCtl = new CallControl();
-    const a = new CheckpointClient({ ...opts, address: agent.socket, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE', interceptors: [oldCtl.interceptor()] });
-    const b = new CheckpointClient({ ...opts, address: agent.socket, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY', interceptors: [newCtl.interceptor()] });
+    const a = new CheckpointClient({
+      ...opts,
+      address: agent.socket,
+      instanceId: 'bgp@vm1',
+      vmId: 'vm1',
+      role: 'ACTIVE',
+      interceptors: [oldCtl.interceptor()],
+    });
+    const b = new CheckpointClient({
+      ...opts,
+      address: agent.socket,
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      role: 'STANDBY',
+      interceptors: [newCtl.interceptor()],
+    });
     try {
       await a.start();
-      for (let i = 0; i < 5; i++) await a.batch('rib').put(`10.0.${i}.0/24`, Buffer.from(`nh${i}`)).commit();
+      for (let i = 0; i < 5; i++)
+        await a
+          .batch('rib')
+          .put(`10.0.${i}.0/24`, Buffer.from(`nh${i}`))
+          .commit();
       await b.start();
       await until('vm2 READY', async () => (await peer('bgp@vm2'))?.ready);
 
@@ -103,10 +121,14 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
       assert.equal(a.role, 'ACTIVE');
       assert.equal(a.frozen, true);
       newCtl.dropWrites = true;
-      const unacked = b.batch('rib').put('10.99.0.0/16', Buffer.from('never acknowledged')).commit().then(
-        () => null,
-        (e: Error & { code?: number }) => e,
-      );
+      const unacked = b
+        .batch('rib')
+        .put('10.99.0.0/16', Buffer.from('never acknowledged'))
+        .commit()
+        .then(
+          () => null,
+          (e: Error & { code?: number }) => e,
+        );
       await until('the batch is in flight', () => b.inFlight === 1);
       newCtl.holdSessions = true; // vm2 comes back second
       await restartAgent();
@@ -145,7 +167,11 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
     // (standby), as a guest's init does. Nobody holds ACTIVE, so it takes the role back.
     await v2.kill9();
     await until('v2 gone', async () => !(await peer('bgp@vm2')));
-    const v2again = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm2', '--role', 'standby', '--churn', '2000', '--version', '2.0.0', '--schema', '2'], { HITLESS_RESTARTS: '1' });
+    const v2again = startDaemon(
+      'bgp-rib',
+      ['--agent', agent.socket, '--vm', 'vm2', '--role', 'standby', '--churn', '2000', '--version', '2.0.0', '--schema', '2'],
+      { HITLESS_RESTARTS: '1' },
+    );
     await until('the restarted v2 is ACTIVE', async () => (await peer('bgp@vm2'))?.role === 'ACTIVE');
     assert.equal((await peer('bgp@vm2'))?.schemaWrites, 1, 'and still writes what v1 reads');
 

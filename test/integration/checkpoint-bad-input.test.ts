@@ -47,7 +47,8 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
 
   const write = (seq: number, b: { records: Buffer; count: number }, table = 'rib', sid = sessionId) =>
     unaryCall(c, 'Write', { sessionId: sid, table, seq, records: b.records, count: b.count });
-  const status = async () => (await unaryCall<{ processes: { tables: { seq: number; records: number }[] }[] }>(c, 'Status', { process: 'bgp' })).processes[0].tables[0];
+  const status = async () =>
+    (await unaryCall<{ processes: { tables: { seq: number; records: number }[] }[] }>(c, 'Status', { process: 'bgp' })).processes[0].tables[0];
 
   before(async () => {
     agent = await startAgent({ args: ['--max-key-bytes', '64', '--max-value-bytes', '256', '--stall-timeout-ms', '1500'] });
@@ -56,9 +57,26 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
     sessionId = r.registered.sessionId;
     session = r.call;
     // Acknowledged state every refusal below must leave unchanged.
-    await write(1, batch((b) => { for (let i = 0; i < 100; i++) b.put(`10.0.${i}.0/24`, 1, Buffer.from(`attrs-${i}`)); }));
-    await write(2, batch((b) => b.delete('10.0.0.0/24')));
-    standby = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schema: 1, tables: [], role: 'STANDBY' });
+    await write(
+      1,
+      batch((b) => {
+        for (let i = 0; i < 100; i++) b.put(`10.0.${i}.0/24`, 1, Buffer.from(`attrs-${i}`));
+      }),
+    );
+    await write(
+      2,
+      batch((b) => b.delete('10.0.0.0/24')),
+    );
+    standby = new CheckpointClient({
+      address: agent.socket,
+      process: 'bgp',
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [],
+      role: 'STANDBY',
+    });
     await standby.start();
     await until('standby holds seq 2', () => standby.table('rib').seq === 2);
   });
@@ -83,7 +101,11 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
   });
 
   it('refuses a second active with FAILED_PRECONDITION naming the current one', async () => {
-    await expectStatus(registerRaw(c, reg({ instanceId: 'bgp@vm9', vmId: 'vm9' })), grpc.status.FAILED_PRECONDITION, /already has an active instance 'bgp@vm1'/);
+    await expectStatus(
+      registerRaw(c, reg({ instanceId: 'bgp@vm9', vmId: 'vm9' })),
+      grpc.status.FAILED_PRECONDITION,
+      /already has an active instance 'bgp@vm1'/,
+    );
   });
 
   it('refuses a duplicate instance id with ALREADY_EXISTS', async () => {
@@ -111,9 +133,17 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
   });
 
   it('refuses empty and oversize keys and values with INVALID_ARGUMENT naming the record', async () => {
-    await expectStatus(write(3, { records: rawRecord(OP_PUT, Buffer.alloc(0), Buffer.from('v')), count: 1 }), grpc.status.INVALID_ARGUMENT, /record 0: empty key/);
+    await expectStatus(
+      write(3, { records: rawRecord(OP_PUT, Buffer.alloc(0), Buffer.from('v')), count: 1 }),
+      grpc.status.INVALID_ARGUMENT,
+      /record 0: empty key/,
+    );
     await expectStatus(write(3, { records: rawRecord(OP_PUT, Buffer.from('k'), Buffer.alloc(0)), count: 1 }), grpc.status.INVALID_ARGUMENT, /empty value/);
-    await expectStatus(write(3, { records: rawRecord(OP_PUT, Buffer.alloc(65, 97), Buffer.from('v')), count: 1 }), grpc.status.INVALID_ARGUMENT, /key of 65 bytes exceeds the limit of 64/);
+    await expectStatus(
+      write(3, { records: rawRecord(OP_PUT, Buffer.alloc(65, 97), Buffer.from('v')), count: 1 }),
+      grpc.status.INVALID_ARGUMENT,
+      /key of 65 bytes exceeds the limit of 64/,
+    );
     const two = Buffer.concat([rawRecord(OP_PUT, Buffer.from('ok'), Buffer.from('v')), rawRecord(OP_PUT, Buffer.from('big'), Buffer.alloc(257))]);
     await expectStatus(write(3, { records: two, count: 2 }), grpc.status.INVALID_ARGUMENT, /record 1: value of 257 bytes exceeds the limit of 256/);
     // The valid first record of that batch was not applied either.
@@ -139,14 +169,19 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
   it('answers a message that is not protobuf with INVALID_ARGUMENT, not a bare INTERNAL', async () => {
     const err = await expectStatus(
       new Promise((resolve, reject) =>
-        c.makeUnaryRequest('/hitless.v1.Checkpoint/Write', (x: Buffer) => x, (x: Buffer) => x, Buffer.from([0xff, 0xff, 0xff, 0xff]), (e, v) => (e ? reject(e) : resolve(v))),
+        c.makeUnaryRequest(
+          '/hitless.v1.Checkpoint/Write',
+          (x: Buffer) => x,
+          (x: Buffer) => x,
+          Buffer.from([0xff, 0xff, 0xff, 0xff]),
+          (e, v) => (e ? reject(e) : resolve(v)),
+        ),
       ),
       grpc.status.INVALID_ARGUMENT,
       /malformed Write request/,
     );
     assert.ok(err.details.length > 20);
   });
-
 });
 
 describe('checkpoint: a subscriber that stops reading', function () {
@@ -156,13 +191,35 @@ describe('checkpoint: a subscriber that stops reading', function () {
   it('is dropped with RESOURCE_EXHAUSTED while a healthy standby keeps up and nothing acknowledged changes', async () => {
     const agent = await startAgent({ args: ['--stall-timeout-ms', '1500', '--subscriber-window-bytes', '2000000'] });
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
-    const active = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm1', vmId: 'vm1', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' }], role: 'ACTIVE' });
-    const healthy = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schema: 1, tables: [], role: 'STANDBY' });
+    const active = new CheckpointClient({
+      address: agent.socket,
+      process: 'bgp',
+      instanceId: 'bgp@vm1',
+      vmId: 'vm1',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [{ name: 'rib', durability: 'ASYNC' }],
+      role: 'ACTIVE',
+    });
+    const healthy = new CheckpointClient({
+      address: agent.socket,
+      process: 'bgp',
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [],
+      role: 'STANDBY',
+    });
     const slow = await registerRaw(c, reg({ instanceId: 'bgp@slow', vmId: 'slow', wantedRole: 'STANDBY', tables: [] }));
     try {
       await active.start();
       await healthy.start();
-      const sub = (c.Subscribe as (req: unknown) => grpc.ClientReadableStream<unknown>).call(c, { sessionId: slow.registered.sessionId, have: {}, mode: 'FOLLOW' });
+      const sub = (c.Subscribe as (req: unknown) => grpc.ClientReadableStream<unknown>).call(c, {
+        sessionId: slow.registered.sessionId,
+        have: {},
+        mode: 'FOLLOW',
+      });
       const ended = new Promise<grpc.ServiceError>((resolve) => sub.on('error', resolve));
       sub.pause(); // reads nothing from now on
       // ~16 MB of changes: far more than the HTTP/2 windows and socket buffers hold.

@@ -131,7 +131,16 @@ describe("checkpoint: the agent's state disk gets full", function () {
     const status = async (p = 'bgp') => (await unaryCall<StatusResponse>(c!, 'Status', { process: p })).processes[0];
     const seqsAtAgent = async () => Object.fromEntries((await status()).tables.map((t) => [t.name, t.seq]));
 
-    const common = { address: agent.socket, process: 'bgp', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' as const }, { name: 'adj', durability: 'SYNC' as const }] };
+    const common = {
+      address: agent.socket,
+      process: 'bgp',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [
+        { name: 'rib', durability: 'ASYNC' as const },
+        { name: 'adj', durability: 'SYNC' as const },
+      ],
+    };
     const active = new CheckpointClient({ ...common, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
     const acks = new AckGate();
     const standby = new CheckpointClient({ ...common, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY', interceptors: [acks.interceptor()] });
@@ -171,7 +180,16 @@ describe("checkpoint: the agent's state disk gets full", function () {
     await until('the standby is READY', async () => (await status()).peers.find((p) => p.instanceId === 'bgp@vm2')?.ready);
 
     // A second process writes with raw Write calls (the status check); declared while there is room.
-    const probe = await registerRaw(c, { process: 'probe', instanceId: 'probe@vm1', vmId: 'vm1', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'ACTIVE', tables: [{ name: 'fill', durability: 'ASYNC' }] });
+    const probe = await registerRaw(c, {
+      process: 'probe',
+      instanceId: 'probe@vm1',
+      vmId: 'vm1',
+      softwareVersion: '1.0.0',
+      schemaWrites: 1,
+      schemaReads: [1],
+      wantedRole: 'ACTIVE',
+      tables: [{ name: 'fill', durability: 'ASYNC' }],
+    });
     const probeBatch = (seq: number) => {
       const b = new RecordBuilder();
       for (let j = 0; j < 4; j++) b.put(`p${seq}.${j}`, 1, Buffer.alloc(60_000, seq & 0xff));
@@ -229,14 +247,21 @@ describe("checkpoint: the agent's state disk gets full", function () {
     await until('the writer hears that the agent cannot store its batches', () => fullEvents.length > 0);
     assert.equal(fullEvents[0].code, grpc.status.RESOURCE_EXHAUSTED);
     assert.match(fullEvents[0].message, FULL(stateDir));
-    const refusedWrites = () => agent.stderr().split('\n').filter((l) => l.includes('WriteStream') && l.includes('RESOURCE_EXHAUSTED')).length;
+    const refusedWrites = () =>
+      agent
+        .stderr()
+        .split('\n')
+        .filter((l) => l.includes('WriteStream') && l.includes('RESOURCE_EXHAUSTED')).length;
     await until('the writer resent and was refused again', () => refusedWrites() >= 2);
     assert.equal(errors.length, 0, errors.map((e) => e.message).join('; '));
     const kept = active.inFlight;
     assert.ok(kept > 0, 'the writer keeps its unacknowledged batches');
     assert.equal(acked.length + kept, submitted.length, 'every batch is acknowledged or kept');
     assert.deepEqual(await seqsAtAgent(), lastAcked, 'the agent applied nothing it did not acknowledge');
-    await until('the standby applied what the agent acknowledged', () => standby.table('rib').seq === lastAcked.rib && standby.table('adj').seq === lastAcked.adj);
+    await until(
+      'the standby applied what the agent acknowledged',
+      () => standby.table('rib').seq === lastAcked.rib && standby.table('adj').seq === lastAcked.adj,
+    );
     const ackedState: Record<string, TableDigest> = {};
     for (const t of ['rib', 'adj']) ackedState[t] = { table: t, ...standby.digest(t) };
     assert.equal(agent.proc.exitCode, null, 'the agent is still running');
@@ -282,7 +307,7 @@ describe("checkpoint: the agent's state disk gets full", function () {
   });
 });
 
-describe("checkpoint: compaction when the state disk is full", function () {
+describe('checkpoint: compaction when the state disk is full', function () {
   this.timeout(60_000);
   let disk: { dir: string; remove: () => void } | null = null;
   let db: Db | null = null;
@@ -322,8 +347,16 @@ describe("checkpoint: compaction when the state disk is full", function () {
       assert.match(e.message, FULL(stateDir));
       return true;
     });
-    assert.deepEqual(store.listTables().map((t) => [t.snapSeq, t.snapGen]), [[0, 0]], 'no snapshot became current');
-    assert.deepEqual(store.readBatches('bgp', 'rib', 0, 100).map((b) => b.seq), Array.from({ length: 40 }, (_, i) => i + 1), 'the log holds every batch');
+    assert.deepEqual(
+      store.listTables().map((t) => [t.snapSeq, t.snapGen]),
+      [[0, 0]],
+      'no snapshot became current',
+    );
+    assert.deepEqual(
+      store.readBatches('bgp', 'rib', 0, 100).map((b) => b.seq),
+      Array.from({ length: 40 }, (_, i) => i + 1),
+      'the log holds every batch',
+    );
     assert.equal(store.logFloor('bgp', 'rib'), 0);
     assert.deepEqual([...store.snapshotChunks('bgp', 'rib')], []);
 

@@ -9,7 +9,11 @@ import { rawClient, unaryCall } from '../../harness/grpc-client';
 import { until } from '../../harness/wait';
 
 interface StatusResp {
-  processes: { process: string; tables: { name: string; seq: number; records: number }[]; peers: { instanceId: string; role: string; ready: boolean; lag: number }[] }[];
+  processes: {
+    process: string;
+    tables: { name: string; seq: number; records: number }[];
+    peers: { instanceId: string; role: string; ready: boolean; lag: number }[];
+  }[];
 }
 
 async function agentStatus(agent: AgentHandle, process = 'bgp'): Promise<StatusResp['processes'][0]> {

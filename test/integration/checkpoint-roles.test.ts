@@ -19,15 +19,37 @@ describe('checkpoint: SYNC and ASYNC acknowledgements', function () {
     const agent = await startAgent();
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
     const active = new CheckpointClient({
-      address: agent.socket, process: 'bgp', instanceId: 'bgp@vm1', vmId: 'vm1', softwareVersion: '1.0.0', schema: 1,
-      tables: [{ name: 'async', durability: 'ASYNC' }, { name: 'sync', durability: 'SYNC' }], role: 'ACTIVE',
+      address: agent.socket,
+      process: 'bgp',
+      instanceId: 'bgp@vm1',
+      vmId: 'vm1',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [
+        { name: 'async', durability: 'ASYNC' },
+        { name: 'sync', durability: 'SYNC' },
+      ],
+      role: 'ACTIVE',
     });
     // The standby is driven by hand so the test decides when it acknowledges.
-    const sb = await registerRaw(c, { process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'STANDBY', tables: [] });
+    const sb = await registerRaw(c, {
+      process: 'bgp',
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      softwareVersion: '1.0.0',
+      schemaWrites: 1,
+      schemaReads: [1],
+      wantedRole: 'STANDBY',
+      tables: [],
+    });
     const order: string[] = [];
     try {
       await active.start();
-      const sub = (c.Subscribe as (r: unknown) => grpc.ClientReadableStream<{ change?: { table: string; seq: number } }>).call(c, { sessionId: sb.registered.sessionId, have: {}, mode: 'FOLLOW' });
+      const sub = (c.Subscribe as (r: unknown) => grpc.ClientReadableStream<{ change?: { table: string; seq: number } }>).call(c, {
+        sessionId: sb.registered.sessionId,
+        have: {},
+        mode: 'FOLLOW',
+      });
       const received: { table: string; seq: number }[] = [];
       sub.on('data', (ev) => {
         if (ev.change) {
@@ -43,16 +65,24 @@ describe('checkpoint: SYNC and ASYNC acknowledgements', function () {
       const acks = (c.Ack as (cb: () => void) => grpc.ClientWritableStream<unknown>).call(c, () => undefined);
 
       // ASYNC: acknowledged although the standby never acknowledges it.
-      const a = active.batch('async').put('k', Buffer.from('v')).commit().then((s) => order.push(`async acked ${s}`));
+      const a = active
+        .batch('async')
+        .put('k', Buffer.from('v'))
+        .commit()
+        .then((s) => order.push(`async acked ${s}`));
       await a;
       await until('standby received async/1', () => received.some((r) => r.table === 'async'));
 
       // SYNC: not acknowledged while the standby holds it unacknowledged.
       let syncAcked = false;
-      const s = active.batch('sync').put('k', Buffer.from('v')).commit().then((q) => {
-        syncAcked = true;
-        order.push(`sync acked ${q}`);
-      });
+      const s = active
+        .batch('sync')
+        .put('k', Buffer.from('v'))
+        .commit()
+        .then((q) => {
+          syncAcked = true;
+          order.push(`sync acked ${q}`);
+        });
       await until('standby received sync/1', () => received.some((r) => r.table === 'sync'));
       await new Promise((r) => setTimeout(r, 300));
       assert.equal(syncAcked, false, 'SYNC batch acknowledged before the standby applied it');
@@ -74,8 +104,26 @@ describe('checkpoint: SYNC and ASYNC acknowledgements', function () {
   it('releases a SYNC write when the standby leaves, instead of blocking the active forever', async () => {
     const agent = await startAgent();
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
-    const active = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm1', vmId: 'vm1', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'sync', durability: 'SYNC' }], role: 'ACTIVE' });
-    const sb = await registerRaw(c, { process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'STANDBY', tables: [] });
+    const active = new CheckpointClient({
+      address: agent.socket,
+      process: 'bgp',
+      instanceId: 'bgp@vm1',
+      vmId: 'vm1',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [{ name: 'sync', durability: 'SYNC' }],
+      role: 'ACTIVE',
+    });
+    const sb = await registerRaw(c, {
+      process: 'bgp',
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      softwareVersion: '1.0.0',
+      schemaWrites: 1,
+      schemaReads: [1],
+      wantedRole: 'STANDBY',
+      tables: [],
+    });
     try {
       await active.start();
       const sub = (c.Subscribe as (r: unknown) => grpc.ClientReadableStream<unknown>).call(c, { sessionId: sb.registered.sessionId, have: {}, mode: 'FOLLOW' });
@@ -153,7 +201,11 @@ describe('checkpoint: switchover driven by the agent', function () {
       });
     try {
       await a.start();
-      for (let i = 0; i < 5; i++) await a.batch('rib').put(`10.0.${i}.0/24`, Buffer.from(`nh${i}`)).commit();
+      for (let i = 0; i < 5; i++)
+        await a
+          .batch('rib')
+          .put(`10.0.${i}.0/24`, Buffer.from(`nh${i}`))
+          .commit();
       await b.start();
       await ready('bgp@vm2');
       const spare = at(/^start WriteStream#/);
@@ -167,7 +219,10 @@ describe('checkpoint: switchover driven by the agent', function () {
       assert.ok(promote > spare && answered > promote, seen.join(', '));
       // Between PROMOTE and its answer: no new call and no cancelled subscription (both cost tens
       // of ms in a slow guest, inside the freeze window). The agent ends the subscription itself.
-      assert.deepEqual(seen.slice(promote + 1, answered).filter((e) => /^(start|cancel) /.test(e)), []);
+      assert.deepEqual(
+        seen.slice(promote + 1, answered).filter((e) => /^(start|cancel) /.test(e)),
+        [],
+      );
       await until('the agent ended the old subscription', () => at(/^status Subscribe#\d+ OK/) >= 0);
       assert.equal(at(/^cancel Subscribe#/), -1, seen.join(', '));
 
@@ -196,7 +251,16 @@ describe('checkpoint: switchover driven by the agent', function () {
     const agent = await startAgent();
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
     // The active is driven by hand, so the test decides when it writes.
-    const act = await registerRaw(c, { process: 'bgp', instanceId: 'bgp@vm1', vmId: 'vm1', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'ACTIVE', tables: [{ name: 'rib', durability: 'ASYNC' }] });
+    const act = await registerRaw(c, {
+      process: 'bgp',
+      instanceId: 'bgp@vm1',
+      vmId: 'vm1',
+      softwareVersion: '1.0.0',
+      schemaWrites: 1,
+      schemaReads: [1],
+      wantedRole: 'ACTIVE',
+      tables: [{ name: 'rib', durability: 'ASYNC' }],
+    });
     let seq = 0;
     const write = () => {
       const b = new RecordBuilder();
@@ -210,7 +274,16 @@ describe('checkpoint: switchover driven by the agent', function () {
       commands.push(cmd.kind);
       act.call.write({ result: { commandId: cmd.commandId, ok: true, tableSeqs: cmd.kind === 'FREEZE' ? { rib: seq } : {} } });
     });
-    const standby = new CheckpointClient({ address: agent.socket, process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' }], role: 'STANDBY' });
+    const standby = new CheckpointClient({
+      address: agent.socket,
+      process: 'bgp',
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [{ name: 'rib', durability: 'ASYNC' }],
+      role: 'STANDBY',
+    });
     try {
       await write();
       await standby.start();
@@ -242,8 +315,20 @@ describe('checkpoint: switchover driven by the agent', function () {
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
     const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1', '--records', '1000']);
     await v1.waitFor((e) => e.event === 'loaded');
-    const sb = await registerRaw(c, { process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'STANDBY', tables: [] });
-    await assert.rejects(unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' }), (e: grpc.ServiceError) => e.code === grpc.status.FAILED_PRECONDITION && /not READY/.test(e.details));
+    const sb = await registerRaw(c, {
+      process: 'bgp',
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      softwareVersion: '1.0.0',
+      schemaWrites: 1,
+      schemaReads: [1],
+      wantedRole: 'STANDBY',
+      tables: [],
+    });
+    await assert.rejects(
+      unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' }),
+      (e: grpc.ServiceError) => e.code === grpc.status.FAILED_PRECONDITION && /not READY/.test(e.details),
+    );
     const n = v1.events.length;
     v1.send('load 100');
     await v1.waitFor((e) => e.event === 'loaded', 10_000, n);
@@ -257,7 +342,16 @@ describe('checkpoint: switchover driven by the agent', function () {
     const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1']);
     await v1.waitFor((e) => e.event === 'started');
     // A standby that follows the (empty) table, then answers PROMOTE with a refusal.
-    const sb = await registerRaw(c, { process: 'bgp', instanceId: 'bgp@vm2', vmId: 'vm2', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'STANDBY', tables: [{ name: 'rib', durability: 'ASYNC' }] });
+    const sb = await registerRaw(c, {
+      process: 'bgp',
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      softwareVersion: '1.0.0',
+      schemaWrites: 1,
+      schemaReads: [1],
+      wantedRole: 'STANDBY',
+      tables: [{ name: 'rib', durability: 'ASYNC' }],
+    });
     const sub = (c.Subscribe as (r: unknown) => grpc.ClientReadableStream<unknown>).call(c, { sessionId: sb.registered.sessionId, have: {}, mode: 'FOLLOW' });
     sub.on('error', () => undefined);
     const commands: string[] = [];

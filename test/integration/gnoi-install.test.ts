@@ -80,10 +80,13 @@ describe('gNOI OS.Install: limits and package checks', function () {
   it('PARSE_FAIL for links and nested paths, and for data that is not a tar', async () => {
     const cases: [string, Buffer][] = [
       ['symlink', tarOf('sym', (d) => fs.symlinkSync('/etc/passwd', path.join(d, 'manifest.json')))],
-      ['nested', tarOf('nest', (d) => {
-        fs.mkdirSync(path.join(d, 'a', 'b'), { recursive: true });
-        fs.writeFileSync(path.join(d, 'a', 'b', 'x'), 'x');
-      })],
+      [
+        'nested',
+        tarOf('nest', (d) => {
+          fs.mkdirSync(path.join(d, 'a', 'b'), { recursive: true });
+          fs.writeFileSync(path.join(d, 'a', 'b', 'x'), 'x');
+        }),
+      ],
       ['garbage', Buffer.alloc(4096, 7)],
     ];
     for (const [what, tar] of cases) {
@@ -139,7 +142,8 @@ describe('gNOI OS.Install: disk space on a small file system (tmpfs)', function 
     const st = fs.statfsSync(images);
     return Number(st.bavail) * Number(st.bsize);
   };
-  const pkg = async (version: string, rootfsBytes: number) => tarBundle(await fakeBundle(path.join(work, `b-${version}`), version, rootfsBytes, key.privateKeyPem));
+  const pkg = async (version: string, rootfsBytes: number) =>
+    tarBundle(await fakeBundle(path.join(work, `b-${version}`), version, rootfsBytes, key.privateKeyPem));
 
   before(async function () {
     if (process.getuid?.() !== 0) {

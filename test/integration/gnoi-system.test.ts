@@ -14,11 +14,25 @@ import { AnyClient, expectStatus, rawClient, unaryCall } from '../../harness/grp
 import { fakeBundle, installPackage, tarBundle } from '../helpers/gnoi';
 import { generateKeyPair } from '../../agent/images/signing';
 
-type RebootStatusResp = { active: boolean; wait: number; when: number; reason: string; count: number; method: string; status: { status: string; message: string } };
+type RebootStatusResp = {
+  active: boolean;
+  wait: number;
+  when: number;
+  reason: string;
+  count: number;
+  method: string;
+  status: { status: string; message: string };
+};
 type VerifyResp = { version: string; activationFailMessage: string; imageName: string; verifyStandby: { state: string; standbyState?: { state: string } } };
 type ActivateResp = { response: string; activateError?: { type: string; detail: string } };
 
-const cp = (name: string) => ({ origin: '', elem: [{ name: 'components', key: {} }, { name: 'component', key: { name } }] });
+const cp = (name: string) => ({
+  origin: '',
+  elem: [
+    { name: 'components', key: {} },
+    { name: 'component', key: { name } },
+  ],
+});
 
 describe('gNOI System and OS.Activate with nothing activated (no VMs)', function () {
   this.timeout(60_000);
@@ -66,13 +80,21 @@ describe('gNOI System and OS.Activate with nothing activated (no VMs)', function
 
   it('SwitchControlProcessor: FAILED_PRECONDITION telling to Activate(no_reboot=true) first, with or without a target', async () => {
     for (const req of [{}, { controlProcessor: cp('cp-2') }]) {
-      await expectStatus(unaryCall(sys, 'SwitchControlProcessor', req), grpc.status.FAILED_PRECONDITION, /no standby control processor: activate a version with OS\.Activate\(no_reboot=true\) first/);
+      await expectStatus(
+        unaryCall(sys, 'SwitchControlProcessor', req),
+        grpc.status.FAILED_PRECONDITION,
+        /no standby control processor: activate a version with OS\.Activate\(no_reboot=true\) first/,
+      );
     }
   });
 
   it('Reboot COLD, WARM or NSF: FAILED_PRECONDITION telling to Activate(no_reboot=true) first; the control plane is never cold-restarted', async () => {
     for (const method of ['COLD', 'WARM', 'NSF']) {
-      await expectStatus(unaryCall(sys, 'Reboot', { method, message: 'test' }), grpc.status.FAILED_PRECONDITION, /no version is activated: use OS\.Activate\(no_reboot=true\) first/);
+      await expectStatus(
+        unaryCall(sys, 'Reboot', { method, message: 'test' }),
+        grpc.status.FAILED_PRECONDITION,
+        /no version is activated: use OS\.Activate\(no_reboot=true\) first/,
+      );
     }
     await idleRebootStatus(); // a refused reboot is not counted
   });
@@ -81,10 +103,22 @@ describe('gNOI System and OS.Activate with nothing activated (no VMs)', function
     // gNOI: "A target should return INVALID_ARGUMENT if UNKNOWN or any other unsupported method
     // is called"; these are checked before anything else, so the answer does not depend on state.
     for (const method of ['UNKNOWN', 'POWERDOWN', 'HALT', 'POWERUP']) {
-      await expectStatus(unaryCall(sys, 'Reboot', { method }), grpc.status.INVALID_ARGUMENT, new RegExp(`reboot method ${method} is not supported; use COLD, WARM or NSF`));
+      await expectStatus(
+        unaryCall(sys, 'Reboot', { method }),
+        grpc.status.INVALID_ARGUMENT,
+        new RegExp(`reboot method ${method} is not supported; use COLD, WARM or NSF`),
+      );
     }
-    await expectStatus(unaryCall(sys, 'Reboot', { method: 'WARM', delay: 5_000_000_000 }), grpc.status.INVALID_ARGUMENT, /delayed reboots are not supported; send delay 0/);
-    await expectStatus(unaryCall(sys, 'Reboot', { method: 'NSF', subcomponents: [cp('cp-1')] }), grpc.status.INVALID_ARGUMENT, /rebooting subcomponents is not supported/);
+    await expectStatus(
+      unaryCall(sys, 'Reboot', { method: 'WARM', delay: 5_000_000_000 }),
+      grpc.status.INVALID_ARGUMENT,
+      /delayed reboots are not supported; send delay 0/,
+    );
+    await expectStatus(
+      unaryCall(sys, 'Reboot', { method: 'NSF', subcomponents: [cp('cp-1')] }),
+      grpc.status.INVALID_ARGUMENT,
+      /rebooting subcomponents is not supported/,
+    );
     await idleRebootStatus();
   });
 

@@ -19,7 +19,10 @@ const REPO = path.resolve(__dirname, '../../..');
 function unitCommand(unit: string, key: string): string[] {
   const line = unit.split('\n').find((l) => l.startsWith(`${key}=`));
   assert.ok(line, `the unit has ${key}=`);
-  return line.slice(key.length + 1).split(' ').filter((w) => w && w !== '$HITLESSD_OPTS');
+  return line
+    .slice(key.length + 1)
+    .split(' ')
+    .filter((w) => w && w !== '$HITLESSD_OPTS');
 }
 
 describe('running as a service: install script and systemd unit', function () {
@@ -30,7 +33,22 @@ describe('running as a service: install script and systemd unit', function () {
   before(async () => {
     root = tempDir('install');
     const group = execFileSync('id', ['-gn']).toString().trim();
-    await run('bash', [path.join(REPO, 'scripts/install.sh'), '--prefix', `${root}/opt`, '--bin-dir', `${root}/bin`, '--unit-dir', `${root}/units`, '--group', group, '--no-start'], { cwd: REPO });
+    await run(
+      'bash',
+      [
+        path.join(REPO, 'scripts/install.sh'),
+        '--prefix',
+        `${root}/opt`,
+        '--bin-dir',
+        `${root}/bin`,
+        '--unit-dir',
+        `${root}/units`,
+        '--group',
+        group,
+        '--no-start',
+      ],
+      { cwd: REPO },
+    );
   });
 
   after(() => {

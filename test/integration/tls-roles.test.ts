@@ -63,8 +63,16 @@ describe('TLS listener: mutual TLS and roles', function () {
     await unaryCall(client('hitless.v1.Vm', viewer), 'List', {});
     await unaryCall(client('gnoi.os.OS', viewer), 'Verify', {});
     await unaryCall(client('gnoi.system.System', viewer), 'RebootStatus', {});
-    await expectStatus(unaryCall(up, 'AbortVersion', { reason: 'x' }), grpc.status.PERMISSION_DENIED, /role 'viewer' .*may not call \/hitless\.v1\.Upgrade\/AbortVersion/);
-    await expectStatus(unaryCall(client('gnoi.os.OS', viewer), 'Activate', { version: '2.0.0' }), grpc.status.PERMISSION_DENIED, /viewer.*gnoi\.os\.OS\/Activate/);
+    await expectStatus(
+      unaryCall(up, 'AbortVersion', { reason: 'x' }),
+      grpc.status.PERMISSION_DENIED,
+      /role 'viewer' .*may not call \/hitless\.v1\.Upgrade\/AbortVersion/,
+    );
+    await expectStatus(
+      unaryCall(client('gnoi.os.OS', viewer), 'Activate', { version: '2.0.0' }),
+      grpc.status.PERMISSION_DENIED,
+      /viewer.*gnoi\.os\.OS\/Activate/,
+    );
     // A streaming RPC is refused the same way.
     const ck = client('hitless.v1.Checkpoint', viewer);
     const session = (ck.Session as () => grpc.ClientDuplexStream<unknown, unknown>).call(ck);
@@ -85,7 +93,13 @@ describe('TLS listener: mutual TLS and roles', function () {
     const deadline = () => ({ deadline: Date.now() + 5000 });
     const call = (c: AnyClient) =>
       new Promise<unknown>((resolve, reject) =>
-        (c.Status as (r: unknown, md: grpc.Metadata, o: unknown, cb: (e: grpc.ServiceError | null, v: unknown) => void) => void).call(c, {}, new grpc.Metadata(), deadline(), (e, v) => (e ? reject(e) : resolve(v))),
+        (c.Status as (r: unknown, md: grpc.Metadata, o: unknown, cb: (e: grpc.ServiceError | null, v: unknown) => void) => void).call(
+          c,
+          {},
+          new grpc.Metadata(),
+          deadline(),
+          (e, v) => (e ? reject(e) : resolve(v)),
+        ),
       );
     await expectStatus(call(client('hitless.v1.Upgrade', null)), grpc.status.UNAVAILABLE);
     const other = new TestCa(dir, 'other');

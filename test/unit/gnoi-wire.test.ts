@@ -106,7 +106,8 @@ function compare(dir: string): string[] {
     }
     for (const extra of got.values()) diffs.push(`${name}.${extra[0]}: declared by us, not published (${JSON.stringify(extra)})`);
     // Field options change the encoding (packed) or the meaning (deprecated); upstream sets none.
-    for (const f of ours.fieldsArray) if (f.options && Object.keys(f.options).length) diffs.push(`${name}.${f.name}: options ${JSON.stringify(f.options)}; published has none`);
+    for (const f of ours.fieldsArray)
+      if (f.options && Object.keys(f.options).length) diffs.push(`${name}.${f.name}: options ${JSON.stringify(f.options)}; published has none`);
   }
 
   for (const [name, ours, published] of paired('enum', enums, ENUMS)) {
@@ -129,11 +130,16 @@ function compare(dir: string): string[] {
         responseStream: !!m.responseStream,
       };
       if (!want) diffs.push(`rpc ${name}/${m.name}: declared by us, not published`);
-      else if (JSON.stringify(have) !== JSON.stringify(want)) diffs.push(`rpc ${name}/${m.name}: ours ${JSON.stringify(have)}, published ${JSON.stringify(want)}`);
+      else if (JSON.stringify(have) !== JSON.stringify(want))
+        diffs.push(`rpc ${name}/${m.name}: ours ${JSON.stringify(have)}, published ${JSON.stringify(want)}`);
     }
-    const missing = Object.keys(published).filter((m) => !declared.has(m)).sort();
+    const missing = Object.keys(published)
+      .filter((m) => !declared.has(m))
+      .sort();
     if (JSON.stringify(missing) !== JSON.stringify([...(NOT_SERVED[name] ?? [])].sort())) {
-      diffs.push(`service ${name}: published RPCs we do not declare are ${JSON.stringify(missing)}, expected exactly ${JSON.stringify(NOT_SERVED[name] ?? [])}`);
+      diffs.push(
+        `service ${name}: published RPCs we do not declare are ${JSON.stringify(missing)}, expected exactly ${JSON.stringify(NOT_SERVED[name] ?? [])}`,
+      );
     }
   }
 
@@ -141,12 +147,14 @@ function compare(dir: string): string[] {
     const ours = extensions.get(name);
     const want = EXTENSIONS[name];
     const have = ours ? [noDot(ours.extend ?? ''), ours.id, ours.type] : null;
-    if (JSON.stringify(have) !== JSON.stringify(want ?? null)) diffs.push(`extension ${name}: ours ${JSON.stringify(have)}, published ${JSON.stringify(want ?? null)}`);
+    if (JSON.stringify(have) !== JSON.stringify(want ?? null))
+      diffs.push(`extension ${name}: ours ${JSON.stringify(have)}, published ${JSON.stringify(want ?? null)}`);
   }
 
   for (const [pkg, version] of Object.entries(GNOI_VERSIONS)) {
     const opts = (root.lookup(pkg) as protobuf.Namespace | null)?.options ?? {};
-    if (opts['(types.gnoi_version)'] !== version) diffs.push(`${pkg}: (types.gnoi_version) ours ${JSON.stringify(opts['(types.gnoi_version)'])}, published ${JSON.stringify(version)}`);
+    if (opts['(types.gnoi_version)'] !== version)
+      diffs.push(`${pkg}: (types.gnoi_version) ours ${JSON.stringify(opts['(types.gnoi_version)'])}, published ${JSON.stringify(version)}`);
   }
   return diffs;
 }

@@ -58,14 +58,30 @@ describe('issu image (imageCommand, --json)', () => {
 
     const i = await run('inspect', bundle, '--json');
     assert.equal(i.code, 0);
-    const info = i.out[0] as { version: string; arch: string; totalBytes: number; files: { path: string; sha256: string; sizeMatches: boolean }[]; signature: { keyId: string }; processes: { name: string; schemaWrites: number }[] };
+    const info = i.out[0] as {
+      version: string;
+      arch: string;
+      totalBytes: number;
+      files: { path: string; sha256: string; sizeMatches: boolean }[];
+      signature: { keyId: string };
+      processes: { name: string; schemaWrites: number }[];
+    };
     assert.equal(info.version, '1.2.3');
     assert.equal(info.arch, 'x86_64');
-    assert.deepEqual(info.files.map((f) => f.path), ['vmlinuz', 'initrd.img', 'rootfs.ext4']);
+    assert.deepEqual(
+      info.files.map((f) => f.path),
+      ['vmlinuz', 'initrd.img', 'rootfs.ext4'],
+    );
     assert.ok(info.files.every((f) => f.sizeMatches && /^[0-9a-f]{64}$/.test(f.sha256)));
     assert.equal(info.signature.keyId, key.keyId);
-    assert.deepEqual(info.processes.map((p) => [p.name, p.schemaWrites]), [['bgp', 1]]);
-    assert.equal(info.totalBytes, info.files.reduce((n, f) => n + (f as unknown as { size: number }).size, 0));
+    assert.deepEqual(
+      info.processes.map((p) => [p.name, p.schemaWrites]),
+      [['bgp', 1]],
+    );
+    assert.equal(
+      info.totalBytes,
+      info.files.reduce((n, f) => n + (f as unknown as { size: number }).size, 0),
+    );
   });
 
   it('verify fails with exit 1 and the reason', async () => {

@@ -63,7 +63,12 @@ describe('image bundles', () => {
   describe('manifest', () => {
     it('reads the manifests the build scripts wrote', function () {
       const cache = path.join(REPO, '.cache/images');
-      const dirs = fs.existsSync(cache) ? fs.readdirSync(cache).map((d) => path.join(cache, d)).filter((d) => fs.existsSync(path.join(d, 'manifest.json'))) : [];
+      const dirs = fs.existsSync(cache)
+        ? fs
+            .readdirSync(cache)
+            .map((d) => path.join(cache, d))
+            .filter((d) => fs.existsSync(path.join(d, 'manifest.json')))
+        : [];
       if (!dirs.length) return this.skip();
       for (const d of dirs) {
         const m = readManifest(d);
@@ -91,7 +96,13 @@ describe('image bundles', () => {
         },
       });
       const e = await rejects(() => readManifest(d), status.INVALID_ARGUMENT, /version must look like/);
-      for (const re of [/arch must be one of x86_64, aarch64/, /cpus is required/, /files has no entry with role 'kernel'/, /processes\[0\]\.schemaWrites must be an integer >= 1/, /processes\[0\]\.transforms\[0\]/]) {
+      for (const re of [
+        /arch must be one of x86_64, aarch64/,
+        /cpus is required/,
+        /files has no entry with role 'kernel'/,
+        /processes\[0\]\.schemaWrites must be an integer >= 1/,
+        /processes\[0\]\.transforms\[0\]/,
+      ]) {
         assert.match(e.message, re);
       }
     });
@@ -136,7 +147,11 @@ describe('image bundles', () => {
       const fd = fs.openSync(f, 'r+');
       fs.writeSync(fd, Buffer.from([0xff, 0x00, 0xaa]), 0, 3, 1048576);
       fs.closeSync(fd);
-      await rejects(verifyBundle(d, trust), status.FAILED_PRECONDITION, /^file rootfs\.ext4: sha256 mismatch \(manifest [0-9a-f]+\.\., file [0-9a-f]+\.\.\): the bundle is corrupt or was modified; fetch it again$/);
+      await rejects(
+        verifyBundle(d, trust),
+        status.FAILED_PRECONDITION,
+        /^file rootfs\.ext4: sha256 mismatch \(manifest [0-9a-f]+\.\., file [0-9a-f]+\.\.\): the bundle is corrupt or was modified; fetch it again$/,
+      );
     });
 
     it('a truncated file fails on its size before hashing', async () => {
@@ -145,7 +160,11 @@ describe('image bundles', () => {
       await signBundle(d, kp.privateKeyPem);
       fs.truncateSync(path.join(d, 'initrd.img'), 10);
       let hashed = 0;
-      await rejects(verifyBundle(d, trust, (n) => (hashed = n)), status.FAILED_PRECONDITION, /file initrd\.img: size mismatch \(manifest 2000 bytes, file 10\)/);
+      await rejects(
+        verifyBundle(d, trust, (n) => (hashed = n)),
+        status.FAILED_PRECONDITION,
+        /file initrd\.img: size mismatch \(manifest 2000 bytes, file 10\)/,
+      );
       assert.equal(hashed, 0);
     });
 
@@ -186,7 +205,12 @@ describe('image bundles', () => {
 
     it('verifies a real cached bundle (hard-linked into a temp dir)', async function () {
       const cache = path.join(REPO, '.cache/images');
-      const src = fs.existsSync(cache) ? fs.readdirSync(cache).map((n) => path.join(cache, n)).find((n) => fs.existsSync(path.join(n, 'manifest.json'))) : undefined;
+      const src = fs.existsSync(cache)
+        ? fs
+            .readdirSync(cache)
+            .map((n) => path.join(cache, n))
+            .find((n) => fs.existsSync(path.join(n, 'manifest.json')))
+        : undefined;
       if (!src) return this.skip();
       const d = path.join(tmp, 'real');
       fs.mkdirSync(d);
@@ -225,7 +249,8 @@ describe('image bundles', () => {
       assert.match(m[0].reason!, /a rollback would not be hitless/);
       assert.throws(
         () => assertCompatible(m),
-        (e: HitlessError) => e.code === status.FAILED_PRECONDITION && /incompatible schema 1->2 for process bgp/.test(e.message) && /transform "2->1"/.test(e.message),
+        (e: HitlessError) =>
+          e.code === status.FAILED_PRECONDITION && /incompatible schema 1->2 for process bgp/.test(e.message) && /transform "2->1"/.test(e.message),
       );
     });
 

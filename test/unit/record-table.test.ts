@@ -197,7 +197,7 @@ describe('ArenaPool', () => {
     assert.equal(tableDigest(other).sha256, modelDigest(modelO));
   });
 
-  it('CLEAR returns a table\'s arenas; oversize batches and arenas beyond the cap are not kept', () => {
+  it("CLEAR returns a table's arenas; oversize batches and arenas beyond the cap are not kept", () => {
     const pool = new ArenaPool(ARENA, 2 * ARENA);
     const t = pooled(pool);
     const b = new RecordBuilder();

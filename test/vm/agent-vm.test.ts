@@ -26,7 +26,6 @@ import { buildGuestImages, runIssu as issu } from '../../harness/guest-images';
 
 const measure = (what: string, ms: number) => process.stderr.write(`      MEASURE ${what}: ${ms} ms\n`);
 
-
 describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU under TCG)', function () {
   this.timeout(300_000);
   const reaper = new QemuReaper();
@@ -89,12 +88,20 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
 
   it('refuses bad Start requests with the right status and an actionable message', async () => {
     const img = images['x86_64-1.0.0'];
-    const err = await expectStatus(unaryCall(vm, 'Start', { name: 'huge', imageDir: img, memoryMib: 16 * 1024 * 1024 }), grpc.status.RESOURCE_EXHAUSTED, /needs 16777216 MiB .* \d+ MiB available/);
+    const err = await expectStatus(
+      unaryCall(vm, 'Start', { name: 'huge', imageDir: img, memoryMib: 16 * 1024 * 1024 }),
+      grpc.status.RESOURCE_EXHAUSTED,
+      /needs 16777216 MiB .* \d+ MiB available/,
+    );
     assert.match(err.details, /less memory/);
     await expectStatus(unaryCall(vm, 'Start', { name: '../etc', imageDir: img }), grpc.status.INVALID_ARGUMENT, /VM name '\.\.\/etc' is invalid/);
     await expectStatus(unaryCall(vm, 'Start', { name: 'x1', imageDir: 'relative/dir' }), grpc.status.INVALID_ARGUMENT, /absolute path/);
     await expectStatus(unaryCall(vm, 'Start', { name: 'x1', imageDir: stateDir }), grpc.status.FAILED_PRECONDITION, /no manifest\.json/);
-    await expectStatus(unaryCall(vm, 'Start', { name: 'x1', imageDir: img, cmdlineExtra: 'hitless.vm=r9' }), grpc.status.INVALID_ARGUMENT, /must not set hitless\.vm=/);
+    await expectStatus(
+      unaryCall(vm, 'Start', { name: 'x1', imageDir: img, cmdlineExtra: 'hitless.vm=r9' }),
+      grpc.status.INVALID_ARGUMENT,
+      /must not set hitless\.vm=/,
+    );
     // A bundle whose file does not match its manifest (size) is refused before anything runs.
     const broken = fs.mkdtempSync(path.join(os.tmpdir(), 'hav-img-'));
     try {
@@ -107,7 +114,11 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
     }
     await expectStatus(unaryCall(vm, 'Get', { name: 'nope' }), grpc.status.NOT_FOUND, /No VM named nope/);
     const list = await unaryCall<ListVmsResponse>(vm, 'List', {});
-    assert.deepEqual(list.vms.map((v) => v.name), [], 'refused starts leave no VM record behind');
+    assert.deepEqual(
+      list.vms.map((v) => v.name),
+      [],
+      'refused starts leave no VM record behind',
+    );
     const cli = await issu(agent.socket, ['vm', 'start', 'x1']);
     assert.equal(cli.code, 2, 'missing --image is a usage error');
   });
@@ -136,14 +147,24 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
       // QEMU runs in a network namespace of its own (this suite runs as root): loopback only,
       // with ACKs that leave at once (guest-netns.ts), and no route to the host's networks.
       assert.notEqual(fs.readlinkSync(`/proc/${v.pid}/ns/net`), fs.readlinkSync('/proc/self/ns/net'));
-      const ifaces = fs.readFileSync(`/proc/${v.pid}/net/dev`, 'utf8').split('\n').slice(2).map((l) => l.split(':')[0].trim()).filter(Boolean);
+      const ifaces = fs
+        .readFileSync(`/proc/${v.pid}/net/dev`, 'utf8')
+        .split('\n')
+        .slice(2)
+        .map((l) => l.split(':')[0].trim())
+        .filter(Boolean);
       assert.deepEqual(ifaces, ['lo']);
       const routes = execFileSync('nsenter', ['-t', String(v.pid), '-n', 'ip', 'route', 'show', 'table', 'local'], { encoding: 'utf8' });
       assert.match(routes, /^local 127\.0\.0\.1 dev lo .*quickack 1/m);
-      await new Promise<void>((resolve, reject) => net.connect(v.bulkSocket).once('connect', function (this: net.Socket) {
-        this.destroy();
-        resolve();
-      }).once('error', reject));
+      await new Promise<void>((resolve, reject) =>
+        net
+          .connect(v.bulkSocket)
+          .once('connect', function (this: net.Socket) {
+            this.destroy();
+            resolve();
+          })
+          .once('error', reject),
+      );
 
       const found = (await until('bgp@r1 registered via the guest channel', () => peerOf('bgp@r1'), 120_000, 100))!;
       const registeredMs = Date.now() - t0;
@@ -151,11 +172,16 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
       assert.equal(found.peer.vmId, 'r1');
       assert.equal(found.peer.role, 'ACTIVE');
       assert.equal(found.peer.softwareVersion, '1.0.0');
-      const table = (await until('rib checkpointed', async () => {
-        const p = await peerOf('bgp@r1');
-        const t = p?.process.tables.find((x) => x.name === 'rib');
-        return t && t.seq > 0 && t.records >= 20000 ? t : null;
-      }, 60_000, 100))!;
+      const table = (await until(
+        'rib checkpointed',
+        async () => {
+          const p = await peerOf('bgp@r1');
+          const t = p?.process.tables.find((x) => x.name === 'rib');
+          return t && t.seq > 0 && t.records >= 20000 ? t : null;
+        },
+        60_000,
+        100,
+      ))!;
       assert.ok(table.seq > 0 && table.records > 0);
       measure('x86_64 boot-to-checkpointed (20000 records)', Date.now() - t0);
       assert.ok(events.some((e) => e.vm === 'r1' && e.type === 'STATE' && JSON.parse(e.dataJson).state === 'RUNNING' && e.atMs >= t0));
@@ -181,7 +207,16 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
     const c = rawClient('hitless.v1.Checkpoint', path.join(stateDir, 'vms', 'r1', 'agent.sock'));
     try {
       await expectStatus(
-        registerRaw(c, { process: 'ospf', instanceId: 'ospf@other', vmId: 'other', softwareVersion: '1.0.0', schemaWrites: 1, schemaReads: [1], wantedRole: 'ACTIVE', tables: [{ name: 'lsdb', durability: 'ASYNC' }] }),
+        registerRaw(c, {
+          process: 'ospf',
+          instanceId: 'ospf@other',
+          vmId: 'other',
+          softwareVersion: '1.0.0',
+          schemaWrites: 1,
+          schemaReads: [1],
+          wantedRole: 'ACTIVE',
+          tables: [{ name: 'lsdb', durability: 'ASYNC' }],
+        }),
         grpc.status.PERMISSION_DENIED,
         /comes from VM 'r1' but the process claims VM 'other'/,
       );
@@ -263,7 +298,21 @@ describe('VMs in the running agent: gRPC, issu and the guest channel (real QEMU 
       assert.ok(!pidAlive(r1Pid));
       const log = await unaryCall<ConsoleLogResponse>(vm, 'ConsoleLog', { name: 'r1', bytes: 4096 });
       assert.match(log.data.toString('utf8'), /HITLESS-POWERDOWN/);
-      await until('guest channel closed', () => !fs.existsSync(path.join(stateDir, 'vms', 'r1', 'agent.sock')) || new Promise<boolean>((res) => net.connect(path.join(stateDir, 'vms', 'r1', 'agent.sock')).once('connect', function (this: net.Socket) { this.destroy(); res(false); }).once('error', () => res(true))), 5000);
+      await until(
+        'guest channel closed',
+        () =>
+          !fs.existsSync(path.join(stateDir, 'vms', 'r1', 'agent.sock')) ||
+          new Promise<boolean>((res) =>
+            net
+              .connect(path.join(stateDir, 'vms', 'r1', 'agent.sock'))
+              .once('connect', function (this: net.Socket) {
+                this.destroy();
+                res(false);
+              })
+              .once('error', () => res(true)),
+          ),
+        5000,
+      );
       await until('EXITED event', () => events.some((e) => e.type === 'EXITED'), 5000);
       const states = events.filter((e) => e.type === 'STATE').map((e) => JSON.parse(e.dataJson).state as string);
       assert.ok(states.indexOf('STOPPING') >= 0 && states.indexOf('STOPPING') < states.indexOf('STOPPED'), `state events: ${states.join(' ')}`);

@@ -57,7 +57,12 @@ function bundle(arch: Arch): GuestImage | null {
   const script = path.join(REPO_ROOT, 'platform', PLATFORM_DIR[arch], 'build-image.sh');
   if (!fs.existsSync(script)) return null;
   try {
-    const out = execFileSync('bash', [script, '--version', '1.0.0'], { cwd: REPO_ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], timeout: 20 * 60_000 });
+    const out = execFileSync('bash', [script, '--version', '1.0.0'], {
+      cwd: REPO_ROOT,
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+      timeout: 20 * 60_000,
+    });
     const dir = out.trim().split('\n').pop() ?? '';
     return fromDir(path.resolve(REPO_ROOT, dir), 'bundle');
   } catch (e) {
@@ -172,7 +177,6 @@ export function guestImage(arch: Arch): GuestImage {
 export function makeStateDir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), 'hvm-'));
 }
-
 
 /** Collects log lines so a failing test can show them; also the VmLogger for the service. */
 export class MemoryLogger implements VmLogger {

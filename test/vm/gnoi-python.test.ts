@@ -44,7 +44,13 @@ type RebootStatusResp = { active: boolean; count: number; method: string; reason
 type CpResp = { controlProcessor: { elem: { name: string; key: Record<string, string> }[] }; version: string; uptime: number };
 
 /** gNOI names a control processor by path; the agent's are its VMs (see agent/gnoi/gnoi.grpc.ts). */
-const cp = (name: string) => ({ origin: '', elem: [{ name: 'components', key: {} }, { name: 'component', key: { name } }] });
+const cp = (name: string) => ({
+  origin: '',
+  elem: [
+    { name: 'components', key: {} },
+    { name: 'component', key: { name } },
+  ],
+});
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', function () {
@@ -72,10 +78,29 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
 
   const py = (who: Pem, args: string[], timeoutMs = 600_000): Promise<Line[]> =>
     new Promise((resolve, reject) => {
-      const argv = [CLIENT, '--proto-dir', path.join(REPO, 'proto'), '--address', agent.ready.grpcTls as string, '--ca', ca.ca.certFile, '--cert', who.certFile, '--key', who.keyFile, ...args];
+      const argv = [
+        CLIENT,
+        '--proto-dir',
+        path.join(REPO, 'proto'),
+        '--address',
+        agent.ready.grpcTls as string,
+        '--ca',
+        ca.ca.certFile,
+        '--cert',
+        who.certFile,
+        '--key',
+        who.keyFile,
+        ...args,
+      ];
       execFile(PYTHON, argv, { timeout: timeoutMs, encoding: 'utf8', maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
         if (err) return reject(new Error(`gnoi_client.py ${args.join(' ')} failed: ${err.message}\n${stderr}\n${stdout}`));
-        resolve(stdout.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Line));
+        resolve(
+          stdout
+            .trim()
+            .split('\n')
+            .filter(Boolean)
+            .map((l) => JSON.parse(l) as Line),
+        );
       });
     });
   const bgp = async () => (await unaryCall<StatusResponse>(ck, 'Status', { process: 'bgp' })).processes[0];
@@ -220,7 +245,10 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
     assert.deepEqual(incomingLeft(), []);
 
     const again = await py(operator, ['install', '--bundle', v2, '--version', '2.0.0']);
-    assert.deepEqual(again.map((l) => l.event), ['packed', 'validated']);
+    assert.deepEqual(
+      again.map((l) => l.event),
+      ['packed', 'validated'],
+    );
     assert.equal(again[1].version, '2.0.0');
   });
 
@@ -238,7 +266,10 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
     const a = await active();
     assert.equal(a?.vmId, 'cp-1', 'v1 still active');
     assert.equal(a?.softwareVersion, '1.0.0');
-    assert.ok((await bgp()).peers.some((p) => p.vmId === standbyVm && p.role === 'STANDBY' && p.ready), 'the v2 standby is READY');
+    assert.ok(
+      (await bgp()).peers.some((p) => p.vmId === standbyVm && p.role === 'STANDBY' && p.ready),
+      'the v2 standby is READY',
+    );
 
     const [ver] = await py(viewer, ['verify']);
     assert.equal(ver.version, '1.0.0');
@@ -258,7 +289,11 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
 
   it('SwitchControlProcessor: viewer refused, unknown target NOT_FOUND, the active a no-op, the standby takes over (v2 active, v1 following)', async () => {
     await expectStatus(unaryCall(sysView, 'SwitchControlProcessor', { controlProcessor: cp(standbyVm) }), grpc.status.PERMISSION_DENIED, /role 'viewer'/);
-    await expectStatus(unaryCall(sysOp, 'SwitchControlProcessor', { controlProcessor: cp('cp-9') }), grpc.status.NOT_FOUND, new RegExp(`'cp-9' does not exist; the standby is '${standbyVm}' and the active 'cp-1'`));
+    await expectStatus(
+      unaryCall(sysOp, 'SwitchControlProcessor', { controlProcessor: cp('cp-9') }),
+      grpc.status.NOT_FOUND,
+      new RegExp(`'cp-9' does not exist; the standby is '${standbyVm}' and the active 'cp-1'`),
+    );
     const same = await unaryCall<CpResp>(sysOp, 'SwitchControlProcessor', { controlProcessor: cp('cp-1') });
     assert.equal(same.version, '1.0.0');
     assert.equal(same.controlProcessor.elem[1].key.name, 'cp-1');
@@ -267,7 +302,10 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
     const t0 = Date.now();
     const r = await unaryCall<CpResp>(sysOp, 'SwitchControlProcessor', { controlProcessor: cp(standbyVm) });
     measure('SwitchControlProcessor to the v2 standby', `${Date.now() - t0} ms`);
-    assert.deepEqual(r.controlProcessor.elem.map((e) => e.name), ['components', 'component']);
+    assert.deepEqual(
+      r.controlProcessor.elem.map((e) => e.name),
+      ['components', 'component'],
+    );
     assert.equal(r.controlProcessor.elem[1].key.name, standbyVm);
     assert.equal(r.version, '2.0.0');
     assert.ok(r.uptime > 0, 'uptime of the new control processor');
@@ -275,7 +313,10 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
     const a = await active();
     assert.equal(a?.vmId, standbyVm);
     assert.equal(a?.softwareVersion, '2.0.0');
-    assert.ok((await bgp()).peers.some((p) => p.vmId === 'cp-1' && p.role === 'STANDBY'), 'v1 follows as standby until commit');
+    assert.ok(
+      (await bgp()).peers.some((p) => p.vmId === 'cp-1' && p.role === 'STANDBY'),
+      'v1 follows as standby until commit',
+    );
 
     const [ver] = await py(viewer, ['verify']);
     assert.equal(ver.version, '2.0.0');
@@ -283,7 +324,11 @@ describe('gNOI OS/System from a Python client over mTLS (real QEMU under TCG)', 
     assert.equal(ver.standby_id, 'cp-1');
     assert.equal(ver.standby_version, '1.0.0');
     // Going back is an abort, which gNOI has no RPC for: refused with what to do instead.
-    await expectStatus(unaryCall(sysOp, 'SwitchControlProcessor', { controlProcessor: cp('cp-1') }), grpc.status.FAILED_PRECONDITION, /switching back is an abort: run 'issu abortversion'/);
+    await expectStatus(
+      unaryCall(sysOp, 'SwitchControlProcessor', { controlProcessor: cp('cp-1') }),
+      grpc.status.FAILED_PRECONDITION,
+      /switching back is an abort: run 'issu abortversion'/,
+    );
     const again = await unaryCall<CpResp>(sysOp, 'SwitchControlProcessor', { controlProcessor: cp(standbyVm) });
     assert.equal(again.version, '2.0.0');
     assert.equal((await upgradeStatus()).current?.phase, 'SWITCHED');

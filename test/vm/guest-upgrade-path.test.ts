@@ -33,7 +33,6 @@ import { buildGuestImages } from '../../harness/guest-images';
 const measure = (what: string, value: number, unit = 'ms') => process.stderr.write(`      MEASURE ${what}: ${value} ${unit}\n`);
 const RECORDS = 20_000;
 
-
 /** The daemon's JSON lines as the guest init prints them on the console: "[bgp] {...}". */
 function bgpEvents(consoleText: string): Record<string, unknown>[] {
   const out: Record<string, unknown>[] = [];
@@ -112,129 +111,176 @@ describe('guest upgrade path: v1 ACTIVE in one VM, v2 STANDBY (schema 2) in anot
   });
 
   it('u1 (v1.0.0, no hitless.role=): bgp registers ACTIVE from VM u1 with schema 1 and loads the rib', async () => {
-    await withDiagnostics((async () => {
-      const t0 = Date.now();
-      const v = await startVm('u1', images['x86_64-1.0.0']);
-      assert.equal(v.imageVersion, '1.0.0');
-      const p = await until('bgp@u1 registered', async () => (peer(await status(), 'bgp@u1') ? status() : null), 180_000, 100);
-      measure('u1 (v1) boot-to-registered', Date.now() - t0);
-      const me = peer(p, 'bgp@u1')!;
-      assert.equal(me.role, 'ACTIVE');
-      assert.equal(me.vmId, 'u1');
-      assert.equal(me.softwareVersion, '1.0.0');
-      assert.equal(me.schemaWrites, 1);
-      assert.deepEqual(me.schemaReads, [1]);
-      await until('rib loaded (20000 routes)', async () => {
-        const t = rib(await status());
-        return t && t.records >= RECORDS * 0.9 && t.seq >= RECORDS / 1000 ? t : null;
-      }, 180_000, 200);
-      const loaded = (await until('"loaded" on the u1 console', async () => bgpEvents(await consoleOf('u1')).find((e) => e.event === 'loaded'), 60_000, 200))!;
-      assert.equal(loaded.records, RECORDS);
-      // No hitless.role= on the cmdline: HITLESS_ROLE unset, the daemon's default (active).
-      assert.ok(bgpEvents(await consoleOf('u1')).some((e) => e.event === 'started' && e.role === 'ACTIVE'));
-      measure('u1 (v1) boot-to-loaded (20000 routes)', Date.now() - t0);
-      measure('u1 (v1) load inside the guest', Number(loaded.ms));
-      // The churn runs: the table sequence grows on its own.
-      const s0 = rib(await status())!.seq;
-      await until('u1 churn advances the rib', async () => rib(await status())!.seq > s0 + 5, 60_000, 200);
-    })());
+    await withDiagnostics(
+      (async () => {
+        const t0 = Date.now();
+        const v = await startVm('u1', images['x86_64-1.0.0']);
+        assert.equal(v.imageVersion, '1.0.0');
+        const p = await until('bgp@u1 registered', async () => (peer(await status(), 'bgp@u1') ? status() : null), 180_000, 100);
+        measure('u1 (v1) boot-to-registered', Date.now() - t0);
+        const me = peer(p, 'bgp@u1')!;
+        assert.equal(me.role, 'ACTIVE');
+        assert.equal(me.vmId, 'u1');
+        assert.equal(me.softwareVersion, '1.0.0');
+        assert.equal(me.schemaWrites, 1);
+        assert.deepEqual(me.schemaReads, [1]);
+        await until(
+          'rib loaded (20000 routes)',
+          async () => {
+            const t = rib(await status());
+            return t && t.records >= RECORDS * 0.9 && t.seq >= RECORDS / 1000 ? t : null;
+          },
+          180_000,
+          200,
+        );
+        const loaded = (await until(
+          '"loaded" on the u1 console',
+          async () => bgpEvents(await consoleOf('u1')).find((e) => e.event === 'loaded'),
+          60_000,
+          200,
+        ))!;
+        assert.equal(loaded.records, RECORDS);
+        // No hitless.role= on the cmdline: HITLESS_ROLE unset, the daemon's default (active).
+        assert.ok(bgpEvents(await consoleOf('u1')).some((e) => e.event === 'started' && e.role === 'ACTIVE'));
+        measure('u1 (v1) boot-to-loaded (20000 routes)', Date.now() - t0);
+        measure('u1 (v1) load inside the guest', Number(loaded.ms));
+        // The churn runs: the table sequence grows on its own.
+        const s0 = rib(await status())!.seq;
+        await until('u1 churn advances the rib', async () => rib(await status())!.seq > s0 + 5, 60_000, 200);
+      })(),
+    );
   });
 
   it('u2 (v2.0.0, hitless.role=standby): bgp registers STANDBY with schema 2 and gets the bulk snapshot through the guest bulk channel', async () => {
-    await withDiagnostics((async () => {
-      const t0 = Date.now();
-      const v = await startVm('u2', images['x86_64-2.0.0'], 'hitless.role=standby');
-      assert.equal(v.imageVersion, '2.0.0');
-      assert.equal(v.bulkSocket, path.join(stateDir, 'vms', 'u2', 'bulk.sock'));
-      const argv = fs.readFileSync(`/proc/${v.pid}/cmdline`, 'utf8');
-      assert.match(argv, /hitless\.vm=u2 hitless\.agent=10\.0\.2\.100:7000 hitless\.bulk=10\.0\.2\.100:7001/);
-      assert.match(argv, /hitless\.role=standby/);
-      assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7001-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'[^']*\/vms\/u2\/bulk\.sock'/);
+    await withDiagnostics(
+      (async () => {
+        const t0 = Date.now();
+        const v = await startVm('u2', images['x86_64-2.0.0'], 'hitless.role=standby');
+        assert.equal(v.imageVersion, '2.0.0');
+        assert.equal(v.bulkSocket, path.join(stateDir, 'vms', 'u2', 'bulk.sock'));
+        const argv = fs.readFileSync(`/proc/${v.pid}/cmdline`, 'utf8');
+        assert.match(argv, /hitless\.vm=u2 hitless\.agent=10\.0\.2\.100:7000 hitless\.bulk=10\.0\.2\.100:7001/);
+        assert.match(argv, /hitless\.role=standby/);
+        assert.match(argv, /guestfwd=tcp:10\.0\.2\.100:7001-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'[^']*\/vms\/u2\/bulk\.sock'/);
 
-      const p = await until('bgp@u2 registered', async () => {
-        const s = await status();
-        return peer(s, 'bgp@u2') ? s : null;
-      }, 180_000, 100);
-      const registeredMs = Date.now() - t0;
-      measure('u2 (v2) boot-to-registered (Start rpc -> bgp@u2 in Checkpoint.Status)', registeredMs);
-      const me = peer(p, 'bgp@u2')!;
-      assert.equal(me.role, 'STANDBY');
-      assert.equal(me.vmId, 'u2');
-      assert.equal(me.softwareVersion, '2.0.0');
-      assert.equal(me.schemaWrites, 2);
-      assert.deepEqual([...me.schemaReads].sort(), [1, 2]);
-      assert.equal(peer(p, 'bgp@u1')!.role, 'ACTIVE', 'u1 stays the active');
+        const p = await until(
+          'bgp@u2 registered',
+          async () => {
+            const s = await status();
+            return peer(s, 'bgp@u2') ? s : null;
+          },
+          180_000,
+          100,
+        );
+        const registeredMs = Date.now() - t0;
+        measure('u2 (v2) boot-to-registered (Start rpc -> bgp@u2 in Checkpoint.Status)', registeredMs);
+        const me = peer(p, 'bgp@u2')!;
+        assert.equal(me.role, 'STANDBY');
+        assert.equal(me.vmId, 'u2');
+        assert.equal(me.softwareVersion, '2.0.0');
+        assert.equal(me.schemaWrites, 2);
+        assert.deepEqual([...me.schemaReads].sort(), [1, 2]);
+        assert.equal(peer(p, 'bgp@u1')!.role, 'ACTIVE', 'u1 stays the active');
 
-      // Caught up: ready, lag 0 and acked == table seq in one Status answer (u1 keeps churning,
-      // so this is a moment, polled for).
-      const caught = (await until('bgp@u2 ready with lag 0 and acked rib == table seq', async () => {
-        const s = await status();
-        const m = peer(s, 'bgp@u2');
-        const t = rib(s);
-        return m && t && m.ready && m.lag === 0 && m.acked.rib === t.seq ? { seq: t.seq, records: t.records } : null;
-      }, 240_000, 20))!;
-      measure('u2 (v2) boot-to-caught-up (ready, lag 0)', Date.now() - t0);
-      assert.ok(caught.seq > 0 && caught.records > 0);
+        // Caught up: ready, lag 0 and acked == table seq in one Status answer (u1 keeps churning,
+        // so this is a moment, polled for).
+        const caught = (await until(
+          'bgp@u2 ready with lag 0 and acked rib == table seq',
+          async () => {
+            const s = await status();
+            const m = peer(s, 'bgp@u2');
+            const t = rib(s);
+            return m && t && m.ready && m.lag === 0 && m.acked.rib === t.seq ? { seq: t.seq, records: t.records } : null;
+          },
+          240_000,
+          20,
+        ))!;
+        measure('u2 (v2) boot-to-caught-up (ready, lag 0)', Date.now() - t0);
+        assert.ok(caught.seq > 0 && caught.records > 0);
 
-      // The snapshot went through the guest: the daemon printed it on the console (init prefixes
-      // "[bgp] "), and the agent issued it.
-      const snap = (await until('{"event":"snapshot"} on the u2 console', async () => bgpEvents(await consoleOf('u2')).find((e) => e.event === 'snapshot' && e.table === 'rib'), 60_000, 200))!;
-      assert.ok(Number(snap.seq) > 0 && Number(snap.records) > 0, JSON.stringify(snap));
-      assert.equal(typeof snap.ms, 'number', 'the daemon reports the snapshot time');
-      measure('u2 (v2) bulk snapshot inside the guest (snapshot-begin -> snapshot applied)', Number(snap.ms));
-      measure('u2 (v2) bulk snapshot size (records incl. log entries, seq)', Number(snap.records), `records at seq ${snap.seq}`);
-      const log = await consoleOf('u2');
-      assert.match(log, /\[bgp\] \{"event":"snapshot","table":"rib","seq":\d+/);
-      assert.match(log, /\[bgp\] \{"event":"started","role":"STANDBY"/);
-      assert.ok(!/\[bgp\] \{"event":"loaded"/.test(log), 'a standby does not load its own table');
-      assert.match(agent.stderr(), /"process":"bgp","table":"rib".*bulk snapshot issued/);
-    })());
+        // The snapshot went through the guest: the daemon printed it on the console (init prefixes
+        // "[bgp] "), and the agent issued it.
+        const snap = (await until(
+          '{"event":"snapshot"} on the u2 console',
+          async () => bgpEvents(await consoleOf('u2')).find((e) => e.event === 'snapshot' && e.table === 'rib'),
+          60_000,
+          200,
+        ))!;
+        assert.ok(Number(snap.seq) > 0 && Number(snap.records) > 0, JSON.stringify(snap));
+        assert.equal(typeof snap.ms, 'number', 'the daemon reports the snapshot time');
+        measure('u2 (v2) bulk snapshot inside the guest (snapshot-begin -> snapshot applied)', Number(snap.ms));
+        measure('u2 (v2) bulk snapshot size (records incl. log entries, seq)', Number(snap.records), `records at seq ${snap.seq}`);
+        const log = await consoleOf('u2');
+        assert.match(log, /\[bgp\] \{"event":"snapshot","table":"rib","seq":\d+/);
+        assert.match(log, /\[bgp\] \{"event":"started","role":"STANDBY"/);
+        assert.ok(!/\[bgp\] \{"event":"loaded"/.test(log), 'a standby does not load its own table');
+        assert.match(agent.stderr(), /"process":"bgp","table":"rib".*bulk snapshot issued/);
+      })(),
+    );
   });
 
   it('Checkpoint.Switchover(bgp -> bgp@u2) succeeds; then u2 is ACTIVE and churning, u1 STANDBY and ready', async () => {
-    await withDiagnostics((async () => {
-      const before = rib(await status())!.seq;
-      const t0 = Date.now();
-      const r = await unaryCall<SwitchoverResponse>(checkpoint, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@u2' });
-      measure('Switchover rpc wall time', Date.now() - t0);
-      measure('switchover freeze_micros', r.freezeMicros, 'us');
-      assert.ok(r.freezeMicros > 0, `freeze_micros ${r.freezeMicros}`);
-      assert.ok(r.tableSeqs.rib >= before, `table_seqs ${JSON.stringify(r.tableSeqs)}`);
+    await withDiagnostics(
+      (async () => {
+        const before = rib(await status())!.seq;
+        const t0 = Date.now();
+        const r = await unaryCall<SwitchoverResponse>(checkpoint, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@u2' });
+        measure('Switchover rpc wall time', Date.now() - t0);
+        measure('switchover freeze_micros', r.freezeMicros, 'us');
+        assert.ok(r.freezeMicros > 0, `freeze_micros ${r.freezeMicros}`);
+        assert.ok(r.tableSeqs.rib >= before, `table_seqs ${JSON.stringify(r.tableSeqs)}`);
 
-      const s = await status();
-      assert.equal(peer(s, 'bgp@u2')?.role, 'ACTIVE');
-      assert.equal(peer(s, 'bgp@u1')?.role, 'STANDBY');
+        const s = await status();
+        assert.equal(peer(s, 'bgp@u2')?.role, 'ACTIVE');
+        assert.equal(peer(s, 'bgp@u1')?.role, 'STANDBY');
 
-      // u2's churn runs (its timer idled while it was standby): the sequence keeps growing
-      // past the switchover point, and u1 follows: ready (lag 0) again and again.
-      const atSwitch = r.tableSeqs.rib;
-      let readySeen = 0;
-      let maxLag = 0;
-      const grown = (await until('rib seq grows under u2 with u1 ready', async () => {
-        const x = await status();
-        const u1 = peer(x, 'bgp@u1');
-        const u2 = peer(x, 'bgp@u2');
-        assert.ok(u1 && u2, 'both peers stay registered');
-        assert.equal(u2.role, 'ACTIVE');
-        assert.equal(u1.role, 'STANDBY');
-        maxLag = Math.max(maxLag, u1.lag);
-        if (u1.ready) readySeen++;
-        const t = rib(x)!;
-        return t.seq > atSwitch + 50 && readySeen >= 3 ? t : null;
-      }, 180_000, 50))!;
-      measure('after switchover: rib seq growth observed', grown.seq - atSwitch, 'batches');
-      measure('after switchover: u1 max lag seen', maxLag, 'batches');
-      const cons2 = bgpEvents(await consoleOf('u2'));
-      assert.ok(cons2.some((e) => e.event === 'role' && e.role === 'ACTIVE'), 'u2 daemon saw PROMOTE');
-      const cons1 = bgpEvents(await consoleOf('u1'));
-      assert.ok(cons1.some((e) => e.event === 'role' && e.role === 'STANDBY'), 'u1 daemon saw DEMOTE');
-      assert.ok(!cons1.concat(cons2).some((e) => e.event === 'write-failed' || e.event === 'fatal'), 'no failed writes');
-      const final = (await until('u1 ready at the end', async () => {
-        const x = await status();
-        return peer(x, 'bgp@u1')?.ready ? x : null;
-      }, 60_000, 20))!;
-      assert.ok(rib(final)!.seq >= grown.seq);
-    })());
+        // u2's churn runs (its timer idled while it was standby): the sequence keeps growing
+        // past the switchover point, and u1 follows: ready (lag 0) again and again.
+        const atSwitch = r.tableSeqs.rib;
+        let readySeen = 0;
+        let maxLag = 0;
+        const grown = (await until(
+          'rib seq grows under u2 with u1 ready',
+          async () => {
+            const x = await status();
+            const u1 = peer(x, 'bgp@u1');
+            const u2 = peer(x, 'bgp@u2');
+            assert.ok(u1 && u2, 'both peers stay registered');
+            assert.equal(u2.role, 'ACTIVE');
+            assert.equal(u1.role, 'STANDBY');
+            maxLag = Math.max(maxLag, u1.lag);
+            if (u1.ready) readySeen++;
+            const t = rib(x)!;
+            return t.seq > atSwitch + 50 && readySeen >= 3 ? t : null;
+          },
+          180_000,
+          50,
+        ))!;
+        measure('after switchover: rib seq growth observed', grown.seq - atSwitch, 'batches');
+        measure('after switchover: u1 max lag seen', maxLag, 'batches');
+        const cons2 = bgpEvents(await consoleOf('u2'));
+        assert.ok(
+          cons2.some((e) => e.event === 'role' && e.role === 'ACTIVE'),
+          'u2 daemon saw PROMOTE',
+        );
+        const cons1 = bgpEvents(await consoleOf('u1'));
+        assert.ok(
+          cons1.some((e) => e.event === 'role' && e.role === 'STANDBY'),
+          'u1 daemon saw DEMOTE',
+        );
+        assert.ok(!cons1.concat(cons2).some((e) => e.event === 'write-failed' || e.event === 'fatal'), 'no failed writes');
+        const final = (await until(
+          'u1 ready at the end',
+          async () => {
+            const x = await status();
+            return peer(x, 'bgp@u1')?.ready ? x : null;
+          },
+          60_000,
+          20,
+        ))!;
+        assert.ok(rib(final)!.seq >= grown.seq);
+      })(),
+    );
   });
 
   it('both VMs power down gracefully (Vm.Stop)', async () => {

@@ -36,7 +36,10 @@ describe('issu on arm64: runversion then abortversion, then runversion and commi
   const assertBooted = async (vm: string, version: string, kernel: string) => {
     const info = (await h.vms()).find((v) => v.name === vm);
     assert.equal(info?.arch, 'aarch64', `${vm} is an arm64 VM`);
-    assert.match(fs.readFileSync(info!.consoleLog, 'utf8'), new RegExp(`HITLESS-INIT version=${version} arch=aarch64 kernel=${kernel.replace(/\./g, '\\.')}\\b`));
+    assert.match(
+      fs.readFileSync(info!.consoleLog, 'utf8'),
+      new RegExp(`HITLESS-INIT version=${version} arch=aarch64 kernel=${kernel.replace(/\./g, '\\.')}\\b`),
+    );
   };
 
   /** loadversion and runversion with an audit after each; returns the new VM and the rib audited under v2. */
@@ -109,7 +112,11 @@ describe('issu on arm64: runversion then abortversion, then runversion and commi
     measure('aarch64 commitversion (stop v1, raise the write schema)', `${Date.now() - t0} ms`);
     assert.ok(!done.current, 'no upgrade in progress');
     assert.equal(done.history[0].phase, 'COMMITTED');
-    assert.deepEqual((await running()).map((v) => v.name), [toVm], 'only the v2 VM runs');
+    assert.deepEqual(
+      (await running()).map((v) => v.name),
+      [toVm],
+      'only the v2 VM runs',
+    );
     await until('only bgp@v2 left', async () => (await h.bgp()).peers.every((p) => p.vmId === toVm), 30_000);
     const a = await h.active();
     assert.equal(a?.vmId, toVm);

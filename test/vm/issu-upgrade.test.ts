@@ -56,12 +56,12 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     assert.match(r1.stderr, /PERMISSION_DENIED: .*(not signed|signature)/i);
     const v3 = await signedVariant(v2, path.join(work, 'v3'), key, {
       edit: (m) => {
-      m.version = '3.0.0';
-      for (const p of m.processes as { schemaWrites: number; schemaReads: number[]; transforms?: string[] }[]) {
-        p.schemaWrites = 3;
-        p.schemaReads = [3];
-        p.transforms = [];
-      }
+        m.version = '3.0.0';
+        for (const p of m.processes as { schemaWrites: number; schemaReads: number[]; transforms?: string[] }[]) {
+          p.schemaWrites = 3;
+          p.schemaReads = [3];
+          p.transforms = [];
+        }
       },
     });
     const r2 = await h.issu(['loadversion', v3]);
@@ -142,10 +142,15 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     await h.agent.kill9();
     await loading;
     await h.startAgent();
-    await until('load aborted after restart', async () => {
-      const s = await h.cli('status');
-      return !s.current && s.history[0].phase === 'ABORTED';
-    }, 120_000, 250);
+    await until(
+      'load aborted after restart',
+      async () => {
+        const s = await h.cli('status');
+        return !s.current && s.history[0].phase === 'ABORTED';
+      },
+      120_000,
+      250,
+    );
     await until('v1 active again after restart', async () => (await h.active())?.vmId === 'cp-1', 60_000, 200);
     await h.assertAudit('after a kill during loadversion');
 
@@ -157,11 +162,16 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     await h.agent.kill9();
     await running;
     await h.startAgent();
-    const settled = await until('a consistent phase after restart', async () => {
-      const s = await h.cli('status');
-      const phase = s.current?.phase ?? s.history[0].phase;
-      return ['LOADED', 'SWITCHED', 'ROLLED_BACK'].includes(phase) ? phase : undefined;
-    }, 120_000, 250);
+    const settled = await until(
+      'a consistent phase after restart',
+      async () => {
+        const s = await h.cli('status');
+        const phase = s.current?.phase ?? s.history[0].phase;
+        return ['LOADED', 'SWITCHED', 'ROLLED_BACK'].includes(phase) ? phase : undefined;
+      },
+      120_000,
+      250,
+    );
     measure('phase after a kill during runversion', String(settled));
     await until('exactly one active', async () => (await h.bgp()).peers.filter((p) => p.role === 'ACTIVE').length === 1, 60_000, 200);
     await h.assertAudit('after a kill during runversion');
@@ -200,14 +210,22 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     assert.equal(sw.current?.phase, 'SWITCHED');
     const old = (await h.vms()).find((v) => v.name === from)!;
     process.kill(old.pid, 'SIGKILL');
-    const done = await until('committed by itself', async () => {
-      const s = await h.cli('status');
-      return !s.current && s.history[0].phase === 'COMMITTED' ? s : undefined;
-    }, 90_000, 250);
+    const done = await until(
+      'committed by itself',
+      async () => {
+        const s = await h.cli('status');
+        return !s.current && s.history[0].phase === 'COMMITTED' ? s : undefined;
+      },
+      90_000,
+      250,
+    );
     assert.match(done!.history[0].result, /nothing to roll back to/);
     // (The daemons report their own version, 2.0.0: v3 differs from v2 only in its manifest.)
     assert.equal((await h.active())?.vmId, sw.current!.toVm);
-    assert.deepEqual((await h.vms()).filter((v) => v.state === 'RUNNING').map((v) => v.name), [sw.current!.toVm]);
+    assert.deepEqual(
+      (await h.vms()).filter((v) => v.state === 'RUNNING').map((v) => v.name),
+      [sw.current!.toVm],
+    );
     await h.assertAudit('after the old version died');
 
     // The committed VM is now the only control plane: when it crashes, the agent starts it again
@@ -215,10 +233,15 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const before = await h.assertAudit('before the crash');
     const vm = (await h.vms()).find((v) => v.name === sw.current!.toVm)!;
     process.kill(vm.pid, 'SIGKILL');
-    await until('the control-plane VM runs again', async () => {
-      const again = (await h.vms()).find((v) => v.name === vm.name);
-      return again?.state === 'RUNNING' && again.pid !== vm.pid;
-    }, 60_000, 250);
+    await until(
+      'the control-plane VM runs again',
+      async () => {
+        const again = (await h.vms()).find((v) => v.name === vm.name);
+        return again?.state === 'RUNNING' && again.pid !== vm.pid;
+      },
+      60_000,
+      250,
+    );
     await h.trackAll();
     await until('its bgp is active again', async () => (await h.active())?.vmId === vm.name, 180_000, 250);
     const after = await h.assertAudit('after the restart');

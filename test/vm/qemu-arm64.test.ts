@@ -54,13 +54,18 @@ describe('VM layer, arm64 under TCG (real QEMU)', function () {
       agentSocketPath: path.join(stateDir, 'a1.agent.sock'),
     });
     reaper.track(info.pid);
-    const ms = await waitForText(() => {
-      try {
-        return fs.readFileSync(info.paths.consoleLog, 'utf8');
-      } catch {
-        return '';
-      }
-    }, INIT_MARKER, 180_000, t0);
+    const ms = await waitForText(
+      () => {
+        try {
+          return fs.readFileSync(info.paths.consoleLog, 'utf8');
+        } catch {
+          return '';
+        }
+      },
+      INIT_MARKER,
+      180_000,
+      t0,
+    );
     process.stderr.write(`      MEASURE aarch64 boot-to-marker (console.log): ${ms} ms\n`);
     assert.match(await service.consoleLog('a1', 8192), /arch=aarch64/);
     // The powerdown right after boot also exercises the re-press: the first press may come

@@ -138,7 +138,9 @@ describe('VM layer, x86-64 under TCG (real QEMU)', function () {
       const tg = testGuestImage('x86_64');
       name = 'ch1';
       await listenAgent(spec(name).agentSocketPath);
-      const info = await service.start(spec(name, { kernelPath: tg.kernel, initrdPath: tg.initrd, rootfsPath: tg.rootfs, cmdlineExtra: `hitless.escape_probe=${hostPort}` }));
+      const info = await service.start(
+        spec(name, { kernelPath: tg.kernel, initrdPath: tg.initrd, rootfsPath: tg.rootfs, cmdlineExtra: `hitless.escape_probe=${hostPort}` }),
+      );
       reaper.track(info.pid);
     }
     try {
@@ -184,7 +186,13 @@ describe('VM layer, x86-64 under TCG (real QEMU)', function () {
       service.start(spec('r2', { rootfsWritable: true })),
       (e: unknown) => e instanceof VmError && e.grpcCode === 'FAILED_PRECONDITION' && /writable disk cannot be shared/.test(e.message),
     );
-    assert.deepEqual(service.list().filter((v) => v.state !== 'STOPPED').map((v) => v.name), ['r1']);
+    assert.deepEqual(
+      service
+        .list()
+        .filter((v) => v.state !== 'STOPPED')
+        .map((v) => v.name),
+      ['r1'],
+    );
   });
 
   it('refuses a VM larger than the host with RESOURCE_EXHAUSTED and the numbers', async () => {
@@ -197,8 +205,14 @@ describe('VM layer, x86-64 under TCG (real QEMU)', function () {
       assert.match(e.message, /\d+ MiB available minus a 512 MiB reserve/);
       return true;
     });
-    await assert.rejects(service.start(spec('wide', { cpus: 200 })), (e: unknown) => e instanceof HitlessError && grpc.status[e.code] === 'RESOURCE_EXHAUSTED' && /200 vCPUs/.test(e.message));
-    assert.throws(() => service.get('huge'), (e: unknown) => e instanceof VmError && e.grpcCode === 'NOT_FOUND');
+    await assert.rejects(
+      service.start(spec('wide', { cpus: 200 })),
+      (e: unknown) => e instanceof HitlessError && grpc.status[e.code] === 'RESOURCE_EXHAUSTED' && /200 vCPUs/.test(e.message),
+    );
+    assert.throws(
+      () => service.get('huge'),
+      (e: unknown) => e instanceof VmError && e.grpcCode === 'NOT_FOUND',
+    );
   });
 
   it('a new VmService on the same sqlite file re-attaches to r1 and powers it down gracefully', async () => {
@@ -210,7 +224,10 @@ describe('VM layer, x86-64 under TCG (real QEMU)', function () {
     const intruder = await QmpClient.connect(service.get('r1').paths.qmpSocket);
     service = newService();
     const blocked = await service.recover();
-    assert.deepEqual(blocked.unreachable.map((u) => u.name), ['r1']);
+    assert.deepEqual(
+      blocked.unreachable.map((u) => u.name),
+      ['r1'],
+    );
     assert.equal(service.get('r1').state, 'RUNNING');
     intruder.close();
     await new Promise((r) => setTimeout(r, 100));

@@ -73,13 +73,24 @@ describe('VM layer units (no guest boot)', function () {
     const store = new SqliteVmRecordStore(db);
     new SqliteVmRecordStore(db); // idempotent table creation
     const rec = {
-      name: 'b', arch: 'x86_64' as const, spec: baseSpec(dir, 'b'), pid: 42, paths: paths(dir),
-      state: 'RUNNING' as const, accelerator: 'tcg' as const, createdAt: 1, updatedAt: 2, lastExit: null,
+      name: 'b',
+      arch: 'x86_64' as const,
+      spec: baseSpec(dir, 'b'),
+      pid: 42,
+      paths: paths(dir),
+      state: 'RUNNING' as const,
+      accelerator: 'tcg' as const,
+      createdAt: 1,
+      updatedAt: 2,
+      lastExit: null,
     };
     store.put(rec);
     store.put({ ...rec, name: 'a', pid: null, state: 'STOPPED' });
     assert.deepEqual(store.get('b'), rec);
-    assert.deepEqual(store.list().map((r) => r.name), ['a', 'b']);
+    assert.deepEqual(
+      store.list().map((r) => r.name),
+      ['a', 'b'],
+    );
     store.put({ ...rec, state: 'PAUSED' });
     assert.equal(store.get('b')?.state, 'PAUSED');
     assert.equal(store.delete('b'), true);
@@ -103,7 +114,11 @@ describe('VM layer units (no guest boot)', function () {
     assert.ok(opt(x, '-drive')[0].endsWith('readonly=on'));
     assert.ok(opt(x, '-chardev')[0].includes(`logfile=${p.consoleLog}`));
     // a comma in a path is doubled inside QEMU option strings
-    assert.ok(opt(x, '-netdev')[0].includes("restrict=on,guestfwd=tcp:10.0.2.100:7000-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'" + p.agentSocket.replace(',', ',,') + "'"));
+    assert.ok(
+      opt(x, '-netdev')[0].includes(
+        "restrict=on,guestfwd=tcp:10.0.2.100:7000-cmd:socat -,,setsockopt-int=6:1:1 UNIX-CONNECT:'" + p.agentSocket.replace(',', ',,') + "'",
+      ),
+    );
     const a = arm64KvmPlatform.buildArgv(spec, p, 'tcg');
     assert.deepEqual(opt(a, '-machine'), ['virt,gic-version=3']);
     assert.deepEqual(opt(a, '-cpu'), ['cortex-a57']);
@@ -124,7 +139,10 @@ describe('VM layer units (no guest boot)', function () {
 
   it('QmpClient: handshake, results, QMP errors with class/desc, events, close', async () => {
     const sock = path.join(dir, 'bare-qmp.sock');
-    const q = spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', `unix:${sock},server=on,wait=off`], { stdio: 'ignore', detached: true });
+    const q = spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', `unix:${sock},server=on,wait=off`], {
+      stdio: 'ignore',
+      detached: true,
+    });
     reaper.track(q.pid);
     const deadline = Date.now() + 5000;
     while (!fs.existsSync(sock) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
@@ -132,7 +150,10 @@ describe('VM layer units (no guest boot)', function () {
     assert.ok('version' in c.greeting);
     const v = await c.execute<{ qemu: { major: number } }>('query-version');
     assert.ok(v.qemu.major >= 7);
-    await assert.rejects(c.execute('no-such-command'), (e: unknown) => e instanceof QmpError && e.errorClass === 'CommandNotFound' && /no-such-command/.test(e.message));
+    await assert.rejects(
+      c.execute('no-such-command'),
+      (e: unknown) => e instanceof QmpError && e.errorClass === 'CommandNotFound' && /no-such-command/.test(e.message),
+    );
     const events: QmpEvent[] = [];
     c.on('event', (e: QmpEvent) => events.push(e));
     await c.execute('stop');
@@ -158,7 +179,12 @@ describe('VM layer units (no guest boot)', function () {
       readonly events = new VmEventBus();
       readonly accelerator: Accelerator = 'tcg';
       readonly exited = new Promise<'EXITED' | 'CRASHED'>(() => undefined);
-      constructor(readonly name: string, readonly pid: number, readonly paths: VmPaths, readonly arch = 'x86_64' as const) {}
+      constructor(
+        readonly name: string,
+        readonly pid: number,
+        readonly paths: VmPaths,
+        readonly arch = 'x86_64' as const,
+      ) {}
       status() {
         return Promise.resolve({ pid: this.pid, alive: true, runState: 'running', qmpConnected: true });
       }
@@ -219,7 +245,10 @@ describe('VM layer units (no guest boot)', function () {
 
     it('two concurrent starts of one name: one wins, the other gets ALREADY_EXISTS', async () => {
       const { hv, svc } = make();
-      const results = await Promise.allSettled([svc.start(baseSpec(dir, 'same')), svc.start({ ...baseSpec(dir, 'same'), agentSocketPath: `${dir}/other.sock` })]);
+      const results = await Promise.allSettled([
+        svc.start(baseSpec(dir, 'same')),
+        svc.start({ ...baseSpec(dir, 'same'), agentSocketPath: `${dir}/other.sock` }),
+      ]);
       assert.deepEqual(results.map((r) => r.status).sort(), ['fulfilled', 'rejected']);
       const rej = results.find((r) => r.status === 'rejected') as PromiseRejectedResult;
       assert.ok(code('ALREADY_EXISTS')(rej.reason));
@@ -231,8 +260,14 @@ describe('VM layer units (no guest boot)', function () {
       await assert.rejects(svc.start({ ...baseSpec(dir), name: 'bad name!' }), code('INVALID_ARGUMENT'));
       await assert.rejects(svc.start({ ...baseSpec(dir), kernelPath: 'relative/vmlinuz' }), code('INVALID_ARGUMENT'));
       await assert.rejects(svc.start({ ...baseSpec(dir), memoryMiB: 1.5 }), code('INVALID_ARGUMENT'));
-      await assert.rejects(svc.start({ ...baseSpec(dir), agentSocketPath: `/tmp/${'x'.repeat(120)}.sock` }), (e: unknown) => code('INVALID_ARGUMENT')(e) && /107 bytes/.test((e as Error).message));
-      await assert.rejects(svc.start({ ...baseSpec(dir), kernelPath: `${dir}/missing` }), (e: unknown) => code('FAILED_PRECONDITION')(e) && /does not exist/.test((e as Error).message));
+      await assert.rejects(
+        svc.start({ ...baseSpec(dir), agentSocketPath: `/tmp/${'x'.repeat(120)}.sock` }),
+        (e: unknown) => code('INVALID_ARGUMENT')(e) && /107 bytes/.test((e as Error).message),
+      );
+      await assert.rejects(
+        svc.start({ ...baseSpec(dir), kernelPath: `${dir}/missing` }),
+        (e: unknown) => code('FAILED_PRECONDITION')(e) && /does not exist/.test((e as Error).message),
+      );
       await assert.rejects(svc.start({ ...baseSpec(dir), arch: 'aarch64' }), code('FAILED_PRECONDITION'));
       assert.deepEqual(svc.list(), []);
       assert.throws(() => svc.get('nope'), code('NOT_FOUND'));
@@ -249,7 +284,13 @@ describe('VM layer units (no guest boot)', function () {
       await svc.start({ ...baseSpec(dir, 'c2'), cpus: 2 });
       // a stopped VM's name can be started again
       await svc.start({ ...baseSpec(dir, 'c1'), cpus: 1 });
-      assert.deepEqual(svc.list().map((v) => [v.name, v.state]), [['c1', 'RUNNING'], ['c2', 'RUNNING']]);
+      assert.deepEqual(
+        svc.list().map((v) => [v.name, v.state]),
+        [
+          ['c1', 'RUNNING'],
+          ['c2', 'RUNNING'],
+        ],
+      );
     });
 
     it('recover() marks VMs whose QEMU is gone STOPPED, keeps unreachable ones taken', async () => {
@@ -262,8 +303,14 @@ describe('VM layer units (no guest boot)', function () {
       second.hv.hung.add('hung');
       const report = await second.svc.recover();
       assert.deepEqual(report.reattached, []);
-      assert.deepEqual(report.markedStopped.map((m) => m.name), ['gone']);
-      assert.deepEqual(report.unreachable.map((m) => m.name), ['hung']);
+      assert.deepEqual(
+        report.markedStopped.map((m) => m.name),
+        ['gone'],
+      );
+      assert.deepEqual(
+        report.unreachable.map((m) => m.name),
+        ['hung'],
+      );
       assert.equal(second.svc.get('gone').state, 'STOPPED');
       assert.match(second.svc.get('gone').lastExit ?? '', /agent restart/);
       // the unreachable VM still holds its name; stop says UNAVAILABLE, kill works
