@@ -3,6 +3,7 @@
  * snapshots that must replay to exactly the table as of their sequence.
  */
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import { ArenaPool, RecordTable, tableDigest } from '../../agent/checkpoint/record-table';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 
@@ -131,6 +132,30 @@ describe('RecordTable', () => {
     t.append(b.take().records);
     assert.equal(t.get('a')!.schema, 1);
     assert.equal(t.get(Buffer.from('b'))!.schema, 2);
+  });
+});
+
+describe('tableDigest: the encoding documented at TableDigest.sha256 in checkpoint.proto', () => {
+  it('hashes key 0x00 schema-in-decimal 0x00 value 0x00 per live record, keys in byte order, prefixes first', () => {
+    const t = new RecordTable();
+    const b = new RecordBuilder();
+    b.put('10.0.0.0/8', 2, Buffer.from([1, 2]));
+    b.put('\xff', 1, Buffer.from('z'));
+    b.put('10.0.0.0/80', 13, Buffer.from('v'));
+    b.put('gone', 1, Buffer.from('x'));
+    b.delete('gone');
+    b.put('10', 1, Buffer.from('w'));
+    t.append(b.take().records);
+    // Written out by hand from the proto's text, in memcmp order of the keys.
+    const bytes = Buffer.concat([
+      Buffer.from('10\x001\x00w\x00', 'latin1'),
+      Buffer.from('10.0.0.0/8\x002\x00', 'latin1'),
+      Buffer.from([1, 2, 0]),
+      Buffer.from('10.0.0.0/80\x0013\x00v\x00', 'latin1'),
+      Buffer.from('\xff\x001\x00z\x00', 'latin1'),
+    ]);
+    assert.deepEqual(tableDigest(t), { records: 4, sha256: crypto.createHash('sha256').update(bytes).digest('hex') });
+    assert.equal(tableDigest(new RecordTable()).sha256, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855');
   });
 });
 
