@@ -44,7 +44,7 @@ import {
   WriteAck,
   WriteRequest,
 } from './messages';
-import { snapshotFrames, tableDigest } from './record-table';
+import { snapshotFrames, tableDigestSliced } from './record-table';
 import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
 import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
 import { TableReplica } from './table-replica';
@@ -891,7 +891,12 @@ export class CheckpointService {
       if (active) await this.freeze(g, active, 'audit');
       const seqs = this.tableSeqs(g);
       for (const s of g.standbys()) if (s.inSync) await this.waitAcked(g, s, seqs, this.opts.commandTimeoutMs);
-      const agent: TableDigest[] = [...g.tables].map(([table, t]) => ({ table, seq: t.replica.seq, ...tableDigest(t.replica.table) }));
+      // Sliced: a big table must not stall the agent's event loop (acks of other processes).
+      const agent: TableDigest[] = [];
+      for (const [table, t] of g.tables) {
+        const d = await tableDigestSliced(t.replica.table);
+        agent.push({ table, seq: t.replica.seq, ...d }); // read on resuming: the digested state's sequence
+      }
       const peers: PeerDigests[] = [];
       for (const s of g.sessions) {
         const r = await this.command(s, 'REPORT', { reason: 'audit' });

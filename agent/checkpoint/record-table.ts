@@ -172,6 +172,8 @@ export class RecordTable {
   compactMinBytes = 64 * 1024 * 1024;
   /** Start background compaction from append() when needed (tests turn it off to drive it). */
   autoCompact = true;
+  /** Bumped by every change of the live records (append, clear); compaction keeps it. */
+  version = 0;
 
   constructor(opts: { pool?: ArenaPool } = {}) {
     this.pool = opts.pool ?? null;
@@ -180,6 +182,7 @@ export class RecordTable {
   /** Applies a validated packed batch. */
   append(batch: Buffer): void {
     if (batch.length === 0) return;
+    this.version++;
     const arenaIdx = this.reserve(batch.length);
     const arena = this.byId[arenaIdx]!;
     const base = arena.used;
@@ -255,6 +258,59 @@ export class RecordTable {
 
   clear(): void {
     this.reset();
+  }
+
+  /** Index slots: liveSlots, compareSlotKeys and packDigestRecord work on slot numbers. */
+  get slots(): number {
+    return this.mask + 1;
+  }
+
+  /**
+   * Writes the numbers of the occupied slots in [from, to) into `out` from `at`; returns the new
+   * `at`. Slot numbers stay valid until the live records change (compaction only moves bytes).
+   */
+  liveSlots(from: number, to: number, out: Int32Array, at: number): number {
+    for (let i = from, end = Math.min(to, this.mask + 1); i < end; i++) if (this.slotArena[i] >= 0) out[at++] = i;
+    return at;
+  }
+
+  /** Byte order of the keys in two occupied slots (memcmp; a prefix first). No allocation. */
+  compareSlotKeys(a: number, b: number): number {
+    const ba = this.byId[this.slotArena[a]]!.buf;
+    const bb = this.byId[this.slotArena[b]]!.buf;
+    const oa = this.slotOff[a];
+    const ob = this.slotOff[b];
+    const la = (ba[oa + 1] << 8) | ba[oa + 2];
+    const lb = (bb[ob + 1] << 8) | bb[ob + 2];
+    const n = la < lb ? la : lb;
+    for (let i = 0, pa = oa + RECORD_HEADER_BYTES, pb = ob + RECORD_HEADER_BYTES; i < n; i++) {
+      const d = ba[pa + i] - bb[pb + i];
+      if (d !== 0) return d;
+    }
+    return la - lb;
+  }
+
+  /**
+   * Writes the record in `slot` as the digest hashes it (`key 0x00 schema 0x00 value 0x00`) into
+   * `out` at `at` and returns the new end; when it does not fit, writes nothing and returns minus
+   * the bytes it needs.
+   */
+  packDigestRecord(slot: number, out: Buffer, at: number): number {
+    const buf = this.byId[this.slotArena[slot]]!.buf;
+    const off = this.slotOff[slot];
+    const keyLen = (buf[off + 1] << 8) | buf[off + 2];
+    const valLen = buf.readUInt32BE(off + 3);
+    const s = off + RECORD_HEADER_BYTES + keyLen;
+    const schema = SCHEMA_DIGITS[(buf[s] << 8) | buf[s + 1]] ?? schemaDigits((buf[s] << 8) | buf[s + 1]);
+    const need = keyLen + schema.length + valLen + 3;
+    if (at + need > out.length) return -need;
+    at += buf.copy(out, at, off + RECORD_HEADER_BYTES, s);
+    out[at++] = 0;
+    at += schema.copy(out, at);
+    out[at++] = 0;
+    at += buf.copy(out, at, s + SCHEMA_BYTES, s + SCHEMA_BYTES + valLen);
+    out[at++] = 0;
+    return at;
   }
 
   /** A consistent view of the log now; cheap (no copying). Release it when done (see LogSnapshot). */
@@ -358,6 +414,7 @@ export class RecordTable {
   }
 
   private reset(): void {
+    this.version++;
     for (const a of this.byId) if (a) this.retire(a);
     this.byId = [];
     this.order = [];
@@ -483,20 +540,130 @@ export function* snapshotFrames(snap: LogSnapshot, maxBytes: number): Generator<
   }
 }
 
-/** sha256 over live records (key, schema, value) in key order, and their count. */
-export function tableDigest(t: RecordTable): { records: number; sha256: string } {
-  const rows: [string, number, string][] = [];
-  t.forEach((k, schema, v) => rows.push([k, schema, v.latin1Slice(0, v.length)]));
-  rows.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-  const h = crypto.createHash('sha256');
-  const sep = Buffer.from([0]);
-  for (const [k, schema, v] of rows) {
-    h.update(k, 'latin1');
-    h.update(sep);
-    h.update(String(schema));
-    h.update(sep);
-    h.update(v, 'latin1');
-    h.update(sep);
+export type Digest = { records: number; sha256: string };
+
+/**
+ * The table digest (TableDigest.sha256 in checkpoint.proto): sha256 over `key 0x00 schema 0x00
+ * value 0x00` of every live record in byte order of the keys, and the number of records.
+ * Synchronous: it blocks for the whole table (about a second per million records); an audit uses
+ * tableDigestSliced.
+ */
+export function tableDigest(t: RecordTable): Digest {
+  const steps = digestSteps(t);
+  for (;;) {
+    const r = steps.next();
+    if (r.done) return r.value!; // nothing can change the table between two steps of this loop
   }
-  return { records: rows.length, sha256: h.digest('hex') };
+}
+
+/** A slice of digest work lasts about this long before the event loop gets a turn (ms). */
+const DIGEST_SLICE_MS = 5;
+
+/**
+ * The same digest as tableDigest, computed a few milliseconds at a time so that the event loop
+ * (acknowledgements, keepalives, other tables) keeps running however big the table is. The
+ * table must not change meanwhile (callers digest a frozen or quiescent table); if it does, the
+ * digest starts over, and the third attempt runs synchronously so an answer always comes.
+ * `sliceMs` 0 gives the event loop a turn after every step (tests).
+ */
+export async function tableDigestSliced(t: RecordTable, sliceMs = DIGEST_SLICE_MS): Promise<Digest> {
+  for (let attempt = 1; attempt < 3; attempt++) {
+    const steps = digestSteps(t);
+    for (;;) {
+      const until = performance.now() + sliceMs;
+      let r = steps.next();
+      while (!r.done && performance.now() < until) r = steps.next();
+      if (r.done) {
+        if (r.value) return r.value;
+        break; // changed meanwhile: again
+      }
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+  }
+  return tableDigest(t);
+}
+
+/** Work items between two checks of the time (each well under a microsecond to a few). */
+const DIGEST_STEP = 1024;
+
+/** Decimal ASCII of schema numbers, made once per number seen. */
+const SCHEMA_DIGITS: Buffer[] = [];
+function schemaDigits(schema: number): Buffer {
+  return (SCHEMA_DIGITS[schema] = Buffer.from(String(schema), 'latin1'));
+}
+
+/**
+ * The digest as resumable steps: list the occupied index slots, sort them by key bytes (runs
+ * sorted natively, then merged bottom-up), hash the records in that order through a scratch
+ * buffer. Nothing is allocated per record, so a big table adds no garbage-collection pauses. It
+ * yields every DIGEST_STEP items; when the table changed since the first step it ends with null
+ * (a synchronous run never sees a change).
+ */
+function* digestSteps(t: RecordTable): Generator<void, Digest | null> {
+  const version = t.version;
+  const slots = t.slots;
+  let order = new Int32Array(t.size) as Int32Array<ArrayBuffer>;
+  let n = 0;
+  for (let i = 0; i < slots; i += 16 * DIGEST_STEP) {
+    n = t.liveSlots(i, i + 16 * DIGEST_STEP, order, n);
+    yield;
+    if (t.version !== version) return null;
+  }
+  const sorted = yield* sortSlots(t, order, version);
+  if (!sorted) return null;
+  order = sorted;
+  const h = crypto.createHash('sha256');
+  let scratch = Buffer.allocUnsafe(256 * 1024);
+  let used = 0;
+  for (let i = 0; i < n; i++) {
+    if (i % DIGEST_STEP === DIGEST_STEP - 1) {
+      yield;
+      if (t.version !== version) return null;
+    }
+    let end = t.packDigestRecord(order[i], scratch, used);
+    if (end < 0) {
+      h.update(scratch.subarray(0, used));
+      if (-end > scratch.length) scratch = Buffer.allocUnsafe(-end); // a record bigger than the buffer (rare)
+      end = t.packDigestRecord(order[i], scratch, 0);
+    }
+    used = end;
+  }
+  h.update(scratch.subarray(0, used));
+  return { records: n, sha256: h.digest('hex') };
+}
+
+/**
+ * Sorts slot numbers by the bytes of their keys, yielding every DIGEST_STEP items: runs of
+ * DIGEST_STEP slots are sorted natively, then merged in passes of doubling width. Ends with null
+ * as soon as the table is no longer at `version` (its slots may then be empty).
+ */
+function* sortSlots(t: RecordTable, a: Int32Array<ArrayBuffer>, version: number): Generator<void, Int32Array<ArrayBuffer> | null> {
+  const n = a.length;
+  const cmp = (x: number, y: number) => t.compareSlotKeys(x, y);
+  for (let lo = 0; lo < n; lo += DIGEST_STEP) {
+    a.subarray(lo, Math.min(lo + DIGEST_STEP, n)).sort(cmp);
+    yield;
+    if (t.version !== version) return null;
+  }
+  let src = a;
+  let dst = new Int32Array(n);
+  for (let width = DIGEST_STEP; width < n; width *= 2) {
+    let budget = DIGEST_STEP;
+    for (let lo = 0; lo < n; lo += 2 * width) {
+      const mid = Math.min(lo + width, n);
+      const hi = Math.min(lo + 2 * width, n);
+      let i = lo;
+      let j = mid;
+      for (let k = lo; k < hi; k++) {
+        dst[k] = j >= hi || (i < mid && t.compareSlotKeys(src[i], src[j]) <= 0) ? src[i++] : src[j++];
+        if (--budget === 0) {
+          budget = DIGEST_STEP;
+          yield;
+          if (t.version !== version) return null;
+        }
+      }
+    }
+    [src, dst] = [dst, src];
+  }
+  return src;
 }

@@ -38,7 +38,7 @@ import {
   WriteRequest,
 } from '../checkpoint/messages';
 import { DEFAULT_LIMITS, RecordBuilder, validateRecords } from '../checkpoint/records';
-import { RecordTable, sharedArenaPool, tableDigest } from '../checkpoint/record-table';
+import { RecordTable, sharedArenaPool, tableDigest, tableDigestSliced } from '../checkpoint/record-table';
 
 /**
  * How long a promoted standby waits for the changes up to the handover sequence to arrive; well
@@ -560,15 +560,18 @@ export class CheckpointClient extends EventEmitter {
           this.writeSchema = cmd.writeSchema;
           reply(true);
           break;
-        case 'REPORT':
-          await this.eventChain; // a standby reports what it applied, not what is queued
-          reply(
-            true,
-            '',
-            this.localSeqs(),
-            [...this.tables.keys()].map((t) => ({ table: t, ...this.digest(t) })),
+        case 'REPORT': {
+          // A standby reports what it applied, not what is queued; the digests run on the event
+          // chain so no change is applied to a table while its digest is computed in slices.
+          const report = this.eventChain.then(() => this.digestAll());
+          this.eventChain = report.then(
+            () => undefined,
+            () => undefined,
           );
+          const digests = await report;
+          reply(true, '', Object.fromEntries(digests.map((d) => [d.table, d.seq])), digests);
           break;
+        }
         case 'PROMOTE': {
           // The agent promotes without waiting for this standby's acks: the changes up to
           // tableSeqs are on the subscription (capped there), so apply them before taking over.
@@ -849,6 +852,18 @@ export class CheckpointClient extends EventEmitter {
   /** sha256 over the table's records (key, schema, value) in key order: equal digests mean equal tables. */
   digest(table: string): { records: number; seq: number; sha256: string } {
     return { ...tableDigest(this.table(table).records), seq: this.table(table).seq };
+  }
+
+  /** digest() of every table, computed in slices (the event loop keeps serving meanwhile). */
+  private async digestAll(): Promise<{ table: string; records: number; seq: number; sha256: string }[]> {
+    const out = [];
+    for (const [name, t] of this.tables) {
+      const d = await tableDigestSliced(t.records);
+      // Read on resuming, before any I/O callback could apply a change: the sequence of the
+      // state the digest describes (a change during the digest made it start over).
+      out.push({ table: name, seq: t.seq, ...d });
+    }
+    return out;
   }
 
   async close(): Promise<void> {

@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { ArenaPool, RecordTable, tableDigest } from '../../agent/checkpoint/record-table';
+import { ArenaPool, RecordTable, tableDigest, tableDigestSliced } from '../../agent/checkpoint/record-table';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 
 function rng(seed: number): () => number {
@@ -156,6 +156,79 @@ describe('tableDigest: the encoding documented at TableDigest.sha256 in checkpoi
     ]);
     assert.deepEqual(tableDigest(t), { records: 4, sha256: crypto.createHash('sha256').update(bytes).digest('hex') });
     assert.equal(tableDigest(new RecordTable()).sha256, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855');
+  });
+});
+
+describe('tableDigestSliced', () => {
+  /** The digest written from the proto's text: records sorted by key bytes, each key 0 schema 0 value 0. */
+  function referenceDigest(m: Map<string, { schema: number; value: Buffer }>): string {
+    const h = crypto.createHash('sha256');
+    for (const k of [...m.keys()].sort((a, b) => Buffer.compare(Buffer.from(a, 'latin1'), Buffer.from(b, 'latin1')))) {
+      const r = m.get(k)!;
+      h.update(Buffer.concat([Buffer.from(`${k}\0${r.schema}\0`, 'latin1'), r.value, Buffer.from([0])]));
+    }
+    return h.digest('hex');
+  }
+
+  it('equals the documented digest on a big churned table, and lets the event loop run in between', async function () {
+    this.timeout(60_000);
+    const t = new RecordTable();
+    const model = new Map<string, { schema: number; value: Buffer }>();
+    let x = 7;
+    const rand = () => (x = (Math.imul(x, 1664525) + 1013904223) >>> 0) / 2 ** 32;
+    for (let round = 0; round < 40; round++) {
+      const b = new RecordBuilder();
+      for (let i = 0; i < 5000; i++) {
+        const n = Math.floor(rand() * 150_000);
+        // Keys that are prefixes of others, and bytes above 0x7f.
+        const key = n % 10 === 0 ? `${n}` : n % 10 === 1 ? `${n}\xe9/24` : `10.${n >> 8}.${n & 255}.0/24`;
+        if (rand() < 0.1) {
+          b.delete(key);
+          model.delete(key);
+        } else {
+          const value = Buffer.alloc(1 + (n % 300), n & 0xff);
+          const schema = 1 + (n % 3);
+          b.put(key, schema, value);
+          model.set(key, { schema, value });
+        }
+      }
+      t.append(b.take().records);
+    }
+    // One value larger than the digest's scratch buffer.
+    const big = new RecordBuilder();
+    big.put('big', 1, Buffer.alloc(100_000, 7));
+    t.append(big.take().records);
+    model.set('big', { schema: 1, value: Buffer.alloc(100_000, 7) });
+
+    let turns = 0;
+    let counting = true;
+    const tick = () => {
+      turns++;
+      if (counting) setImmediate(tick);
+    };
+    setImmediate(tick);
+    // Slices of no time: the event loop gets a turn after every step of 1024 items at least.
+    const d = await tableDigestSliced(t, 0);
+    counting = false;
+    assert.deepEqual(d, { records: model.size, sha256: referenceDigest(model) });
+    assert.deepEqual(tableDigest(t), d);
+    assert.deepEqual(await tableDigestSliced(t), d, 'with the default slices');
+    assert.ok(turns >= Math.floor((2 * model.size) / 1024), `the event loop ran ${turns} times while ${model.size} records were digested`);
+  });
+
+  it('starts over when the table changes meanwhile, and describes the table as it is at the end', async () => {
+    const t = new RecordTable();
+    const b = new RecordBuilder();
+    for (let i = 0; i < 100_000; i++) b.put(`k${i}`, 1, Buffer.from([i & 0xff]));
+    t.append(b.take().records);
+    const pending = tableDigestSliced(t);
+    await new Promise((resolve) => setImmediate(resolve));
+    const c = new RecordBuilder();
+    c.put('k5', 2, Buffer.from('changed'));
+    c.delete('k6');
+    t.append(c.take().records);
+    assert.deepEqual(await pending, tableDigest(t));
+    assert.equal((await pending).records, 99_999);
   });
 });
 
