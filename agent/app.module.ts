@@ -28,7 +28,7 @@ import { UpgradeService } from './upgrade/upgrade.service';
 import { upgradeHandlers } from './upgrade/upgrade.grpc';
 import { verifyBundle } from './images/signing';
 import { loadRoles } from './grpc/authz';
-import { Metrics } from './metrics/metrics';
+import { Metrics, PhaseEvent } from './metrics/metrics';
 import { PackageStore } from './gnoi/package-store';
 import { osHandlers, systemHandlers } from './gnoi/gnoi.grpc';
 
@@ -270,7 +270,9 @@ export class AppModule {
               },
               log.child({ mod: 'metrics' }),
             );
-            grpc.onCall = (method, code) => m.countCall(method, code);
+            grpc.onCall = (method, code, seconds) => m.countCall(method, code, seconds);
+            checkpoint.observer = m.checkpointObserver();
+            upgrade.events.on('event', (ev: PhaseEvent) => m.upgradeEvent(ev));
             return m;
           },
         },

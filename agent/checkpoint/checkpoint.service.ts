@@ -44,6 +44,7 @@ import {
   WriteAck,
   WriteRequest,
 } from './messages';
+import { CheckpointObserver, NO_CHECKPOINT_OBSERVER } from './checkpoint-observer';
 import { snapshotFrames, tableDigestSliced } from './record-table';
 import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
 import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
@@ -164,6 +165,9 @@ export class CheckpointService {
   private readonly sessions = new Map<string, PeerSession>();
   private nextCommandId = 1;
   private compacting = new Set<string>();
+
+  /** Where durations and counts go (metrics); set once at wiring, no-ops until then. */
+  observer: CheckpointObserver = NO_CHECKPOINT_OBSERVER;
 
   constructor(
     private readonly store: CheckpointStore,
@@ -397,6 +401,7 @@ export class CheckpointService {
    * met. Throws (synchronously, before changing anything) on bad input.
    */
   write(req: WriteRequest, peerVm: string | null): Promise<WriteAck> | WriteAck {
+    const received = performance.now();
     const s = this.sessions.get(req.sessionId);
     if (!s) throw failedPrecondition(`unknown session '${req.sessionId}': register on the Session stream first and use the session_id it returns`);
     if (peerVm !== null && s.reg.vmId !== peerVm)
@@ -444,22 +449,30 @@ export class CheckpointService {
     for (const peer of g.sessions) peer.subscription?.onBatch(req.table, req.seq, req.records, req.count);
     this.maybeCompact(g.name, r);
     this.wakeProgressWaiters(g);
+    this.observer.recordsWritten(g.name, req.table, req.count);
     const ack: WriteAck = { table: req.table, seq: req.seq };
     if (t.durability !== 'SYNC') return ack;
+    const acked = () => this.observer.syncAck(g.name, req.table, (performance.now() - received) / 1000);
     const waitFor = new Set(
       g
         .standbys()
         .filter((p) => p.inSync && (p.acked.get(req.table) ?? 0) < req.seq)
         .map((p) => p.id),
     );
-    if (waitFor.size === 0) return ack;
+    if (waitFor.size === 0) {
+      acked();
+      return ack;
+    }
     return new Promise<WriteAck>((resolve) => {
       const list = g.syncWaits.get(req.table) ?? [];
       g.syncWaits.set(req.table, list);
       const w: SyncWait = {
         seq: req.seq,
         waitFor,
-        resolve: () => resolve(ack),
+        resolve: () => {
+          acked();
+          resolve(ack);
+        },
         timer: setTimeout(() => this.syncTimeout(g, req.table, w), this.opts.syncTimeoutMs),
       };
       list.push(w);
@@ -542,6 +555,7 @@ export class CheckpointService {
       return { event: { reset: { table, seq: replica.seq } }, seq: replica.seq, empty: true };
     }
     const snap = replica.snapshot();
+    const issued = performance.now();
     const token = this.bulk.issue(
       async (out) => {
         let sent = 0;
@@ -552,7 +566,10 @@ export class CheckpointService {
         }
         return sent;
       },
-      (err) => onDone(err),
+      (err) => {
+        this.observer.bulkSnapshot(g.name, table, (performance.now() - issued) / 1000, snap.records, !err);
+        onDone(err);
+      },
       () => snap.release(),
     );
     this.log.debug({ process: g.name, table, seq: snap.seq, records: snap.records, live: snap.liveRecords }, 'bulk snapshot issued');
@@ -761,6 +778,7 @@ export class CheckpointService {
     }
     g.switching = true;
     let rolesSwapped = false;
+    const started = performance.now();
     try {
       // Best effort: start the freeze when the standby is (nearly) caught up, so what it must
       // apply inside the freeze window is short.
@@ -809,8 +827,10 @@ export class CheckpointService {
         },
         'switchover done',
       );
+      this.observer.switchover(process, (performance.now() - started) / 1000, freezeMicros / 1e6, true);
       return { freezeMicros, tableSeqs: seqs };
     } catch (e) {
+      this.observer.switchover(process, (performance.now() - started) / 1000, 0, false);
       if (rolesSwapped) {
         // PROMOTE was refused or not answered: the old active takes over again. Tell the target
         // it is a standby, in case it promoted itself late; its writes are refused meanwhile.

@@ -28,7 +28,8 @@ export interface TlsOptions {
 }
 
 /** Counts finished calls: full method path and gRPC status code name. */
-export type CallObserver = (method: string, code: string) => void;
+/** A finished call: full method, status code name, and for unary calls its duration in seconds. */
+export type CallObserver = (method: string, code: string, seconds?: number) => void;
 
 /** A service this server exposes: its full proto name and handlers for a given VM tag. */
 export interface ServiceBinding {
@@ -81,7 +82,7 @@ export class GrpcServer {
       const handlers = guardHandlers(def, b.handlers(peerVm));
       server.addService(
         guardMalformed(def),
-        instrument(def, handlers, tls?.roles ?? null, (m, c) => this.onCall?.(m, c), this.log),
+        instrument(def, handlers, tls?.roles ?? null, (m, c, sec) => this.onCall?.(m, c, sec), this.log),
       );
     }
     this.health.addToServer(server);
@@ -286,8 +287,9 @@ function instrument(
         if (reported) return;
         reported = true;
         const codeName = grpc.status[code ?? grpc.status.OK] ?? String(code);
-        observe(method, codeName);
-        const ms = Math.round((performance.now() - t0) * 10) / 10;
+        const elapsed = performance.now() - t0;
+        observe(method, codeName, m.requestStream || m.responseStream ? undefined : elapsed / 1000);
+        const ms = Math.round(elapsed * 10) / 10;
         // Refusals are what an operator asks about afterwards; successes only at debug.
         if (code) log.info({ rid, method, code: codeName, details, ms }, 'RPC failed');
         else log.debug({ rid, method, ms }, 'RPC done');
