@@ -16,6 +16,7 @@
  *
  * Everything runs under a private state directory and is stopped at the end.
  */
+import { ProgressEvent, progressView } from '../agent/cli/progress';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -84,9 +85,12 @@ async function main(): Promise<void> {
     });
 
     // Progress from the agent's event stream, as an NMS would see it.
-    const events = (up.Events as (r: unknown) => grpc.ClientReadableStream<{ type: string; phase: string; message: string }>).call(up, {});
-    events.on('data', (e) => say(`  [${e.type.toLowerCase()}${e.phase ? ` ${e.phase}` : ''}] ${e.message}`));
+    // Shown like `issu` shows it: bars on a terminal, a few lines on a pipe (stderr).
+    const view = progressView({ json: false, tty: !!process.stderr.isTTY, out: process.stderr, prefix: 'demo:   ' });
+    const events = (up.Events as (r: unknown) => grpc.ClientReadableStream<ProgressEvent>).call(up, {});
+    events.on('data', (e: ProgressEvent) => view.event(e));
     events.on('error', () => undefined);
+    await new Promise((resolve) => events.once('metadata', resolve).once('error', resolve)); // live from here
 
     const loaded = await phase('loadversion v2 (verify, boot standby, sync)', () => unaryCall<UpgradeStatusMsg>(up, 'LoadVersion', { imageDir: v2 }));
     started.push(loaded.current!.toVm);
@@ -98,6 +102,7 @@ async function main(): Promise<void> {
     await phase('commitversion (stop v1)', () => unaryCall(up, 'CommitVersion', {}));
     const end = await phase('audit: agent and v2 active', () => unaryCall<AuditResponse>(ck, 'Audit', { process: 'bgp' }));
     events.cancel();
+    view.close();
 
     const rib = end.agent.find((t) => t.table === 'rib')!;
     const newActive = end.peers.find((p) => p.role === 'ACTIVE')!;

@@ -47,7 +47,7 @@ import {
 import { CheckpointObserver, NO_CHECKPOINT_OBSERVER } from './checkpoint-observer';
 import { snapshotFrames, tableDigestSliced } from './record-table';
 import { DEFAULT_LIMITS, RecordFormatError, RecordLimits, validateRecords } from './records';
-import { SubscriberStream, Subscription, SubscriptionHost } from './subscription';
+import { SubscriberStream, Subscription, SubscriptionHost, SnapshotProgress } from './subscription';
 import { TableReplica } from './table-replica';
 
 /** Bulk snapshot frames, bytes. */
@@ -549,12 +549,17 @@ export class CheckpointService {
     return sub;
   }
 
-  private startSnapshot(g: ProcessGroup, table: string, onDone: (err: Error | null) => void): { event: SubscribeEvent; seq: number; empty: boolean } {
+  private startSnapshot(
+    g: ProcessGroup,
+    table: string,
+    onDone: (err: Error | null) => void,
+  ): { event: SubscribeEvent; seq: number; empty: boolean; progress?: SnapshotProgress } {
     const replica = g.tables.get(table)!.replica;
     if (replica.records === 0) {
       return { event: { reset: { table, seq: replica.seq } }, seq: replica.seq, empty: true };
     }
     const snap = replica.snapshot();
+    const progress: SnapshotProgress = { sent: 0, total: snap.records };
     const issued = performance.now();
     const token = this.bulk.issue(
       async (out) => {
@@ -563,6 +568,7 @@ export class CheckpointService {
         for (const f of snapshotFrames(snap, SNAPSHOT_FRAME_BYTES)) {
           await out.frame(f.records, f.count);
           sent += f.count;
+          progress.sent = sent;
         }
         return sent;
       },
@@ -586,6 +592,7 @@ export class CheckpointService {
       },
       seq: snap.seq,
       empty: false,
+      progress,
     };
   }
 
@@ -663,6 +670,7 @@ export class CheckpointService {
           ready: s.role === 'ACTIVE' || s.inSync,
           acked: Object.fromEntries(s.acked),
           lag: s.role === 'ACTIVE' ? 0 : this.lagOf(g, s),
+          ...snapshotFields(s.subscription?.snapshotProgress()),
         })),
       };
     });
@@ -1061,4 +1069,9 @@ function durabilityName(d: number): Durability {
 /** Monotonic microseconds. */
 function process_hrtime(): number {
   return Number(process.hrtime.bigint() / 1000n);
+}
+
+/** A standby's bulk snapshot progress as PeerStatus fields (0 of 0 when none is streaming). */
+function snapshotFields(p: SnapshotProgress | undefined): { snapshotRecordsSent: number; snapshotRecordsTotal: number } {
+  return { snapshotRecordsSent: p?.sent ?? 0, snapshotRecordsTotal: p?.total ?? 0 };
 }

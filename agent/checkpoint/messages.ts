@@ -157,6 +157,9 @@ export interface PeerStatus {
   ready: boolean;
   acked: Record<string, number>;
   lag: number;
+  /** Standby: records of its bulk snapshots written to it so far, of the total (0 of 0 when none streams). */
+  snapshotRecordsSent: number;
+  snapshotRecordsTotal: number;
 }
 
 export interface ProcessStatus {

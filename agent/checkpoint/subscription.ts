@@ -32,16 +32,26 @@ export interface SubscriptionHost {
   tableSeq(table: string): number;
   /** Batches after `after` from the durable log, or null when the log no longer reaches back. */
   readLog(table: string, after: number, limit: number): { seq: number; records: Buffer; count: number }[] | null;
-  /** Starts a bulk snapshot of `table`; returns the ticket event and the snapshot's sequence. */
-  startSnapshot(table: string, onDone: (err: Error | null) => void): { event: SubscribeEvent; seq: number; empty: boolean };
+  /**
+   * Starts a bulk snapshot of `table`; returns the ticket event, the snapshot's sequence, and a
+   * progress record whose `sent` counts the records written to the bulk socket so far.
+   */
+  startSnapshot(table: string, onDone: (err: Error | null) => void): { event: SubscribeEvent; seq: number; empty: boolean; progress?: SnapshotProgress };
   stallTimeoutMs: number;
   /** Unacknowledged change bytes allowed in flight to one subscriber. */
   windowBytes: number;
 }
 
+/** Records of a bulk snapshot written to the subscriber's socket so far, of `total`. */
+export interface SnapshotProgress {
+  sent: number;
+  total: number;
+}
+
 interface TableCursor {
   sent: number;
   snapshotting: boolean;
+  progress?: SnapshotProgress;
 }
 
 export class Subscription {
@@ -94,18 +104,30 @@ export class Subscription {
     const cursor: TableCursor = { sent: 0, snapshotting: true };
     this.cursors.set(table, cursor);
     this.pendingSnapshots++;
-    const { event, seq, empty } = this.host.startSnapshot(table, (err) => {
+    const { event, seq, empty, progress } = this.host.startSnapshot(table, (err) => {
       cursor.snapshotting = false;
       this.pendingSnapshots--;
       if (err) this.fail(new HitlessError(status.ABORTED, `snapshot of table '${table}' failed: ${err.message}; subscribe again`));
       else this.pump();
     });
     cursor.sent = seq;
+    cursor.progress = progress;
     if (empty) {
       cursor.snapshotting = false;
       this.pendingSnapshots--;
     }
     this.send(event);
+  }
+
+  /** Records sent and in total over the snapshots still streaming (0 of 0 when none is). */
+  snapshotProgress(): SnapshotProgress {
+    const p = { sent: 0, total: 0 };
+    for (const c of this.cursors.values()) {
+      if (!c.snapshotting || !c.progress) continue;
+      p.sent += c.progress.sent;
+      p.total += c.progress.total;
+    }
+    return p;
   }
 
   /**

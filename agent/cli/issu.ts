@@ -10,6 +10,7 @@ import * as grpc from '@grpc/grpc-js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { amount } from './progress';
 import { clientCtor } from '../grpc/proto';
 import { imageCommand } from './image-commands';
 import { UPGRADE_COMMANDS, UPGRADE_HELP, showCompatibility, upgradeCommand } from './upgrade-commands';
@@ -92,7 +93,16 @@ function printStatus(processes: ProcessStatus[]): void {
       );
     }
     for (const s of p.peers) {
-      const state = s.role === 'ACTIVE' ? (s.frozen ? 'frozen' : 'writing') : s.ready ? 'READY' : `syncing, lag ${s.lag}`;
+      const state =
+        s.role === 'ACTIVE'
+          ? s.frozen
+            ? 'frozen'
+            : 'writing'
+          : s.ready
+            ? 'READY'
+            : s.snapshotRecordsTotal > 0
+              ? `bulk snapshot, ${amount(s.snapshotRecordsSent, 'records')} of ${amount(s.snapshotRecordsTotal)}`
+              : `catching up, lag ${s.lag}`;
       console.log(
         `  ${s.role.padEnd(8)} ${s.instanceId.padEnd(20)} vm ${s.vmId.padEnd(10)} v${s.softwareVersion.padEnd(8)} schema ${s.schemaWrites}  ${state}`,
       );

@@ -1,13 +1,15 @@
 /**
  * issu upgrade commands: loadversion, runversion, acceptversion, commitversion, abortversion,
  * changeversion, status, show compatibility. Clients of hitless.v1.Upgrade. While a command
- * runs, the agent's event stream is shown as progress lines on stderr (phases, sync progress);
- * the result is printed as text, or as one JSON object with --json.
+ * runs, the agent's event stream is shown as progress on stderr (phases, image verification,
+ * snapshot and catch-up of each standby); the result is printed as text, or as one JSON object
+ * with --json (progress events are then NDJSON on stderr).
  */
 import * as grpc from '@grpc/grpc-js';
 import path from 'node:path';
 import { clientCtor } from '../grpc/proto';
 import { ProcessStatus } from '../checkpoint/messages';
+import { ProgressEvent, progressView } from './progress';
 
 type Stub = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
 type Out = (obj: unknown, text: () => void) => void;
@@ -87,23 +89,25 @@ function call<T>(stub: Stub, method: string, req: unknown, timeoutMs: number): P
   );
 }
 
-/** Shows agent events on stderr while `run` is under way. */
+/**
+ * Shows the agent's events on stderr while `run` is under way (see progress.ts: bars on a
+ * terminal, sparse lines on a pipe, NDJSON with --json; stdout keeps the result alone).
+ */
 async function withProgress<T>(stub: Stub, json: boolean, run: () => Promise<T>): Promise<T> {
-  const events = (stub.Events as (r: unknown) => grpc.ClientReadableStream<{ type: string; phase: string; message: string; done: number; total: number }>).call(
-    stub,
-    {},
-  );
-  events.on('data', (e) => {
-    if (json) return;
-    const count = e.total ? ` [${e.done}/${e.total}]` : '';
-    const tag = e.type === 'PHASE' ? `phase ${e.phase}` : e.type.toLowerCase();
-    process.stderr.write(`issu: ${tag}: ${e.message}${count}\n`);
-  });
+  const events = (stub.Events as (r: unknown) => grpc.ClientReadableStream<ProgressEvent>).call(stub, {});
+  const view = progressView({ json, tty: !json && !!process.stderr.isTTY, out: process.stderr, prefix: 'issu: ' });
+  events.on('data', (e: ProgressEvent) => view.event(e));
   events.on('error', () => undefined);
+  // The agent sends headers once the subscription is live: from then on no event is missed.
+  await new Promise<void>((resolve) => {
+    events.once('metadata', () => resolve());
+    events.once('error', () => resolve()); // no progress then, but the command still runs
+  });
   try {
     return await run();
   } finally {
     events.cancel();
+    view.close();
   }
 }
 

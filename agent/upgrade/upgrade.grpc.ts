@@ -79,12 +79,24 @@ export function upgradeHandlers(svc: UpgradeService, store: UpgradeStore, log: L
     }),
     Events: (call: grpc.ServerWritableStream<unknown, unknown>) => {
       const on = (e: UpgradeEvent) =>
-        call.write({ type: e.type, upgradeId: e.upgradeId, phase: e.phase, message: e.message, done: e.done, total: e.total, atMs: e.at });
+        call.write({
+          type: e.type,
+          upgradeId: e.upgradeId,
+          phase: e.phase,
+          message: e.message,
+          done: e.done,
+          total: e.total,
+          atMs: e.at,
+          step: e.step,
+          unit: e.unit,
+        });
       svc.events.on('event', on);
       const off = () => svc.events.off('event', on);
       call.on('cancelled', off);
       call.on('close', off);
       call.on('error', off);
+      // Headers now: a client that waits for them knows it will see every event from here on.
+      call.sendMetadata(new grpc.Metadata());
     },
   } as grpc.UntypedServiceImplementation;
 }

@@ -22,7 +22,7 @@ import path from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { HitlessError, aborted, deadlineExceeded, failedPrecondition, invalidArgument } from '../common/errors';
 import { Logger } from '../common/logger';
-import { ProcessStatus, SwitchoverResponse, AuditResponse } from '../checkpoint/messages';
+import { PeerStatus, ProcessStatus, SwitchoverResponse, AuditResponse } from '../checkpoint/messages';
 import { Manifest, readManifest } from '../images/manifest';
 import { ProcessCompatibility, assertCompatible, compatibilityMatrix } from '../images/compatibility';
 import { Phase, TERMINAL, UpgradeRecord, UpgradeStore } from './upgrade-store';
@@ -74,6 +74,10 @@ export interface UpgradeEvent {
   done: number;
   total: number;
   at: number;
+  /** What done/total count, e.g. "verify image", "snapshot bgp", "catch up bgp"; '' for a plain message. */
+  step: string;
+  /** Unit of done/total: bytes, records, batches. */
+  unit: string;
 }
 
 export interface UpgradeStatusView {
@@ -250,8 +254,9 @@ export class UpgradeService {
       );
     }
     const running = this.runningSystem();
-    this.emit('PROGRESS', '', '', `verifying ${imageDir}`, 0, 0);
-    const manifest = await this.images.verify(imageDir, (done, total) => this.emit('PROGRESS', '', '', 'verifying image', done, total));
+    const manifest = await this.images.verify(imageDir, (done, total) =>
+      this.emit('PROGRESS', '', '', `sha256 of ${imageDir}`, done, total, { step: 'verify image', unit: 'bytes' }),
+    );
     const matrix = compatibilityMatrix(running.manifest, manifest);
     assertCompatible(matrix);
     if (manifest.version === running.manifest.version && path.resolve(running.imageDir) === imageDir) {
@@ -545,6 +550,40 @@ export class UpgradeService {
     return this.checkpoint.status(process)[0]?.peers.find((x) => x.instanceId === instance);
   }
 
+  /**
+   * Progress of one standby while loading, as steps an operator can read: waiting for the
+   * process to register; "snapshot P" (records of its bulk snapshots sent, of the total); "catch
+   * up P" (the batches behind when catching up began, falling to zero); READY. Lag alone rises
+   * during a snapshot (nothing is acknowledged until it is applied) and reads as falling behind.
+   */
+  private reportSync(rec: UpgradeRecord, p: string, peer: PeerStatus | undefined, sync: Map<string, SyncProgress>): void {
+    const st = sync.get(p) ?? { said: '', snapshotTotal: 0, lagMax: 0 };
+    sync.set(p, st);
+    const say = (message: string, done = 0, total = 0, step = '', unit = '') => {
+      const key = `${message}|${done}|${total}|${step}`;
+      if (key === st.said) return;
+      st.said = key;
+      this.emit('PROGRESS', rec.id, 'LOADING', message, done, total, { step, unit });
+    };
+    const endSnapshot = () => {
+      if (st.snapshotTotal > 0) say('sent', st.snapshotTotal, st.snapshotTotal, `snapshot ${p}`, 'records');
+      st.snapshotTotal = 0;
+    };
+    if (!peer) return say(`${p}: waiting for the process to register`);
+    if (peer.snapshotRecordsTotal > 0) {
+      st.snapshotTotal = peer.snapshotRecordsTotal;
+      return say(`to ${peer.instanceId}`, peer.snapshotRecordsSent, peer.snapshotRecordsTotal, `snapshot ${p}`, 'records');
+    }
+    endSnapshot();
+    if (peer.ready) {
+      if (st.lagMax > 0) say(`${p}: caught up`, st.lagMax, st.lagMax, `catch up ${p}`, 'batches');
+      st.lagMax = 0;
+      return say(`${p}: READY`);
+    }
+    st.lagMax = Math.max(st.lagMax, peer.lag);
+    if (st.lagMax > 0) say(`${peer.instanceId} applies the changes made since its snapshot`, st.lagMax - peer.lag, st.lagMax, `catch up ${p}`, 'batches');
+  }
+
   private checkStandbysReady(rec: UpgradeRecord): void {
     for (const [p, inst] of Object.entries(rec.processes)) {
       const peer = this.peerOf(p, inst.to);
@@ -564,14 +603,13 @@ export class UpgradeService {
       if (e.vm === rec.toVm && (e.type === 'EXITED' || e.type === 'CRASHED' || e.type === 'GUEST_PANICKED')) vmGone = e.type;
     });
     try {
-      let last = '';
+      const sync = new Map<string, SyncProgress>();
       for (;;) {
         if (vmGone) throw aborted(`standby VM ${rec.toVm} ${vmGone.toLowerCase()} while loading; see 'issu vm log ${rec.toVm}'`);
         const states = Object.entries(rec.processes).map(([p, inst]) => ({ p, peer: this.peerOf(p, inst.to) }));
+        for (const { p, peer } of states) this.reportSync(rec, p, peer, sync);
         const ready = states.filter((s) => s.peer?.ready).length;
         const line = states.map((s) => `${s.p}: ${s.peer ? (s.peer.ready ? 'READY' : `syncing, lag ${s.peer.lag}`) : 'booting'}`).join(', ');
-        if (line !== last) this.emit('PROGRESS', rec.id, 'LOADING', line, ready, states.length);
-        last = line;
         if (ready === states.length) return;
         if (Date.now() > deadline) {
           throw deadlineExceeded(`standby processes not READY within ${Math.round(this.opts.loadTimeoutMs / 1000)} s (${line}); see 'issu vm log ${rec.toVm}'`);
@@ -702,10 +740,25 @@ export class UpgradeService {
     }
   }
 
-  private emit(type: UpgradeEvent['type'], upgradeId: string, phase: Phase | '', message: string, done = 0, total = 0): void {
-    const ev: UpgradeEvent = { type, upgradeId, phase, message, done, total, at: Date.now() };
+  private emit(
+    type: UpgradeEvent['type'],
+    upgradeId: string,
+    phase: Phase | '',
+    message: string,
+    done = 0,
+    total = 0,
+    counts: { step: string; unit: string } = { step: '', unit: '' },
+  ): void {
+    const ev: UpgradeEvent = { type, upgradeId, phase, message, done, total, at: Date.now(), ...counts };
     this.events.emit('event', ev);
   }
+}
+
+/** What reportSync last said about one process, and what its counts are relative to. */
+interface SyncProgress {
+  said: string;
+  snapshotTotal: number;
+  lagMax: number;
 }
 
 /** restoreActive gave up because the VM of the instance it was to make active is gone. */

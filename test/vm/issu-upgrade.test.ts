@@ -182,8 +182,26 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   it('changeversion runs the whole flow: v2 active, v1 stopped, tables exact', async () => {
     assert.deepEqual((await h.bgp()).tables[0].schemas, [1], 'before the commit only schema 1 was written (v1 must read everything)');
     const t0 = Date.now();
-    const done = await h.cli('changeversion', v2);
+    const r = await h.issu(['--json', 'changeversion', v2]);
+    assert.equal(r.code, 0, r.stderr);
+    const done = JSON.parse(r.stdout) as Awaited<ReturnType<typeof h.cli>>;
     measure('changeversion end to end', `${Date.now() - t0} ms`);
+    // Progress came as NDJSON on stderr: every line an event; the image's bytes counted to the
+    // end, then bgp's bulk snapshot in records to its total, and each counted step ends complete.
+    const events = r.stderr
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { type: string; step: string; unit: string; done: number; total: number; phase: string });
+    const steps = new Map<string, { unit: string; last: { done: number; total: number } }>();
+    for (const e of events) if (e.step && Number(e.total) > 0) steps.set(e.step, { unit: e.unit, last: { done: Number(e.done), total: Number(e.total) } });
+    assert.equal(steps.get('verify image')?.unit, 'bytes');
+    assert.equal(steps.get('snapshot bgp')?.unit, 'records');
+    for (const [step, { last }] of steps) assert.equal(last.done, last.total, `step '${step}' ended complete`);
+    assert.ok(steps.get('snapshot bgp')!.last.total >= 20_000, 'the snapshot holds the routes');
+    assert.deepEqual(
+      events.filter((e) => e.type === 'PHASE').map((e) => e.phase),
+      ['LOADING', 'LOADED', 'SWITCHING', 'SWITCHED', 'ACCEPTED', 'COMMITTING', 'COMMITTED'],
+    );
     assert.ok(!done.current, 'no upgrade in progress');
     assert.equal(done.history[0].phase, 'COMMITTED');
     await h.trackAll();
