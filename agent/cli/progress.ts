@@ -58,7 +58,7 @@ export function amount(n: number, unit = ''): string {
 }
 
 function rate(n: number, seconds: number, unit = ''): string {
-  if (seconds <= 0) return '';
+  if (seconds <= 0 || n <= 0) return '';
   const r = n / seconds;
   return unit === 'bytes' ? `${(r / MiB).toFixed(1)} MiB/s` : `${Math.round(r).toLocaleString('en-US')} ${unit || 'items'}/s`;
 }

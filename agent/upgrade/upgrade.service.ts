@@ -575,6 +575,9 @@ export class UpgradeService {
       return say(`to ${peer.instanceId}`, peer.snapshotRecordsSent, peer.snapshotRecordsTotal, `snapshot ${p}`, 'records');
     }
     endSnapshot();
+    // Before its first snapshot has started (or its first changes arrived) a standby's lag only
+    // says how much is waiting for it: catching up starts once it has applied something.
+    if (!peer.ready && !Object.values(peer.acked).some((q) => Number(q) > 0)) return say(`${peer.instanceId} registered; waiting for its snapshot`);
     if (peer.ready) {
       if (st.lagMax > 0) say(`${p}: caught up`, st.lagMax, st.lagMax, `catch up ${p}`, 'batches');
       st.lagMax = 0;
