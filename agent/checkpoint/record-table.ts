@@ -545,7 +545,7 @@ export type Digest = { records: number; sha256: string };
 /**
  * The table digest (TableDigest.sha256 in checkpoint.proto): sha256 over `key 0x00 schema 0x00
  * value 0x00` of every live record in byte order of the keys, and the number of records.
- * Synchronous: it blocks for the whole table (about a second per million records); an audit uses
+ * Synchronous: it blocks for the whole table (seconds for a million records); an audit uses
  * tableDigestSliced.
  */
 export function tableDigest(t: RecordTable): Digest {
