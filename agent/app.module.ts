@@ -270,9 +270,12 @@ export class AppModule {
               },
               log.child({ mod: 'metrics' }),
             );
-            grpc.onCall = (method, code, seconds) => m.countCall(method, code, seconds);
-            checkpoint.observer = m.checkpointObserver();
-            upgrade.events.on('event', (ev: PhaseEvent) => m.upgradeEvent(ev));
+            // Fed only when there is an endpoint: no per-batch or per-call work for nobody.
+            if (config.metrics) {
+              grpc.onCall = (method, code, seconds) => m.countCall(method, code, seconds);
+              checkpoint.observer = m.checkpointObserver();
+              upgrade.events.on('event', (ev: PhaseEvent) => m.upgradeEvent(ev));
+            }
             return m;
           },
         },

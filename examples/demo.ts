@@ -16,12 +16,12 @@
  *
  * Everything runs under a private state directory and is stopped at the end.
  */
-import { ProgressEvent, progressView } from '../agent/cli/progress';
+import { progressView } from '../agent/cli/progress';
+import { showUpgradeEvents } from '../agent/cli/upgrade-commands';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import * as grpc from '@grpc/grpc-js';
 import { startAgent, stopAllAgents, AgentHandle } from '../harness/agent-process';
 import { rawClient, unaryCall, AnyClient } from '../harness/grpc-client';
 import { generateKeyPair } from '../agent/images/signing';
@@ -87,10 +87,7 @@ async function main(): Promise<void> {
     // Progress from the agent's event stream, as an NMS would see it.
     // Shown like `issu` shows it: bars on a terminal, a few lines on a pipe (stderr).
     const view = progressView({ json: false, tty: !!process.stderr.isTTY, out: process.stderr, prefix: 'demo:   ' });
-    const events = (up.Events as (r: unknown) => grpc.ClientReadableStream<ProgressEvent>).call(up, {});
-    events.on('data', (e: ProgressEvent) => view.event(e));
-    events.on('error', () => undefined);
-    await new Promise((resolve) => events.once('metadata', resolve).once('error', resolve)); // live from here
+    const stopEvents = await showUpgradeEvents(up, view);
 
     const loaded = await phase('loadversion v2 (verify, boot standby, sync)', () => unaryCall<UpgradeStatusMsg>(up, 'LoadVersion', { imageDir: v2 }));
     started.push(loaded.current!.toVm);
@@ -101,8 +98,7 @@ async function main(): Promise<void> {
     await phase('acceptversion', () => unaryCall(up, 'AcceptVersion', {}));
     await phase('commitversion (stop v1)', () => unaryCall(up, 'CommitVersion', {}));
     const end = await phase('audit: agent and v2 active', () => unaryCall<AuditResponse>(ck, 'Audit', { process: 'bgp' }));
-    events.cancel();
-    view.close();
+    stopEvents();
 
     const rib = end.agent.find((t) => t.table === 'rib')!;
     const newActive = end.peers.find((p) => p.role === 'ACTIVE')!;

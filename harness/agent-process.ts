@@ -7,6 +7,7 @@ import { ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { endProcess, exitOf } from './child-process';
 
 export interface AgentHandle {
   proc: ChildProcess;
@@ -70,7 +71,7 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     proc.stdout!.on('data', onData);
     proc.once('exit', (code) => reject(new Error(`hitlessd exited with ${code} before ready: ${err}`)));
   });
-  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  const exited = exitOf(proc);
   const handle: AgentHandle = {
     proc,
     pid: proc.pid!,
@@ -82,13 +83,11 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     stdout: () => out2,
     async stop() {
       running.delete(handle);
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
-      await exited;
+      await endProcess(proc, 'SIGTERM', exited);
     },
     async kill9() {
       running.delete(handle);
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-      await exited;
+      await endProcess(proc, 'SIGKILL', exited);
     },
   };
   running.add(handle);

@@ -5,6 +5,7 @@
 import { ChildProcess, spawn } from 'node:child_process';
 import path from 'node:path';
 import readline from 'node:readline';
+import { endProcess, exitOf } from './child-process';
 
 export type DaemonEvent = Record<string, unknown> & { event: string };
 
@@ -45,7 +46,7 @@ export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: 
       }
     }
   });
-  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  const exited = exitOf(proc);
   const handle: DaemonHandle = {
     proc,
     events,
@@ -88,13 +89,11 @@ export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: 
     },
     async kill9() {
       running.delete(handle);
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-      await exited;
+      await endProcess(proc, 'SIGKILL', exited);
     },
     async stop() {
       running.delete(handle);
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
-      await exited;
+      await endProcess(proc, 'SIGTERM', exited);
     },
   };
   running.add(handle);

@@ -31,6 +31,22 @@ export async function expectStatus(p: Promise<unknown>, code: grpc.status, match
   throw new Error(`expected ${grpc.status[code]}, but the call succeeded`);
 }
 
+/**
+ * A Register message for raw Session calls: bgp@vm1, version 1.0.0 writing and reading schema 1,
+ * ACTIVE with one ASYNC table 'rib'; `over` replaces any field.
+ */
+export const registration = (over: Record<string, unknown> = {}): Record<string, unknown> => ({
+  process: 'bgp',
+  instanceId: 'bgp@vm1',
+  vmId: 'vm1',
+  softwareVersion: '1.0.0',
+  schemaWrites: 1,
+  schemaReads: [1],
+  wantedRole: 'ACTIVE',
+  tables: [{ name: 'rib', durability: 'ASYNC' }],
+  ...over,
+});
+
 /** Opens a Session stream and registers; resolves with the Registered message and the stream. */
 export function registerRaw(
   client: AnyClient,

@@ -13,6 +13,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
+import { GLOBAL_OPTIONS } from './global-options';
 import { HitlessError, alreadyExists } from '../common/errors';
 import { MANIFEST_FILE, SIGNATURE_FILE, readManifest, totalBytes } from '../images/manifest';
 import { generateKeyPair, readKeyFile, readSignature, signBundle, verifyBundle, type ProgressFn } from '../images/signing';
@@ -52,14 +53,7 @@ function parse(sub: string, args: string[], options: Spec, positionals: number):
   let r: ReturnType<typeof parseArgs>;
   try {
     // issu's global options are accepted here too (an image command needs no agent: they do nothing).
-    const globals: Spec = {
-      json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
-      socket: { type: 'string' },
-      address: { type: 'string' },
-      'timeout-ms': { type: 'string' },
-    };
-    r = parseArgs({ args, options: { ...options, ...globals }, allowPositionals: true, strict: true });
+    r = parseArgs({ args, options: { ...options, ...GLOBAL_OPTIONS }, allowPositionals: true, strict: true });
   } catch (e) {
     throw usageError(`image ${sub}: ${(e as Error).message}`);
   }

@@ -10,12 +10,14 @@ import * as grpc from '@grpc/grpc-js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { GLOBAL_OPTIONS, splitGlobalOptions } from './global-options';
 import { amount } from './progress';
 import { clientCtor } from '../grpc/proto';
 import { imageCommand } from './image-commands';
 import { UPGRADE_COMMANDS, UPGRADE_HELP, showCompatibility, upgradeCommand } from './upgrade-commands';
 import { ProcessStatus, StatusResponse, SwitchoverResponse } from '../checkpoint/messages';
 import type { ConsoleLogResponse, ListVmsResponse, PlatformInfo, StopVmResponse, VmInfoMessage } from '../vm/vm.messages';
+import { Stub, call } from './rpc';
 
 const HELP = `issu - hitless in-service software upgrade, operator CLI
 
@@ -65,20 +67,7 @@ Exit status: 0 done, 1 the agent refused or failed (the message says why and wha
 2 bad usage, 3 the agent is not reachable.
 `;
 
-type Stub = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
-
 class UsageError extends Error {}
-
-function call<T>(stub: Stub, method: string, req: unknown, timeoutMs: number): Promise<T> {
-  return new Promise<T>((resolve, reject) =>
-    (stub[method] as (r: unknown, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, v: T) => void) => void).call(
-      stub,
-      req,
-      { deadline: Date.now() + timeoutMs },
-      (e, v) => (e ? reject(e) : resolve(v)),
-    ),
-  );
-}
 
 function printStatus(processes: ProcessStatus[]): void {
   if (!processes.length) {
@@ -110,15 +99,6 @@ function printStatus(processes: ProcessStatus[]): void {
   }
 }
 
-/** Options every command takes, before the command or after it. */
-const GLOBAL_OPTIONS = {
-  socket: { type: 'string' },
-  address: { type: 'string' },
-  json: { type: 'boolean' },
-  'timeout-ms': { type: 'string' },
-  help: { type: 'boolean', short: 'h' },
-} as const;
-
 /** Options of the agent commands (vm, show, checkpoint, upgrade); `image` parses its own. */
 const COMMAND_OPTIONS = {
   image: { type: 'string' },
@@ -132,33 +112,6 @@ const COMMAND_OPTIONS = {
   reason: { type: 'string' },
 } as const;
 
-/**
- * Splits `argv` into the global options in front of the command and the rest (the command and
- * everything after it), so a command group's own flags never meet the global parser: `issu
- * --socket S image keygen --out D` gives `--out` to `image`. An unknown option before the
- * command is a usage error naming it.
- */
-function splitGlobalOptions(argv: string[]): { globals: string[]; rest: string[] } {
-  const takesValue = new Set(['--socket', '--address', '--timeout-ms']);
-  let i = 0;
-  while (i < argv.length && argv[i].startsWith('-') && argv[i] !== '-') {
-    const a = argv[i];
-    if (a === '--') {
-      i++;
-      break;
-    }
-    const name = a.split('=')[0];
-    if (takesValue.has(name)) i += a.includes('=') ? 1 : 2;
-    else if (name === '--json' || name === '--help' || name === '-h') i++;
-    else
-      throw new UsageError(
-        `unknown option '${a}' before the command; the options that go there are --socket PATH, --address H:P, --json, --timeout-ms N and --help`,
-      );
-  }
-  if (i > argv.length) throw new UsageError(`option '${argv[argv.length - 1]}' needs a value`);
-  return { globals: argv.slice(0, i), rest: argv.slice(i) };
-}
-
 /** parseArgs's own errors ("Unknown option '--x'") are usage errors (exit status 2). */
 function asUsage<T>(parse: () => T): T {
   try {
@@ -169,7 +122,7 @@ function asUsage<T>(parse: () => T): T {
 }
 
 async function main(argv: string[]): Promise<number> {
-  const { globals, rest: commandArgs } = splitGlobalOptions(argv);
+  const { globals, rest: commandArgs } = splitGlobalOptions(argv, (m) => new UsageError(m));
   const front = asUsage(() => parseArgs({ args: globals, options: GLOBAL_OPTIONS, strict: true })).values;
   // Field-upgrade tooling works offline, without an agent, and has flags of its own.
   if (commandArgs[0] === 'image') {
@@ -232,18 +185,10 @@ async function main(argv: string[]): Promise<number> {
   try {
     if (cmd === 'wait-ready') {
       if (sub !== undefined) throw new UsageError(`wait-ready takes no arguments, got '${[sub, ...rest].join(' ')}'`);
-      // waitForReady: a missing or refused socket (the agent still recovering its state, or not
-      // started yet) is retried until the deadline instead of failing the call at once.
+      // A missing or refused socket (the agent still recovering its state, or not started yet)
+      // is retried until the deadline instead of failing the call at once.
       const started = Date.now();
-      await new Promise<void>((resolve, reject) =>
-        (stub.Status as (r: unknown, m: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null) => void) => void).call(
-          stub,
-          { process: '' },
-          new grpc.Metadata({ waitForReady: true }),
-          { deadline: started + timeoutMs },
-          (e) => (e ? reject(e) : resolve()),
-        ),
-      );
+      await call(stub, 'Status', { process: '' }, timeoutMs, { waitForReady: true });
       const waitedMs = Date.now() - started;
       out({ ready: true, address, waitedMs }, () => console.log(`The agent at ${address} answers (waited ${waitedMs} ms).`));
     } else if (cmd === 'checkpoint' && sub === 'status') {

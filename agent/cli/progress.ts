@@ -63,6 +63,11 @@ function rate(n: number, seconds: number, unit = ''): string {
   return unit === 'bytes' ? `${(r / MiB).toFixed(1)} MiB/s` : `${Math.round(r).toLocaleString('en-US')} ${unit || 'items'}/s`;
 }
 
+/** Whole seconds left at the rate so far, or null before there is a rate. */
+function secondsLeft(done: number, total: number, secs: number): number | null {
+  return done > 0 && secs > 0 ? Math.ceil(((total - done) * secs) / done) : null;
+}
+
 function eventLine(e: ProgressEvent): string {
   if (e.type === 'PHASE') return `phase ${e.phase}: ${e.message}`;
   if (e.type === 'WARNING' || e.type === 'ERROR') return `${e.type.toLowerCase()}: ${e.message}`;
@@ -121,8 +126,8 @@ class LineView implements ProgressView {
     if (t - s.lastAt < this.everyMs) return;
     const pct = Math.floor((100 * e.done) / e.total);
     const r = rate(e.done, secs, e.unit);
-    const left = e.done > 0 && secs > 0 ? ((e.total - e.done) * secs) / e.done : NaN;
-    const line = `${step}: ${pct}% (${amount(e.done, e.unit)} of ${amount(e.total, e.unit)})${r ? `, ${r}` : ''}${Number.isFinite(left) ? `, about ${Math.ceil(left)} s left` : ''}`;
+    const left = secondsLeft(e.done, e.total, secs);
+    const line = `${step}: ${pct}% (${amount(e.done, e.unit)} of ${amount(e.total, e.unit)})${r ? `, ${r}` : ''}${left !== null ? `, about ${left} s left` : ''}`;
     if (line === s.lastLine) return;
     s.lastLine = line;
     s.lastAt = t;
@@ -173,12 +178,12 @@ class BarView implements ProgressView {
     }
     if (s.ended) return;
     const secs = (t - s.started) / 1000;
-    const left = e.done > 0 && secs > 0 ? ((e.total - e.done) * secs) / e.done : NaN;
+    const left = secondsLeft(e.done, e.total, secs);
     s.bar.setTotal(e.total);
     s.bar.update(Math.min(e.done, e.total), {
       amount: `${amount(e.done, s.unit)} of ${amount(e.total, s.unit)}`,
       rate: rate(e.done, secs, s.unit),
-      left: e.done >= e.total ? `done in ${secs.toFixed(1)} s` : Number.isFinite(left) ? `${Math.ceil(left)} s left` : '',
+      left: e.done >= e.total ? `done in ${secs.toFixed(1)} s` : left !== null ? `${left} s left` : '',
     });
     if (e.done >= e.total) {
       s.ended = true;

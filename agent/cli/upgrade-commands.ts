@@ -9,9 +9,9 @@ import * as grpc from '@grpc/grpc-js';
 import path from 'node:path';
 import { clientCtor } from '../grpc/proto';
 import { ProcessStatus } from '../checkpoint/messages';
-import { ProgressEvent, progressView } from './progress';
+import { ProgressEvent, ProgressView, progressView } from './progress';
+import { Stub, call } from './rpc';
 
-type Stub = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
 type Out = (obj: unknown, text: () => void) => void;
 
 interface Info {
@@ -78,37 +78,37 @@ function printStatus(s: StatusMsg): void {
   }
 }
 
-function call<T>(stub: Stub, method: string, req: unknown, timeoutMs: number): Promise<T> {
-  return new Promise<T>((resolve, reject) =>
-    (stub[method] as (r: unknown, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, v: T) => void) => void).call(
-      stub,
-      req,
-      { deadline: Date.now() + timeoutMs },
-      (e, v) => (e ? reject(e) : resolve(v)),
-    ),
-  );
-}
-
 /**
  * Shows the agent's events on stderr while `run` is under way (see progress.ts: bars on a
  * terminal, sparse lines on a pipe, NDJSON with --json; stdout keeps the result alone).
  */
 async function withProgress<T>(stub: Stub, json: boolean, run: () => Promise<T>): Promise<T> {
-  const events = (stub.Events as (r: unknown) => grpc.ClientReadableStream<ProgressEvent>).call(stub, {});
   const view = progressView({ json, tty: !json && !!process.stderr.isTTY, out: process.stderr, prefix: 'issu: ' });
-  events.on('data', (e: ProgressEvent) => view.event(e));
-  events.on('error', () => undefined);
-  // The agent sends headers once the subscription is live: from then on no event is missed.
-  await new Promise<void>((resolve) => {
-    events.once('metadata', () => resolve());
-    events.once('error', () => resolve()); // no progress then, but the command still runs
-  });
+  const stop = await showUpgradeEvents(stub, view);
   try {
     return await run();
   } finally {
+    stop();
+  }
+}
+
+/**
+ * Feeds the agent's Upgrade.Events into `view`; resolves once the subscription is live (the
+ * agent sends headers then), so no event of a command sent afterwards is missed. If Events
+ * fails there is no progress, but the command still runs. Call the result to stop.
+ */
+export async function showUpgradeEvents(stub: grpc.Client, view: ProgressView): Promise<() => void> {
+  const events = ((stub as Stub).Events as (r: unknown) => grpc.ClientReadableStream<ProgressEvent>).call(stub, {});
+  events.on('data', (e: ProgressEvent) => view.event(e));
+  events.on('error', () => undefined);
+  await new Promise<void>((resolve) => {
+    events.once('metadata', () => resolve());
+    events.once('error', () => resolve());
+  });
+  return () => {
     events.cancel();
     view.close();
-  }
+  };
 }
 
 export async function upgradeCommand(

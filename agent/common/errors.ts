@@ -3,7 +3,7 @@
  * person: what was wrong and what to do next. Domain code throws these; transports map them.
  */
 import { status } from '@grpc/grpc-js';
-import fs from 'node:fs';
+import { freeBytes } from './disk-space';
 
 export type StatusName = keyof typeof status;
 
@@ -53,8 +53,7 @@ export function isDiskFull(err: unknown, dir?: string): boolean {
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'SQLITE_FULL') return true;
   if (typeof code !== 'string' || !SQLITE_WRITE_IOERRS.has(code) || !dir) return false;
   try {
-    const s = fs.statfsSync(dir);
-    return s.bavail * s.bsize < 1024 * 1024;
+    return freeBytes(dir) < 1024 * 1024;
   } catch {
     return false;
   }

@@ -25,6 +25,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { HitlessError } from '../common/errors';
+import { freeBytes } from '../common/disk-space';
 import { Manifest, SEMVERISH, isPlainFileName, parseManifest, readManifestBytes } from '../images/manifest';
 import { checkSignature, verifyBundle } from '../images/signing';
 
@@ -63,11 +64,6 @@ function diskUsage(dir: string): number {
 
 export function validVersion(v: string): boolean {
   return v.length > 0 && v.length <= 64 && SEMVERISH.test(v) && isPlainFileName(v);
-}
-
-export function freeBytes(dir: string): number {
-  const st = fs.statfsSync(dir);
-  return Number(st.bavail) * Number(st.bsize);
 }
 
 export class PackageStore {

@@ -45,6 +45,8 @@ export class Metrics {
   private readonly bulkSeconds: Histogram<'process' | 'table' | 'result'>;
   private readonly bulkRecords: Counter<'process' | 'table'>;
   private readonly phaseSeconds: Histogram<'phase'>;
+  /** The checkpoint status of the scrape in progress (read once in render()). */
+  private processes: ProcessStatus[] = [];
   /** Upgrade id -> the phase it is in and when it entered it (ms since the epoch). */
   private readonly phaseSince = new Map<string, { phase: string; at: number }>();
 
@@ -53,7 +55,8 @@ export class Metrics {
     private readonly log: Logger,
   ) {
     const registers = [this.registry];
-    collectDefaultMetrics({ register: this.registry });
+    // One checkpoint status per scrape, shared by the five families read from it.
+    const processes = () => this.processes;
     const tableGauge = (name: string, help: string, pick: (t: ProcessStatus['tables'][number]) => number) =>
       new Gauge({
         name,
@@ -62,7 +65,7 @@ export class Metrics {
         registers,
         collect() {
           this.reset();
-          for (const p of sources.checkpoint()) for (const t of p.tables) this.set({ process: p.process, table: t.name }, pick(t));
+          for (const p of processes()) for (const t of p.tables) this.set({ process: p.process, table: t.name }, pick(t));
         },
       });
     tableGauge('hitless_checkpoint_records', 'Records held in the agent replica of a checkpoint table.', (t) => t.records);
@@ -76,7 +79,7 @@ export class Metrics {
         registers,
         collect() {
           this.reset();
-          for (const p of sources.checkpoint())
+          for (const p of processes())
             for (const x of p.peers) if (x.role !== 'ACTIVE') this.set({ process: p.process, instance: x.instanceId, vm: x.vmId }, pick(x));
         },
       });
@@ -201,10 +204,13 @@ export class Metrics {
   }
 
   render(): Promise<string> {
+    this.processes = this.sources.checkpoint();
     return this.registry.metrics();
   }
 
   async listen(hostPort: string): Promise<string> {
+    // Node's process metrics start here: their event-loop and GC monitors run only for a scrape.
+    collectDefaultMetrics({ register: this.registry });
     const { host, port } = splitHostPort(hostPort);
     const server = http.createServer((req, res) => {
       if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {

@@ -12,6 +12,7 @@
 import type Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
+import { freeBytes } from '../common/disk-space';
 
 /**
  * Room (bytes) a checkpoint leaves for the agent's own WAL appends while it copies. A few
@@ -24,12 +25,6 @@ export type CheckpointOutcome =
   | { ran: true }
   /** Skipped: the database must grow by `growBytes`, but only `freeBytes` are free. */
   | { ran: false; growBytes: number; freeBytes: number };
-
-/** Bytes this process may still write on the filesystem of `dir` (root may use the reserved blocks). */
-export function freeBytes(dir: string): number {
-  const s = fs.statfsSync(dir);
-  return (process.getuid?.() === 0 ? s.bfree : s.bavail) * s.bsize;
-}
 
 /**
  * Runs a PASSIVE checkpoint on `db` (a connection of its own to `file`) when the room allows.

@@ -22,30 +22,28 @@ db.pragma('busy_timeout = 1000');
 db.pragma(`synchronous = ${fsync ? 'FULL' : 'OFF'}`);
 /** The code of the failure last reported, so a failing checkpoint is reported once, not every round. */
 let failing: string | null = null;
+const report = (code: string, message: string) => {
+  if (code === failing) return;
+  failing = code;
+  parentPort?.postMessage({ ok: false, code, message } satisfies CheckpointWorkerReport);
+};
+const mib = (n: number) => (n / 1048576).toFixed(1);
 const timer = setInterval(() => {
   try {
     const r = checkpointIfRoom(db, file);
     if (!r.ran) {
-      // Reported like the ENOSPC the checkpoint would have met, once per episode.
-      const mib = (n: number) => (n / 1048576).toFixed(1);
-      if (failing !== 'SQLITE_FULL') {
-        failing = 'SQLITE_FULL';
-        parentPort?.postMessage({
-          ok: false,
-          code: failing,
-          message: `a checkpoint must grow the database by ${mib(r.growBytes)} MiB and keep a reserve for writes; ${mib(r.freeBytes)} MiB are free`,
-        } satisfies CheckpointWorkerReport);
-      }
-      return;
+      // Reported like the ENOSPC the checkpoint would have met.
+      return report(
+        'SQLITE_FULL',
+        `a checkpoint must grow the database by ${mib(r.growBytes)} MiB and keep a reserve for writes; ${mib(r.freeBytes)} MiB are free`,
+      );
     }
     if (failing) parentPort?.postMessage({ ok: true } satisfies CheckpointWorkerReport);
     failing = null;
   } catch (e) {
     const code = String((e as { code?: unknown }).code ?? 'unknown');
     // Busy: a writer holds the lock; try again next round.
-    if (code.startsWith('SQLITE_BUSY') || code === failing) return;
-    failing = code;
-    parentPort?.postMessage({ ok: false, code, message: (e as Error).message } satisfies CheckpointWorkerReport);
+    if (!code.startsWith('SQLITE_BUSY')) report(code, (e as Error).message);
   }
 }, intervalMs);
 parentPort?.on('message', (m) => {

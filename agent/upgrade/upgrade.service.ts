@@ -612,9 +612,9 @@ export class UpgradeService {
         const states = Object.entries(rec.processes).map(([p, inst]) => ({ p, peer: this.peerOf(p, inst.to) }));
         for (const { p, peer } of states) this.reportSync(rec, p, peer, sync);
         const ready = states.filter((s) => s.peer?.ready).length;
-        const line = states.map((s) => `${s.p}: ${s.peer ? (s.peer.ready ? 'READY' : `syncing, lag ${s.peer.lag}`) : 'booting'}`).join(', ');
         if (ready === states.length) return;
         if (Date.now() > deadline) {
+          const line = states.map((s) => `${s.p}: ${s.peer ? (s.peer.ready ? 'READY' : `syncing, lag ${s.peer.lag}`) : 'booting'}`).join(', ');
           throw deadlineExceeded(`standby processes not READY within ${Math.round(this.opts.loadTimeoutMs / 1000)} s (${line}); see 'issu vm log ${rec.toVm}'`);
         }
         await sleep(200);

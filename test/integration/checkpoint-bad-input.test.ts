@@ -7,20 +7,8 @@ import assert from 'node:assert/strict';
 import { RecordBuilder, OP_PUT } from '../../agent/checkpoint/records';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
-import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall } from '../../harness/grpc-client';
+import { AnyClient, expectStatus, rawClient, registerRaw, unaryCall, registration } from '../../harness/grpc-client';
 import { until } from '../../harness/wait';
-
-const reg = (over: Record<string, unknown> = {}) => ({
-  process: 'bgp',
-  instanceId: 'bgp@vm1',
-  vmId: 'vm1',
-  softwareVersion: '1.0.0',
-  schemaWrites: 1,
-  schemaReads: [1],
-  wantedRole: 'ACTIVE',
-  tables: [{ name: 'rib', durability: 'ASYNC' }],
-  ...over,
-});
 
 function batch(fill: (b: RecordBuilder) => void): { records: Buffer; count: number } {
   const b = new RecordBuilder();
@@ -53,7 +41,7 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
   before(async () => {
     agent = await startAgent({ args: ['--max-key-bytes', '64', '--max-value-bytes', '256', '--stall-timeout-ms', '1500'] });
     c = rawClient('hitless.v1.Checkpoint', agent.socket);
-    const r = await registerRaw(c, reg());
+    const r = await registerRaw(c, registration());
     sessionId = r.registered.sessionId;
     session = r.call;
     // Acknowledged state every refusal below must leave unchanged.
@@ -95,28 +83,33 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
   });
 
   it('refuses an invalid registration with INVALID_ARGUMENT', async () => {
-    await expectStatus(registerRaw(c, reg({ process: '', instanceId: 'x' })), grpc.status.INVALID_ARGUMENT, /process name '' is not valid/);
-    await expectStatus(registerRaw(c, reg({ instanceId: 'y', schemaWrites: 0 })), grpc.status.INVALID_ARGUMENT, /schema_writes/);
-    await expectStatus(registerRaw(c, reg({ instanceId: 'z', wantedRole: 'ROLE_UNSPECIFIED' })), grpc.status.INVALID_ARGUMENT, /wanted_role/);
+    await expectStatus(registerRaw(c, registration({ process: '', instanceId: 'x' })), grpc.status.INVALID_ARGUMENT, /process name '' is not valid/);
+    await expectStatus(registerRaw(c, registration({ instanceId: 'y', schemaWrites: 0 })), grpc.status.INVALID_ARGUMENT, /schema_writes/);
+    await expectStatus(registerRaw(c, registration({ instanceId: 'z', wantedRole: 'ROLE_UNSPECIFIED' })), grpc.status.INVALID_ARGUMENT, /wanted_role/);
   });
 
   it('refuses a second active with FAILED_PRECONDITION naming the current one', async () => {
     await expectStatus(
-      registerRaw(c, reg({ instanceId: 'bgp@vm9', vmId: 'vm9' })),
+      registerRaw(c, registration({ instanceId: 'bgp@vm9', vmId: 'vm9' })),
       grpc.status.FAILED_PRECONDITION,
       /already has an active instance 'bgp@vm1'/,
     );
   });
 
   it('refuses a duplicate instance id with ALREADY_EXISTS', async () => {
-    await expectStatus(registerRaw(c, reg({ wantedRole: 'STANDBY' })), grpc.status.ALREADY_EXISTS, /instance 'bgp@vm1' is already registered/);
+    await expectStatus(registerRaw(c, registration({ wantedRole: 'STANDBY' })), grpc.status.ALREADY_EXISTS, /instance 'bgp@vm1' is already registered/);
   });
 
   it('refuses, at registration, a standby that cannot read the active schema, naming both versions', async () => {
-    const r = await registerRaw(c, { ...reg({ process: 'ospf', instanceId: 'ospf@vm1', schemaWrites: 2, schemaReads: [2], tables: [{ name: 'lsdb' }] }) });
+    const r = await registerRaw(c, {
+      ...registration({ process: 'ospf', instanceId: 'ospf@vm1', schemaWrites: 2, schemaReads: [2], tables: [{ name: 'lsdb' }] }),
+    });
     try {
       await expectStatus(
-        registerRaw(c, reg({ process: 'ospf', instanceId: 'ospf@vm2', vmId: 'vm2', wantedRole: 'STANDBY', schemaWrites: 1, schemaReads: [1], tables: [] })),
+        registerRaw(
+          c,
+          registration({ process: 'ospf', instanceId: 'ospf@vm2', vmId: 'vm2', wantedRole: 'STANDBY', schemaWrites: 1, schemaReads: [1], tables: [] }),
+        ),
         grpc.status.FAILED_PRECONDITION,
         /reads schema versions \[1\] but the active 'ospf@vm1' .* writes schema 2/,
       );
@@ -211,7 +204,7 @@ describe('checkpoint: a subscriber that stops reading', function () {
       tables: [],
       role: 'STANDBY',
     });
-    const slow = await registerRaw(c, reg({ instanceId: 'bgp@slow', vmId: 'slow', wantedRole: 'STANDBY', tables: [] }));
+    const slow = await registerRaw(c, registration({ instanceId: 'bgp@slow', vmId: 'slow', wantedRole: 'STANDBY', tables: [] }));
     try {
       await active.start();
       await healthy.start();

@@ -8,7 +8,7 @@ import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { startAgent, stopAllAgents } from '../../harness/agent-process';
 import { startDaemon, stopAllDaemons } from '../../harness/daemon-process';
-import { rawClient, registerRaw, unaryCall } from '../../harness/grpc-client';
+import { rawClient, registerRaw, unaryCall, registration } from '../../harness/grpc-client';
 import { until } from '../../harness/wait';
 
 describe('checkpoint: SYNC and ASYNC acknowledgements', function () {
@@ -32,16 +32,7 @@ describe('checkpoint: SYNC and ASYNC acknowledgements', function () {
       role: 'ACTIVE',
     });
     // The standby is driven by hand so the test decides when it acknowledges.
-    const sb = await registerRaw(c, {
-      process: 'bgp',
-      instanceId: 'bgp@vm2',
-      vmId: 'vm2',
-      softwareVersion: '1.0.0',
-      schemaWrites: 1,
-      schemaReads: [1],
-      wantedRole: 'STANDBY',
-      tables: [],
-    });
+    const sb = await registerRaw(c, registration({ instanceId: 'bgp@vm2', vmId: 'vm2', wantedRole: 'STANDBY', tables: [] }));
     const order: string[] = [];
     try {
       await active.start();
@@ -114,16 +105,7 @@ describe('checkpoint: SYNC and ASYNC acknowledgements', function () {
       tables: [{ name: 'sync', durability: 'SYNC' }],
       role: 'ACTIVE',
     });
-    const sb = await registerRaw(c, {
-      process: 'bgp',
-      instanceId: 'bgp@vm2',
-      vmId: 'vm2',
-      softwareVersion: '1.0.0',
-      schemaWrites: 1,
-      schemaReads: [1],
-      wantedRole: 'STANDBY',
-      tables: [],
-    });
+    const sb = await registerRaw(c, registration({ instanceId: 'bgp@vm2', vmId: 'vm2', wantedRole: 'STANDBY', tables: [] }));
     try {
       await active.start();
       const sub = (c.Subscribe as (r: unknown) => grpc.ClientReadableStream<unknown>).call(c, { sessionId: sb.registered.sessionId, have: {}, mode: 'FOLLOW' });
@@ -251,16 +233,7 @@ describe('checkpoint: switchover driven by the agent', function () {
     const agent = await startAgent();
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
     // The active is driven by hand, so the test decides when it writes.
-    const act = await registerRaw(c, {
-      process: 'bgp',
-      instanceId: 'bgp@vm1',
-      vmId: 'vm1',
-      softwareVersion: '1.0.0',
-      schemaWrites: 1,
-      schemaReads: [1],
-      wantedRole: 'ACTIVE',
-      tables: [{ name: 'rib', durability: 'ASYNC' }],
-    });
+    const act = await registerRaw(c, registration());
     let seq = 0;
     const write = () => {
       const b = new RecordBuilder();
@@ -315,16 +288,7 @@ describe('checkpoint: switchover driven by the agent', function () {
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
     const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1', '--records', '1000']);
     await v1.waitFor((e) => e.event === 'loaded');
-    const sb = await registerRaw(c, {
-      process: 'bgp',
-      instanceId: 'bgp@vm2',
-      vmId: 'vm2',
-      softwareVersion: '1.0.0',
-      schemaWrites: 1,
-      schemaReads: [1],
-      wantedRole: 'STANDBY',
-      tables: [],
-    });
+    const sb = await registerRaw(c, registration({ instanceId: 'bgp@vm2', vmId: 'vm2', wantedRole: 'STANDBY', tables: [] }));
     await assert.rejects(
       unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' }),
       (e: grpc.ServiceError) => e.code === grpc.status.FAILED_PRECONDITION && /not READY/.test(e.details),
@@ -342,16 +306,7 @@ describe('checkpoint: switchover driven by the agent', function () {
     const v1 = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm1']);
     await v1.waitFor((e) => e.event === 'started');
     // A standby that follows the (empty) table, then answers PROMOTE with a refusal.
-    const sb = await registerRaw(c, {
-      process: 'bgp',
-      instanceId: 'bgp@vm2',
-      vmId: 'vm2',
-      softwareVersion: '1.0.0',
-      schemaWrites: 1,
-      schemaReads: [1],
-      wantedRole: 'STANDBY',
-      tables: [{ name: 'rib', durability: 'ASYNC' }],
-    });
+    const sb = await registerRaw(c, registration({ instanceId: 'bgp@vm2', vmId: 'vm2', wantedRole: 'STANDBY' }));
     const sub = (c.Subscribe as (r: unknown) => grpc.ClientReadableStream<unknown>).call(c, { sessionId: sb.registered.sessionId, have: {}, mode: 'FOLLOW' });
     sub.on('error', () => undefined);
     const commands: string[] = [];
