@@ -22,6 +22,8 @@ const HELP = `Usage: npm run chaos -- [options]
 
 Drives real upgrades (QEMU, TCG where KVM does not work) and injects a fault at a seeded random
 moment inside each phase; prints one JSON line per round, then a table of cells x passes.
+A fault whose target is already gone at the drawn moment (the phase stopped that VM itself)
+is "missed": the round still checks everything, and the table counts it as (Nm).
 Exit status 0 when every round passed, 1 when one failed, 2 on bad options.
 
 Options:
@@ -156,6 +158,7 @@ async function main(): Promise<void> {
       summary: true,
       rounds: results.length,
       passed: results.length - failed.length,
+      missed: results.filter((r) => r.missed).length,
       failed: failed.map((r) => ({ cell: r.cell, seed: r.seed })),
       minutes: Math.round((Date.now() - t0) / 6000) / 10,
     }) + '\n',
@@ -163,7 +166,10 @@ async function main(): Promise<void> {
   process.exitCode = failed.length ? 1 : 0;
 }
 
-/** Faults down, phases across, "passed/rounds" in each cell. */
+/**
+ * Faults down, phases across, "passed/rounds" in each cell, with "(Nm)" when N of those rounds'
+ * faults missed (their target was already gone at the drawn moment).
+ */
 function table(cells: string[], results: RoundResult[]): string {
   const faults = [...new Set(cells.map((c) => c.split('@')[0]))];
   const phases = PHASES.filter((p) => cells.some((c) => c.endsWith(`@${p}`)));
@@ -173,7 +179,8 @@ function table(cells: string[], results: RoundResult[]): string {
     out += f.padEnd(14);
     for (const p of phases) {
       const rs = results.filter((r) => r.cell === cellName(f, p));
-      out += (cells.includes(cellName(f, p)) ? `${rs.filter((r) => r.pass).length}/${rs.length}` : '-').padStart(w);
+      const missed = rs.filter((r) => r.missed).length;
+      out += (cells.includes(cellName(f, p)) ? `${rs.filter((r) => r.pass).length}/${rs.length}${missed ? ` (${missed}m)` : ''}` : '-').padStart(w);
     }
     out += '\n';
   }

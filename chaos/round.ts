@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { createRng } from '../examples/bgp-rib/rib-generator';
 import { ChaosPhase, Fault, PHASE_WINDOW_MS } from './faults';
-import { ChaosWorld, OLD_VM, UpgradeView } from './world';
+import { ChaosWorld, FaultMissed, OLD_VM, UpgradeView } from './world';
 
 export interface RoundSpec {
   fault: Fault;
@@ -37,6 +37,8 @@ export interface RoundResult {
   phase_at_fault: string;
   /** Whether the phase's command had already returned when the fault struck. */
   command_done: boolean;
+  /** '' when the fault struck; else why it found nothing to strike (its target already gone). */
+  missed: string;
   phase_settled: string;
   settle_s: number;
   pass: boolean;
@@ -63,6 +65,7 @@ export async function runRound(spec: RoundSpec): Promise<RoundResult> {
     fault_at_ms: faultAt,
     phase_at_fault: '',
     command_done: false,
+    missed: '',
     phase_settled: '',
     settle_s: 0,
     pass: false,
@@ -98,7 +101,13 @@ export async function runRound(spec: RoundSpec): Promise<RoundResult> {
     res.command_done = done;
     // Sequences only grow: what the agent holds now was acknowledged (stored before the ack).
     const seqBefore = new Map((await w.processes()).map((p) => [p.process, p.tables.map((t) => ({ name: t.name, seq: t.seq }))]));
-    await spec.fault.inject(w);
+    try {
+      await spec.fault.inject(w);
+    } catch (e) {
+      if (!(e instanceof FaultMissed)) throw e;
+      res.missed = e.message;
+      spec.log(`${cell}: fault missed: ${e.message}`);
+    }
     const tFault = Date.now();
     const outcome = await Promise.race([running, sleep(spec.settleMs).then(() => ({ done: false, err: 'still running' }))]);
     if (outcome.err) spec.log(`${cell}: the ${spec.phase} command ended with: ${outcome.err}`);

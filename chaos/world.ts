@@ -28,6 +28,12 @@ export interface VmView {
 
 export const OLD_VM = 'cp-1';
 
+/**
+ * The fault found nothing to strike: its target was already gone at the drawn moment (the
+ * phase had stopped that VM itself). The round still checks every invariant, and says so.
+ */
+export class FaultMissed extends Error {}
+
 export class ChaosWorld {
   agent: AgentHandle | null = null;
   private clients: Record<'up' | 'ck' | 'vm', AnyClient> | null = null;
@@ -114,10 +120,17 @@ export class ChaosWorld {
   /** SIGKILL of the QEMU of the old version's VM or of the new version's VM. */
   async killVm(which: 'from' | 'to'): Promise<void> {
     const vms = await this.vms();
-    const target = which === 'from' ? vms.find((v) => v.name === OLD_VM) : vms.find((v) => v.name !== OLD_VM && v.state === 'RUNNING');
-    if (!target?.pid) throw new Error(`no running ${which === 'from' ? 'old' : 'new'} VM to kill (VMs: ${vms.map((v) => `${v.name} ${v.state}`).join(', ')})`);
+    const target = which === 'from' ? vms.find((v) => v.name === OLD_VM && v.state === 'RUNNING') : vms.find((v) => v.name !== OLD_VM && v.state === 'RUNNING');
+    const name = which === 'from' ? 'old' : 'new';
+    // The phase itself may have stopped it (commit stops the old VM, an abort the new one).
+    if (!target?.pid) throw new FaultMissed(`no running ${name} VM to kill (VMs: ${vms.map((v) => `${v.name} ${v.state}`).join(', ')})`);
     this.log(`SIGKILL QEMU of ${target.name} (pid ${target.pid})`);
-    process.kill(target.pid, 'SIGKILL');
+    try {
+      process.kill(target.pid, 'SIGKILL');
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
+      throw new FaultMissed(`QEMU of ${target.name} (pid ${target.pid}) had already exited`);
+    }
   }
 
   /**

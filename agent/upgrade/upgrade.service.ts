@@ -105,33 +105,47 @@ export class UpgradeService {
     private readonly opts: UpgradeOptions = DEFAULT_UPGRADE_OPTIONS,
   ) {
     this.events.setMaxListeners(100);
-    this.keeperOff = this.vms.onEvent((e) => this.keepCommitted(e));
+    this.keeperOff = this.vms.onEvent((e) => this.keepControlPlane(e));
   }
 
   /**
-   * After a commit the new version's VM is the only control plane. When it crashes (QEMU died,
-   * the guest panicked; not a stop by an operator) while no upgrade runs, it is started again
-   * from the same image, without the standby role it was loaded with: its processes find no
-   * active, take the role and reload their tables from the agent, which holds every acknowledged
-   * change. A crash during the commit itself (after the old VM was stopped) is covered too.
+   * The control plane the last upgrade left running: after a commit the new version's VM, after
+   * an abort or a rollback the old one's. Null while an upgrade runs or before any upgrade.
    */
-  private keepCommitted(e: { vm: string; type: string }): void {
-    if (e.type !== 'CRASHED' && e.type !== 'GUEST_PANICKED') return;
+  private leftRunning(): { id: string; phase: Phase; vm: string; image: string } | null {
+    if (this.store.current()) return null;
     const last = this.store.history(1)[0];
-    if (this.store.current() || last?.phase !== 'COMMITTED' || e.vm !== last.toVm) return;
+    if (last?.phase === 'COMMITTED') return { id: last.id, phase: last.phase, vm: last.toVm, image: last.toImage };
+    if (last?.phase === 'ROLLED_BACK' || last?.phase === 'ABORTED') return { id: last.id, phase: last.phase, vm: last.fromVm, image: last.fromImage };
+    return null;
+  }
+
+  /**
+   * Once an upgrade has ended, one VM is the only control plane (leftRunning). When it crashes
+   * (QEMU died, the guest panicked; not a stop by an operator) while no upgrade runs, it is
+   * started again from the same image, without the role it may have been loaded with: its
+   * processes find no active, take the role and reload their tables from the agent, which holds
+   * every acknowledged change. A crash during the ending itself (the old VM dying just after a
+   * rollback made it active, while the new one was being stopped) is covered too: the ending
+   * calls this once it is journaled.
+   */
+  private keepControlPlane(e: { vm: string; type: string }): void {
+    if (e.type !== 'CRASHED' && e.type !== 'GUEST_PANICKED') return;
+    const left = this.leftRunning();
+    if (!left || e.vm !== left.vm) return;
     void this.serial(async () => {
-      const again = this.store.history(1)[0];
-      if (this.store.current() || again?.id !== last.id || this.isAlive(last.toVm)) return;
+      const again = this.leftRunning();
+      if (again?.id !== left.id || again.vm !== left.vm || this.isAlive(left.vm)) return;
       this.emit(
         'WARNING',
-        last.id,
-        'COMMITTED',
-        `the control-plane VM ${last.toVm} ${e.type === 'CRASHED' ? 'crashed' : 'panicked'}; starting it again from ${last.toImage}`,
+        left.id,
+        left.phase,
+        `the control-plane VM ${left.vm} ${e.type === 'CRASHED' ? 'crashed' : 'panicked'}; starting it again from ${left.image}`,
       );
-      await this.vms.kill(last.toVm).catch(() => undefined); // a panicked guest's QEMU still runs
-      await this.vms.start({ name: last.toVm, imageDir: last.toImage });
+      await this.vms.kill(left.vm).catch(() => undefined); // a panicked guest's QEMU still runs
+      await this.vms.start({ name: left.vm, imageDir: left.image });
     }).catch((err: Error) =>
-      this.log.error({ vm: last.toVm, err: err.message }, 'could not restart the crashed control-plane VM; start it with issu vm start'),
+      this.log.error({ vm: left.vm, err: err.message }, 'could not restart the crashed control-plane VM; start it with issu vm start'),
     );
   }
 
@@ -375,8 +389,8 @@ export class UpgradeService {
     }
     await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
     // It may have died while the old one was being stopped: its crash event came too early for
-    // keepCommitted, which waits for COMMITTED (queued: this runs inside a command).
-    if (!this.isAlive(rec.toVm)) this.keepCommitted({ vm: rec.toVm, type: 'CRASHED' });
+    // keepControlPlane, which waits for COMMITTED (queued: this runs inside a command).
+    if (!this.isAlive(rec.toVm)) this.keepControlPlane({ vm: rec.toVm, type: 'CRASHED' });
   }
 
   private async doAbort(cur: UpgradeRecord, reason: string): Promise<void> {
@@ -408,8 +422,19 @@ export class UpgradeService {
         );
       }
     }
+    if (switchedOver && !this.isAlive(rec.fromVm) && this.isAlive(rec.toVm)) {
+      // The old version died after it took its roles back: the new one, still running and
+      // following every change, takes over for good rather than being stopped too.
+      return this.doCommit(
+        rec,
+        `the old version's VM ${rec.fromVm} died during the rollback (${reason}); ${rec.toVersion} stays and there is nothing to roll back to`,
+      );
+    }
     await this.stopVm(rec.toVm);
     await this.recordOutcome(rec, switchedOver ? 'ROLLED_BACK' : 'ABORTED', switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
+    // It may have died while the new one was being stopped (its crash event came before the
+    // journal said who is left running): start it again now.
+    if (!this.isAlive(rec.fromVm)) this.keepControlPlane({ vm: rec.fromVm, type: 'CRASHED' });
   }
 
   /**
@@ -462,6 +487,7 @@ export class UpgradeService {
       const cur = this.store.current();
       if (!cur) return 'no upgrade in progress';
       this.log.warn({ upgrade: cur.id, phase: cur.phase }, 'agent restarted during an upgrade; recovering');
+
       switch (cur.phase) {
         case 'LOADING':
           await this.doAbort(cur, 'the agent restarted during loadversion');

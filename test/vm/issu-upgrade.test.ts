@@ -113,6 +113,25 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     await h.assertAudit('after abort at LOADED');
   });
 
+  it('after an abort the old version is the control plane the agent keeps: when its VM crashes, it is started again', async () => {
+    const before = await h.assertAudit('before the crash');
+    const vm = (await h.vms()).find((v) => v.name === 'cp-1')!;
+    process.kill(vm.pid, 'SIGKILL');
+    await until(
+      'cp-1 runs again',
+      async () => {
+        const again = (await h.vms()).find((v) => v.name === 'cp-1');
+        return again?.state === 'RUNNING' && again.pid !== vm.pid;
+      },
+      60_000,
+      250,
+    );
+    await h.trackAll();
+    await until('its bgp is active again', async () => (await h.active())?.vmId === 'cp-1', 180_000, 250);
+    const after = await h.assertAudit('after the restart');
+    assert.ok(after.rib.seq >= before.rib.seq, 'nothing acknowledged before the crash was lost');
+  });
+
   it('the standby VM dying before runversion aborts the upgrade by itself', async () => {
     const loaded = await h.cli('loadversion', v2);
     await h.trackAll();
