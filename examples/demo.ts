@@ -13,11 +13,16 @@
  *    and a final audit: the agent's table and the new active's own table compared by digest.
  * 4. Prints a short report; with --json the last line is one JSON object with from_version,
  *    to_version, records_verified, records_lost, freeze_ms and phases (name, seconds).
+ * 5. Writes the agent's upgrade report beside that JSON, in --report-dir (default ./demo-report):
+ *    upgrade-ID.json (the summary above and the agent's ShowUpgrade answer) and upgrade-ID.html,
+ *    the page `issu show upgrade ID --html FILE` writes.
  *
  * Everything runs under a private state directory and is stopped at the end.
  */
 import { progressView } from '../agent/cli/progress';
 import { showUpgradeEvents } from '../agent/cli/upgrade-commands';
+import { writeReportHtml } from '../agent/cli/report-commands';
+import type { UpgradeReport } from '../agent/report/upgrade-report';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -30,9 +35,16 @@ import { until } from '../harness/wait';
 import { phaseRecorder } from './common/phases';
 import type { AuditResponse, StatusResponse } from '../agent/checkpoint/messages';
 
-const { values } = parseArgs({ options: { json: { type: 'boolean', default: false }, help: { type: 'boolean', short: 'h' } } });
+const { values } = parseArgs({
+  options: { json: { type: 'boolean', default: false }, 'report-dir': { type: 'string', default: 'demo-report' }, help: { type: 'boolean', short: 'h' } },
+});
 if (values.help) {
-  process.stdout.write('Usage: npm run demo [-- --json]\n  Boots v1 of the control plane under QEMU and upgrades it hitlessly to v2.\n');
+  process.stdout.write(`Usage: npm run demo [-- [--json] [--report-dir DIR]]
+  Boots v1 of the control plane under QEMU and upgrades it hitlessly to v2.
+  --json             the summary as one JSON object on the last line of stdout
+  --report-dir DIR   where the upgrade report goes (default ./demo-report): upgrade-ID.json and
+                     upgrade-ID.html, a self-contained page to open in a browser
+`);
   process.exit(0);
 }
 
@@ -100,6 +112,7 @@ async function main(): Promise<void> {
     const end = await phase('audit: agent and v2 active', () => unaryCall<AuditResponse>(ck, 'Audit', { process: 'bgp' }));
     stopEvents();
 
+    const agentReport = await phase('fetch the upgrade report', () => unaryCall<UpgradeReport>(up, 'ShowUpgrade', { id: '' }));
     const rib = end.agent.find((t) => t.table === 'rib')!;
     const newActive = end.peers.find((p) => p.role === 'ACTIVE')!;
     const mine = newActive.digests.find((d) => d.table === 'rib')!;
@@ -115,7 +128,13 @@ async function main(): Promise<void> {
       digest: rib.sha256,
       audit_detail: consistent ? '' : `${mid.detail} ${end.detail}`.trim(),
       phases,
+      report_html: '',
     };
+    const dir = path.resolve(values['report-dir']!);
+    fs.mkdirSync(dir, { recursive: true });
+    const base = path.join(dir, `upgrade-${agentReport.upgrade.id}`);
+    report.report_html = writeReportHtml(`${base}.html`, agentReport);
+    fs.writeFileSync(`${base}.json`, JSON.stringify({ demo: report, agent: agentReport }, null, 2) + '\n');
     if (values.json) {
       console.log(JSON.stringify(report));
     } else {
@@ -124,6 +143,7 @@ async function main(): Promise<void> {
       console.log(`  write freeze at switchover: ${freezeMs.toFixed(2)} ms`);
       console.log(`  records verified: ${report.records_verified} (table seq ${rib.seq}), lost: ${report.records_lost}`);
       if (!consistent) console.log(`  AUDIT FAILED: ${report.audit_detail}`);
+      console.log(`  upgrade report: ${report.report_html} (and ${base}.json)`);
     }
     if (!consistent) process.exitCode = 1;
     for (const name of started) await unaryCall(vm, 'Stop', { name, timeoutS: 20 }).catch(() => undefined);

@@ -2,7 +2,7 @@
 # Installs what a fresh Debian 12 machine lacks for hitless: Debian packages (QEMU for x86-64 and
 # arm64, busybox-static and kernel tooling for guest images, socat for the guest channel,
 # iproute2 for QEMU's private network namespace, Redis for the benchmark peer, systemd-analyze to
-# check the service unit) and the npm
+# check the service unit, headless Chromium to test the upgrade report page) and the npm
 # packages from package-lock.json. Idempotent: packages that are present are not touched. Run as
 # root (or with sudo available).
 set -euo pipefail
@@ -13,7 +13,7 @@ if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 
 packages=(qemu-system-x86 qemu-system-arm qemu-utils busybox-static socat iproute2 e2fsprogs cpio xz-utils zstd
-  redis-server python3-grpcio python3-grpc-tools ca-certificates systemd)
+  redis-server python3-grpcio python3-grpc-tools ca-certificates systemd chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,6 +17,7 @@ import { imageCommand } from './image-commands';
 import { UPGRADE_COMMANDS, UPGRADE_HELP, showCompatibility, upgradeCommand } from './upgrade-commands';
 import { ProcessStatus, StatusResponse, SwitchoverResponse } from '../checkpoint/messages';
 import type { ConsoleLogResponse, ListVmsResponse, PlatformInfo, StopVmResponse, VmInfoMessage } from '../vm/vm.messages';
+import { REPORT_HELP, showUpgrade } from './report-commands';
 import { Stub, call } from './rpc';
 
 const HELP = `issu - hitless in-service software upgrade, operator CLI
@@ -25,6 +26,7 @@ Usage: issu [global options] COMMAND [args]
 
 Upgrade commands
 ${UPGRADE_HELP}
+${REPORT_HELP}
 
 Other commands
   image keygen|sign|verify|inspect ...   offline field-upgrade tooling; 'issu image help'
@@ -110,6 +112,7 @@ const COMMAND_OPTIONS = {
   timeout: { type: 'string' },
   bytes: { type: 'string' },
   reason: { type: 'string' },
+  html: { type: 'string' },
 } as const;
 
 /** parseArgs's own errors ("Unknown option '--x'") are usage errors (exit status 2). */
@@ -179,6 +182,8 @@ async function main(argv: string[]): Promise<number> {
       (m) => new UsageError(m),
     );
   }
+  if (cmd === 'show' && sub === 'upgrade')
+    return showUpgrade(address, rest, { json: values.json, html: values.html, timeoutMs }, out, (m) => new UsageError(m));
   if (cmd === 'show' && sub === 'compatibility') return showCompatibility(address, rest[0], { json: values.json, timeoutMs }, out, (m) => new UsageError(m));
   if (cmd === 'show' || cmd === 'vm') return vmCommands(address, cmd, sub, rest, values, timeoutMs, out);
   const stub = new (clientCtor('hitless.v1.Checkpoint'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
@@ -260,7 +265,7 @@ function printPlatform(p: PlatformInfo): void {
 
 async function vmCommands(address: string, cmd: string, sub: string | undefined, rest: string[], values: Values, timeoutMs: number, out: Out): Promise<number> {
   if (cmd === 'show') {
-    if (sub !== 'platform') throw new UsageError(`unknown command 'show ${sub ?? ''}'; try 'issu show platform'`);
+    if (sub !== 'platform') throw new UsageError(`unknown command 'show ${sub ?? ''}'; the show commands are platform, upgrade and compatibility (issu help)`);
     const stub = new (clientCtor('hitless.v1.Platform'))(address, grpc.credentials.createInsecure()) as unknown as Stub;
     try {
       const p = await call<PlatformInfo>(stub, 'Get', {}, timeoutMs);

@@ -11,27 +11,14 @@ import { clientCtor } from '../grpc/proto';
 import { ProcessStatus } from '../checkpoint/messages';
 import { ProgressEvent, ProgressView, progressView } from './progress';
 import { Stub, call } from './rpc';
+import type { UpgradeInfoMsg } from '../report/upgrade-report';
 
 type Out = (obj: unknown, text: () => void) => void;
 
-interface Info {
-  id: string;
-  phase: string;
-  fromVm: string;
-  fromVersion: string;
-  toVm: string;
-  toVersion: string;
-  startedAtMs: number;
-  updatedAtMs: number;
-  timerRemainingMs: number;
-  result: string;
-  freezeMs: number;
-}
-
 interface StatusMsg {
-  current?: Info;
+  current?: UpgradeInfoMsg;
   processes: ProcessStatus[];
-  history: Info[];
+  history: UpgradeInfoMsg[];
   journal: { atMs: number; phase: string; note: string }[];
 }
 

@@ -4,6 +4,10 @@
  * `upgrades` holds one row per upgrade with its current phase; `upgrade_journal` every phase
  * transition in order. A transition is written (in one transaction with the row) before the
  * action it announces starts, so a restarted agent knows exactly what may have been under way.
+ *
+ * What the upgrade report shows beside the journal is kept here too: `upgrade_lag` holds the
+ * standbys' lag sampled over the upgrade (LagRecorder), `upgrade_audits` the audits the agent ran
+ * at its milestones (records verified in every copy, records lost).
  */
 import { Db, storeWrite } from '../store/database';
 
@@ -28,7 +32,36 @@ export interface UpgradeRecord {
   processes: Record<string, { from: string; to: string }>;
   /** Why it ended (abort reason, failure), or ''. */
   result: string;
+  /** Longest write freeze of any process at the switchover, ms. */
   freezeMs: number;
+  /** Write freeze of each process at the switchover, ms (absent in upgrades journaled before it was kept). */
+  freezes?: Record<string, number>;
+}
+
+/** One standby's lag at one moment: batches the agent holds that it has not acknowledged. */
+export interface LagSample {
+  at: number;
+  process: string;
+  instance: string;
+  lag: number;
+  ready: boolean;
+}
+
+/** One audit the agent ran during the upgrade, for one process. */
+export interface AuditRecord {
+  at: number;
+  /** The upgrade phase it was run in (SWITCHED, COMMITTED, ROLLED_BACK, ABORTED). */
+  phase: Phase;
+  process: string;
+  /** The instances whose copies were compared with the agent's. */
+  instances: string[];
+  /** Records of the agent's tables found identical in every audited copy (0 when one differs). */
+  verified: number;
+  /** Records the agent holds that a copy lacks (the largest shortfall of any copy). */
+  lost: number;
+  consistent: boolean;
+  /** What differed, or why the audit could not run; '' when consistent. */
+  detail: string;
 }
 
 export interface JournalEntry {
@@ -46,6 +79,12 @@ export interface UpgradeStore {
   create(r: UpgradeRecord, note: string): void;
   /** Writes the new phase (and other fields) and its journal entry atomically. */
   transition(id: string, phase: Phase, note: string, fields?: Partial<UpgradeRecord>): UpgradeRecord;
+  get(id: string): UpgradeRecord | null;
+  /** Appends in one transaction; a refusal (full disk) stores none of them. */
+  addLagSamples(id: string, samples: LagSample[]): void;
+  lagSamples(id: string): LagSample[];
+  addAudit(id: string, a: AuditRecord): void;
+  audits(id: string): AuditRecord[];
 }
 
 interface Row {
@@ -62,6 +101,11 @@ export class SqliteUpgradeStore implements UpgradeStore {
       CREATE TABLE IF NOT EXISTS upgrade_journal (
         id TEXT NOT NULL, n INTEGER NOT NULL, at INTEGER NOT NULL, phase TEXT NOT NULL, note TEXT NOT NULL,
         PRIMARY KEY (id, n));
+      CREATE TABLE IF NOT EXISTS upgrade_lag (
+        id TEXT NOT NULL, at INTEGER NOT NULL, process TEXT NOT NULL, instance TEXT NOT NULL, lag INTEGER NOT NULL, ready INTEGER NOT NULL);
+      CREATE INDEX IF NOT EXISTS upgrade_lag_id ON upgrade_lag (id, at);
+      CREATE TABLE IF NOT EXISTS upgrade_audits (id TEXT NOT NULL, at INTEGER NOT NULL, data TEXT NOT NULL);
+      CREATE INDEX IF NOT EXISTS upgrade_audits_id ON upgrade_audits (id, at);
     `);
   }
 
@@ -108,6 +152,42 @@ export class SqliteUpgradeStore implements UpgradeStore {
         this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, ?, ?, ?, ?)').run(id, n, Date.now(), phase, note);
         return next;
       })(),
+    );
+  }
+
+  get(id: string): UpgradeRecord | null {
+    return this.decode(this.db.prepare('SELECT id, phase, data FROM upgrades WHERE id = ?').get(id) as Row | undefined);
+  }
+
+  addLagSamples(id: string, samples: LagSample[]): void {
+    if (samples.length === 0) return;
+    storeWrite(this.db, 'lag samples are dropped until there is room; the upgrade goes on', () =>
+      this.db.transaction(() => {
+        const ins = this.db.prepare('INSERT INTO upgrade_lag (id, at, process, instance, lag, ready) VALUES (?, ?, ?, ?, ?, ?)');
+        for (const x of samples) ins.run(id, x.at, x.process, x.instance, x.lag, x.ready ? 1 : 0);
+      })(),
+    );
+  }
+
+  lagSamples(id: string): LagSample[] {
+    const rows = this.db.prepare('SELECT at, process, instance, lag, ready FROM upgrade_lag WHERE id = ? ORDER BY at, rowid').all(id) as (Omit<
+      LagSample,
+      'ready'
+    > & {
+      ready: number;
+    })[];
+    return rows.map((r) => ({ ...r, ready: r.ready === 1 }));
+  }
+
+  addAudit(id: string, a: AuditRecord): void {
+    storeWrite(this.db, 'this audit result is not kept in the upgrade report (hitless.v1.Checkpoint/Audit runs it again)', () =>
+      this.db.prepare('INSERT INTO upgrade_audits (id, at, data) VALUES (?, ?, ?)').run(id, a.at, JSON.stringify(a)),
+    );
+  }
+
+  audits(id: string): AuditRecord[] {
+    return (this.db.prepare('SELECT data FROM upgrade_audits WHERE id = ? ORDER BY at, rowid').all(id) as { data: string }[]).map(
+      (r) => JSON.parse(r.data) as AuditRecord,
     );
   }
 }

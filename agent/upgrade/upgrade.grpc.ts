@@ -4,7 +4,7 @@
  * to every Events stream meanwhile.
  */
 import * as grpc from '@grpc/grpc-js';
-import { invalidArgument } from '../common/errors';
+import { invalidArgument, notFound } from '../common/errors';
 import { Logger } from '../common/logger';
 import { unary } from '../grpc/status';
 import { UpgradeRecord, UpgradeStore } from './upgrade-store';
@@ -25,7 +25,32 @@ function info(r: UpgradeRecord & { timerRemainingMs?: number }) {
     timerRemainingMs: r.timerRemainingMs ?? 0,
     result: r.result,
     freezeMs: r.freezeMs,
-    processes: Object.entries(r.processes).map(([process, p]) => ({ process, fromInstance: p.from, toInstance: p.to })),
+    processes: Object.entries(r.processes).map(([process, p]) => ({ process, fromInstance: p.from, toInstance: p.to, freezeMs: r.freezes?.[process] ?? 0 })),
+  };
+}
+
+/** Upgrade ids as loadVersion makes them. */
+const UPGRADE_ID_RE = /^u-\d{14}-[0-9a-f]{4}$/;
+
+export function upgradeReport(store: UpgradeStore, id: string) {
+  if (id && !UPGRADE_ID_RE.test(id))
+    throw invalidArgument(`'${id}' is not an upgrade id (they look like u-20261128093000-1a2b); issu status lists the recent ones`);
+  const rec = id ? store.get(id) : (store.current() ?? store.history(1)[0] ?? null);
+  if (!rec) throw notFound(id ? `no upgrade '${id}' is in the journal; issu status lists the recent ones` : 'no upgrade has run on this agent yet');
+  return {
+    upgrade: info(rec),
+    journal: store.journal(rec.id).map((j) => ({ atMs: j.at, phase: j.phase, note: j.note })),
+    lag: store.lagSamples(rec.id).map((x) => ({ atMs: x.at, process: x.process, instance: x.instance, lag: x.lag, ready: x.ready })),
+    audits: store.audits(rec.id).map((a) => ({
+      atMs: a.at,
+      phase: a.phase,
+      process: a.process,
+      instances: a.instances,
+      recordsVerified: a.verified,
+      recordsLost: a.lost,
+      consistent: a.consistent,
+      detail: a.detail,
+    })),
   };
 }
 
@@ -54,6 +79,7 @@ export function upgradeHandlers(svc: UpgradeService, store: UpgradeStore, log: L
     AbortVersion: wrap('AbortVersion', (r) => svc.abortVersion(r.reason ? `abortversion: ${r.reason}` : 'abortversion by the operator')),
     ChangeVersion: wrap('ChangeVersion', (r) => svc.changeVersion(image(r))),
     Status: wrap('Status', () => svc.status()),
+    ShowUpgrade: unary<{ id: string }, unknown>(log, 'ShowUpgrade', (req) => upgradeReport(store, req.id)),
     ShowCompatibility: unary<{ imageDir: string }, unknown>(log, 'ShowCompatibility', (req) => {
       const c = svc.compatibility(image(req));
       return {

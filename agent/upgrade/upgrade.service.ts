@@ -25,6 +25,8 @@ import { Logger } from '../common/logger';
 import { PeerStatus, ProcessStatus, SwitchoverResponse, AuditResponse } from '../checkpoint/messages';
 import { Manifest, readManifest } from '../images/manifest';
 import { ProcessCompatibility, assertCompatible, compatibilityMatrix } from '../images/compatibility';
+import { auditNotRun, auditRecord } from './audit-record';
+import { LagRecorder } from './lag-recorder';
 import { Phase, TERMINAL, UpgradeRecord, UpgradeStore } from './upgrade-store';
 
 /** What the upgrade needs of the VM layer (VmSupervisor implements it). */
@@ -95,6 +97,8 @@ export class UpgradeService {
   private monitorOff: (() => void) | null = null;
   private monitorTimer: NodeJS.Timeout | null = null;
   private readonly keeperOff: () => void;
+  /** Samples the standbys' lag while an upgrade runs, for its report. */
+  private readonly lag: LagRecorder;
 
   constructor(
     private readonly store: UpgradeStore,
@@ -105,6 +109,7 @@ export class UpgradeService {
     private readonly opts: UpgradeOptions = DEFAULT_UPGRADE_OPTIONS,
   ) {
     this.events.setMaxListeners(100);
+    this.lag = new LagRecorder(store, (p) => checkpoint.status(p), log);
     this.keeperOff = this.vms.onEvent((e) => this.keepControlPlane(e));
   }
 
@@ -144,9 +149,7 @@ export class UpgradeService {
       );
       await this.vms.kill(left.vm).catch(() => undefined); // a panicked guest's QEMU still runs
       await this.vms.start({ name: left.vm, imageDir: left.image });
-    }).catch((err: Error) =>
-      this.log.error({ vm: left.vm, err: err.message }, 'could not restart the crashed control-plane VM; start it with issu vm start'),
-    );
+    }).catch((err: Error) => this.log.error({ vm: left.vm, err: err.message }, 'could not restart the crashed control-plane VM; start it with issu vm start'));
   }
 
   // ------------------------------------------------------------------ commands
@@ -302,6 +305,7 @@ export class UpgradeService {
       freezeMs: 0,
     };
     this.store.create(rec, `loadversion ${imageDir}: booting standby VM ${toVm}`);
+    this.lag.start(rec);
     this.emit('PHASE', id, 'LOADING', `loading ${manifest.version} into standby VM ${toVm}`);
     try {
       await this.vms.start({ name: toVm, imageDir, cmdlineExtra: 'hitless.role=standby' });
@@ -326,10 +330,12 @@ export class UpgradeService {
     let rec = this.transition(cur, 'SWITCHING', 'switching every process to the new version');
     const switched: string[] = [];
     let freezeMs = 0;
+    const freezes: Record<string, number> = {};
     try {
       for (const [p, inst] of Object.entries(rec.processes)) {
         const r = await this.checkpoint.switchover(p, inst.to);
-        freezeMs = Math.max(freezeMs, r.freezeMicros / 1000);
+        freezes[p] = r.freezeMicros / 1000;
+        freezeMs = Math.max(freezeMs, freezes[p]);
         switched.push(p);
         this.emit(
           'PROGRESS',
@@ -349,6 +355,7 @@ export class UpgradeService {
     rec = await this.recordOutcome(rec, 'SWITCHED', `new version active; rollback timer ${Math.round(this.opts.rollbackTimeoutMs / 1000)} s`, {
       timerDeadline: Date.now() + this.opts.rollbackTimeoutMs,
       freezeMs,
+      freezes,
     });
     this.armTimer(rec);
     return this.status();
@@ -387,6 +394,7 @@ export class UpgradeService {
         .raiseWriteSchema(p, rec.fromVm)
         .catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
     }
+    await this.auditForReport(rec, 'COMMITTED');
     await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
     // It may have died while the old one was being stopped: its crash event came too early for
     // keepControlPlane, which waits for COMMITTED (queued: this runs inside a command).
@@ -431,7 +439,9 @@ export class UpgradeService {
       );
     }
     await this.stopVm(rec.toVm);
-    await this.recordOutcome(rec, switchedOver ? 'ROLLED_BACK' : 'ABORTED', switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
+    const ended = switchedOver ? 'ROLLED_BACK' : 'ABORTED';
+    await this.auditForReport(rec, ended);
+    await this.recordOutcome(rec, ended, switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
     // It may have died while the new one was being stopped (its crash event came before the
     // journal said who is left running): start it again now.
     if (!this.isAlive(rec.fromVm)) this.keepControlPlane({ vm: rec.fromVm, type: 'CRASHED' });
@@ -487,7 +497,7 @@ export class UpgradeService {
       const cur = this.store.current();
       if (!cur) return 'no upgrade in progress';
       this.log.warn({ upgrade: cur.id, phase: cur.phase }, 'agent restarted during an upgrade; recovering');
-
+      this.lag.start(cur);
       switch (cur.phase) {
         case 'LOADING':
           await this.doAbort(cur, 'the agent restarted during loadversion');
@@ -529,6 +539,7 @@ export class UpgradeService {
   }
 
   close(): void {
+    this.lag.stop();
     this.keeperOff();
     this.clearTimer();
     this.stopMonitor();
@@ -740,9 +751,35 @@ export class UpgradeService {
 
   private transition(rec: UpgradeRecord, phase: Phase, note: string, fields: Partial<UpgradeRecord> = {}): UpgradeRecord {
     const next = this.store.transition(rec.id, phase, note, fields);
+    if (TERMINAL.includes(phase)) this.lag.stop();
+    else this.lag.start(next);
     this.log.info({ upgrade: rec.id, from: rec.phase, to: phase, note }, 'upgrade phase');
     this.emit('PHASE', rec.id, phase, note);
     return next;
+  }
+
+  /**
+   * As an upgrade ends (the VM that goes is stopped, the ending not yet journaled): audits every
+   * process (the agent's copy against the instance left active, by digest) and keeps the records
+   * verified and lost for the upgrade report, under the phase about to be journaled. Run before
+   * the journal entry, so that whoever waits for the ending can audit without meeting this one.
+   * Evidence, not control: an audit that cannot run is recorded as such and the ending goes on.
+   * The audit freezes the process's writers while digests are taken, as any audit does.
+   */
+  private async auditForReport(rec: UpgradeRecord, phase: Phase): Promise<void> {
+    for (const p of Object.keys(rec.processes)) {
+      const a = await this.checkpoint.audit(p).then(
+        (r) => auditRecord(p, phase, r),
+        (e: Error) => auditNotRun(p, phase, e.message),
+      );
+      try {
+        this.store.addAudit(rec.id, a);
+      } catch (e) {
+        this.log.warn({ upgrade: rec.id, process: p, err: (e as Error).message }, 'the audit result is not kept in the upgrade report');
+      }
+      if (a.consistent) this.log.info({ upgrade: rec.id, process: p, verified: a.verified }, 'audit after the upgrade: every copy matches');
+      else this.emit('WARNING', rec.id, phase, `${p}: audit after the upgrade: ${a.instances.length ? `a copy differs: ${a.detail}` : a.detail}`);
+    }
   }
 
   /**

@@ -18,7 +18,7 @@ import { bootControlPlane, buildGuestImages, runIssu, signedVariant } from '../.
 /** The parts of `issu --json` output (hitless.v1.UpgradeStatus) the tests read. */
 export interface UpgradeStatus {
   current?: { id: string; phase: string; toVm: string; fromVm: string; freezeMs: number; timerRemainingMs: number };
-  history: { phase: string; result: string }[];
+  history: { id: string; phase: string; result: string }[];
 }
 
 export interface UpgradePair {

@@ -140,6 +140,20 @@ describe('agent: process, listeners and standard services', function () {
         check(JSON.parse(stdout));
       }
     }
+    // show upgrade reaches this agent either way: it answers NOT_FOUND (no upgrade has run), and
+    // the page is not written.
+    const page = path.join(tempDir('issu-page'), 'report.html');
+    for (const args of [
+      [...globals, 'show', 'upgrade', '--html', page],
+      ['show', 'upgrade', '--html', page, ...globals],
+    ]) {
+      await assert.rejects(run(process.execPath, [ISSU, ...args]), (e: { code: number; stderr: string }) => {
+        assert.equal(e.code, 1);
+        assert.match(e.stderr, /NOT_FOUND: no upgrade has run on this agent yet/);
+        return true;
+      });
+      assert.ok(!fs.existsSync(page));
+    }
     // --name=value works as well; an option that is not a global one is refused before the command.
     JSON.parse((await run(process.execPath, [ISSU, `--socket=${agent.socket}`, '--json', 'vm', 'list'])).stdout);
     await assert.rejects(run(process.execPath, [ISSU, '--out', keys, 'image', 'keygen']), (e: { code: number; stderr: string }) => {

@@ -15,6 +15,8 @@ import { expectStatus, rawClient, unaryCall } from '../../harness/grpc-client';
 import { until } from '../../harness/wait';
 import { signedVariant, printAgentLogIfFailed } from '../../harness/guest-images';
 import { UpgradeHarness, signedUpgradePair } from '../helpers/upgrade-harness';
+import { figures, renderedDom } from '../helpers/chromium';
+import { UpgradeReport, reportFigures } from '../../agent/report/upgrade-report';
 
 const measure = (what: string, v: number | string) => process.stderr.write(`      MEASURE ${what}: ${v}\n`);
 
@@ -101,6 +103,22 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const { rib: afterRollback } = await h.assertAudit('after rollback');
     assert.ok(afterRollback.seq >= underV2.seq, 'the changes made under v2 are in v1');
     await until('v2 VM stopped', async () => !(await h.vms()).some((v) => v.name === sw.current!.toVm && v.state === 'RUNNING'), 60_000);
+    // The upgrade's report: the lag of v2's standby before the switchover and of v1's after it,
+    // and the closing audit of v1 alone, taken before ROLLED_BACK was journaled.
+    const shown = await h.issu(['--json', 'show', 'upgrade', back.history[0].id]);
+    assert.equal(shown.code, 0, shown.stderr);
+    const rep = JSON.parse(shown.stdout) as UpgradeReport;
+    assert.equal(rep.upgrade.phase, 'ROLLED_BACK');
+    const standbys = [...new Set(rep.lag.map((x) => x.instance))];
+    assert.deepEqual(standbys, [`bgp@${sw.current!.toVm}`, 'bgp@cp-1'], 'the new version standby first, then the demoted old one');
+    assert.ok(rep.lag.some((x) => x.instance === `bgp@${sw.current!.toVm}` && x.ready && x.atMs <= rep.journal.find((j) => j.phase === 'LOADED')!.atMs));
+    assert.equal(rep.audits.length, 1);
+    assert.deepEqual(
+      [rep.audits[0].phase, rep.audits[0].instances, rep.audits[0].consistent, rep.audits[0].recordsLost],
+      ['ROLLED_BACK', ['bgp@cp-1'], true, 0],
+    );
+    assert.ok(rep.audits[0].recordsVerified >= 20_000, `records verified (${rep.audits[0].recordsVerified})`);
+    assert.ok(rep.audits[0].atMs <= rep.journal.at(-1)!.atMs, 'audited before the ending was journaled');
   });
 
   it('abortversion after loadversion stops the standby and leaves v1 active', async () => {
@@ -235,6 +253,43 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     await h.assertAudit('after v2 wrote schema 2');
     // Idempotent: committing again is not an error.
     assert.equal((await h.cli('commitversion')).history[0].phase, 'COMMITTED');
+
+    // The report page of this upgrade, rendered by headless Chromium, shows the JSON's figures.
+    const shown = await h.issu(['--json', 'show', 'upgrade']);
+    assert.equal(shown.code, 0, shown.stderr);
+    const rep = JSON.parse(shown.stdout) as UpgradeReport;
+    assert.equal(rep.upgrade.id, done.history[0].id);
+    assert.deepEqual(
+      rep.journal.map((j) => j.phase),
+      ['LOADING', 'LOADED', 'SWITCHING', 'SWITCHED', 'ACCEPTED', 'COMMITTING', 'COMMITTED'],
+    );
+    assert.ok(rep.lag.length > 0, 'the standby lag was sampled');
+    assert.equal(rep.upgrade.processes[0].freezeMs, rep.upgrade.freezeMs, 'one process: its freeze is the upgrade freeze');
+    assert.deepEqual([rep.audits.length, rep.audits[0].phase, rep.audits[0].consistent, rep.audits[0].recordsLost], [1, 'COMMITTED', true, 0]);
+    const page = path.join(work, 'report.html');
+    const wrote = await h.issu(['show', 'upgrade', rep.upgrade.id, '--html', page]);
+    assert.equal(wrote.code, 0, wrote.stderr);
+    assert.match(wrote.stdout, /report page written to/);
+    const f = figures(await renderedDom(page, path.join(work, 'chromium')));
+    const want = reportFigures(rep);
+    assert.deepEqual(
+      ['id', 'phase', 'from-version', 'to-version', 'duration-s', 'freeze-ms', 'records-verified', 'records-lost', 'lag-samples', 'max-lag', 'phase-count'].map(
+        (k) => f.get(k),
+      ),
+      [
+        rep.upgrade.id,
+        'COMMITTED',
+        '1.0.0',
+        '2.0.0',
+        want.durationS.toFixed(1),
+        rep.upgrade.freezeMs.toFixed(2),
+        String(rep.audits[0].recordsVerified),
+        '0',
+        String(rep.lag.length),
+        String(want.maxLag),
+        '7',
+      ],
+    );
   });
 
   it('the old version dying after runversion leaves the new one in charge: the upgrade commits itself', async () => {
@@ -291,6 +346,8 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
       await expectStatus(unaryCall(up, 'LoadVersion', { imageDir: '' }), grpc.status.INVALID_ARGUMENT, /image_dir is empty/);
       await expectStatus(unaryCall(up, 'LoadVersion', { imageDir: 'relative' }), grpc.status.INVALID_ARGUMENT, /absolute path/);
       await expectStatus(unaryCall(up, 'RunVersion', {}), grpc.status.FAILED_PRECONDITION, /no version is loaded/);
+      await expectStatus(unaryCall(up, 'ShowUpgrade', { id: '../../etc/passwd' }), grpc.status.INVALID_ARGUMENT, /not an upgrade id/);
+      await expectStatus(unaryCall(up, 'ShowUpgrade', { id: 'u-20000101000000-0000' }), grpc.status.NOT_FOUND, /issu status lists/);
     } finally {
       up.close();
     }
