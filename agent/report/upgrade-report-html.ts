@@ -34,17 +34,24 @@ const LEFT = 60;
 const RIGHT = 20;
 const plotW = W - LEFT - RIGHT;
 
+/** Phases as bars on one time axis; a phase too short to hold its name is named in the legend only. */
 function timeline(f: ReportFigures, t0: number, spanMs: number): string {
   const x = (ms: number) => LEFT + ((ms - t0) / spanMs) * plotW;
-  const bars = f.phases
-    .map((p, i) => {
-      const end = i + 1 < f.phases.length ? f.phases[i + 1].startMs : p.startMs;
-      const w = Math.max(2, x(end) - x(p.startMs));
-      return `<rect x="${x(p.startMs).toFixed(1)}" y="10" width="${w.toFixed(1)}" height="28" fill="${PHASE_COLOR[p.phase] ?? '#bbb'}"><title>${esc(p.phase)} ${p.seconds.toFixed(1)} s</title></rect>`;
-    })
+  const spans = f.phases.map((p, i) => {
+    const end = i + 1 < f.phases.length ? f.phases[i + 1].startMs : p.startMs;
+    return { p, x0: x(p.startMs), w: Math.max(2, x(end) - x(p.startMs)) };
+  });
+  const bars = spans
+    .map(
+      ({ p, x0, w }) =>
+        `<rect x="${x0.toFixed(1)}" y="6" width="${w.toFixed(1)}" height="28" fill="${PHASE_COLOR[p.phase] ?? '#bbb'}"><title>${esc(p.phase)} ${p.seconds.toFixed(1)} s</title></rect>` +
+        (w >= 9 * p.phase.length ? `<text x="${(x0 + 4).toFixed(1)}" y="25" font-size="11">${esc(p.phase)}</text>` : ''),
+    )
     .join('');
-  const labels = f.phases.map((p, i) => `<text x="${x(p.startMs).toFixed(1)}" y="${56 + (i % 2) * 14}" font-size="11">${esc(p.phase)}</text>`).join('');
-  return `<svg width="${W}" height="84" role="img" aria-label="phase timeline">${bars}${labels}</svg>`;
+  const legend = f.phases
+    .map((p) => `<li><span class="swatch" style="background:${PHASE_COLOR[p.phase] ?? '#bbb'}"></span>${esc(p.phase)} ${p.seconds.toFixed(1)} s</li>`)
+    .join('');
+  return `<svg width="${W}" height="40" role="img" aria-label="phase timeline">${bars}</svg><ul class="legend inline">${legend}</ul>`;
 }
 
 function lagChart(f: ReportFigures, t0: number, spanMs: number): string {
@@ -122,7 +129,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 6px}
 .ok{color:#2e6b1f} .back{color:#a33d00} .running{color:#1f4e79}
 table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #e3e3e3;padding:3px 6px;text-align:left;vertical-align:top}
 .num{text-align:right;font-variant-numeric:tabular-nums} tr.bad td{background:#fde9e7}
-.legend{list-style:none;padding:0} .swatch{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}
+.legend{list-style:none;padding:0} .legend.inline li{display:inline-block;margin-right:14px} .swatch{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}
 .muted{color:#777}
 </style></head><body>
 <h1>Upgrade ${fig('id', u.id)}: ${fig('from-version', u.fromVersion)} &rarr; ${fig('to-version', u.toVersion)}</h1>
