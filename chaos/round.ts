@@ -45,7 +45,11 @@ export interface RoundResult {
   why: string;
 }
 
-const SETTLED = new Set(['LOADED', 'SWITCHED', 'ACCEPTED', 'COMMITTED', 'ABORTED', 'ROLLED_BACK']);
+/**
+ * Phases an upgrade may rest in. NONE is no upgrade in the journal at all: a fault that struck
+ * loadversion before it journaled LOADING (while it verified the image) leaves nothing started.
+ */
+const SETTLED = new Set(['LOADED', 'SWITCHED', 'ACCEPTED', 'COMMITTED', 'ABORTED', 'ROLLED_BACK', 'NONE']);
 const phaseOf = (u: UpgradeView) => u.current?.phase ?? u.history[0]?.phase ?? 'NONE';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
