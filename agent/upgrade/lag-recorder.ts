@@ -49,23 +49,24 @@ export class LagRecorder {
     this.processes = rec.processes;
     this.kept = this.store.lagSamples(rec.id).length; // an agent restart goes on counting
     this.lastFlush = now;
-    this.tick(now);
     this.timer = setInterval(() => this.tick(), this.opts.intervalMs);
     this.timer.unref();
+    this.tick(now);
   }
 
   /** Takes a last sample, writes what is pending and stops. */
   stop(now = Date.now()): void {
     if (!this.timer) return;
+    this.tick(now);
     clearInterval(this.timer);
     this.timer = null;
-    this.tick(now);
     this.flush(now);
     this.last.clear();
   }
 
-  /** One sampling step at `now` (epoch ms); the timer calls it every intervalMs. */
+  /** One sampling step at `now` (epoch ms); the timer calls it every intervalMs. Nothing when stopped. */
   tick(now = Date.now()): void {
+    if (!this.timer) return;
     for (const [process, inst] of Object.entries(this.processes)) {
       const peers = this.status(process)[0]?.peers ?? [];
       for (const instance of [inst.from, inst.to]) {

@@ -161,6 +161,8 @@ describe('upgrade report', function () {
     lag.tick(t + 7000); // unchanged for 4.5 s: not kept
     lag.tick(t + 7600); // 5.1 s: a keepalive sample
     lag.stop(t + 7700);
+    s.lag = 42;
+    lag.tick(t + 20_000); // stopped: samples nothing
     assert.deepEqual(
       store.lagSamples(rec.id).map((x) => [x.at - t, x.lag, x.ready]),
       [
