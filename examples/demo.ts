@@ -12,7 +12,7 @@
  *    (switchover), an audit while both versions run, acceptversion, commitversion (v1 stops),
  *    and a final audit: the agent's table and the new active's own table compared by digest.
  * 4. Prints a short report; with --json the last line is one JSON object with from_version,
- *    to_version, records_verified, records_lost, freeze_ms and phases (name, seconds).
+ *    to_version, records_verified, records_lost, freeze_ms, phases (name, seconds) and report_html.
  * 5. Writes the agent's upgrade report beside that JSON, in --report-dir (default ./demo-report):
  *    upgrade-ID.json (the summary above and the agent's ShowUpgrade answer) and upgrade-ID.html,
  *    the page `issu show upgrade ID --html FILE` writes.
