@@ -35,22 +35,23 @@ export class LagRecorder {
   private warned = false;
 
   constructor(
-    private readonly store: Pick<UpgradeStore, 'addLagSamples' | 'lagSamples'>,
+    private readonly store: Pick<UpgradeStore, 'addLagSamples' | 'lagSampleCount'>,
     private readonly status: (process: string) => ProcessStatus[],
     private readonly log: Logger,
     private readonly opts: LagRecorderOptions = DEFAULT_LAG_RECORDER_OPTIONS,
   ) {}
 
-  /** Records `rec` from now on; a no-op when it is already being recorded. */
+  /** Records `rec` from now on (if it is not already) and takes a sample now. */
   start(rec: UpgradeRecord, now = Date.now()): void {
-    if (this.timer && this.id === rec.id) return;
-    this.stop();
-    this.id = rec.id;
-    this.processes = rec.processes;
-    this.kept = this.store.lagSamples(rec.id).length; // an agent restart goes on counting
-    this.lastFlush = now;
-    this.timer = setInterval(() => this.tick(), this.opts.intervalMs);
-    this.timer.unref();
+    if (!this.timer || this.id !== rec.id) {
+      this.stop();
+      this.id = rec.id;
+      this.processes = rec.processes;
+      this.kept = this.store.lagSampleCount(rec.id); // an agent restart goes on counting
+      this.lastFlush = now;
+      this.timer = setInterval(() => this.tick(), this.opts.intervalMs);
+      this.timer.unref();
+    }
     this.tick(now);
   }
 
@@ -68,7 +69,15 @@ export class LagRecorder {
   tick(now = Date.now()): void {
     if (!this.timer) return;
     for (const [process, inst] of Object.entries(this.processes)) {
-      const peers = this.status(process)[0]?.peers ?? [];
+      // Unknown to the checkpoint service (it throws NOT_FOUND) until the process re-registers
+      // after an agent restart, when it has no stored table: nothing to sample yet. A throw here
+      // would escape from a timer into the agent.
+      let peers: ProcessStatus['peers'] = [];
+      try {
+        peers = this.status(process)[0]?.peers ?? [];
+      } catch {
+        continue;
+      }
       for (const instance of [inst.from, inst.to]) {
         const peer = peers.find((x) => x.instanceId === instance);
         if (!peer || peer.role === 'ACTIVE') continue;

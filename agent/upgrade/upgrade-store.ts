@@ -83,6 +83,7 @@ export interface UpgradeStore {
   /** Appends in one transaction; a refusal (full disk) stores none of them. */
   addLagSamples(id: string, samples: LagSample[]): void;
   lagSamples(id: string): LagSample[];
+  lagSampleCount(id: string): number;
   addAudit(id: string, a: AuditRecord): void;
   audits(id: string): AuditRecord[];
 }
@@ -144,7 +145,7 @@ export class SqliteUpgradeStore implements UpgradeStore {
     const then = () => `run the command again; upgrade ${id} stays in its phase (not ${phase})`;
     return storeWrite(this.db, then, () =>
       this.db.transaction(() => {
-        const cur = this.decode(this.db.prepare('SELECT id, phase, data FROM upgrades WHERE id = ?').get(id) as Row | undefined);
+        const cur = this.get(id);
         if (!cur) throw new Error(`upgrade ${id} is not in the journal`);
         const next: UpgradeRecord = { ...cur, ...fields, phase, updatedAt: Date.now() };
         this.db.prepare('UPDATE upgrades SET phase = ?, data = ? WHERE id = ?').run(phase, JSON.stringify(next), id);
@@ -177,6 +178,10 @@ export class SqliteUpgradeStore implements UpgradeStore {
       ready: number;
     })[];
     return rows.map((r) => ({ ...r, ready: r.ready === 1 }));
+  }
+
+  lagSampleCount(id: string): number {
+    return (this.db.prepare('SELECT COUNT(*) AS n FROM upgrade_lag WHERE id = ?').get(id) as { n: number }).n;
   }
 
   addAudit(id: string, a: AuditRecord): void {

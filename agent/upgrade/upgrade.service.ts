@@ -753,10 +753,7 @@ export class UpgradeService {
     const next = this.store.transition(rec.id, phase, note, fields);
     // A lag sample at every phase boundary, so the report shows each standby's state at each.
     if (TERMINAL.includes(phase)) this.lag.stop();
-    else {
-      this.lag.start(next);
-      this.lag.tick();
-    }
+    else this.lag.start(next);
     this.log.info({ upgrade: rec.id, from: rec.phase, to: phase, note }, 'upgrade phase');
     this.emit('PHASE', rec.id, phase, note);
     return next;

@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { silentLogger } from '../../agent/common/logger';
-import { diskFull } from '../../agent/common/errors';
+import { diskFull, notFound } from '../../agent/common/errors';
 import { ProcessStatus } from '../../agent/checkpoint/messages';
 import { openDatabase, Db } from '../../agent/store/database';
 import { auditRecord } from '../../agent/upgrade/audit-record';
@@ -189,7 +189,7 @@ describe('upgrade report', function () {
     // Fault injection: the store refuses writes as it does when statfs finds the disk full.
     let full = true;
     const refusing = {
-      lagSamples: (id: string) => store.lagSamples(id),
+      lagSampleCount: (id: string) => store.lagSampleCount(id),
       addLagSamples: (id: string, xs: Parameters<SqliteUpgradeStore['addLagSamples']>[1]) => {
         if (full) throw diskFull(dir, 'lag samples are dropped until there is room');
         store.addLagSamples(id, xs);
@@ -211,6 +211,35 @@ describe('upgrade report', function () {
     assert.deepEqual(
       store.lagSamples(rec.id).map((x) => x.lag),
       [99],
+    );
+  });
+
+  it('LagRecorder samples nothing, and throws nothing, for a process the checkpoint service does not know yet', () => {
+    const rec = record('u-20261128080000-aaaa');
+    store.create(rec, 'load');
+    // After an agent restart a process without a stored table is unknown until it re-registers:
+    // the service's status() answers NOT_FOUND, as it does here.
+    let known = false;
+    const { s, status } = scriptedStatus();
+    const lag = new LagRecorder(
+      store,
+      (p) => {
+        if (!known) throw notFound(`no process '${p}' is known to the agent`);
+        return status();
+      },
+      silentLogger,
+      { intervalMs: NO_TIMER, keepaliveMs: 5000, flushMs: 0, maxSamples: 100 },
+    );
+    const t = Date.now();
+    assert.doesNotThrow(() => lag.start(rec, t));
+    assert.doesNotThrow(() => lag.tick(t + 500));
+    known = true;
+    s.lag = 4;
+    lag.tick(t + 1000);
+    lag.stop(t + 1100);
+    assert.deepEqual(
+      store.lagSamples(rec.id).map((x) => [x.at - t, x.lag]),
+      [[1000, 4]],
     );
   });
 
