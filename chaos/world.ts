@@ -181,7 +181,6 @@ export class ChaosWorld {
     this.agent = null;
     this.reaper.trackStateDir(this.stateDir);
     this.reaper.reap();
-    await this.reaper.gone(); // their open files would keep the tmpfs busy
     if (this.tmpfs) execFileSync('umount', [this.stateDir]);
     fs.rmSync(this.work, { recursive: true, force: true });
   }

@@ -31,9 +31,6 @@ export class QemuReaper {
       }
     }
   }
-  /** Pids reap() signalled; gone() waits for them. */
-  private readonly killed = new Set<number>();
-
   reap(): number {
     let killed = 0;
     for (const pid of this.pids) {
@@ -48,25 +45,8 @@ export class QemuReaper {
         }
       }
       killed++;
-      this.killed.add(pid);
     }
     this.pids.clear();
     return killed;
-  }
-
-  /**
-   * Resolves once every QEMU reap() signalled has exited, so that what it held open (console
-   * logs, sockets, pid files under the state directory) is closed: unmounting or removing that
-   * directory right after a SIGKILL can otherwise find it busy. Polls every 20 ms, at most
-   * `timeoutMs`, then throws naming the survivors.
-   */
-  async gone(timeoutMs = 10_000): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      for (const pid of this.killed) if (!pidAlive(pid)) this.killed.delete(pid);
-      if (this.killed.size === 0) return;
-      if (Date.now() > deadline) throw new Error(`QEMU pids ${[...this.killed].join(', ')} still run ${timeoutMs} ms after SIGKILL`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
   }
 }
