@@ -31,6 +31,8 @@ import { loadRoles } from './grpc/authz';
 import { Metrics, PhaseEvent } from './metrics/metrics';
 import { PackageStore } from './gnoi/package-store';
 import { osHandlers, systemHandlers } from './gnoi/gnoi.grpc';
+import { FibService } from './dataplane/fib.service';
+import { LinuxDataPlane } from './dataplane/linux-data-plane';
 
 export const AGENT_CONFIG = 'AGENT_CONFIG';
 export const LOGGER = 'LOGGER';
@@ -51,6 +53,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     private readonly vms: VmSupervisor,
     private readonly upgrade: UpgradeService,
     private readonly metrics: Metrics,
+    private readonly fib: FibService,
   ) {}
 
   private loopTimer: NodeJS.Timeout | null = null;
@@ -77,6 +80,9 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     const t0 = Date.now();
     const recovered = this.checkpoint.recover();
     this.log.info({ ...recovered, ms: Date.now() - t0 }, 'checkpoint tables recovered from the store');
+    // Before any process can write: the data plane is reconciled with the recovered FIB (the
+    // routes stayed in the kernel while the agent was down; normally nothing changes).
+    await this.fib.start();
     await this.bulk.listen();
     // VMs that outlived a previous agent process: their guest channels open before the
     // re-attach, so their daemons reconnect as soon as the agent is back.
@@ -129,6 +135,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     if (this.loopTimer) clearInterval(this.loopTimer);
     // Let go of the VMs without stopping them: they carry the router and outlive the agent.
     this.upgrade.close();
+    this.fib.stop();
     this.vms.close();
     this.checkpoint.closeAll();
     await this.grpc.close();
@@ -165,10 +172,17 @@ export class AppModule {
             ),
         },
         {
+          provide: FibService,
+          useFactory: () => new FibService(config.dataplane ? new LinuxDataPlane(config.dataplane.netns) : null, log.child({ mod: 'dataplane' })),
+        },
+        {
           provide: CheckpointService,
-          inject: [DATABASE, BulkServer],
-          useFactory: (db: Db, bulk: BulkServer) =>
-            new CheckpointService(new SqliteCheckpointStore(db), bulk, log.child({ mod: 'checkpoint' }), config.checkpoint),
+          inject: [DATABASE, BulkServer, FibService],
+          useFactory: (db: Db, bulk: BulkServer, fib: FibService) => {
+            const svc = new CheckpointService(new SqliteCheckpointStore(db), bulk, log.child({ mod: 'checkpoint' }), config.checkpoint);
+            svc.forwarding = fib;
+            return svc;
+          },
         },
         {
           provide: GrpcServer,
@@ -227,8 +241,8 @@ export class AppModule {
         },
         {
           provide: UpgradeService,
-          inject: [DATABASE, VmSupervisor, CheckpointService, GrpcServer],
-          useFactory: (db: Db, sup: VmSupervisor, checkpoint: CheckpointService, grpc: GrpcServer) => {
+          inject: [DATABASE, VmSupervisor, CheckpointService, GrpcServer, FibService],
+          useFactory: (db: Db, sup: VmSupervisor, checkpoint: CheckpointService, grpc: GrpcServer, fib: FibService) => {
             const store = new SqliteUpgradeStore(db);
             const svc = new UpgradeService(
               store,
@@ -243,6 +257,7 @@ export class AppModule {
               { verify: async (dir, onProgress) => (await verifyBundle(dir, config.upgrade.trustDir, onProgress)).manifest },
               log.child({ mod: 'upgrade' }),
               config.upgrade.options,
+              fib,
             );
             grpc.addService({ name: 'hitless.v1.Upgrade', guest: false, handlers: () => upgradeHandlers(svc, store, log.child({ mod: 'grpc' })) });
             const packages = new PackageStore(config.stateDir, config.upgrade.trustDir, config.maxPackageBytes);

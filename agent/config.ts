@@ -22,6 +22,13 @@ export interface AgentConfig {
   checkpoint: CheckpointOptions;
   vm: VmOptions;
   upgrade: { trustDir: string; options: UpgradeOptions };
+  /**
+   * The data plane the agent programs from FIB tables: a named network namespace, the agent's
+   * own ('host'), or none (null: FIB tables are replicated, nothing is programmed).
+   */
+  dataplane: { netns: string | null } | null;
+  /** Bridge in the data plane that control-plane VMs' NICs join; null: VMs get no data-plane NIC. */
+  cpBridge: string | null;
 }
 
 export interface VmOptions {
@@ -65,6 +72,14 @@ VMs (QEMU; KVM when /dev/kvm works, else TCG)
   --host-reserve-mib N   memory kept free for the host when admitting a VM (default 512)
   --cpu-overcommit N     vCPUs admitted per host CPU (default 4)
                          VM runtime files, consoles and guest sockets: <state-dir>/vms/<name>/
+Data plane
+  --dataplane WHERE      program the routes of FIB tables (TableSpec.kind FIB) into WHERE:
+                         netns:NAME (a namespace made with 'ip netns add NAME') or host (the
+                         agent's own namespace); needs root. Default: none (FIB tables are
+                         replicated and validated, nothing is programmed). Env HITLESS_DATAPLANE
+  --cp-bridge NAME       give every control-plane VM a virtio NIC on a tap in the data plane,
+                         joined to bridge NAME (created when missing); only the active version's
+                         NIC passes traffic. Needs --dataplane. Default: none
 Upgrades
   --trust-dir DIR        public keys (*.pub, ed25519) trusted to sign image bundles
                          (env HITLESS_TRUST_DIR; default <state-dir>/trusted-keys)
@@ -105,6 +120,8 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'host-reserve-mib': { type: 'string' },
       'cpu-overcommit': { type: 'string' },
       'trust-dir': { type: 'string' },
+      dataplane: { type: 'string' },
+      'cp-bridge': { type: 'string' },
       'rollback-timeout-s': { type: 'string' },
       'load-timeout-s': { type: 'string' },
       'log-level': { type: 'string' },
@@ -143,9 +160,22 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     const given = tlsFiles.filter((f) => values[f]);
     if (given.length) throw new Error(`${given.map((g) => `--${g}`).join(', ')} given without --grpc-tls HOST:PORT`);
   }
+  const dpArg = values.dataplane ?? env.HITLESS_DATAPLANE;
+  let dataplane: AgentConfig['dataplane'] = null;
+  if (dpArg === 'host') dataplane = { netns: null };
+  else if (dpArg?.startsWith('netns:') && /^[A-Za-z0-9_.-]{1,64}$/.test(dpArg.slice(6))) dataplane = { netns: dpArg.slice(6) };
+  else if (dpArg !== undefined && dpArg !== '' && dpArg !== 'none') {
+    throw new Error(`--dataplane must be netns:NAME (letters, digits, _ . -) or host, got '${dpArg}'`);
+  }
+  const cpBridge = values['cp-bridge'] ?? null;
+  if (cpBridge !== null && !/^[A-Za-z0-9_.-]{1,15}$/.test(cpBridge))
+    throw new Error(`--cp-bridge must be an interface name (at most 15 of letters, digits, _ . -), got '${cpBridge}'`);
+  if (cpBridge !== null && !dataplane) throw new Error('--cp-bridge needs --dataplane (the bridge lives in the data plane)');
   let metrics: string | null = null;
   if (values.metrics !== undefined) metrics = /^\d+$/.test(values.metrics) ? `127.0.0.1:${values.metrics}` : values.metrics;
   return {
+    dataplane,
+    cpBridge,
     grpcTls,
     metrics,
     maxPackageBytes: int('max-package-bytes', values['max-package-bytes'], 2 * 1024 ** 3),

@@ -32,13 +32,15 @@ import {
   SubscribeEvent,
   SubscribeRequest,
   SwitchoverResponse,
+  TableKind,
   WriteAck,
   WriteRequest,
 } from './messages';
 import { CheckpointObserver, NO_CHECKPOINT_OBSERVER } from './checkpoint-observer';
 import { CheckpointOptions, DEFAULT_CHECKPOINT_OPTIONS, SNAPSHOT_FRAME_BYTES } from './checkpoint-options';
 import { Compactor } from './compaction';
-import { CheckpointState, PeerSession, ProcessGroup, SessionChannel, durabilityName } from './process-group';
+import { CheckpointState, PeerSession, ProcessGroup, SessionChannel, durabilityName, kindName } from './process-group';
+import { ForwardingSink, NO_FORWARDING_SINK } from './forwarding-sink';
 import { snapshotFrames } from './record-table';
 import { RecordFormatError, validateRecords } from './records';
 import { RoleChanges } from './role-changes';
@@ -63,7 +65,7 @@ export class CheckpointService {
     private readonly log: Logger,
     readonly opts: CheckpointOptions = DEFAULT_CHECKPOINT_OPTIONS,
   ) {
-    this.st = { groups: this.groups, sessions: this.sessions, store, log, opts, observer: NO_CHECKPOINT_OBSERVER };
+    this.st = { groups: this.groups, sessions: this.sessions, store, log, opts, observer: NO_CHECKPOINT_OBSERVER, forwarding: NO_FORWARDING_SINK };
     this.roles = new RoleChanges(this.st);
     this.compactor = new Compactor(this.st);
   }
@@ -75,6 +77,11 @@ export class CheckpointService {
 
   set observer(o: CheckpointObserver) {
     this.st.observer = o;
+  }
+
+  /** Where FIB tables go (the FIB service); set once at wiring, before recover(). */
+  set forwarding(f: ForwardingSink) {
+    this.st.forwarding = f;
   }
 
   /** Rebuilds every table from the store: latest snapshot, then the batches after it. */
@@ -99,7 +106,8 @@ export class CheckpointService {
         }
       }
       replica.table.forEach((_k, schema) => replica.schemas.add(schema));
-      g.tables.set(t.name, { replica, durability: durabilityName(t.durability) });
+      g.tables.set(t.name, { replica, durability: durabilityName(t.durability), kind: kindName(t.kind) });
+      if (t.kind === 1) this.st.forwarding.claim(t.process, t.name, replica);
       records += replica.records;
     }
     return { tables: tables.length, records };
@@ -163,7 +171,7 @@ export class CheckpointService {
     session.writeSchema = writeSchema || reg.schemaWrites;
     if (reg.wantedRole === 'ACTIVE') {
       agreeWriteSchema(this.store, g, writeSchema);
-      for (const t of reg.tables) this.declareTable(g, t.name, t.durability);
+      for (const t of reg.tables) this.declareTable(g, t.name, t.durability, t.kind === 'FIB' ? 'FIB' : 'TABLE_KIND_UNSPECIFIED');
       g.active = session;
     }
     g.sessions.add(session);
@@ -216,15 +224,24 @@ export class CheckpointService {
    * acknowledged and then missing after a restart. An unchanged declaration writes nothing, so
    * a re-registering active is not refused for want of space it does not need.
    */
-  private declareTable(g: ProcessGroup, name: string, durability: Durability): void {
+  private declareTable(g: ProcessGroup, name: string, durability: Durability, kind: TableKind): void {
     const d: Durability = durability === 'SYNC' ? 'SYNC' : 'ASYNC';
     const t = g.tables.get(name);
-    if (t?.durability === d) return;
-    this.store.upsertTable(g.name, name, d === 'SYNC' ? 2 : 1);
+    if (t?.durability === d && t.kind === kind) return;
+    if (t && t.kind !== kind && t.replica.seq > 0) {
+      throw failedPrecondition(
+        `table '${name}' of process '${g.name}' holds ${t.kind === 'FIB' ? 'FIB entries' : 'opaque records'} (seq ${t.replica.seq}); it cannot become ${kind === 'FIB' ? 'a FIB table' : 'an opaque table'}: declare a table under another name`,
+      );
+    }
+    const replica = t?.replica ?? new TableReplica(g.name, name);
+    // The data plane first: a second FIB table is refused before anything is stored.
+    if (kind === 'FIB') this.st.forwarding.claim(g.name, name, replica);
+    this.store.upsertTable(g.name, name, d === 'SYNC' ? 2 : 1, kind === 'FIB' ? 1 : 0);
     if (t) {
       t.durability = d;
+      t.kind = kind;
     } else {
-      g.tables.set(name, { replica: new TableReplica(g.name, name), durability: d });
+      g.tables.set(name, { replica, durability: d, kind });
       for (const s of g.sessions) s.subscription?.addTable(name);
     }
   }
@@ -276,9 +293,12 @@ export class CheckpointService {
         );
       }
     }
+    // A FIB batch must also hold only entries the data plane can take (INVALID_ARGUMENT otherwise).
+    if (t.kind === 'FIB') this.st.forwarding.validate(req.table, req.seq, req.records);
     // Durable first, then visible: an ack must never cover a batch the store does not hold.
     this.store.appendBatch(g.name, req.table, req.seq, req.records, req.count);
     r.applyBatch(req.seq, req.records, summary.schemas);
+    if (t.kind === 'FIB') this.st.forwarding.applied(req.seq, req.records);
     for (const peer of g.sessions) peer.subscription?.onBatch(req.table, req.seq, req.records, req.count);
     this.compactor.maybeCompact(g.name, r);
     g.wakeProgressWaiters();
@@ -416,6 +436,7 @@ export class CheckpointService {
           bytes: t.replica.bytes,
           durability: t.durability,
           schemas: [...t.replica.schemas].sort((a, b) => a - b),
+          kind: t.kind,
         })),
         peers: [...g.sessions].map((s) => ({
           sessionId: s.id,

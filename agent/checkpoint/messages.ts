@@ -7,9 +7,13 @@ export type Role = 'ROLE_UNSPECIFIED' | 'ACTIVE' | 'STANDBY';
 export type Durability = 'DURABILITY_UNSPECIFIED' | 'ASYNC' | 'SYNC';
 export type CommandKind = 'KIND_UNSPECIFIED' | 'PROMOTE' | 'DEMOTE' | 'FREEZE' | 'UNFREEZE' | 'REPORT' | 'SET_WRITE_SCHEMA';
 
+export type TableKind = 'TABLE_KIND_UNSPECIFIED' | 'FIB';
+
 export interface TableSpec {
   name: string;
   durability: Durability;
+  /** Absent or TABLE_KIND_UNSPECIFIED: opaque records. */
+  kind?: TableKind;
 }
 
 export interface Register {
@@ -143,6 +147,7 @@ export interface TableStatus {
   bytes: number;
   durability: Durability;
   schemas: number[];
+  kind: TableKind;
 }
 
 export interface PeerStatus {

@@ -9,7 +9,8 @@ import { Logger } from '../common/logger';
 import { CheckpointStore } from '../store/checkpoint-store';
 import { CheckpointObserver } from './checkpoint-observer';
 import { CheckpointOptions } from './checkpoint-options';
-import { CommandResult, Durability, Register, Role, RoleCommand } from './messages';
+import { CommandResult, Durability, Register, Role, RoleCommand, TableKind } from './messages';
+import { ForwardingSink } from './forwarding-sink';
 import { Subscription } from './subscription';
 import { TableReplica } from './table-replica';
 
@@ -59,6 +60,8 @@ export class PeerSession {
 export interface GroupTable {
   replica: TableReplica;
   durability: Durability;
+  /** FIB: validated on write and programmed into the data plane (ForwardingSink). */
+  kind: TableKind;
 }
 
 export interface SyncWait {
@@ -115,6 +118,12 @@ export interface CheckpointState {
   readonly log: Logger;
   readonly opts: CheckpointOptions;
   observer: CheckpointObserver;
+  /** Where FIB tables go (the data plane); set once at wiring, a no-op until then. */
+  forwarding: ForwardingSink;
+}
+
+export function kindName(k: number): TableKind {
+  return k === 1 ? 'FIB' : 'TABLE_KIND_UNSPECIFIED';
 }
 
 export function durabilityName(d: number): Durability {

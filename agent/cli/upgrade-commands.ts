@@ -20,6 +20,51 @@ interface StatusMsg {
   processes: ProcessStatus[];
   history: UpgradeInfoMsg[];
   journal: { atMs: number; phase: string; note: string }[];
+  dataplane?: DataPlaneStatusMsg;
+}
+
+interface DataPlaneChangesMsg {
+  cause: string;
+  routes: number;
+  added: number;
+  replaced: number;
+  deleted: number;
+  failed: number;
+  ms: number;
+  error: string;
+}
+
+interface DataPlaneStatusMsg {
+  target: string;
+  available: boolean;
+  detail: string;
+  table: string;
+  tableSeq: number;
+  programmedSeq: number;
+  routes: number;
+  pending: number;
+  failureCount: number;
+  failures: string[];
+  lastReconcile?: DataPlaneChangesMsg;
+}
+
+function changesText(c: DataPlaneChangesMsg): string {
+  if (c.error) return `${c.cause}: not reconciled: ${c.error}`;
+  return `${c.cause}: ${c.added + c.replaced + c.deleted} change(s) (${c.added} added, ${c.replaced} replaced, ${c.deleted} deleted${c.failed ? `, ${c.failed} refused` : ''}) over ${c.routes} routes`;
+}
+
+function printDataPlane(d: DataPlaneStatusMsg | undefined, upgrade: UpgradeInfoMsg | undefined): void {
+  if (!d || !d.target) return;
+  if (!d.available) {
+    console.log(`  data plane: ${d.target} NOT PROGRAMMED: ${d.detail}`);
+    return;
+  }
+  const behind = d.tableSeq - d.programmedSeq;
+  const state = d.failureCount ? `${d.failureCount} route(s) REFUSED` : behind > 0 || d.pending ? `programming (${d.pending} pending)` : 'in step';
+  console.log(`  data plane: ${d.target}, ${d.table || 'no FIB table yet'}, ${d.routes} routes, ${state}${d.detail ? ` (${d.detail})` : ''}`);
+  for (const f of d.failures) console.log(`    refused ${f}`);
+  for (const c of (upgrade as { dataplaneChanges?: DataPlaneChangesMsg[] } | undefined)?.dataplaneChanges ?? []) console.log(`    ${changesText(c)}`);
+  if (d.lastReconcile && !upgrade) console.log(`    last reconciliation, ${changesText(d.lastReconcile)}`);
 }
 
 export const UPGRADE_COMMANDS = new Set(['loadversion', 'runversion', 'acceptversion', 'commitversion', 'abortversion', 'changeversion', 'status']);
@@ -33,7 +78,8 @@ export const UPGRADE_HELP = `  loadversion IMAGE                      verify IMA
   abortversion [--reason TEXT]           go back to the running version from any phase before commit
   changeversion IMAGE                    all of the above in one command
   status                                 phase, VMs and versions, every process's role, lag and
-                                         readiness, the rollback timer, the last upgrades
+                                         readiness, the rollback timer, the last upgrades, the
+                                         data plane (routes, what each switchover changed there)
   show compatibility IMAGE               the schema compatibility matrix; changes nothing`;
 
 function fmtTime(ms: number): string {
@@ -49,6 +95,7 @@ function printStatus(s: StatusMsg): void {
   } else {
     console.log('no upgrade in progress');
   }
+  printDataPlane(s.dataplane, c);
   for (const p of s.processes) {
     for (const peer of p.peers) {
       const state = peer.role === 'ACTIVE' ? (peer.frozen ? 'frozen' : 'active') : peer.ready ? 'READY' : `syncing, lag ${peer.lag}`;

@@ -145,12 +145,16 @@ export class Batch {
   // Starts small (from Node's buffer pool) and grows: a fresh 64 KiB buffer per batch made V8
   // collect far more often at thousands of small SYNC batches per second.
   readonly builder = new RecordBuilder(2048);
+  /** FIB values are FibEntry messages: never transformed to another schema. */
+  private readonly fib: boolean;
   constructor(
     private readonly client: CheckpointClient,
     readonly table: string,
-  ) {}
+  ) {
+    this.fib = client.isFib(table);
+  }
   put(key: Buffer | string, value: Buffer): this {
-    this.builder.put(key, this.client.writeSchema, this.client.toWriteSchema(value));
+    this.builder.put(key, this.client.writeSchema, this.fib ? value : this.client.toWriteSchema(value));
     return this;
   }
   delete(key: Buffer | string): this {
@@ -265,7 +269,8 @@ export class CheckpointClient extends EventEmitter {
   table(name: string): LocalTable {
     let t = this.tables.get(name);
     if (!t) {
-      t = new LocalTable(name, (schema, value) => this.toNative(schema, value));
+      // FIB values are FibEntry messages whatever the process's schema: never transformed.
+      t = this.isFib(name) ? new LocalTable(name, (_schema, value) => value) : new LocalTable(name, (schema, value) => this.toNative(schema, value));
       this.tables.set(name, t);
     }
     return t;
@@ -379,6 +384,11 @@ export class CheckpointClient extends EventEmitter {
   }
 
   // ------------------------------------------------------------------ active side
+
+  /** Whether `table` was declared as a FIB table (its values are FibEntry messages). */
+  isFib(table: string): boolean {
+    return this.opts.tables.some((t) => t.name === table && t.kind === 'FIB');
+  }
 
   /** Values in the native schema -> the schema the agent asked this active to write. */
   toWriteSchema(value: Buffer): Buffer {

@@ -17,6 +17,8 @@ export interface StoredTable {
   process: string;
   name: string;
   durability: number;
+  /** TableKind number: 0 opaque records, 1 FIB. */
+  kind: number;
   /** Sequence of the current snapshot generation (0 = none). */
   snapSeq: number;
   snapGen: number;
@@ -31,7 +33,7 @@ export interface StoredBatch {
 /** The port the checkpoint domain uses; SqliteCheckpointStore is the implementation. */
 export interface CheckpointStore {
   listTables(): StoredTable[];
-  upsertTable(process: string, name: string, durability: number): void;
+  upsertTable(process: string, name: string, durability: number, kind?: number): void;
   appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void;
   /** Batches with seq > after, ascending, at most `limit`. */
   readBatches(process: string, table: string, after: number, limit: number): StoredBatch[];
@@ -75,11 +77,14 @@ export class SqliteCheckpointStore implements CheckpointStore {
       CREATE TABLE IF NOT EXISTS ckpt_processes (
         process TEXT NOT NULL PRIMARY KEY, write_schema INTEGER NOT NULL);
     `);
+    // Stores written before table kinds existed: every table there is opaque (kind 0).
+    const cols = db.prepare('PRAGMA table_info(ckpt_tables)').all() as { name: string }[];
+    if (!cols.some((c) => c.name === 'kind')) db.exec('ALTER TABLE ckpt_tables ADD COLUMN kind INTEGER NOT NULL DEFAULT 0');
     this.stmts = {
-      list: db.prepare('SELECT process, name, durability, snap_seq AS snapSeq, snap_gen AS snapGen FROM ckpt_tables'),
+      list: db.prepare('SELECT process, name, durability, kind, snap_seq AS snapSeq, snap_gen AS snapGen FROM ckpt_tables'),
       upsert: db.prepare(
-        `INSERT INTO ckpt_tables (process, name, durability) VALUES (?, ?, ?)
-         ON CONFLICT (process, name) DO UPDATE SET durability = excluded.durability`,
+        `INSERT INTO ckpt_tables (process, name, durability, kind) VALUES (?, ?, ?, ?)
+         ON CONFLICT (process, name) DO UPDATE SET durability = excluded.durability, kind = excluded.kind`,
       ),
       append: db.prepare('INSERT INTO ckpt_batches (process, tbl, seq, count, records) VALUES (?, ?, ?, ?, ?)'),
       read: db.prepare('SELECT seq, records, count FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq > ? ORDER BY seq LIMIT ?'),
@@ -113,11 +118,11 @@ export class SqliteCheckpointStore implements CheckpointStore {
     return this.stmts.list.all() as StoredTable[];
   }
 
-  upsertTable(process: string, name: string, durability: number): void {
+  upsertTable(process: string, name: string, durability: number, kind = 0): void {
     storeWrite(
       this.db,
       () => `register again (the SDK retries by itself); table '${name}' was not declared`,
-      () => this.stmts.upsert.run(process, name, durability),
+      () => this.stmts.upsert.run(process, name, durability, kind),
     );
   }
 

@@ -10,6 +10,7 @@
  * at its milestones (records verified in every copy, records lost).
  */
 import { Db, storeWrite } from '../store/database';
+import type { DataPlaneChanges } from '../dataplane/fib.service';
 
 export type Phase = 'LOADING' | 'LOADED' | 'SWITCHING' | 'SWITCHED' | 'ACCEPTED' | 'COMMITTING' | 'COMMITTED' | 'ABORTING' | 'ABORTED' | 'ROLLED_BACK';
 
@@ -36,6 +37,8 @@ export interface UpgradeRecord {
   freezeMs: number;
   /** Write freeze of each process at the switchover, ms (absent in upgrades journaled before it was kept). */
   freezes?: Record<string, number>;
+  /** What each change of the active instances changed in the data plane (absent without one). */
+  dataplane?: DataPlaneChanges[];
 }
 
 /** One standby's lag at one moment: batches the agent holds that it has not acknowledged. */

@@ -9,6 +9,7 @@ import { Logger } from '../common/logger';
 import { unary } from '../grpc/status';
 import { UpgradeRecord, UpgradeStore } from './upgrade-store';
 import { UpgradeEvent, UpgradeService, UpgradeStatusView } from './upgrade.service';
+import type { DataPlaneChanges, DataPlaneStatusView } from '../dataplane/fib.service';
 
 function info(r: UpgradeRecord & { timerRemainingMs?: number }) {
   return {
@@ -26,7 +27,16 @@ function info(r: UpgradeRecord & { timerRemainingMs?: number }) {
     result: r.result,
     freezeMs: r.freezeMs,
     processes: Object.entries(r.processes).map(([process, p]) => ({ process, fromInstance: p.from, toInstance: p.to, freezeMs: r.freezes?.[process] ?? 0 })),
+    dataplaneChanges: (r.dataplane ?? []).map(changesMsg),
   };
+}
+
+function changesMsg(c: DataPlaneChanges) {
+  return { atMs: c.at, cause: c.cause, routes: c.routes, added: c.added, replaced: c.replaced, deleted: c.deleted, failed: c.failed, ms: c.ms, error: c.error };
+}
+
+function dataplaneMsg(d: DataPlaneStatusView) {
+  return { ...d, lastReconcile: d.lastReconcile ? changesMsg(d.lastReconcile) : undefined };
 }
 
 /** Upgrade ids as loadVersion makes them. */
@@ -61,6 +71,7 @@ export function toStatusMessage(v: UpgradeStatusView, store: UpgradeStore) {
     processes: v.processes,
     history: v.history.map((h) => info(h)),
     journal: latest ? store.journal(latest.id).map((j) => ({ atMs: j.at, phase: j.phase, note: j.note })) : [],
+    dataplane: dataplaneMsg(v.dataplane),
   };
 }
 
@@ -115,6 +126,7 @@ export function upgradeHandlers(svc: UpgradeService, store: UpgradeStore, log: L
           atMs: e.at,
           step: e.step,
           unit: e.unit,
+          dataplane: e.dataplane ? changesMsg(e.dataplane) : undefined,
         });
       svc.events.on('event', on);
       const off = () => svc.events.off('event', on);

@@ -28,6 +28,7 @@ import { ProcessCompatibility, assertCompatible, compatibilityMatrix } from '../
 import { auditNotRun, auditRecord } from './audit-record';
 import { LagRecorder } from './lag-recorder';
 import { Phase, TERMINAL, UpgradeRecord, UpgradeStore } from './upgrade-store';
+import type { DataPlaneChanges, DataPlaneStatusView } from '../dataplane/fib.service';
 
 /** What the upgrade needs of the VM layer (VmSupervisor implements it). */
 export interface UpgradeVms {
@@ -46,6 +47,35 @@ export interface UpgradeCheckpoint {
   raiseWriteSchema(process: string, leavingVm: string): Promise<number>;
   audit(process: string): Promise<AuditResponse>;
 }
+
+/**
+ * What the upgrade needs of the data plane (the FIB service): after every change of the active
+ * instances it reconciles the data plane with the FIB table, and counts what that changed. An
+ * upgrade whose routes did not change makes no change there.
+ */
+export interface UpgradeDataPlane {
+  reconcile(cause: string): Promise<DataPlaneChanges | null>;
+  status(): DataPlaneStatusView;
+}
+
+/** No data plane configured: nothing to reconcile. */
+export const NO_UPGRADE_DATAPLANE: UpgradeDataPlane = {
+  reconcile: async () => null,
+  status: () => ({
+    target: '',
+    available: false,
+    detail: 'no data plane configured (hitlessd --dataplane)',
+    table: '',
+    tableSeq: 0,
+    programmedSeq: 0,
+    routes: 0,
+    pending: 0,
+    failureCount: 0,
+    failures: [],
+    lastReconcile: null,
+    changesProgrammed: 0,
+  }),
+};
 
 export interface UpgradeImages {
   /** Verifies hashes and signature; resolves with the manifest. */
@@ -80,12 +110,15 @@ export interface UpgradeEvent {
   step: string;
   /** Unit of done/total: bytes, records, batches. */
   unit: string;
+  /** Set on the event that reports what a switchover changed in the data plane. */
+  dataplane?: DataPlaneChanges;
 }
 
 export interface UpgradeStatusView {
   current: (UpgradeRecord & { timerRemainingMs: number }) | null;
   processes: ProcessStatus[];
   history: UpgradeRecord[];
+  dataplane: DataPlaneStatusView;
 }
 
 const VM_NAME_RE = /[^a-zA-Z0-9_.-]/g;
@@ -107,6 +140,7 @@ export class UpgradeService {
     private readonly images: UpgradeImages,
     private readonly log: Logger,
     private readonly opts: UpgradeOptions = DEFAULT_UPGRADE_OPTIONS,
+    private readonly dataplane: UpgradeDataPlane = NO_UPGRADE_DATAPLANE,
   ) {
     this.events.setMaxListeners(100);
     this.lag = new LagRecorder(store, (p) => checkpoint.status(p), log);
@@ -231,6 +265,7 @@ export class UpgradeService {
       current: cur ? { ...cur, timerRemainingMs: cur.timerDeadline ? Math.max(0, cur.timerDeadline - Date.now()) : 0 } : null,
       processes: this.checkpoint.status(''),
       history: this.store.history(10),
+      dataplane: this.dataplane.status(),
     };
   }
 
@@ -352,10 +387,12 @@ export class UpgradeService {
       await this.recordOutcome(rec, 'LOADED', `runversion failed and was undone: ${(e as Error).message}`);
       throw e;
     }
+    const dataplane = await this.reconcileDataPlane(rec, 'SWITCHING', `switchover to ${rec.toVm}`);
     rec = await this.recordOutcome(rec, 'SWITCHED', `new version active; rollback timer ${Math.round(this.opts.rollbackTimeoutMs / 1000)} s`, {
       timerDeadline: Date.now() + this.opts.rollbackTimeoutMs,
       freezeMs,
       freezes,
+      dataplane,
     });
     this.armTimer(rec);
     return this.status();
@@ -377,8 +414,9 @@ export class UpgradeService {
     }
     // The new version must hold every role before the old one goes. After a normal runversion it
     // does; after a crash of the old version (fail-forward) or an agent restart it may not yet.
+    let moved = false;
     try {
-      for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.to, rec.toVm, rec.fromVm);
+      for (const [p, inst] of Object.entries(rec.processes)) moved = (await this.restoreActive(rec, p, inst.to, rec.toVm, rec.fromVm)) || moved;
     } catch (e) {
       if (!(e instanceof TargetVmGone) || !this.isAlive(rec.fromVm)) throw e;
       await this.doAbort(rec, `the new version's VM ${rec.toVm} died during the commit`);
@@ -394,8 +432,9 @@ export class UpgradeService {
         .raiseWriteSchema(p, rec.fromVm)
         .catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
     }
+    const dataplane = moved ? await this.reconcileDataPlane(rec, 'COMMITTING', `${rec.toVm} took over`) : rec.dataplane;
     await this.auditForReport(rec, 'COMMITTED');
-    await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`);
+    await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`, { dataplane });
     // It may have died while the old one was being stopped: its crash event came too early for
     // keepControlPlane, which waits for COMMITTED (queued: this runs inside a command).
     if (!this.isAlive(rec.toVm)) this.keepControlPlane({ vm: rec.toVm, type: 'CRASHED' });
@@ -417,6 +456,7 @@ export class UpgradeService {
       (cur.phase === 'ABORTING' && cur.result.startsWith('rollback'));
     const rec =
       cur.phase === 'ABORTING' ? cur : this.transition(cur, 'ABORTING', reason, { timerDeadline: 0, result: switchedOver ? `rollback: ${reason}` : reason });
+    let dataplane = rec.dataplane;
     if (switchedOver) {
       await this.waitForProcesses(rec, this.opts.peerGraceMs);
       try {
@@ -438,10 +478,11 @@ export class UpgradeService {
         `the old version's VM ${rec.fromVm} died during the rollback (${reason}); ${rec.toVersion} stays and there is nothing to roll back to`,
       );
     }
+    if (switchedOver) dataplane = await this.reconcileDataPlane(rec, 'ABORTING', `rollback to ${rec.fromVm}`);
     await this.stopVm(rec.toVm);
     const ended = switchedOver ? 'ROLLED_BACK' : 'ABORTED';
     await this.auditForReport(rec, ended);
-    await this.recordOutcome(rec, ended, switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`);
+    await this.recordOutcome(rec, ended, switchedOver ? `back on ${rec.fromVersion}: ${reason}` : `aborted: ${reason}`, { dataplane });
     // It may have died while the new one was being stopped (its crash event came before the
     // journal said who is left running): start it again now.
     if (!this.isAlive(rec.fromVm)) this.keepControlPlane({ vm: rec.fromVm, type: 'CRASHED' });
@@ -455,12 +496,12 @@ export class UpgradeService {
    * the reverse. Throws TargetVmGone as soon as `targetVm` stopped or crashed: the caller then turns
    * to the other version instead of retrying in vain.
    */
-  private async restoreActive(rec: UpgradeRecord, process: string, target: string, targetVm: string, leavingVm: string): Promise<void> {
+  private async restoreActive(rec: UpgradeRecord, process: string, target: string, targetVm: string, leavingVm: string): Promise<boolean> {
     const deadline = Date.now() + Math.max(30_000, this.opts.peerGraceMs);
     const phase = this.store.current()?.phase ?? rec.phase;
-    for (;;) {
+    for (let moved = false; ; moved = true) {
       const active = this.checkpoint.status(process)[0]?.peers.find((x) => x.role === 'ACTIVE');
-      if (active?.instanceId === target) return;
+      if (active?.instanceId === target) return moved;
       if (!this.isAlive(targetVm)) throw new TargetVmGone(`${target} cannot take over: its VM ${targetVm} is gone`);
       try {
         if (!active) {
@@ -805,6 +846,37 @@ export class UpgradeService {
         await sleep(1000);
       }
     }
+  }
+
+  /**
+   * Reconciles the data plane after the active instances changed and reports what that changed
+   * (nothing, when the routes did not change). Returns the upgrade's list of such results with
+   * this one appended; never throws (a failure is in the result and in status).
+   */
+  private async reconcileDataPlane(rec: UpgradeRecord, phase: Phase, cause: string): Promise<DataPlaneChanges[] | undefined> {
+    const r = await this.dataplane.reconcile(cause).catch((e: Error) => {
+      this.log.error({ err: e.message }, 'reconciling the data plane failed');
+      return null;
+    });
+    if (!r) return rec.dataplane;
+    const changes = r.added + r.replaced + r.deleted;
+    const msg = r.error
+      ? `data plane: not reconciled after ${cause}: ${r.error}`
+      : `data plane: ${changes} route change(s) at ${cause} (${r.routes} routes compared in ${r.ms.toFixed(1)} ms${r.failed ? `, ${r.failed} refused` : ''})`;
+    const ev: UpgradeEvent = {
+      type: r.error || r.failed ? 'WARNING' : 'PROGRESS',
+      upgradeId: rec.id,
+      phase,
+      message: msg,
+      done: 0,
+      total: 0,
+      at: Date.now(),
+      step: '',
+      unit: '',
+      dataplane: r,
+    };
+    this.events.emit('event', ev);
+    return [...(rec.dataplane ?? []), r];
   }
 
   private emit(

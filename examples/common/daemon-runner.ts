@@ -10,6 +10,7 @@ import readline from 'node:readline';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { CheckpointClient, Transform } from '../../agent/sdk/checkpoint-client';
+import { DEFAULT_FIB_ROUTE_OPTIONS, fibRoutes } from './fib-routes';
 
 /**
  * Churn period, ms: one batch per tick. A role command that arrives during a tick waits for it,
@@ -46,6 +47,11 @@ export const DAEMON_USAGE = (name: string) => `Usage: ${name} [options]
   --batch N           records per batch (default 1000)
   --sync              declare the table SYNC (acknowledged when standbys applied it)
   --seed N            generator seed (default 1)
+  --fib N             active with an empty FIB: publish N forwarding entries (at most 1024) in
+                      the FIB table "fib", programmed into the data plane by the agent
+                      (examples/common/fib-routes.ts); default 0 = no FIB table
+  --fib-via A4,A6     next hops of those entries (default 198.51.100.2,2001:db8:2::2)
+  --fib-dev PORT      data-plane port of those next hops (default port2)
   --json-only         no human text on stderr
   --loop-stats S      every S seconds print the event loop's delay (p50/p99/max ms; default 0 = off)
 env HITLESS_BULK      host:port of the agent's bulk snapshot channel when it differs from what
@@ -54,6 +60,9 @@ env HITLESS_RESTARTS  how often a process manager restarted this process; above 
                       ACTIVE and follows the active instance if there is one (--role is ignored)
 stdin: digest | status | load N | churn RATE | stop | quit      SIGUSR1: digest
 `;
+
+/** The FIB table of the example daemons (TableSpec.kind FIB). */
+const FIB_TABLE = 'fib';
 
 export async function runDaemon(model: TableModel, argv = process.argv.slice(2)): Promise<void> {
   const { values } = parseArgs({
@@ -71,6 +80,9 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
       batch: { type: 'string', default: '1000' },
       sync: { type: 'boolean', default: false },
       seed: { type: 'string', default: '1' },
+      fib: { type: 'string', default: '0' },
+      'fib-via': { type: 'string' },
+      'fib-dev': { type: 'string' },
       'json-only': { type: 'boolean', default: false },
       'loop-stats': { type: 'string', default: '0' },
       help: { type: 'boolean', short: 'h' },
@@ -88,6 +100,13 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   }
   const vm = values.vm ?? process.env.HITLESS_VM ?? 'host';
   const batchSize = Number(values.batch);
+  const fibCount = Number(values.fib);
+  const [via4, via6] = (values['fib-via'] ?? '').split(',');
+  const fibOpts = {
+    via4: via4 || DEFAULT_FIB_ROUTE_OPTIONS.via4,
+    via6: via6 || DEFAULT_FIB_ROUTE_OPTIONS.via6,
+    dev: values['fib-dev'] ?? DEFAULT_FIB_ROUTE_OPTIONS.dev,
+  };
   // Set by the guest init when it restarted this process after it died (0 on the first start). A
   // restarted process takes ACTIVE when nobody holds it, else follows whoever does (rejoin),
   // whatever role it was first started with: the peer may have been promoted meanwhile.
@@ -101,7 +120,10 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
     schema: Number(values.schema),
     reads: values.reads ? values.reads.split(',').map(Number) : [],
     transforms: model.transforms,
-    tables: [{ name: model.table, durability: values.sync ? 'SYNC' : 'ASYNC' }],
+    tables: [
+      { name: model.table, durability: values.sync ? 'SYNC' : 'ASYNC' },
+      ...(fibCount > 0 ? [{ name: FIB_TABLE, durability: 'ASYNC' as const, kind: 'FIB' as const }] : []),
+    ],
     role: restarts === 0 && values.role === 'standby' ? 'STANDBY' : 'ACTIVE',
     rejoin: restarts > 0,
     bulkAddress: process.env.HITLESS_BULK || undefined,
@@ -212,6 +234,16 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   });
   out({ event: 'started', role: client.role, seq: table.seq, records: table.size, pid: process.pid });
   if (client.role === 'ACTIVE' && table.size === 0 && Number(values.records) > 0) await load(Number(values.records));
+  if (client.role === 'ACTIVE' && fibCount > 0 && client.table(FIB_TABLE).size === 0) {
+    // Published once, in one batch: the agent validates and programs it; a promoted standby or a
+    // restarted active finds it in its copy and leaves it as it is.
+    const b = client.batch(FIB_TABLE);
+    for (const r of fibRoutes(fibCount, fibOpts)) b.put(r.key, r.value);
+    await b.commit().then(
+      (seq) => out({ event: 'fib', routes: fibCount, seq }),
+      (e: Error) => out({ event: 'fib-refused', message: e.message }),
+    );
+  }
   setChurn(Number(values.churn));
 
   process.on('SIGUSR1', digest);

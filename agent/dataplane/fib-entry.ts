@@ -1,0 +1,238 @@
+/**
+ * The records of a FIB table (checkpoint.proto, "FIB tables"): key = canonical prefix text,
+ * value = a protobuf-encoded FibEntry. Encoded and decoded by hand here (three fields) because
+ * the agent decodes every record it programs and the SDK encodes every route a daemon publishes:
+ * a generic protobuf codec costs several times more per record and brings nothing.
+ *
+ * Wire format (proto3): FibEntry { repeated FibNextHop next_hops = 1 }, FibNextHop { string
+ * gateway = 1; string interface = 2; uint32 weight = 3 }. Unknown fields are skipped, as proto3
+ * readers must.
+ */
+import net from 'node:net';
+
+export interface FibNextHop {
+  /** Neighbour address, same family as the prefix; '' = on-link (no gateway). */
+  gateway: string;
+  /** Data-plane interface the packet leaves by. */
+  interface: string;
+  /** Multipath weight 1..256 (1 when unset). */
+  weight: number;
+}
+
+export interface FibEntry {
+  nextHops: FibNextHop[];
+}
+
+export const MAX_NEXT_HOPS = 32;
+
+export class FibEntryError extends Error {}
+
+// ------------------------------------------------------------------ prefixes
+
+export interface Prefix {
+  family: 4 | 6;
+  /** Canonical text, the record key: "198.18.5.0/24", "2001:db8::/32". */
+  text: string;
+  /** Network address bytes (4 or 16), host bits zero. */
+  bytes: Buffer;
+  length: number;
+}
+
+/** Address text -> bytes; null when not an address. */
+export function addressBytes(text: string): Buffer | null {
+  const fam = net.isIP(text);
+  if (fam === 4) return Buffer.from(text.split('.').map(Number));
+  if (fam !== 6) return null;
+  // Expand "::" and an embedded dotted quad, then read eight groups.
+  let s = text.toLowerCase();
+  const dotted = /(\d+\.\d+\.\d+\.\d+)$/.exec(s);
+  if (dotted) {
+    const b = dotted[1].split('.').map(Number);
+    s = s.slice(0, dotted.index) + `${((b[0] << 8) | b[1]).toString(16)}:${((b[2] << 8) | b[3]).toString(16)}`;
+  }
+  const [head, tail] = s.includes('::') ? s.split('::') : [s, null];
+  const h = head ? head.split(':') : [];
+  const t = tail === null ? [] : tail ? tail.split(':') : [];
+  const groups = tail === null ? h : [...h, ...Array(8 - h.length - t.length).fill('0'), ...t];
+  const out = Buffer.alloc(16);
+  groups.forEach((g, i) => out.writeUInt16BE(parseInt(g, 16), i * 2));
+  return out;
+}
+
+/** Bytes -> canonical address text (inet_ntop's form). */
+export function addressText(b: Buffer): string {
+  if (b.length === 4) return `${b[0]}.${b[1]}.${b[2]}.${b[3]}`;
+  const g: number[] = [];
+  for (let i = 0; i < 16; i += 2) g.push(b.readUInt16BE(i));
+  // The longest run of two or more zero groups becomes "::" (the first such run on a tie).
+  let best = -1;
+  let bestLen = 1;
+  for (let i = 0; i < 8;) {
+    if (g[i] !== 0) {
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < 8 && g[j] === 0) j++;
+    if (j - i > bestLen) {
+      best = i;
+      bestLen = j - i;
+    }
+    i = j;
+  }
+  const hex = (a: number[]) => a.map((x) => x.toString(16)).join(':');
+  if (best < 0) return hex(g);
+  return `${hex(g.slice(0, best))}::${hex(g.slice(best + bestLen))}`;
+}
+
+/**
+ * Parses a FIB key. Throws FibEntryError saying what is wrong, with the canonical spelling
+ * when only the spelling is.
+ */
+export function parsePrefix(key: string): Prefix {
+  const slash = key.indexOf('/');
+  if (slash < 0) throw new FibEntryError(`'${key}' is not a prefix: write ADDRESS/LENGTH, e.g. 198.18.5.0/24`);
+  const addr = key.slice(0, slash);
+  const lenText = key.slice(slash + 1);
+  const bytes = addressBytes(addr);
+  if (!bytes) throw new FibEntryError(`'${key}' is not a prefix: '${addr}' is not an IPv4 or IPv6 address`);
+  const max = bytes.length * 8;
+  if (!/^(0|[1-9]\d{0,2})$/.test(lenText) || Number(lenText) > max) {
+    throw new FibEntryError(`'${key}' is not a prefix: the length must be 0..${max} in decimal`);
+  }
+  const length = Number(lenText);
+  const masked = Buffer.from(bytes);
+  for (let bit = length; bit < max; bit++) masked[bit >> 3] &= ~(0x80 >> (bit & 7));
+  const text = `${addressText(masked)}/${length}`;
+  if (text !== key) {
+    const why = masked.equals(bytes) ? 'is not in canonical form' : 'has host bits set';
+    throw new FibEntryError(`'${key}' ${why}: write it as '${text}'`);
+  }
+  return { family: bytes.length === 4 ? 4 : 6, text, bytes: masked, length };
+}
+
+/** Whether `addr` (bytes) lies inside `net`/`len` (bytes of the same family). */
+export function inSubnet(addr: Buffer, netBytes: Buffer, len: number): boolean {
+  if (addr.length !== netBytes.length) return false;
+  for (let bit = 0; bit < len; bit++) {
+    const m = 0x80 >> (bit & 7);
+    if ((addr[bit >> 3] & m) !== (netBytes[bit >> 3] & m)) return false;
+  }
+  return true;
+}
+
+// ------------------------------------------------------------------ protobuf wire
+
+function varintLen(n: number): number {
+  let l = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 128);
+    l++;
+  }
+  return l;
+}
+
+function writeVarint(b: Buffer, o: number, n: number): number {
+  while (n >= 0x80) {
+    b[o++] = (n & 0x7f) | 0x80;
+    n = Math.floor(n / 128);
+  }
+  b[o++] = n;
+  return o;
+}
+
+function readVarint(b: Buffer, o: { at: number }, end: number): number {
+  let n = 0;
+  let mul = 1;
+  for (let i = 0; i < 10; i++) {
+    if (o.at >= end) throw new FibEntryError('truncated varint');
+    const byte = b[o.at++];
+    n += (byte & 0x7f) * mul;
+    if (byte < 0x80) return n;
+    mul *= 128;
+  }
+  throw new FibEntryError('varint longer than 10 bytes');
+}
+
+export function encodeFibEntry(e: FibEntry): Buffer {
+  const hops = e.nextHops.map((h) => {
+    const gw = Buffer.from(h.gateway, 'utf8');
+    const ifc = Buffer.from(h.interface, 'utf8');
+    const w = h.weight && h.weight !== 1 ? h.weight : 0;
+    const len = (gw.length ? 1 + varintLen(gw.length) + gw.length : 0) + 1 + varintLen(ifc.length) + ifc.length + (w ? 1 + varintLen(w) : 0);
+    return { gw, ifc, w, len };
+  });
+  const total = hops.reduce((s, h) => s + 1 + varintLen(h.len) + h.len, 0);
+  const b = Buffer.allocUnsafe(total);
+  let o = 0;
+  for (const h of hops) {
+    b[o++] = 0x0a; // field 1, length-delimited
+    o = writeVarint(b, o, h.len);
+    if (h.gw.length) {
+      b[o++] = 0x0a;
+      o = writeVarint(b, o, h.gw.length);
+      o += h.gw.copy(b, o);
+    }
+    b[o++] = 0x12;
+    o = writeVarint(b, o, h.ifc.length);
+    o += h.ifc.copy(b, o);
+    if (h.w) {
+      b[o++] = 0x18;
+      o = writeVarint(b, o, h.w);
+    }
+  }
+  return b;
+}
+
+/** Skips a field of wire type `wt` at o.at. */
+function skipField(b: Buffer, o: { at: number }, end: number, wt: number): void {
+  if (wt === 0) readVarint(b, o, end);
+  else if (wt === 1) o.at += 8;
+  else if (wt === 2) o.at += readVarint(b, o, end);
+  else if (wt === 5) o.at += 4;
+  else throw new FibEntryError(`unsupported wire type ${wt}`);
+  if (o.at > end) throw new FibEntryError('truncated field');
+}
+
+export function decodeFibEntry(b: Buffer): FibEntry {
+  const nextHops: FibNextHop[] = [];
+  const o = { at: 0 };
+  while (o.at < b.length) {
+    const tag = readVarint(b, o, b.length);
+    if (tag === 0x0a) {
+      const len = readVarint(b, o, b.length);
+      const end = o.at + len;
+      if (end > b.length) throw new FibEntryError('truncated next hop');
+      const h: FibNextHop = { gateway: '', interface: '', weight: 1 };
+      while (o.at < end) {
+        const t = readVarint(b, o, end);
+        if (t === 0x0a || t === 0x12) {
+          const l = readVarint(b, o, end);
+          if (o.at + l > end) throw new FibEntryError('truncated string');
+          const s = b.toString('utf8', o.at, o.at + l);
+          o.at += l;
+          if (t === 0x0a) h.gateway = s;
+          else h.interface = s;
+        } else if (t === 0x18) {
+          h.weight = readVarint(b, o, end) || 1;
+        } else skipField(b, o, end, t & 7);
+      }
+      nextHops.push(h);
+    } else skipField(b, o, b.length, tag & 7);
+  }
+  return { nextHops };
+}
+
+/** One line for logs and errors: "via 198.51.100.2 dev port2, via ... dev port3 weight 2". */
+export function describeFibEntry(e: FibEntry): string {
+  return e.nextHops.map((h) => `${h.gateway ? `via ${h.gateway} ` : ''}dev ${h.interface}${h.weight !== 1 ? ` weight ${h.weight}` : ''}`).join(', ');
+}
+
+/** Equal next-hop sets (order does not matter: the kernel keeps its own). */
+export function sameFibEntry(a: FibEntry, b: FibEntry): boolean {
+  if (a.nextHops.length !== b.nextHops.length) return false;
+  const key = (h: FibNextHop) => `${h.gateway}|${h.interface}|${h.weight}`;
+  const as = a.nextHops.map(key).sort();
+  const bs = b.nextHops.map(key).sort();
+  return as.every((k, i) => k === bs[i]);
+}

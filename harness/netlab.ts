@@ -1,0 +1,126 @@
+/**
+ * A router's network on this host, from network namespaces and veth pairs, for the demo, the
+ * tests and the FIB benchmark:
+ *
+ *   sender ns            data-plane ns (forwards IPv4 and IPv6)            receiver ns
+ *   eth0 192.0.2.2/24 -- port1 192.0.2.1/24        port2 198.51.100.1/24 -- eth0 198.51.100.2/24
+ *        2001:db8:1::2/64    2001:db8:1::1/64            2001:db8:2::1/64        2001:db8:2::2/64
+ *
+ * The receiver accepts every address of 198.18.0.0/15 and 2001:db8:100::/40 (local routes on its
+ * loopback): the destinations the example routing daemon publishes in its FIB, next hop the
+ * receiver on port2. The data plane has no route to them until the agent programs one, so
+ * traffic that arrives proves the routes are there. The sender's default routes point at the
+ * data plane.
+ *
+ * Every address is from the documentation and benchmarking ranges (RFC 5737, RFC 2544, RFC 3849)
+ * and exists only inside these namespaces. Names carry a random suffix, so runs do not collide;
+ * remove() deletes the namespaces (and with them every veth); call it in `finally`.
+ */
+import { execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
+
+export interface NetLab {
+  /** The data-plane namespace: give it to the agent as --dataplane netns:NAME. */
+  dataplane: string;
+  sender: string;
+  receiver: string;
+  /** Front-panel ports of the data plane. */
+  ports: { toSender: string; toReceiver: string };
+  /** The receiver's addresses on port2's link: next hops of the FIB. */
+  nextHop4: string;
+  nextHop6: string;
+  remove(): void;
+}
+
+/** What the example routing daemon's --fib flag publishes by default (see examples/common/fib-routes.ts). */
+export const LAB_DEST4 = '198.18.0.0/15';
+export const LAB_DEST6 = '2001:db8:100::/40';
+
+function ip(args: string[]): void {
+  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
+}
+
+function sysctl(ns: string, key: string, value: string): void {
+  execFileSync('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', `${key}=${value}`], { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
+}
+
+/** Whether namespaces and veths can be made here (root, iproute2). */
+export function netLabAvailable(): { ok: boolean; reason: string } {
+  if (process.getuid && process.getuid() !== 0) return { ok: false, reason: 'needs root (network namespaces)' };
+  const probe = `hl-probe-${crypto.randomBytes(3).toString('hex')}`;
+  try {
+    ip(['netns', 'add', probe]);
+    ip(['-n', probe, 'link', 'add', 'a', 'type', 'veth', 'peer', 'name', 'b']);
+    return { ok: true, reason: '' };
+  } catch (e) {
+    return { ok: false, reason: ((e as { stderr?: Buffer }).stderr?.toString() || (e as Error).message).trim() };
+  } finally {
+    try {
+      ip(['netns', 'del', probe]);
+    } catch {
+      // it was not created
+    }
+  }
+}
+
+export function createNetLab(): NetLab {
+  const id = crypto.randomBytes(3).toString('hex');
+  const lab: NetLab = {
+    dataplane: `hl-dp-${id}`,
+    sender: `hl-tx-${id}`,
+    receiver: `hl-rx-${id}`,
+    ports: { toSender: 'port1', toReceiver: 'port2' },
+    nextHop4: '198.51.100.2',
+    nextHop6: '2001:db8:2::2',
+    remove: () => {
+      for (const ns of [lab.sender, lab.receiver, lab.dataplane]) {
+        try {
+          ip(['netns', 'del', ns]);
+        } catch {
+          // already gone, or never made
+        }
+      }
+    },
+  };
+  try {
+    for (const ns of [lab.dataplane, lab.sender, lab.receiver]) {
+      ip(['netns', 'add', ns]);
+      ip(['-n', ns, 'link', 'set', 'lo', 'up']);
+    }
+    const dp = lab.dataplane;
+    // A veth made in the data plane with its peer moved straight into the neighbour.
+    ip(['-n', dp, 'link', 'add', 'port1', 'type', 'veth', 'peer', 'name', 'eth0', 'netns', lab.sender]);
+    ip(['-n', dp, 'link', 'add', 'port2', 'type', 'veth', 'peer', 'name', 'eth0', 'netns', lab.receiver]);
+    sysctl(dp, 'net.ipv4.ip_forward', '1');
+    sysctl(dp, 'net.ipv6.conf.all.forwarding', '1');
+    const addr = (ns: string, dev: string, a: string) => ip(['-n', ns, 'addr', 'add', a, 'dev', dev, ...(a.includes(':') ? ['nodad'] : [])]);
+    addr(dp, 'port1', '192.0.2.1/24');
+    addr(dp, 'port1', '2001:db8:1::1/64');
+    addr(dp, 'port2', '198.51.100.1/24');
+    addr(dp, 'port2', '2001:db8:2::1/64');
+    addr(lab.sender, 'eth0', '192.0.2.2/24');
+    addr(lab.sender, 'eth0', '2001:db8:1::2/64');
+    addr(lab.receiver, 'eth0', '198.51.100.2/24');
+    addr(lab.receiver, 'eth0', '2001:db8:2::2/64');
+    for (const [ns, dev] of [
+      [dp, 'port1'],
+      [dp, 'port2'],
+      [lab.sender, 'eth0'],
+      [lab.receiver, 'eth0'],
+    ]) {
+      ip(['-n', ns, 'link', 'set', dev, 'up']);
+    }
+    ip(['-n', lab.sender, 'route', 'add', 'default', 'via', '192.0.2.1']);
+    ip(['-n', lab.sender, '-6', 'route', 'add', 'default', 'via', '2001:db8:1::1']);
+    // The receiver's default routes only matter for ICMP back to the sender.
+    ip(['-n', lab.receiver, 'route', 'add', 'default', 'via', '198.51.100.1']);
+    ip(['-n', lab.receiver, '-6', 'route', 'add', 'default', 'via', '2001:db8:2::1']);
+    ip(['-n', lab.receiver, 'route', 'add', 'local', LAB_DEST4, 'dev', 'lo']);
+    ip(['-n', lab.receiver, '-6', 'route', 'add', 'local', LAB_DEST6, 'dev', 'lo']);
+    return lab;
+  } catch (e) {
+    lab.remove();
+    const stderr = (e as { stderr?: Buffer }).stderr?.toString().trim();
+    throw new Error(`could not build the test network: ${stderr || (e as Error).message}`);
+  }
+}
