@@ -50,7 +50,7 @@ export function netLabAvailable(): { ok: boolean; reason: string } {
   const probe = `hl-probe-${crypto.randomBytes(3).toString('hex')}`;
   try {
     ip(['netns', 'add', probe]);
-    ip(['-n', probe, 'link', 'add', 'a', 'type', 'veth', 'peer', 'name', 'b']);
+    ip(['-n', probe, 'link', 'add', 'probe0', 'type', 'veth', 'peer', 'name', 'probe1']);
     return { ok: true, reason: '' };
   } catch (e) {
     return { ok: false, reason: ((e as { stderr?: Buffer }).stderr?.toString() || (e as Error).message).trim() };
@@ -86,6 +86,11 @@ export function createNetLab(): NetLab {
     for (const ns of [lab.dataplane, lab.sender, lab.receiver]) {
       ip(['netns', 'add', ns]);
       ip(['-n', ns, 'link', 'set', 'lo', 'up']);
+      // No duplicate address detection on links made from here on (link-local addresses too):
+      // an address is usable at once, and traffic started right after setup is not dropped
+      // while neighbours wait a second for their addresses to become valid.
+      sysctl(ns, 'net.ipv6.conf.default.accept_dad', '0');
+      sysctl(ns, 'net.ipv6.conf.all.accept_dad', '0');
     }
     const dp = lab.dataplane;
     // A veth made in the data plane with its peer moved straight into the neighbour.
@@ -93,6 +98,9 @@ export function createNetLab(): NetLab {
     ip(['-n', dp, 'link', 'add', 'port2', 'type', 'veth', 'peer', 'name', 'eth0', 'netns', lab.receiver]);
     sysctl(dp, 'net.ipv4.ip_forward', '1');
     sysctl(dp, 'net.ipv6.conf.all.forwarding', '1');
+    // A port that goes down keeps its IPv6 addresses, as IPv4 ones are kept (routers want this:
+    // the port's subnet comes back with its link).
+    sysctl(dp, 'net.ipv6.conf.all.keep_addr_on_down', '1');
     const addr = (ns: string, dev: string, a: string) => ip(['-n', ns, 'addr', 'add', a, 'dev', dev, ...(a.includes(':') ? ['nodad'] : [])]);
     addr(dp, 'port1', '192.0.2.1/24');
     addr(dp, 'port1', '2001:db8:1::1/64');

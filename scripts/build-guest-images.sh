@@ -15,7 +15,9 @@
 # Guest processes (image manifest): only `bgp`, with no --role: the role comes from the kernel
 # cmdline (hitless.role=active|standby -> env HITLESS_ROLE, set by the guest init; unset = the
 # daemon's default, active). An active loads 20000 routes and churns 2000 changes/s
-# (--records 20000 --churn 2000); a standby's churn timer idles until it is promoted.
+# (--records 20000 --churn 2000) and publishes a fixed FIB of 1000 routes (--fib 1000, table
+# "fib", toward the test network's receiver: see harness/netlab.ts); a standby's churn timer
+# idles until it is promoted.
 # 1.0.0 writes and reads schema 1; 2.0.0 writes schema 2 and registers the transforms 1->2 and
 # 2->1 (examples/bgp-rib/daemon.ts --schema 2). ospf.js is in the image but not started.
 #
@@ -91,7 +93,7 @@ processes() { # version -> path of the processes JSON
   {
     "name": "bgp",
     "command": ["/opt/hitless/node", "/opt/hitless/daemons/bgp.js", "--version", "$v", $sargs,
-                "--records", "20000", "--churn", "2000", "--json-only", "--loop-stats", "10"],
+                "--records", "20000", "--churn", "2000", "--fib", "1000", "--json-only", "--loop-stats", "10"],
     $smeta
   }
 ]

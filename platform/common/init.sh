@@ -64,6 +64,8 @@ HITLESS_IP="10.0.2.15/24"
 HITLESS_ROOT="/dev/vda"
 HITLESS_NODECHECK=1
 HITLESS_FAULTS=0
+HITLESS_CPNET=""
+HITLESS_CPGW=""
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     hitless.vm=*) HITLESS_VM="${arg#hitless.vm=}" ;;
@@ -74,6 +76,8 @@ for arg in $(cat /proc/cmdline); do
     hitless.root=*) HITLESS_ROOT="${arg#hitless.root=}" ;;
     hitless.nodecheck=*) HITLESS_NODECHECK="${arg#hitless.nodecheck=}" ;;
     hitless.faults=*) HITLESS_FAULTS="${arg#hitless.faults=}" ;;
+    hitless.cpnet=*) HITLESS_CPNET="${arg#hitless.cpnet=}" ;;
+    hitless.cpgw=*) HITLESS_CPGW="${arg#hitless.cpgw=}" ;;
   esac
 done
 case "$HITLESS_ROLE" in
@@ -109,6 +113,22 @@ if [ -e /sys/class/net/eth0 ]; then
   ip route add default via 10.0.2.2 2>/dev/null
 else
   echo "HITLESS-WARN no eth0"
+fi
+# The control-plane NIC (hitlessd --cp-bridge): eth1, on the data plane's bridge. Every version
+# of the control plane gets the same MAC and addresses (hitless.cpnet=A/LEN[,A/LEN]); only the
+# active version's link is up (the agent sets it with QMP set_link), so the neighbours see one
+# router whichever VM is active. hitless.cpgw= makes it the default route.
+if [ -n "$HITLESS_CPNET" ]; then
+  i=0
+  while [ ! -e /sys/class/net/eth1 ] && [ $i -lt 50 ]; do sleep 0.05; i=$((i + 1)); done
+  if [ -e /sys/class/net/eth1 ]; then
+    for a in $(echo "$HITLESS_CPNET" | tr ',' ' '); do ip addr add "$a" dev eth1; done
+    ip link set eth1 up
+    if [ -n "$HITLESS_CPGW" ]; then ip route replace default via "$HITLESS_CPGW" dev eth1; fi
+    echo "HITLESS-NET eth1 $HITLESS_CPNET"
+  else
+    echo "HITLESS-WARN hitless.cpnet given but no eth1"
+  fi
 fi
 
 # ---- power button. busybox acpid reads /dev/input/event* (the ACPI power
