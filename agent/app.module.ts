@@ -32,7 +32,8 @@ import { Metrics, PhaseEvent } from './metrics/metrics';
 import { PackageStore } from './gnoi/package-store';
 import { osHandlers, systemHandlers } from './gnoi/gnoi.grpc';
 import { FibService } from './dataplane/fib.service';
-import { LinuxDataPlane } from './dataplane/linux-data-plane';
+import { LinuxDataPlane, controlPlaneMac } from './dataplane/linux-data-plane';
+import type { ControlPlaneNics } from './vm/vm-supervisor';
 
 export const AGENT_CONFIG = 'AGENT_CONFIG';
 export const LOGGER = 'LOGGER';
@@ -152,6 +153,17 @@ export class AppModule {
     // (for its own QEMU binary) and falls back to TCG.
     const vmLog = log.child({ mod: 'vm' });
     const hypervisors: Hypervisor[] = [new QemuHypervisor(x86KvmPlatform, { logger: vmLog }), new QemuHypervisor(arm64KvmPlatform, { logger: vmLog })];
+    // The data plane: programmed by the FIB service; control-plane VMs' taps join its bridge.
+    const dataPlane = config.dataplane ? new LinuxDataPlane(config.dataplane.netns) : null;
+    const cpNic = config.cpNic;
+    const cpNics: ControlPlaneNics | undefined =
+      cpNic && dataPlane
+        ? {
+            mac: controlPlaneMac(cpNic.bridge),
+            cmdline: [cpNic.addresses && `hitless.cpnet=${cpNic.addresses}`, cpNic.gateway && `hitless.cpgw=${cpNic.gateway}`].filter(Boolean).join(' '),
+            adopt: (pid, tap) => dataPlane.adoptTap(pid, tap, cpNic.bridge),
+          }
+        : undefined;
     return {
       module: AppModule,
       providers: [
@@ -173,7 +185,7 @@ export class AppModule {
         },
         {
           provide: FibService,
-          useFactory: () => new FibService(config.dataplane ? new LinuxDataPlane(config.dataplane.netns) : null, log.child({ mod: 'dataplane' })),
+          useFactory: () => new FibService(dataPlane, log.child({ mod: 'dataplane' })),
         },
         {
           provide: CheckpointService,
@@ -222,6 +234,7 @@ export class AppModule {
               host,
               stateDir: config.stateDir,
               logger: vmLog,
+              cpNics,
               channels: {
                 open: async (vm, agentSocket, bulkSocket) => {
                   await grpc.closeVm(vm);
@@ -252,6 +265,7 @@ export class AppModule {
                 kill: (name) => sup.kill(name),
                 find: (name) => sup.list().find((v) => v.name === name),
                 onEvent: (cb) => sup.vms.onEvent(cb),
+                setControlLink: (name, up) => sup.setControlLink(name, up),
               },
               checkpoint,
               { verify: async (dir, onProgress) => (await verifyBundle(dir, config.upgrade.trustDir, onProgress)).manifest },

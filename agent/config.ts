@@ -27,8 +27,11 @@ export interface AgentConfig {
    * own ('host'), or none (null: FIB tables are replicated, nothing is programmed).
    */
   dataplane: { netns: string | null } | null;
-  /** Bridge in the data plane that control-plane VMs' NICs join; null: VMs get no data-plane NIC. */
-  cpBridge: string | null;
+  /**
+   * Control-plane NICs: the data plane's bridge they join, and the addresses (A/LEN, comma
+   * separated) and default gateway every version's guest gives its NIC; null: no such NIC.
+   */
+  cpNic: { bridge: string; addresses: string; gateway: string } | null;
 }
 
 export interface VmOptions {
@@ -78,8 +81,11 @@ Data plane
                          agent's own namespace); needs root. Default: none (FIB tables are
                          replicated and validated, nothing is programmed). Env HITLESS_DATAPLANE
   --cp-bridge NAME       give every control-plane VM a virtio NIC on a tap in the data plane,
-                         joined to bridge NAME (created when missing); only the active version's
-                         NIC passes traffic. Needs --dataplane. Default: none
+                         joined to bridge NAME (created when missing); every version has the
+                         same MAC and addresses, and only the active version's NIC passes
+                         traffic (QMP set_link). Needs --dataplane. Default: none
+  --cp-address A/LEN[,A/LEN]  the guest's addresses on that NIC (kernel cmdline hitless.cpnet=)
+  --cp-gateway A         the guest's default route through that NIC (hitless.cpgw=)
 Upgrades
   --trust-dir DIR        public keys (*.pub, ed25519) trusted to sign image bundles
                          (env HITLESS_TRUST_DIR; default <state-dir>/trusted-keys)
@@ -122,6 +128,8 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'trust-dir': { type: 'string' },
       dataplane: { type: 'string' },
       'cp-bridge': { type: 'string' },
+      'cp-address': { type: 'string' },
+      'cp-gateway': { type: 'string' },
       'rollback-timeout-s': { type: 'string' },
       'load-timeout-s': { type: 'string' },
       'log-level': { type: 'string' },
@@ -171,11 +179,17 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
   if (cpBridge !== null && !/^[A-Za-z0-9_.-]{1,15}$/.test(cpBridge))
     throw new Error(`--cp-bridge must be an interface name (at most 15 of letters, digits, _ . -), got '${cpBridge}'`);
   if (cpBridge !== null && !dataplane) throw new Error('--cp-bridge needs --dataplane (the bridge lives in the data plane)');
+  const cpAddress = values['cp-address'] ?? '';
+  const cpGateway = values['cp-gateway'] ?? '';
+  if ((cpAddress || cpGateway) && cpBridge === null) throw new Error('--cp-address and --cp-gateway need --cp-bridge');
+  if (cpAddress && !cpAddress.split(',').every((a) => /^[0-9a-fA-F.:]+\/\d{1,3}$/.test(a))) throw new Error(`--cp-address must be A/LEN[,A/LEN], got '${cpAddress}'`);
+  if (cpGateway && !/^[0-9a-fA-F.:]+$/.test(cpGateway)) throw new Error(`--cp-gateway must be an address, got '${cpGateway}'`);
+  const cpNic = cpBridge === null ? null : { bridge: cpBridge, addresses: cpAddress, gateway: cpGateway };
   let metrics: string | null = null;
   if (values.metrics !== undefined) metrics = /^\d+$/.test(values.metrics) ? `127.0.0.1:${values.metrics}` : values.metrics;
   return {
     dataplane,
-    cpBridge,
+    cpNic,
     grpcTls,
     metrics,
     maxPackageBytes: int('max-package-bytes', values['max-package-bytes'], 2 * 1024 ** 3),

@@ -12,6 +12,10 @@
  * traffic that arrives proves the routes are there. The sender's default routes point at the
  * data plane.
  *
+ * The control plane's link: bridge `cpbr` in the data plane, 203.0.113.1/24, which the agent joins
+ * every control-plane VM's tap to (hitlessd --cp-bridge); the active guest is 203.0.113.2
+ * (agentArgs() gives the flags).
+ *
  * Every address is from the documentation and benchmarking ranges (RFC 5737, RFC 2544, RFC 3849)
  * and exists only inside these namespaces. Names carry a random suffix, so runs do not collide;
  * remove() deletes the namespaces (and with them every veth); call it in `finally`.
@@ -29,6 +33,10 @@ export interface NetLab {
   /** The receiver's addresses on port2's link: next hops of the FIB. */
   nextHop4: string;
   nextHop6: string;
+  /** The control plane's link (see the header). */
+  cp: { bridge: string; gateway: string; guest: string };
+  /** hitlessd flags that make the agent program this data plane and give VMs their NIC here. */
+  agentArgs(): string[];
   remove(): void;
 }
 
@@ -72,6 +80,17 @@ export function createNetLab(): NetLab {
     ports: { toSender: 'port1', toReceiver: 'port2' },
     nextHop4: '198.51.100.2',
     nextHop6: '2001:db8:2::2',
+    cp: { bridge: 'cpbr', gateway: '203.0.113.1', guest: '203.0.113.2' },
+    agentArgs: () => [
+      '--dataplane',
+      `netns:${lab.dataplane}`,
+      '--cp-bridge',
+      lab.cp.bridge,
+      '--cp-address',
+      `${lab.cp.guest}/24`,
+      '--cp-gateway',
+      lab.cp.gateway,
+    ],
     remove: () => {
       for (const ns of [lab.sender, lab.receiver, lab.dataplane]) {
         try {
@@ -118,6 +137,9 @@ export function createNetLab(): NetLab {
     ]) {
       ip(['-n', ns, 'link', 'set', dev, 'up']);
     }
+    ip(['-n', dp, 'link', 'add', lab.cp.bridge, 'type', 'bridge']);
+    addr(dp, lab.cp.bridge, `${lab.cp.gateway}/24`);
+    ip(['-n', dp, 'link', 'set', lab.cp.bridge, 'up']);
     ip(['-n', lab.sender, 'route', 'add', 'default', 'via', '192.0.2.1']);
     ip(['-n', lab.sender, '-6', 'route', 'add', 'default', 'via', '2001:db8:1::1']);
     // The receiver's default routes only matter for ICMP back to the sender.

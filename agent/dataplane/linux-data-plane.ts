@@ -13,6 +13,7 @@
  * would be a native dependency for both architectures for a gain the benchmark does not show.
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import readline from 'node:readline';
 import type { ApplyResult, DataPlane, DataPlaneInterface, DataPlaneProbe, InterfaceAddress, RouteChange } from './data-plane';
 import { FibEntry, FibNextHop, addressBytes } from './fib-entry';
@@ -173,6 +174,15 @@ export class LinuxDataPlane implements DataPlane {
     await run('ip', [...this.nsArgs, 'link', 'set', bridge, 'up']);
     await run('ip', [...this.nsArgs, 'link', 'set', tap, 'master', bridge, 'up']);
   }
+}
+
+/**
+ * The MAC every control-plane VM's NIC carries: locally administered (02:...), derived from the
+ * bridge name so it is the same on every start of the agent and differs between routers' bridges.
+ */
+export function controlPlaneMac(bridge: string): string {
+  const h = crypto.createHash('sha256').update(`hitless-cp:${bridge}`).digest();
+  return ['02', ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }
 
 function run(cmd: string, args: string[]): Promise<string> {

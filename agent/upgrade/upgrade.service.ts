@@ -37,6 +37,8 @@ export interface UpgradeVms {
   kill(name: string): Promise<void>;
   find(name: string): { name: string; state: string; imageDir: string | null; imageVersion: string | null } | undefined;
   onEvent(cb: (e: { vm: string; type: string }) => void): () => void;
+  /** Control-plane NIC link of a VM (no-op without such NICs). */
+  setControlLink(name: string, up: boolean): Promise<void>;
 }
 
 /** What the upgrade needs of the checkpoint service. */
@@ -387,6 +389,7 @@ export class UpgradeService {
       await this.recordOutcome(rec, 'LOADED', `runversion failed and was undone: ${(e as Error).message}`);
       throw e;
     }
+    await this.moveControlLink(rec, 'SWITCHING', rec.fromVm, rec.toVm);
     const dataplane = await this.reconcileDataPlane(rec, 'SWITCHING', `switchover to ${rec.toVm}`);
     rec = await this.recordOutcome(rec, 'SWITCHED', `new version active; rollback timer ${Math.round(this.opts.rollbackTimeoutMs / 1000)} s`, {
       timerDeadline: Date.now() + this.opts.rollbackTimeoutMs,
@@ -432,6 +435,7 @@ export class UpgradeService {
         .raiseWriteSchema(p, rec.fromVm)
         .catch((e: Error) => this.log.warn({ process: p, err: e.message }, 'could not raise the write schema after commit'));
     }
+    if (moved) await this.moveControlLink(rec, 'COMMITTING', rec.fromVm, rec.toVm);
     const dataplane = moved ? await this.reconcileDataPlane(rec, 'COMMITTING', `${rec.toVm} took over`) : rec.dataplane;
     await this.auditForReport(rec, 'COMMITTED');
     await this.recordOutcome(rec, 'COMMITTED', `${rec.toVersion} committed; ${rec.fromVm} stopped${rec.result ? ` (${rec.result})` : ''}`, { dataplane });
@@ -478,7 +482,10 @@ export class UpgradeService {
         `the old version's VM ${rec.fromVm} died during the rollback (${reason}); ${rec.toVersion} stays and there is nothing to roll back to`,
       );
     }
-    if (switchedOver) dataplane = await this.reconcileDataPlane(rec, 'ABORTING', `rollback to ${rec.fromVm}`);
+    if (switchedOver) {
+      await this.moveControlLink(rec, 'ABORTING', rec.toVm, rec.fromVm);
+      dataplane = await this.reconcileDataPlane(rec, 'ABORTING', `rollback to ${rec.fromVm}`);
+    }
     await this.stopVm(rec.toVm);
     const ended = switchedOver ? 'ROLLED_BACK' : 'ABORTED';
     await this.auditForReport(rec, ended);
@@ -845,6 +852,22 @@ export class UpgradeService {
         warned = true;
         await sleep(1000);
       }
+    }
+  }
+
+  /**
+   * The control-plane NIC follows the active instances: down on the VM they left first, then up
+   * on the VM that holds them, so there is never a moment with two (same MAC, same address). A
+   * VM that is gone cannot be set and needs nothing; any other failure is a warning, not a reason
+   * to undo a switchover the processes already made.
+   */
+  private async moveControlLink(rec: UpgradeRecord, phase: Phase, from: string, to: string): Promise<void> {
+    for (const [vm, up] of [
+      [from, false],
+      [to, true],
+    ] as const) {
+      if (!this.isAlive(vm)) continue;
+      await this.vms.setControlLink(vm, up).catch((e: Error) => this.emit('WARNING', rec.id, phase, `control-plane NIC of ${vm} not set ${up ? 'up' : 'down'}: ${e.message}`));
     }
   }
 

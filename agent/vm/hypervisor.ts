@@ -34,7 +34,16 @@ export interface VmSpec {
    * tcp 10.0.2.100:7000 through QEMU's user-net guestfwd; nothing else is reachable.
    */
   agentSocketPath: string;
+  /**
+   * The control-plane NIC: a virtio-net device (id CP_NIC_ID) on a tap QEMU creates under this
+   * name in its own namespace; the agent then moves the tap into the data plane (see
+   * agent/dataplane). Every VM gets the same MAC, so the neighbours see one router.
+   */
+  cpNic?: { tap: string; mac: string };
 }
+
+/** QEMU device id of the control-plane NIC (QMP set_link names it). */
+export const CP_NIC_ID = 'cpnic';
 
 /** Per-VM runtime files, all under <stateDir>/vms/<name>/ except the agent socket. */
 export interface VmPaths {
@@ -144,6 +153,8 @@ export interface VmHandle {
   kill(): Promise<void>;
   /** QMP stop / cont: vCPUs halt, devices and QMP stay up. */
   pause(): Promise<void>;
+  /** QMP set_link on NIC `device`: the guest sees its carrier go, and nothing passes while down. */
+  setLink(device: string, up: boolean): Promise<void>;
   resume(): Promise<void>;
   /** Forget the VM without touching it (agent shutdown): closes QMP, stops polling. */
   detach(): void;

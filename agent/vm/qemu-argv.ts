@@ -3,7 +3,7 @@
  * read-only rootfs, the restricted guest channel to the agent. Platforms (platform/<id>/)
  * add machine, CPU and console device; nothing platform-specific lives here.
  */
-import type { VmPaths, VmSpec } from './hypervisor';
+import { CP_NIC_ID, type VmPaths, type VmSpec } from './hypervisor';
 
 /** QEMU option values use ',' as separator; a literal comma is written ',,'. */
 export function qemuOptValue(s: string): string {
@@ -78,5 +78,15 @@ export function commonArgs(spec: VmSpec, paths: VmPaths, opts: CommonArgvOptions
     // romfile= : no iPXE option ROM, we never netboot (and the ROM package may be absent).
     '-device',
     `${netDev},netdev=n0,romfile=`,
+    // The control-plane NIC, second: the guest's eth1. QEMU creates the tap (script=no: the
+    // agent, not a script, puts it into the data plane).
+    ...(spec.cpNic
+      ? [
+          '-netdev',
+          `tap,id=cp0,ifname=${qemuOptValue(spec.cpNic.tap)},script=no,downscript=no`,
+          '-device',
+          `${netDev},netdev=cp0,id=${CP_NIC_ID},mac=${spec.cpNic.mac},romfile=`,
+        ]
+      : []),
   ];
 }

@@ -353,6 +353,10 @@ class QemuVmHandle implements VmHandle {
     await this.requireQmp('resume').execute('cont');
   }
 
+  async setLink(device: string, up: boolean): Promise<void> {
+    await this.requireQmp(up ? 'bring up the link of' : 'take down the link of').execute('set_link', { name: device, up });
+  }
+
   private killGroup(): void {
     try {
       process.kill(-this.pid, 'SIGKILL'); // QEMU and its guestfwd socat children

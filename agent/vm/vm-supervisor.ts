@@ -11,10 +11,11 @@
  * and before re-attaching after an agent restart, and closed once the VM is gone (stop, kill,
  * guest poweroff, crash). On agent shutdown the VMs are let go, not stopped.
  */
+import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { HostInventory, HostProbe } from '../host/host-probe';
-import { ACTIVE_STATES, VmError, type Arch, type Hypervisor, type PowerdownResult, type VmEvent, type VmLogger } from './hypervisor';
+import { ACTIVE_STATES, CP_NIC_ID, VmError, type Arch, type Hypervisor, type PowerdownResult, type VmEvent, type VmLogger } from './hypervisor';
 import { loadImageBundle } from './image-bundle';
 import { AGENT_GUEST_ADDR, AGENT_GUEST_PORT, BULK_GUEST_PORT } from './qemu-argv';
 import { checkVmName, type RecoverReport, type VmInfo, type VmService } from './vm.service';
@@ -23,6 +24,24 @@ import { checkVmName, type RecoverReport, type VmInfo, type VmService } from './
 export interface GuestChannels {
   open(vm: string, agentSocket: string, bulkSocket: string): Promise<void>;
   close(vm: string, agentSocket: string, bulkSocket: string): Promise<void>;
+}
+
+/**
+ * Control-plane NICs (hitlessd --cp-bridge): what the supervisor gives every VM it starts, and
+ * the port that moves the VM's tap into the data plane (LinuxDataPlane.adoptTap).
+ */
+export interface ControlPlaneNics {
+  /** Same MAC for every VM: whichever version is active, the neighbours see one router. */
+  mac: string;
+  /** Appended to the kernel cmdline: hitless.cpnet=... hitless.cpgw=... */
+  cmdline: string;
+  adopt(qemuPid: number, tap: string): Promise<void>;
+}
+
+/** Tap of VM `name`: "cp-<name>" when that fits an interface name (15 bytes), else a hash. */
+export function cpTapName(name: string): string {
+  const plain = `cp-${name}`;
+  return plain.length <= 15 ? plain : `cp-${crypto.createHash('sha256').update(name).digest('hex').slice(0, 12)}`;
 }
 
 export interface StartRequest {
@@ -57,6 +76,7 @@ export class VmSupervisor {
       channels: GuestChannels;
       stateDir: string;
       logger: VmLogger;
+      cpNics?: ControlPlaneNics;
     },
   ) {
     this.offEvents = vms.onEvent((e) => {
@@ -109,14 +129,18 @@ export class VmSupervisor {
         `hitless.vm=${name}`,
         `hitless.agent=${AGENT_GUEST_ADDR}:${AGENT_GUEST_PORT}`,
         `hitless.bulk=${AGENT_GUEST_ADDR}:${BULK_GUEST_PORT}`,
+        this.deps.cpNics?.cmdline ?? '',
         extra,
       ]
         .filter(Boolean)
         .join(' ');
       // Channels first: they must exist before the guest can try to connect.
       await this.openChannels(name);
+      const cp = this.deps.cpNics;
+      const cpNic = cp ? { tap: cpTapName(name), mac: cp.mac } : undefined;
+      let info: VmInfo;
       try {
-        return await this.vms.start({
+        info = await this.vms.start({
           name,
           arch: bundle.arch,
           kernelPath: bundle.kernelPath,
@@ -128,6 +152,7 @@ export class VmSupervisor {
           imageVersion: bundle.version,
           imageDir: bundle.dir,
           agentSocketPath: agentSocket,
+          cpNic,
         });
       } catch (e) {
         await this.closeChannels(name);
@@ -135,6 +160,22 @@ export class VmSupervisor {
         if (!this.vms.list().some((v) => v.name === name)) fs.rmSync(path.join(this.deps.stateDir, 'vms', name), { recursive: true, force: true });
         throw e;
       }
+      if (cp && cpNic && info.pid) {
+        // A standby's NIC stays down until its processes are promoted (setControlLink); the
+        // guest is still in its firmware or kernel when this runs.
+        const standby = /(^|\s)hitless\.role=standby(\s|$)/.test(extra);
+        try {
+          await this.vms.setLink(name, CP_NIC_ID, !standby);
+          await cp.adopt(info.pid, cpNic.tap);
+          this.deps.logger.info({ vm: name, tap: cpNic.tap, link: standby ? 'down' : 'up' }, 'control-plane NIC in the data plane');
+        } catch (e) {
+          this.deps.logger.error(
+            { vm: name, tap: cpNic.tap, err: (e as Error).message },
+            'the control-plane NIC could not join the data plane: the VM runs, but its routing processes cannot reach the neighbours; stop it, check --cp-bridge and the data plane, and start it again',
+          );
+        }
+      }
+      return info;
     } finally {
       this.starting.delete(name);
     }
@@ -149,6 +190,16 @@ export class VmSupervisor {
   async kill(name: string): Promise<void> {
     await this.vms.kill(checkVmName(name));
     await this.closeChannels(name);
+  }
+
+  /**
+   * The guest-visible link of a VM's control-plane NIC: up on the VM whose processes are active,
+   * down on the others (so one MAC and one address answer the neighbours). No-op without
+   * control-plane NICs.
+   */
+  async setControlLink(name: string, up: boolean): Promise<void> {
+    if (!this.deps.cpNics) return;
+    await this.vms.setLink(checkVmName(name), CP_NIC_ID, up);
   }
 
   pause(name: string): Promise<void> {

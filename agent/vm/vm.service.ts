@@ -231,6 +231,11 @@ export class VmService {
     this.update(name, { state: 'PAUSED' });
   }
 
+  /** The guest-visible link of NIC `device` (QMP set_link). */
+  async setLink(name: string, device: string, up: boolean): Promise<void> {
+    await this.liveHandle(name, up ? 'bring up a link of' : 'take down a link of').setLink(device, up);
+  }
+
   async resume(name: string): Promise<void> {
     await this.liveHandle(name, 'resume').resume();
     this.update(name, { state: 'RUNNING' });

@@ -64,6 +64,8 @@ export class UpgradeHarness {
       trustDir: string;
       /** The rib holds at least this many routes whenever it is audited. */
       minRecords: number;
+      /** More hitlessd flags (the data plane's). */
+      agentArgs?: string[];
     },
   ) {}
 
@@ -72,7 +74,7 @@ export class UpgradeHarness {
     // A rollback timer must not fire during a test, and loads under TCG on a busy host are slow.
     this.agent = await startAgent({
       stateDir: this.opts.stateDir,
-      args: ['--trust-dir', this.opts.trustDir, '--rollback-timeout-s', '900', '--load-timeout-s', '240'],
+      args: ['--trust-dir', this.opts.trustDir, '--rollback-timeout-s', '900', '--load-timeout-s', '240', ...(this.opts.agentArgs ?? [])],
     });
     this.ck?.close();
     this.vmc?.close();

@@ -5,6 +5,12 @@
  * loads 20,000 routes and churns 2,000 changes/s throughout. Every check of "nothing lost" is an
  * audit: the active frozen for a moment, then the agent's table and every instance's own copy
  * (old and new version) compared by digest.
+ *
+ * The agent programs a real data plane (a network namespace of harness/netlab.ts) from the
+ * daemon's FIB table (1,000 routes, IPv4 and IPv6), and every VM has a control-plane NIC on that
+ * data plane's bridge. Through the rollback, the crash of the new active and the commit below,
+ * 5,000 UDP packets/s go from the sender namespace to the receiver through those routes: none may
+ * be lost, and no switchover may change a route.
  */
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
@@ -17,6 +23,13 @@ import { signedVariant, printAgentLogIfFailed } from '../../harness/guest-images
 import { UpgradeHarness, signedUpgradePair } from '../helpers/upgrade-harness';
 import { figures, renderedDom } from '../helpers/chromium';
 import { UpgradeReport, reportFigures } from '../../agent/report/upgrade-report';
+import { NetLab, createNetLab, netLabAvailable } from '../../harness/netlab';
+import { Traffic, TrafficResult, startTraffic } from '../../harness/traffic';
+import { trafficTargets } from '../../examples/common/fib-routes';
+import { DataPlaneChangesMsg, assertNoDataPlaneChanges, cpNicsAnswering } from '../helpers/dataplane-proof';
+
+/** The example daemon's FIB in the guest images (--fib 1000). */
+const FIB_ROUTES = 1000;
 
 const measure = (what: string, v: number | string) => process.stderr.write(`      MEASURE ${what}: ${v}\n`);
 
@@ -28,15 +41,47 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   let v2 = '';
   let key = '';
   let h: UpgradeHarness;
+  let lab: NetLab | null = null;
+  let traffic: Traffic | null = null;
+  /** Traffic through the FIB's routes while `fn` runs; its figures, none lost. */
+  const withTraffic = async (fn: () => Promise<void>): Promise<TrafficResult> => {
+    traffic = await startTraffic(lab!, trafficTargets(FIB_ROUTES), 5000);
+    await fn();
+    const t = await traffic.stop();
+    traffic = null;
+    measure('traffic through the data plane', JSON.stringify(t));
+    assert.ok(t.packetsSent > 10_000, `packets sent (${t.packetsSent})`);
+    assert.equal(t.packetsLost, 0, `packets lost: ${JSON.stringify(t)}`);
+    return t;
+  };
+  const upgradeChanges = async (): Promise<DataPlaneChangesMsg[] | undefined> =>
+    (JSON.parse((await h.issu(['--json', 'status'])).stdout) as { history: { dataplaneChanges?: DataPlaneChangesMsg[] }[] }).history[0].dataplaneChanges;
 
   before(async function () {
     this.timeout(1_200_000);
+    const can = netLabAvailable();
+    if (!can.ok) throw new Error(`the upgrade tests program a data plane of network namespaces: ${can.reason}`);
+    lab = createNetLab();
     const pair = await signedUpgradePair('x86_64', work);
     ({ v1, v2, key } = pair);
-    h = new UpgradeHarness({ stateDir, trustDir: pair.trustDir, minRecords: 15_000 });
+    h = new UpgradeHarness({ stateDir, trustDir: pair.trustDir, minRecords: 15_000, agentArgs: lab.agentArgs() });
     await h.startAgent();
     const bootMs = await h.boot('cp-1', v1, 20_000, 180_000);
     measure('x86_64 v1 boot to active with 20000 routes', `${bootMs} ms`);
+    await until(
+      'the FIB programmed',
+      async () => {
+        const d = JSON.parse((await h.issu(['--json', 'status'])).stdout).dataplane as {
+          routes: number;
+          tableSeq: number;
+          programmedSeq: number;
+          failureCount: number;
+        };
+        return d.routes === FIB_ROUTES && d.programmedSeq === d.tableSeq && d.failureCount === 0;
+      },
+      60_000,
+      200,
+    );
   });
 
   afterEach(function () {
@@ -45,7 +90,9 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
 
   after(async function () {
     this.timeout(120_000);
+    traffic?.kill();
     await h?.close();
+    lab?.remove();
     fs.rmSync(work, { recursive: true, force: true });
   });
 
@@ -78,6 +125,17 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   });
 
   it('loadversion, runversion, then abortversion rolls back to v1 with every change made under v2', async () => {
+    assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1']), ['cp-1'], "v1's control-plane NIC answers");
+    let toVm = '';
+    await withTraffic(async () => {
+      toVm = await loadRunAbort();
+    });
+    assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /, /^rollback to cp-1$/], FIB_ROUTES);
+    assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1', toVm]), ['cp-1'], "after the rollback only v1's NIC answers");
+  });
+
+  /** The rollback test's upgrade; returns the VM of the new version. */
+  async function loadRunAbort(): Promise<string> {
     const t0 = Date.now();
     const loaded = await h.cli('loadversion', v2);
     measure('loadversion (verify, boot v2 standby, bulk sync to READY)', `${Date.now() - t0} ms`);
@@ -94,6 +152,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const now = await h.active();
     assert.equal(now?.vmId, sw.current!.toVm);
     assert.equal(now?.softwareVersion, '2.0.0');
+    assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1', sw.current!.toVm]), [sw.current!.toVm], "after runversion only v2's NIC answers");
     await new Promise((r) => setTimeout(r, 1500)); // v2 churns the table
     const { rib: underV2 } = await h.assertAudit('after runversion');
     const back = await h.cli('abortversion', '--reason', 'test rollback');
@@ -121,7 +180,8 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     // The table churns around 20,000 routes (deletes and adds): at least what every audit here expects.
     assert.ok(rep.audits[0].recordsVerified >= 15_000, `records verified (${rep.audits[0].recordsVerified})`);
     assert.ok(rep.audits[0].atMs <= rep.journal.at(-1)!.atMs, 'audited before the ending was journaled');
-  });
+    return sw.current!.toVm;
+  }
 
   it('abortversion after loadversion stops the standby and leaves v1 active', async () => {
     const loaded = await h.cli('loadversion', v2);
@@ -161,16 +221,20 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     assert.equal((await h.active())?.vmId, 'cp-1');
   });
 
-  it('the new active dying after runversion rolls back to v1 without losing an acknowledged change', async () => {
-    await h.cli('loadversion', v2);
-    await h.trackAll();
-    const sw = await h.cli('runversion');
-    await new Promise((r) => setTimeout(r, 1000));
-    const v = (await h.vms()).find((x) => x.name === sw.current!.toVm)!;
-    process.kill(v.pid, 'SIGKILL');
-    await until('rolled back', async () => (await h.cli('status')).history[0]?.phase === 'ROLLED_BACK', 90_000, 250);
-    assert.equal((await h.active())?.vmId, 'cp-1');
+  it('the new active dying after runversion rolls back to v1 without losing an acknowledged change, or a packet', async () => {
+    await withTraffic(async () => {
+      await h.cli('loadversion', v2);
+      await h.trackAll();
+      const sw = await h.cli('runversion');
+      await new Promise((r) => setTimeout(r, 1000));
+      const v = (await h.vms()).find((x) => x.name === sw.current!.toVm)!;
+      process.kill(v.pid, 'SIGKILL');
+      await until('rolled back', async () => (await h.cli('status')).history[0]?.phase === 'ROLLED_BACK', 90_000, 250);
+      assert.equal((await h.active())?.vmId, 'cp-1');
+    });
     await h.assertAudit('after the new active died');
+    assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /, /^rollback to cp-1$/], FIB_ROUTES);
+    assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1']), ['cp-1'], "v1's NIC answers again");
   });
 
   it('an agent SIGKILL during loadversion and during runversion recovers to a consistent state', async () => {
@@ -221,7 +285,10 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   it('changeversion runs the whole flow: v2 active, v1 stopped, tables exact', async () => {
     assert.deepEqual((await h.bgp()).tables[0].schemas, [1], 'before the commit only schema 1 was written (v1 must read everything)');
     const t0 = Date.now();
-    const r = await h.issu(['--json', 'changeversion', v2]);
+    let r = { code: -1, stdout: '', stderr: '' };
+    await withTraffic(async () => {
+      r = await h.issu(['--json', 'changeversion', v2]);
+    });
     assert.equal(r.code, 0, r.stderr);
     const done = JSON.parse(r.stdout) as Awaited<ReturnType<typeof h.cli>>;
     measure('changeversion end to end', `${Date.now() - t0} ms`);
@@ -243,6 +310,9 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     );
     assert.ok(!done.current, 'no upgrade in progress');
     assert.equal(done.history[0].phase, 'COMMITTED');
+    assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /], FIB_ROUTES);
+    // The Upgrade events said so too, as the switchover happened.
+    assert.ok(events.some((e) => /data plane: 0 route change\(s\) at switchover to /.test((e as { message?: string }).message ?? '')));
     await h.trackAll();
     const a = await h.active();
     assert.equal(a?.softwareVersion, '2.0.0');

@@ -202,6 +202,9 @@ describe('VM layer units (no guest boot)', function () {
       resume() {
         return Promise.resolve();
       }
+      setLink() {
+        return Promise.resolve();
+      }
       detach() {}
     }
     class FakeHypervisor implements Hypervisor {
