@@ -182,7 +182,8 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
   const cpAddress = values['cp-address'] ?? '';
   const cpGateway = values['cp-gateway'] ?? '';
   if ((cpAddress || cpGateway) && cpBridge === null) throw new Error('--cp-address and --cp-gateway need --cp-bridge');
-  if (cpAddress && !cpAddress.split(',').every((a) => /^[0-9a-fA-F.:]+\/\d{1,3}$/.test(a))) throw new Error(`--cp-address must be A/LEN[,A/LEN], got '${cpAddress}'`);
+  if (cpAddress && !cpAddress.split(',').every((a) => /^[0-9a-fA-F.:]+\/\d{1,3}$/.test(a)))
+    throw new Error(`--cp-address must be A/LEN[,A/LEN], got '${cpAddress}'`);
   if (cpGateway && !/^[0-9a-fA-F.:]+$/.test(cpGateway)) throw new Error(`--cp-gateway must be an address, got '${cpGateway}'`);
   const cpNic = cpBridge === null ? null : { bridge: cpBridge, addresses: cpAddress, gateway: cpGateway };
   let metrics: string | null = null;

@@ -6,13 +6,20 @@
  *    v1.0.0 (linux 6.1.0-47, bgp 1.0.0 writing schema 1) and v2.0.0 (linux 6.1.0-50, bgp 2.0.0
  *    writing schema 2, with transforms both ways), signs them with a fresh ed25519 key and trusts
  *    that key on the agent.
- * 2. Starts hitlessd and boots v1; its BGP-like daemon loads 20,000 routes and keeps changing
- *    2,000 of them per second for the whole run.
+ * 2. Builds the router's network from network namespaces (harness/netlab.ts): a data plane that
+ *    the agent programs from the daemon's FIB table, a sender and a receiver beside it, and the
+ *    bridge the control-plane VMs' NICs join. Starts hitlessd on it and boots v1; its BGP-like
+ *    daemon loads 20,000 routes, keeps changing 2,000 of them per second for the whole run, and
+ *    publishes 1,000 forwarding entries (IPv4 and IPv6) that the agent programs.
+ *    From before loadversion until after commit the sender sends 5,000 sequence-numbered UDP
+ *    packets/s through those routes to the receiver.
  * 3. loadversion v2 (verify, compatibility, admission, standby VM, bulk sync), runversion
  *    (switchover), an audit while both versions run, acceptversion, commitversion (v1 stops),
  *    and a final audit: the agent's table and the new active's own table compared by digest.
  * 4. Prints a short report; with --json the last line is one JSON object with from_version,
- *    to_version, records_verified, records_lost, freeze_ms, phases (name, seconds) and report_html.
+ *    to_version, records_verified, records_lost, freeze_ms, phases (name, seconds), report_html,
+ *    and the network's view: packets_sent, packets_lost, max_gap_ms (longest time between two
+ *    packets received), fib_routes and fib_changes_at_switchover.
  * 5. Writes the agent's upgrade report beside that JSON, in --report-dir (default ./demo-report):
  *    upgrade-ID.json (the summary above and the agent's ShowUpgrade answer) and upgrade-ID.html,
  *    the page `issu show upgrade ID --html FILE` writes.
@@ -33,6 +40,13 @@ import { generateKeyPair } from '../agent/images/signing';
 import { buildGuestImages, signedVariant } from '../harness/guest-images';
 import { until } from '../harness/wait';
 import { phaseRecorder } from './common/phases';
+import { NetLab, createNetLab, netLabAvailable } from '../harness/netlab';
+import { Traffic, TrafficResult, startTraffic } from '../harness/traffic';
+import { trafficTargets } from './common/fib-routes';
+import type { DataPlaneStatusView } from '../agent/dataplane/fib.service';
+
+/** The daemon's FIB in the guest images (--fib 1000). */
+const FIB_ROUTES = 1000;
 import type { AuditResponse, StatusResponse } from '../agent/checkpoint/messages';
 
 const { values } = parseArgs({
@@ -59,6 +73,8 @@ async function main(): Promise<void> {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-demo-'));
   const trust = path.join(work, 'trusted-keys');
   let agent: AgentHandle | null = null;
+  let lab: NetLab | null = null;
+  let traffic: Traffic | null = null;
   const clients: AnyClient[] = [];
   const started: string[] = [];
   try {
@@ -74,7 +90,12 @@ async function main(): Promise<void> {
         v2: await signedVariant(images['x86_64-2.0.0'], path.join(work, 'cp-2.0.0'), pair.privateKeyPem),
       };
     });
-    agent = await phase('start hitlessd', () => startAgent({ stateDir: path.join(work, 'state'), args: ['--trust-dir', trust] }));
+    const can = netLabAvailable();
+    if (can.ok) lab = await phase('build the network: data plane, sender, receiver (namespaces)', async () => createNetLab());
+    else say(`no network namespaces here (${can.reason}): the upgrade runs without a data plane and without traffic`);
+    agent = await phase('start hitlessd', () =>
+      startAgent({ stateDir: path.join(work, 'state'), args: ['--trust-dir', trust, ...(lab ? lab.agentArgs() : [])] }),
+    );
     const sock = agent.socket;
     const vm = rawClient('hitless.v1.Vm', sock);
     const ck = rawClient('hitless.v1.Checkpoint', sock);
@@ -96,6 +117,22 @@ async function main(): Promise<void> {
       );
     });
 
+    const dpStatus = async () => (await unaryCall<{ dataplane: DataPlaneStatusView }>(up, 'Status', {})).dataplane;
+    if (lab) {
+      await phase(`the agent programs the FIB (${FIB_ROUTES} routes)`, () =>
+        until(
+          'the FIB programmed',
+          async () => {
+            const d = await dpStatus();
+            return d.routes === FIB_ROUTES && d.programmedSeq === d.tableSeq && d.pending === 0 ? d : undefined;
+          },
+          60_000,
+          100,
+        ),
+      );
+      traffic = await phase('start traffic: 5,000 packets/s through the FIB', () => startTraffic(lab!, trafficTargets(FIB_ROUTES), 5000));
+    }
+
     // Progress from the agent's event stream, as an NMS would see it.
     // Shown like `issu` shows it: bars on a terminal, a few lines on a pipe (stderr).
     const view = progressView({ json: false, tty: !!process.stderr.isTTY, out: process.stderr, prefix: 'demo:   ' });
@@ -111,6 +148,13 @@ async function main(): Promise<void> {
     await phase('commitversion (stop v1)', () => unaryCall(up, 'CommitVersion', {}));
     const end = await phase('audit: agent and v2 active', () => unaryCall<AuditResponse>(ck, 'Audit', { process: 'bgp' }));
     stopEvents();
+    let flow: TrafficResult | null = null;
+    if (traffic) {
+      const t = traffic;
+      flow = await phase('stop traffic, count what arrived', () => t.stop());
+      traffic = null;
+    }
+    const dp = await dpStatus();
 
     const agentReport = await phase('fetch the upgrade report', () => unaryCall<UpgradeReport>(up, 'ShowUpgrade', { id: '' }));
     const rib = end.agent.find((t) => t.table === 'rib')!;
@@ -129,6 +173,16 @@ async function main(): Promise<void> {
       audit_detail: consistent ? '' : `${mid.detail} ${end.detail}`.trim(),
       phases,
       report_html: '',
+      packets_sent: flow?.packetsSent ?? null,
+      packets_lost: flow?.packetsLost ?? null,
+      max_gap_ms: flow?.maxGapMs ?? null,
+      fib_routes: lab ? dp.routes : null,
+      // What the switchover itself changed in the data plane (0 when no route changed).
+      fib_changes_at_switchover: lab
+        ? (agentReport.upgrade.dataplaneChanges ?? [])
+            .filter((c) => c.cause.startsWith('switchover'))
+            .reduce((n, c) => n + Number(c.added) + Number(c.replaced) + Number(c.deleted), 0)
+        : null,
     };
     const dir = path.resolve(values['report-dir']!);
     fs.mkdirSync(dir, { recursive: true });
@@ -142,10 +196,16 @@ async function main(): Promise<void> {
       for (const p of phases) console.log(`  ${p.name.padEnd(50)} ${p.seconds.toFixed(2)} s`);
       console.log(`  write freeze at switchover: ${freezeMs.toFixed(2)} ms`);
       console.log(`  records verified: ${report.records_verified} (table seq ${rib.seq}), lost: ${report.records_lost}`);
+      if (flow) {
+        console.log(
+          `  traffic through the data plane: ${flow.packetsSent} packets sent, ${flow.packetsLost} lost, longest gap ${flow.maxGapMs} ms (sender's own longest pause ${flow.maxSendGapMs} ms)`,
+        );
+        console.log(`  FIB: ${report.fib_routes} routes, ${report.fib_changes_at_switchover} data-plane changes at the switchover`);
+      }
       if (!consistent) console.log(`  AUDIT FAILED: ${report.audit_detail}`);
       console.log(`  upgrade report: ${report.report_html} (and ${base}.json)`);
     }
-    if (!consistent) process.exitCode = 1;
+    if (!consistent || (flow && flow.packetsLost !== 0)) process.exitCode = 1;
     for (const name of started) await unaryCall(vm, 'Stop', { name, timeoutS: 20 }).catch(() => undefined);
   } finally {
     for (const c of clients) c.close();
@@ -155,7 +215,9 @@ async function main(): Promise<void> {
       for (const name of started) await unaryCall(vm, 'Kill', { name }).catch(() => undefined);
       vm.close();
     }
+    traffic?.kill();
     await stopAllAgents();
+    lab?.remove();
     fs.rmSync(work, { recursive: true, force: true });
   }
 }

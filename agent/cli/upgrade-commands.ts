@@ -11,7 +11,7 @@ import { clientCtor } from '../grpc/proto';
 import { ProcessStatus } from '../checkpoint/messages';
 import { ProgressEvent, ProgressView, progressView } from './progress';
 import { Stub, call } from './rpc';
-import type { UpgradeInfoMsg } from '../report/upgrade-report';
+import type { DataPlaneChangesMsg, UpgradeInfoMsg } from '../report/upgrade-report';
 
 type Out = (obj: unknown, text: () => void) => void;
 
@@ -21,17 +21,6 @@ interface StatusMsg {
   history: UpgradeInfoMsg[];
   journal: { atMs: number; phase: string; note: string }[];
   dataplane?: DataPlaneStatusMsg;
-}
-
-interface DataPlaneChangesMsg {
-  cause: string;
-  routes: number;
-  added: number;
-  replaced: number;
-  deleted: number;
-  failed: number;
-  ms: number;
-  error: string;
 }
 
 interface DataPlaneStatusMsg {
@@ -63,7 +52,7 @@ function printDataPlane(d: DataPlaneStatusMsg | undefined, upgrade: UpgradeInfoM
   const state = d.failureCount ? `${d.failureCount} route(s) REFUSED` : behind > 0 || d.pending ? `programming (${d.pending} pending)` : 'in step';
   console.log(`  data plane: ${d.target}, ${d.table || 'no FIB table yet'}, ${d.routes} routes, ${state}${d.detail ? ` (${d.detail})` : ''}`);
   for (const f of d.failures) console.log(`    refused ${f}`);
-  for (const c of (upgrade as { dataplaneChanges?: DataPlaneChangesMsg[] } | undefined)?.dataplaneChanges ?? []) console.log(`    ${changesText(c)}`);
+  for (const c of upgrade?.dataplaneChanges ?? []) console.log(`    ${changesText(c)}`);
   if (d.lastReconcile && !upgrade) console.log(`    last reconciliation, ${changesText(d.lastReconcile)}`);
 }
 

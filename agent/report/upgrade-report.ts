@@ -46,6 +46,20 @@ export interface UpgradeInfoMsg {
   result: string;
   freezeMs: number;
   processes: { process: string; fromInstance: string; toInstance: string; freezeMs: number }[];
+  /** What each change of the active instances changed in the data plane (hitless.v1.DataPlaneChanges). */
+  dataplaneChanges?: DataPlaneChangesMsg[];
+}
+
+export interface DataPlaneChangesMsg {
+  atMs: number;
+  cause: string;
+  routes: number;
+  added: number;
+  replaced: number;
+  deleted: number;
+  failed: number;
+  ms: number;
+  error: string;
 }
 
 export interface UpgradeReport {
@@ -129,6 +143,14 @@ export function reportText(r: UpgradeReport): string {
   for (const a of r.audits) {
     lines.push(
       `  audit (${a.phase}) ${a.process}: ${a.consistent ? 'consistent' : 'INCONSISTENT'}, ${a.recordsVerified} verified, ${a.recordsLost} lost in ${a.instances.join(', ') || 'no instance'}${a.detail ? `: ${a.detail}` : ''}`,
+    );
+  }
+  for (const c of u.dataplaneChanges ?? []) {
+    const n = Number(c.added) + Number(c.replaced) + Number(c.deleted);
+    lines.push(
+      c.error
+        ? `  data plane at ${c.cause}: not reconciled: ${c.error}`
+        : `  data plane at ${c.cause}: ${n} route change(s) over ${c.routes} routes (${c.added} added, ${c.replaced} replaced, ${c.deleted} deleted${Number(c.failed) ? `, ${c.failed} refused` : ''})`,
     );
   }
   return lines.join('\n') + '\n';

@@ -867,7 +867,9 @@ export class UpgradeService {
       [to, true],
     ] as const) {
       if (!this.isAlive(vm)) continue;
-      await this.vms.setControlLink(vm, up).catch((e: Error) => this.emit('WARNING', rec.id, phase, `control-plane NIC of ${vm} not set ${up ? 'up' : 'down'}: ${e.message}`));
+      await this.vms
+        .setControlLink(vm, up)
+        .catch((e: Error) => this.emit('WARNING', rec.id, phase, `control-plane NIC of ${vm} not set ${up ? 'up' : 'down'}: ${e.message}`));
     }
   }
 

@@ -10,7 +10,9 @@ import { until } from '../../harness/wait';
 
 function tapRxPackets(lab: NetLab, vm: string): number | null {
   try {
-    const j = JSON.parse(execFileSync('ip', ['-n', lab.dataplane, '-j', '-s', 'link', 'show', cpTapName(vm)], { encoding: 'utf8' })) as {
+    const j = JSON.parse(
+      execFileSync('ip', ['-n', lab.dataplane, '-j', '-s', 'link', 'show', cpTapName(vm)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }),
+    ) as {
       stats64: { rx: { packets: number } };
     }[];
     return j[0].stats64.rx.packets;
