@@ -176,6 +176,8 @@ async function main(): Promise<void> {
       packets_sent: flow?.packetsSent ?? null,
       packets_lost: flow?.packetsLost ?? null,
       max_gap_ms: flow?.maxGapMs ?? null,
+      // The sender's own longest pause between sends: a gap as long as this one is the sender's.
+      max_send_gap_ms: flow?.maxSendGapMs ?? null,
       fib_routes: lab ? dp.routes : null,
       // What the switchover itself changed in the data plane (0 when no route changed).
       fib_changes_at_switchover: lab
