@@ -110,7 +110,7 @@ async function main(): Promise<void> {
         'bgp v1 active with its table',
         async () => {
           const b = await bgp();
-          return b.peers.some((p) => p.role === 'ACTIVE') && b.tables[0].records >= 20_000;
+          return b.peers.some((p) => p.role === 'ACTIVE') && (b.tables.find((t) => t.name === 'rib')?.records ?? 0) >= 20_000;
         },
         300_000,
         200,

@@ -74,7 +74,7 @@ export async function bootControlPlane(
     `bgp in ${name} active with ${records} routes`,
     async () => {
       const b = (await unaryCall<StatusResponse>(ck, 'Status', { process: 'bgp' }).catch(() => undefined))?.processes[0];
-      return b?.peers.some((p) => p.vmId === name && p.role === 'ACTIVE') && (b.tables[0]?.records ?? 0) >= records;
+      return b?.peers.some((p) => p.vmId === name && p.role === 'ACTIVE') && (b.tables.find((t) => t.name === 'rib')?.records ?? 0) >= records;
     },
     timeoutMs,
     200,

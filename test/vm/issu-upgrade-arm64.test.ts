@@ -102,7 +102,7 @@ describe('issu on arm64: runversion then abortversion, then runversion and commi
     await until('only bgp@cp-1 left', async () => (await h.bgp()).peers.every((p) => p.vmId === 'cp-1'), 30_000);
     await h.assertAudit('with v1 alone', ['cp-1']);
     // v2 wrote schema 1 for its v1 standby (transform 2->1): v1 reads every record.
-    assert.deepEqual((await h.bgp()).tables[0].schemas, [1]);
+    assert.deepEqual((await h.bgp()).tables.find((t) => t.name === 'rib')!.schemas, [1]);
   });
 
   it('loadversion, runversion and commitversion leave v2 running alone with the same table', async () => {
@@ -124,7 +124,7 @@ describe('issu on arm64: runversion then abortversion, then runversion and commi
     await h.assertAudit('after commitversion', [toVm]);
     // Nothing reads schema 1 any more: v2 writes its own.
     assert.equal(a?.schemaWrites, 2);
-    await until('schema-2 records in the table', async () => (await h.bgp()).tables[0].schemas.includes(2), 30_000);
+    await until('schema-2 records in the table', async () => (await h.bgp()).tables.find((t) => t.name === 'rib')!.schemas.includes(2), 30_000);
     await h.assertAudit('after v2 wrote schema 2', [toVm]);
   });
 });

@@ -283,7 +283,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   });
 
   it('changeversion runs the whole flow: v2 active, v1 stopped, tables exact', async () => {
-    assert.deepEqual((await h.bgp()).tables[0].schemas, [1], 'before the commit only schema 1 was written (v1 must read everything)');
+    assert.deepEqual((await h.bgp()).tables.find((t) => t.name === 'rib')!.schemas, [1], 'before the commit only schema 1 was written (v1 must read everything)');
     const t0 = Date.now();
     let r = { code: -1, stdout: '', stderr: '' };
     await withTraffic(async () => {
@@ -321,7 +321,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     // With v1 gone nothing needs schema 1 any more: v2 writes its own schema 2 from the commit on.
     const after = await h.bgp();
     assert.equal(after.peers.find((p) => p.role === 'ACTIVE')?.schemaWrites, 2);
-    await until('schema-2 records in the table', async () => (await h.bgp()).tables[0].schemas.includes(2), 30_000);
+    await until('schema-2 records in the table', async () => (await h.bgp()).tables.find((t) => t.name === 'rib')!.schemas.includes(2), 30_000);
     await h.assertAudit('after v2 wrote schema 2');
     // Idempotent: committing again is not an error.
     assert.equal((await h.cli('commitversion')).history[0].phase, 'COMMITTED');
