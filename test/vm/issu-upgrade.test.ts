@@ -283,7 +283,11 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   });
 
   it('changeversion runs the whole flow: v2 active, v1 stopped, tables exact', async () => {
-    assert.deepEqual((await h.bgp()).tables.find((t) => t.name === 'rib')!.schemas, [1], 'before the commit only schema 1 was written (v1 must read everything)');
+    assert.deepEqual(
+      (await h.bgp()).tables.find((t) => t.name === 'rib')!.schemas,
+      [1],
+      'before the commit only schema 1 was written (v1 must read everything)',
+    );
     const t0 = Date.now();
     let r = { code: -1, stdout: '', stderr: '' };
     await withTraffic(async () => {
