@@ -138,7 +138,12 @@ export class FibService implements ForwardingSink {
         `process '${process}' declares FIB table '${table}', but '${this.owner.process}/${this.owner.table}' already feeds the data plane; one FIB table per agent: declare it as a plain table, or publish the routes through ${this.owner.process}`,
       );
     }
-    if (this.owner) return;
+    if (this.owner) {
+      // The same table declared again: a declaration the store refused (full disk) and retried
+      // comes with a fresh replica; the one the checkpoint service keeps is the last one.
+      this.owner.replica = replica;
+      return;
+    }
     this.owner = { process, table, replica };
     this.programmedSeq = 0;
     // A table recovered at start is reconciled by start(); one declared later (nothing in it yet,
