@@ -13,7 +13,7 @@ if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 
 packages=(qemu-system-x86 qemu-system-arm qemu-utils busybox-static socat iproute2 e2fsprogs cpio xz-utils zstd
-  redis-server python3-grpcio python3-grpc-tools ca-certificates systemd chromium)
+  redis-server python3-grpcio python3-grpc-tools ca-certificates systemd chromium bird2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,6 +32,11 @@ fi
 # The test-suite's Redis is started by the benchmark itself; the packaged service is not needed.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
   $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+# Likewise BIRD: the tests and the demo run their own in network namespaces they make. Only a
+# service this script just installed is stopped; one that was there before is left alone.
+if [[ " ${missing[*]} " == *" bird2 "* ]] && command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet bird 2>/dev/null; then
+  $SUDO systemctl disable --now bird >/dev/null 2>&1 || true
 fi
 
 echo "setup: npm ci" >&2

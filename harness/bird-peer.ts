@@ -1,0 +1,123 @@
+/**
+ * BIRD 2 (Debian's bird2) as a BGP peer in a network namespace: a BGP implementation nobody here
+ * wrote. It announces `routes` IPv4 prefixes (and a tenth as many IPv6 ones) from static
+ * protocols, learns ours, and is read through its own CLI (birdc on its control socket).
+ */
+import { ChildProcess, execFile, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+export interface BirdPeerOptions {
+  netns: string;
+  dir: string;
+  routerId: string;
+  localAddress: string;
+  localAs: number;
+  neighbor: string;
+  neighborAs: number;
+  /** IPv4 prefixes BIRD announces (see birdPrefixes). */
+  routes: number;
+  /** Next hop BIRD gives its IPv6 routes over the IPv4 session. */
+  nextHop6: string;
+  holdTime?: number;
+  /** The neighbor is not on a directly connected subnet (BIRD resolves next hops recursively). */
+  multihop?: boolean;
+}
+
+export interface BirdPeer {
+  proc: ChildProcess;
+  socket: string;
+  birdc(cmd: string): Promise<string>;
+  /** State, since when, and route counts of the BGP protocol `peer`, from `show protocols all`. */
+  protocol(): Promise<{ state: string; since: string; imported: number; exported: number; withdrawsReceived: number; text: string }>;
+  version(): Promise<string>;
+  stop(): Promise<void>;
+}
+
+/**
+ * The prefixes BIRD announces: /24s from 10.0.0.0/8 (at most 65,536) and a tenth as many /48s
+ * from 2001:db8:f000::/36 (at most 4,096). Routes only inside the test's namespaces.
+ */
+export function birdPrefixes(routes: number): { v4: string[]; v6: string[] } {
+  const v4: string[] = [];
+  for (let i = 0; i < Math.min(routes, 65_536); i++) v4.push(`10.${i >> 8}.${i & 255}.0/24`);
+  const v6: string[] = [];
+  for (let i = 0; i < Math.min(Math.ceil(routes / 10), 4096); i++) v6.push(`2001:db8:${(0xf000 + i).toString(16)}::/48`);
+  return { v4, v6 };
+}
+
+export async function startBird(o: BirdPeerOptions): Promise<BirdPeer> {
+  fs.mkdirSync(o.dir, { recursive: true });
+  const conf = path.join(o.dir, 'bird.conf');
+  const socket = path.join(o.dir, 'bird.ctl');
+  const { v4, v6 } = birdPrefixes(o.routes);
+  fs.writeFileSync(
+    conf,
+    [
+      `router id ${o.routerId};`,
+      'protocol device {}',
+      `protocol static s4 { ipv4; ${v4.map((p) => `route ${p} unreachable;`).join(' ')} }`,
+      `protocol static s6 { ipv6; ${v6.map((p) => `route ${p} unreachable;`).join(' ')} }`,
+      'protocol bgp peer {',
+      `  local ${o.localAddress} as ${o.localAs};`,
+      `  neighbor ${o.neighbor} as ${o.neighborAs};`,
+      ...(o.multihop ? ['  multihop 2;'] : []),
+      `  hold time ${o.holdTime ?? 90};`,
+      '  graceful restart on;',
+      '  ipv4 { import all; export where source = RTS_STATIC; };',
+      `  ipv6 { import all; export where source = RTS_STATIC; next hop address ${o.nextHop6}; };`,
+      '}',
+      '',
+    ].join('\n'),
+  );
+  const proc = spawn('ip', ['netns', 'exec', o.netns, 'bird', '-f', '-c', conf, '-s', socket, '-P', path.join(o.dir, 'bird.pid')], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const birdc = (cmd: string) =>
+    new Promise<string>((resolve, reject) =>
+      execFile('birdc', ['-s', socket, ...cmd.split(' ')], { timeout: 10_000 }, (err, out) =>
+        err ? reject(new Error(`birdc ${cmd}: ${err.message} ${stderr}`)) : resolve(out),
+      ),
+    );
+  for (let i = 0; ; i++) {
+    if (proc.exitCode !== null) throw new Error(`bird exited (${proc.exitCode}): ${stderr}`);
+    if (fs.existsSync(socket)) {
+      try {
+        await birdc('show status');
+        break;
+      } catch {
+        // not answering yet
+      }
+    }
+    if (i > 100) throw new Error(`bird did not open its control socket: ${stderr}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return {
+    proc,
+    socket,
+    birdc,
+    protocol: async () => {
+      const text = await birdc('show protocols all peer');
+      const line = text.split('\n').find((l) => /^peer\s/.test(l)) ?? '';
+      const cols = line.trim().split(/\s+/);
+      const state = /BGP state:\s+(\S+)/.exec(text)?.[1] ?? '?';
+      let imported = 0;
+      let exported = 0;
+      for (const m of text.matchAll(/Routes:\s+(\d+) imported, (?:\d+ filtered, )?(\d+) exported/g)) {
+        imported += Number(m[1]);
+        exported += Number(m[2]);
+      }
+      let withdrawsReceived = 0;
+      for (const m of text.matchAll(/Import withdraws:\s+(\d+)/g)) withdrawsReceived += Number(m[1]);
+      return { state, since: `${cols[4] ?? ''} ${cols[5] ?? ''}`.trim(), imported, exported, withdrawsReceived, text };
+    },
+    version: async () => /BIRD ([\d.]+)/.exec(await birdc('show status'))?.[1] ?? '?',
+    stop: async () => {
+      if (proc.exitCode !== null) return;
+      proc.kill('SIGTERM');
+      await new Promise((r) => proc.once('exit', r));
+    },
+  };
+}
