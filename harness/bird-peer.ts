@@ -56,6 +56,10 @@ export async function startBird(o: BirdPeerOptions): Promise<BirdPeer> {
     [
       `router id ${o.routerId};`,
       'protocol device {}',
+      // What BIRD learns goes into its namespace's kernel table: traffic to our prefixes follows
+      // it, and stops if BIRD withdraws them.
+      'protocol kernel k4 { ipv4 { export where source = RTS_BGP; }; }',
+      'protocol kernel k6 { ipv6 { export where source = RTS_BGP; }; }',
       `protocol static s4 { ipv4; ${v4.map((p) => `route ${p} unreachable;`).join(' ')} }`,
       `protocol static s6 { ipv6; ${v6.map((p) => `route ${p} unreachable;`).join(' ')} }`,
       'protocol bgp peer {',

@@ -24,9 +24,16 @@ export interface DaemonHandle {
 const running = new Set<DaemonHandle>();
 const EXAMPLES = path.resolve(__dirname, '../examples');
 
-/** `env` is added to this process's environment (e.g. HITLESS_RESTARTS, as a guest's init sets it). */
-export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: Record<string, string> = {}): DaemonHandle {
-  const proc = spawn(process.execPath, [path.join(EXAMPLES, kind, 'daemon.js'), ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+/**
+ * `env` is added to this process's environment (e.g. HITLESS_RESTARTS, as a guest's init sets
+ * it); `netns` runs it in that network namespace (it still reaches the agent's unix socket).
+ */
+export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: Record<string, string> = {}, netns?: string): DaemonHandle {
+  // In a network namespace (`ip netns exec` execs the daemon: the pid is the daemon's).
+  const argv = [path.join(EXAMPLES, kind, 'daemon.js'), ...args];
+  const proc = netns
+    ? spawn('ip', ['netns', 'exec', netns, process.execPath, ...argv], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } })
+    : spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   const events: DaemonEvent[] = [];
   const waiters: { pred: (e: DaemonEvent) => boolean; resolve: (e: DaemonEvent) => void }[] = [];
   let stderr = '';

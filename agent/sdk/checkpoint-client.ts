@@ -75,6 +75,11 @@ export interface CheckpointClientOptions {
   /** Transforms keyed "from->to"; sources become readable, targets writable. */
   transforms?: Record<string, Transform>;
   tables: TableSpec[];
+  /**
+   * Tables whose values keep one format across this process's schema versions: never passed
+   * through `transforms` (FIB tables never are: their values are FibEntry messages).
+   */
+  untransformedTables?: string[];
   role: 'ACTIVE' | 'STANDBY';
   logger?: Logger;
   /** Reconnect when the agent goes away (default true). */
@@ -145,16 +150,16 @@ export class Batch {
   // Starts small (from Node's buffer pool) and grows: a fresh 64 KiB buffer per batch made V8
   // collect far more often at thousands of small SYNC batches per second.
   readonly builder = new RecordBuilder(2048);
-  /** FIB values are FibEntry messages: never transformed to another schema. */
-  private readonly fib: boolean;
+  /** FIB values (FibEntry messages) and untransformedTables keep their format in every schema. */
+  private readonly untransformed: boolean;
   constructor(
     private readonly client: CheckpointClient,
     readonly table: string,
   ) {
-    this.fib = client.isFib(table);
+    this.untransformed = client.isUntransformed(table);
   }
   put(key: Buffer | string, value: Buffer): this {
-    this.builder.put(key, this.client.writeSchema, this.fib ? value : this.client.toWriteSchema(value));
+    this.builder.put(key, this.client.writeSchema, this.untransformed ? value : this.client.toWriteSchema(value));
     return this;
   }
   delete(key: Buffer | string): this {
@@ -270,7 +275,7 @@ export class CheckpointClient extends EventEmitter {
     let t = this.tables.get(name);
     if (!t) {
       // FIB values are FibEntry messages whatever the process's schema: never transformed.
-      t = this.isFib(name) ? new LocalTable(name, (_schema, value) => value) : new LocalTable(name, (schema, value) => this.toNative(schema, value));
+      t = this.isUntransformed(name) ? new LocalTable(name, (_schema, value) => value) : new LocalTable(name, (schema, value) => this.toNative(schema, value));
       this.tables.set(name, t);
     }
     return t;
@@ -385,9 +390,9 @@ export class CheckpointClient extends EventEmitter {
 
   // ------------------------------------------------------------------ active side
 
-  /** Whether `table` was declared as a FIB table (its values are FibEntry messages). */
-  isFib(table: string): boolean {
-    return this.opts.tables.some((t) => t.name === table && t.kind === 'FIB');
+  /** Whether `table`'s values bypass the schema transforms (a FIB table, or one named so). */
+  isUntransformed(table: string): boolean {
+    return this.opts.tables.some((t) => t.name === table && t.kind === 'FIB') || (this.opts.untransformedTables ?? []).includes(table);
   }
 
   /** Values in the native schema -> the schema the agent asked this active to write. */

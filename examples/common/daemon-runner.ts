@@ -2,7 +2,7 @@
  * Shared body of the example routing daemons: flags, the CheckpointClient, a load generator that
  * keeps changing the table while active, and a line protocol for operators and tests.
  *
- * stdin commands (one per line): digest | status | load N | churn RATE | stop | quit
+ * stdin commands (one per line): digest | status | load N | churn RATE | bgp | stop | quit
  * stdout: one JSON object per line, {"event": ...}; SIGUSR1 also prints the digest.
  * The daemon's table *is* the SDK's local table: what it serves is exactly what it replicates.
  */
@@ -11,6 +11,7 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { CheckpointClient, Transform } from '../../agent/sdk/checkpoint-client';
 import { DEFAULT_FIB_ROUTE_OPTIONS, fibRoutes } from './fib-routes';
+import { BGP_TABLES, BgpRouting } from '../bgp-rib/bgp/routing';
 
 /**
  * Churn period, ms: one batch per tick. A role command that arrives during a tick waits for it,
@@ -52,13 +53,21 @@ export const DAEMON_USAGE = (name: string) => `Usage: ${name} [options]
                       (examples/common/fib-routes.ts); default 0 = no FIB table
   --fib-via A4,A6     next hops of those entries (default 198.51.100.2,2001:db8:2::2)
   --fib-dev PORT      data-plane port of those next hops (default port2)
+BGP (examples/bgp-rib/bgp/: the active instance speaks BGP-4; RIBs and sessions are tables)
+  --bgp-peer ADDR:AS  a BGP neighbour (repeatable); without one the daemon speaks no BGP
+  --bgp-as N          our AS (4-octet)            --bgp-router-id A   our BGP identifier
+  --bgp-announce P,.. prefixes we originate       --bgp-next-hop A4,A6  their next hops (the
+                      data plane's addresses toward the peers)
+  --bgp-port PORT     data-plane port toward the peers: FIB entries of learned routes (port2)
+  --bgp-local-address A  connect from A           --bgp-hold-time S (90)
+  --bgp-graceful-restart S  restart time we advertise (120)
   --json-only         no human text on stderr
   --loop-stats S      every S seconds print the event loop's delay (p50/p99/max ms; default 0 = off)
 env HITLESS_BULK      host:port of the agent's bulk snapshot channel when it differs from what
                       the agent advertises (guests: 10.0.2.100:7001)
 env HITLESS_RESTARTS  how often a process manager restarted this process; above 0 it asks for
                       ACTIVE and follows the active instance if there is one (--role is ignored)
-stdin: digest | status | load N | churn RATE | stop | quit      SIGUSR1: digest
+stdin: digest | status | load N | churn RATE | bgp | stop | quit      SIGUSR1: digest
 `;
 
 /** The FIB table of the example daemons (TableSpec.kind FIB). */
@@ -83,6 +92,15 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
       fib: { type: 'string', default: '0' },
       'fib-via': { type: 'string' },
       'fib-dev': { type: 'string' },
+      'bgp-peer': { type: 'string', multiple: true },
+      'bgp-as': { type: 'string' },
+      'bgp-router-id': { type: 'string' },
+      'bgp-announce': { type: 'string', default: '' },
+      'bgp-next-hop': { type: 'string', default: '' },
+      'bgp-port': { type: 'string', default: 'port2' },
+      'bgp-local-address': { type: 'string' },
+      'bgp-hold-time': { type: 'string', default: '90' },
+      'bgp-graceful-restart': { type: 'string', default: '120' },
       'json-only': { type: 'boolean', default: false },
       'loop-stats': { type: 'string', default: '0' },
       help: { type: 'boolean', short: 'h' },
@@ -101,6 +119,11 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   const vm = values.vm ?? process.env.HITLESS_VM ?? 'host';
   const batchSize = Number(values.batch);
   const fibCount = Number(values.fib);
+  const bgpPeers = values['bgp-peer'] ?? [];
+  if (bgpPeers.length && (!values['bgp-as'] || !values['bgp-router-id'])) {
+    process.stderr.write(`${model.process}: --bgp-peer needs --bgp-as and --bgp-router-id\n`);
+    process.exit(2);
+  }
   const [via4, via6] = (values['fib-via'] ?? '').split(',');
   const fibOpts = {
     via4: via4 || DEFAULT_FIB_ROUTE_OPTIONS.via4,
@@ -122,20 +145,49 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
     transforms: model.transforms,
     tables: [
       { name: model.table, durability: values.sync ? 'SYNC' : 'ASYNC' },
-      ...(fibCount > 0 ? [{ name: FIB_TABLE, durability: 'ASYNC' as const, kind: 'FIB' as const }] : []),
+      ...(fibCount > 0 || bgpPeers.length ? [{ name: FIB_TABLE, durability: 'ASYNC' as const, kind: 'FIB' as const }] : []),
+      ...(bgpPeers.length ? BGP_TABLES.map((name) => ({ name, durability: 'ASYNC' as const })) : []),
     ],
+    untransformedTables: bgpPeers.length ? [...BGP_TABLES] : [],
     role: restarts === 0 && values.role === 'standby' ? 'STANDBY' : 'ACTIVE',
     rejoin: restarts > 0,
     bulkAddress: process.env.HITLESS_BULK || undefined,
   });
   const table = client.table(model.table);
+  const [nh4, nh6] = values['bgp-next-hop']!.split(',');
+  const bgp = bgpPeers.length
+    ? new BgpRouting(
+        client,
+        {
+          speaker: {
+            as: Number(values['bgp-as']),
+            routerId: values['bgp-router-id']!,
+            holdTime: Number(values['bgp-hold-time']),
+            gracefulRestartTime: Number(values['bgp-graceful-restart']),
+            peers: bgpPeers.map((p) => {
+              const i = p.lastIndexOf(':');
+              return { address: p.slice(0, i), as: Number(p.slice(i + 1)), localAddress: values['bgp-local-address'] };
+            }),
+            announce: values['bgp-announce']!.split(',').filter(Boolean),
+            nextHop4: nh4 || undefined,
+            nextHop6: nh6 || undefined,
+          },
+          port: values['bgp-port']!,
+          fibTable: FIB_TABLE,
+        },
+        out,
+      )
+    : null;
   let seed = Number(values.seed);
   let rand = mulberry(seed);
   let churnTimer: NodeJS.Timeout | null = null;
   let acked = 0;
   let failed = 0;
 
-  client.on('role', (role) => out({ event: 'role', role, seq: table.seq, records: table.size }));
+  client.on('role', (role) => {
+    out({ event: 'role', role, seq: table.seq, records: table.size });
+    bgp?.onRole(role);
+  });
   // `ms`: snapshot-begin to snapshot, i.e. receiving and applying the bulk snapshot here.
   const snapshotStart = new Map<string, number>();
   client.on('snapshot-begin', (t, seq, records) => {
@@ -245,6 +297,7 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
     );
   }
   setChurn(Number(values.churn));
+  bgp?.onRole(client.role);
 
   process.on('SIGUSR1', digest);
   const loopStatsS = Number(values['loop-stats']);
@@ -261,6 +314,7 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   }
   const shutdown = async () => {
     setChurn(0);
+    bgp?.stop();
     await client.close();
     process.exit(0);
   };
@@ -276,13 +330,14 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
       rand = mulberry(seed);
       await load(Number(arg));
     } else if (cmd === 'churn') setChurn(Number(arg));
+    else if (cmd === 'bgp') out({ event: 'bgp', ...(bgp?.summary() as object) });
     else if (cmd === 'stop') {
       setChurn(0);
       // Wait until everything written is acknowledged, then report.
       while (client.inFlight > 0) await new Promise((r) => setTimeout(r, 5));
       out({ event: 'stopped', seq: table.seq, records: table.size, acked });
     } else if (cmd === 'quit') await shutdown();
-    else if (cmd) out({ event: 'error', message: `unknown command '${cmd}' (digest, status, load N, churn RATE, stop, quit)` });
+    else if (cmd) out({ event: 'error', message: `unknown command '${cmd}' (digest, status, load N, churn RATE, bgp, stop, quit)` });
   });
 }
 

@@ -95,10 +95,13 @@ describe('BGP: the example speaker peers with BIRD 2 (real sessions, network nam
   });
 
   after(async () => {
-    speaker?.proc.kill('SIGKILL');
-    await bird?.stop();
-    lab?.remove();
-    fs.rmSync(dir, { recursive: true, force: true });
+    try {
+      speaker?.proc.kill('SIGKILL');
+      await bird?.stop();
+    } finally {
+      lab?.remove();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('establishes a session with BIRD and exchanges routes of both families', async () => {

@@ -113,6 +113,14 @@ export class BgpSession extends EventEmitter {
     for (const m of msgs) this.sock.write(m);
   }
 
+  /**
+   * Lets go of the connection without a word to the peer (no NOTIFICATION): the instance is
+   * handing the session over (a switchover). The peer sees the connection end as a restart.
+   */
+  release(reason: string): void {
+    this.down(reason);
+  }
+
   /** Ends the session with a NOTIFICATION (Cease, administrative shutdown by default). */
   stop(reason: string, code: number = Err.CEASE, subcode: number = Err.CEASE_ADMIN_SHUTDOWN): void {
     this.notifyAndClose(new BgpError(code, subcode, reason));

@@ -33,6 +33,11 @@ export interface SpeakerConfig {
   announce: string[];
   /** Next hop of our IPv6 prefixes (an IPv6 session address is not known over an IPv4 session). */
   nextHop6?: string;
+  /**
+   * Next hop of our IPv4 prefixes: the data plane's address toward the peer, so that traffic to
+   * them goes through the data plane, not to the control plane. Default: the session's address.
+   */
+  nextHop4?: string;
   /** Graceful-restart time we advertise, s (0: not advertised). */
   gracefulRestartTime?: number;
   /** Delay between connection attempts, ms. */
@@ -74,13 +79,42 @@ export class BgpSpeaker extends EventEmitter {
     for (const p of this.peers.values()) this.connect(p);
   }
 
+  /** Ends every session with a Cease NOTIFICATION. */
   stop(): void {
+    this.halt((s) => s.stop('the speaker is stopping'));
+  }
+
+  /**
+   * Lets go of every session without a NOTIFICATION (a switchover hands the router's sessions to
+   * another instance): to the peer it is a restart, and with graceful restart it keeps our routes.
+   */
+  release(): void {
+    this.halt((s) => s.release('handed over to another instance'));
+  }
+
+  private halt(end: (s: BgpSession) => void): void {
     this.stopped = true;
     for (const p of this.peers.values()) {
       if (p.retry) clearTimeout(p.retry);
       if (p.staleTimer) clearTimeout(p.staleTimer);
-      p.session?.stop('the speaker is stopping');
+      p.retry = p.staleTimer = null;
+      if (p.session) end(p.session);
     }
+  }
+
+  /**
+   * Routes a previous instance had learned (from the checkpointed Adj-RIB-In): kept as stale, and
+   * selected as before, until the peer's End-of-RIB after the new session replaces them.
+   */
+  restoreStale(peer: string, routes: Iterable<[string, PathAttributes]>): void {
+    const p = this.peers.get(peer);
+    if (!p) return;
+    const changed = new Set<string>();
+    for (const [prefix, attrs] of routes) {
+      p.adjRibIn.set(prefix, { peer, attrs, stale: true });
+      changed.add(prefix);
+    }
+    this.select(changed);
   }
 
   private connect(p: PeerState): void {
@@ -141,12 +175,13 @@ export class BgpSpeaker extends EventEmitter {
     const msgs: Buffer[] = [];
     for (const f of n.families) {
       const mine = this.cfg.announce.filter((x) => (f.afi === AFI_IPV6) === x.includes(':'));
-      const nh = f.afi === AFI_IPV4 ? (p.cfg.localAddress ?? local) : (this.cfg.nextHop6 ?? '');
+      const nh = f.afi === AFI_IPV4 ? (this.cfg.nextHop4 ?? p.cfg.localAddress ?? local) : (this.cfg.nextHop6 ?? '');
       if (mine.length && nh) {
         for (let i = 0; i < mine.length; i += PREFIXES_PER_UPDATE) {
           msgs.push(encodeUpdate({ announced: mine.slice(i, i + PREFIXES_PER_UPDATE), attrs: attrs(nh), as4: n.as4 }));
         }
         for (const x of mine) p.adjRibOut.add(x);
+        this.emit('adj-out', p.cfg.address, mine, attrs(nh));
       }
       msgs.push(encodeEndOfRib(f));
     }
@@ -155,11 +190,17 @@ export class BgpSpeaker extends EventEmitter {
 
   private onUpdate(p: PeerState, u: UpdateMessage): void {
     const changed = new Set<string>();
-    for (const w of u.withdrawn) if (p.adjRibIn.delete(w)) changed.add(w);
+    for (const w of u.withdrawn) {
+      if (!p.adjRibIn.delete(w)) continue;
+      changed.add(w);
+      this.emit('adj-in', p.cfg.address, w, null);
+    }
     if (u.attributes) {
       for (const a of u.announced) {
-        p.adjRibIn.set(a, { peer: p.cfg.address, attrs: u.attributes, stale: false });
+        const r: Route = { peer: p.cfg.address, attrs: u.attributes, stale: false };
+        p.adjRibIn.set(a, r);
         changed.add(a);
+        this.emit('adj-in', p.cfg.address, a, r);
       }
     }
     if (u.endOfRib) {
@@ -168,6 +209,7 @@ export class BgpSpeaker extends EventEmitter {
         if (r.stale && (u.endOfRib.afi === AFI_IPV6) === prefix.includes(':')) {
           p.adjRibIn.delete(prefix);
           changed.add(prefix);
+          this.emit('adj-in', p.cfg.address, prefix, null);
         }
       }
       this.emit('end-of-rib', p.cfg.address, u.endOfRib);
@@ -176,6 +218,9 @@ export class BgpSpeaker extends EventEmitter {
   }
 
   private sessionDown(p: PeerState, s: BgpSession): void {
+    // A speaker that let go (released or stopped) keeps nothing to do: another instance, or none,
+    // carries the routes on.
+    if (this.stopped) return;
     const gr = (() => {
       try {
         return s.negotiated().peerGracefulRestart;
@@ -194,6 +239,7 @@ export class BgpSpeaker extends EventEmitter {
           if (!r.stale) continue;
           p.adjRibIn.delete(prefix);
           changed.add(prefix);
+          this.emit('adj-in', p.cfg.address, prefix, null);
         }
         this.select(changed);
       }, gr.restartTime * 1000);
@@ -201,6 +247,7 @@ export class BgpSpeaker extends EventEmitter {
     }
     const changed = new Set(p.adjRibIn.keys());
     p.adjRibIn.clear();
+    for (const prefix of changed) this.emit('adj-in', p.cfg.address, prefix, null);
     this.select(changed);
   }
 
