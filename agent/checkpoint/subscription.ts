@@ -119,15 +119,21 @@ export class Subscription {
     this.send(event);
   }
 
-  /** Records sent and in total over the snapshots still streaming (0 of 0 when none is). */
+  /**
+   * Records sent and in total over every snapshot of this subscription, while one still streams
+   * (0 of 0 when none does). Finished tables count whole, so with several tables the total does
+   * not shrink as the first ones finish: it is the standby's whole transfer.
+   */
   snapshotProgress(): SnapshotProgress {
     const p = { sent: 0, total: 0 };
+    let streaming = false;
     for (const c of this.cursors.values()) {
-      if (!c.snapshotting || !c.progress) continue;
-      p.sent += c.progress.sent;
+      if (!c.progress) continue;
+      streaming ||= c.snapshotting;
+      p.sent += c.snapshotting ? c.progress.sent : c.progress.total;
       p.total += c.progress.total;
     }
-    return p;
+    return streaming ? p : { sent: 0, total: 0 };
   }
 
   /**
