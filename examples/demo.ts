@@ -11,15 +11,21 @@
  *    bridge the control-plane VMs' NICs join. Starts hitlessd on it and boots v1; its BGP-like
  *    daemon loads 20,000 routes, keeps changing 2,000 of them per second for the whole run, and
  *    publishes 1,000 forwarding entries (IPv4 and IPv6) that the agent programs.
+ *    BIRD 2 runs beside the receiver (AS 65000, 20,000 IPv4 and 2,000 IPv6 prefixes) and peers
+ *    with the active daemon over its control-plane NIC; what BIRD announces becomes FIB entries,
+ *    what we announce (192.0.2.0/24, 2001:db8:1::/64) goes into BIRD's kernel table.
  *    From before loadversion until after commit the sender sends 5,000 sequence-numbered UDP
- *    packets/s through those routes to the receiver.
+ *    packets/s through the FIB to the receiver (the static routes and BIRD's), and 1,000/s go
+ *    back from BIRD's side to the sender through the routes BIRD learned from us.
  * 3. loadversion v2 (verify, compatibility, admission, standby VM, bulk sync), runversion
  *    (switchover), an audit while both versions run, acceptversion, commitversion (v1 stops),
  *    and a final audit: the agent's table and the new active's own table compared by digest.
  * 4. Prints a short report; with --json the last line is one JSON object with from_version,
  *    to_version, records_verified, records_lost, freeze_ms, phases (name, seconds), report_html,
  *    and the network's view: packets_sent, packets_lost, max_gap_ms (longest time between two
- *    packets received), fib_routes and fib_changes_at_switchover.
+ *    packets received), fib_routes and fib_changes_at_switchover, and the BGP peer's view:
+ *    bgp_peer, bgp_session_resets, peer_routes_withdrawn, peer_routes_before, peer_routes_after
+ *    (read from BIRD with birdc).
  * 5. Writes the agent's upgrade report beside that JSON, in --report-dir (default ./demo-report):
  *    upgrade-ID.json (the summary above and the agent's ShowUpgrade answer) and upgrade-ID.html,
  *    the page `issu show upgrade ID --html FILE` writes.
@@ -43,6 +49,11 @@ import { phaseRecorder } from './common/phases';
 import { NetLab, createNetLab, netLabAvailable } from '../harness/netlab';
 import { Traffic, TrafficResult, startTraffic } from '../harness/traffic';
 import { trafficTargets } from './common/fib-routes';
+import { BirdPeer, BirdWatch, birdPrefixes, startBird, watchBird } from '../harness/bird-peer';
+
+/** BIRD's table in the demo: 20,000 IPv4 and 2,000 IPv6 prefixes. */
+const BIRD_ROUTES = 20_000;
+const BIRD_LEARNED = BIRD_ROUTES + BIRD_ROUTES / 10;
 import type { DataPlaneStatusView } from '../agent/dataplane/fib.service';
 
 /** The daemon's FIB in the guest images (--fib 1000). */
@@ -50,12 +61,19 @@ const FIB_ROUTES = 1000;
 import type { AuditResponse, StatusResponse } from '../agent/checkpoint/messages';
 
 const { values } = parseArgs({
-  options: { json: { type: 'boolean', default: false }, 'report-dir': { type: 'string', default: 'demo-report' }, help: { type: 'boolean', short: 'h' } },
+  options: {
+    json: { type: 'boolean', default: false },
+    'report-dir': { type: 'string', default: 'demo-report' },
+    keep: { type: 'boolean', default: false },
+    help: { type: 'boolean', short: 'h' },
+  },
 });
 if (values.help) {
   process.stdout.write(`Usage: npm run demo [-- [--json] [--report-dir DIR]]
   Boots v1 of the control plane under QEMU and upgrades it hitlessly to v2.
   --json             the summary as one JSON object on the last line of stdout
+  --keep             keep the work directory (agent state and log, VM consoles, BIRD's files)
+                     and say where it is
   --report-dir DIR   where the upgrade report goes (default ./demo-report): upgrade-ID.json and
                      upgrade-ID.html, a self-contained page to open in a browser
 `);
@@ -75,6 +93,9 @@ async function main(): Promise<void> {
   let agent: AgentHandle | null = null;
   let lab: NetLab | null = null;
   let traffic: Traffic | null = null;
+  let reverse: Traffic | null = null;
+  let bird: BirdPeer | null = null;
+  let birdWatch: BirdWatch | null = null;
   const clients: AnyClient[] = [];
   const started: string[] = [];
   try {
@@ -91,8 +112,24 @@ async function main(): Promise<void> {
       };
     });
     const can = netLabAvailable();
-    if (can.ok) lab = await phase('build the network: data plane, sender, receiver (namespaces)', async () => createNetLab());
-    else say(`no network namespaces here (${can.reason}): the upgrade runs without a data plane and without traffic`);
+    if (can.ok) {
+      lab = await phase('build the network: data plane, sender, receiver (namespaces)', async () => createNetLab());
+      const l = lab;
+      bird = await phase(`start BIRD beside the receiver: AS 65000, ${BIRD_ROUTES + BIRD_ROUTES / 10} prefixes`, () =>
+        startBird({
+          netns: l.receiver,
+          dir: path.join(work, 'bird'),
+          routerId: '198.51.100.2',
+          localAddress: '198.51.100.2',
+          localAs: 65000,
+          neighbor: l.cp.guest,
+          neighborAs: 65001,
+          routes: BIRD_ROUTES,
+          nextHop6: '2001:db8:2::2',
+          multihop: true,
+        }),
+      );
+    } else say(`no network namespaces here (${can.reason}): the upgrade runs without a data plane, BGP peer or traffic`);
     agent = await phase('start hitlessd', () =>
       startAgent({ stateDir: path.join(work, 'state'), args: ['--trust-dir', trust, ...(lab ? lab.agentArgs() : [])] }),
     );
@@ -118,19 +155,45 @@ async function main(): Promise<void> {
     });
 
     const dpStatus = async () => (await unaryCall<{ dataplane: DataPlaneStatusView }>(up, 'Status', {})).dataplane;
-    if (lab) {
-      await phase(`the agent programs the FIB (${FIB_ROUTES} routes)`, () =>
+    if (lab && bird) {
+      const b = bird;
+      await phase('BGP: v1 and BIRD exchange routes', () =>
+        until(
+          'BIRD Established with our 2 prefixes',
+          async () => {
+            const p = await b.protocol();
+            return p.state === 'Established' && p.imported === 2;
+          },
+          120_000,
+          200,
+        ),
+      );
+      await phase(`the agent programs the FIB (${FIB_ROUTES} static + ${BIRD_LEARNED} learned routes)`, () =>
         until(
           'the FIB programmed',
           async () => {
             const d = await dpStatus();
-            return d.routes === FIB_ROUTES && d.programmedSeq === d.tableSeq && d.pending === 0 ? d : undefined;
+            if (d.routes === FIB_ROUTES + BIRD_LEARNED && d.programmedSeq === d.tableSeq && d.pending === 0) return d;
+            // Said if it times out: how far it got.
+            throw new Error(
+              `${d.routes} of ${FIB_ROUTES + BIRD_LEARNED} routes in the FIB table, programmed up to seq ${d.programmedSeq} of ${d.tableSeq}, ${d.pending} pending, ${d.failureCount} refused${d.failures.length ? ` (${d.failures[0]})` : ''}`,
+            );
           },
-          60_000,
+          120_000,
           100,
         ),
       );
-      traffic = await phase('start traffic: 5,000 packets/s through the FIB', () => startTraffic(lab!, trafficTargets(FIB_ROUTES), 5000));
+      const l = lab;
+      // Forward: to the static FIB's destinations and to BIRD's (through routes learned by BGP).
+      const peerTargets = birdPrefixes(BIRD_ROUTES)
+        .v4.slice(0, 500)
+        .map((p) => p.replace('.0/24', '.1'));
+      traffic = await phase('start traffic: 5,000 packets/s through the FIB', () => startTraffic(l, [...trafficTargets(FIB_ROUTES / 2), ...peerTargets], 5000));
+      // Reverse: from BIRD's side to our prefix, through BIRD's kernel table (gone if it withdraws).
+      reverse = await phase('start traffic back: 1,000 packets/s through the routes BIRD learned from us', () =>
+        startTraffic(l, ['192.0.2.2', '2001:db8:1::2'], 1000, 9998, true),
+      );
+      birdWatch = await watchBird(b);
     }
 
     // Progress from the agent's event stream, as an NMS would see it.
@@ -149,11 +212,18 @@ async function main(): Promise<void> {
     const end = await phase('audit: agent and v2 active', () => unaryCall<AuditResponse>(ck, 'Audit', { process: 'bgp' }));
     stopEvents();
     let flow: TrafficResult | null = null;
+    let back: TrafficResult | null = null;
     if (traffic) {
       const t = traffic;
       flow = await phase('stop traffic, count what arrived', () => t.stop());
       traffic = null;
     }
+    if (reverse) {
+      const t = reverse;
+      back = await phase('stop the traffic back, count what arrived', () => t.stop());
+      reverse = null;
+    }
+    const peerView = birdWatch ? await birdWatch.stop() : null;
     const dp = await dpStatus();
 
     const agentReport = await phase('fetch the upgrade report', () => unaryCall<UpgradeReport>(up, 'ShowUpgrade', { id: '' }));
@@ -173,12 +243,22 @@ async function main(): Promise<void> {
       audit_detail: consistent ? '' : `${mid.detail} ${end.detail}`.trim(),
       phases,
       report_html: '',
-      packets_sent: flow?.packetsSent ?? null,
-      packets_lost: flow?.packetsLost ?? null,
-      max_gap_ms: flow?.maxGapMs ?? null,
+      // Both directions: to the FIB's destinations, and back through the routes BIRD learned.
+      packets_sent: flow ? flow.packetsSent + (back?.packetsSent ?? 0) : null,
+      packets_lost: flow ? flow.packetsLost + (back?.packetsLost ?? 0) : null,
+      max_gap_ms: flow ? Math.max(flow.maxGapMs, back?.maxGapMs ?? 0) : null,
       // The sender's own longest pause between sends: a gap as long as this one is the sender's.
       max_send_gap_ms: flow?.maxSendGapMs ?? null,
       fib_routes: lab ? dp.routes : null,
+      // The BGP peer's own view (birdc), read before, during and after the upgrade.
+      bgp_peer: bird ? `BIRD ${await bird.version()}` : null,
+      bgp_session_resets: peerView?.resets ?? null,
+      // How long each reset lasted, from BIRD's log (closed -> established again), ms.
+      bgp_reset_ms: peerView?.resetMs ?? null,
+      peer_routes_withdrawn: peerView?.withdrawsReceived ?? null,
+      peer_routes_before: peerView?.importedBefore ?? null,
+      peer_routes_after: peerView?.importedAfter ?? null,
+      traffic: flow ? { forward: flow, back } : null,
       // What the switchover itself changed in the data plane (0 when no route changed).
       fib_changes_at_switchover: lab
         ? (agentReport.upgrade.dataplaneChanges ?? [])
@@ -203,11 +283,17 @@ async function main(): Promise<void> {
           `  traffic through the data plane: ${flow.packetsSent} packets sent, ${flow.packetsLost} lost, longest gap ${flow.maxGapMs} ms (sender's own longest pause ${flow.maxSendGapMs} ms)`,
         );
         console.log(`  FIB: ${report.fib_routes} routes, ${report.fib_changes_at_switchover} data-plane changes at the switchover`);
+        if (back) console.log(`  traffic back through BIRD's routes: ${back.packetsSent} packets sent, ${back.packetsLost} lost`);
+      }
+      if (peerView) {
+        console.log(
+          `  BGP peer (${report.bgp_peer}): ${peerView.resets} session reset(s)${peerView.resets ? ` (graceful restart: the session moved without TCP repair; down ${peerView.resetMs.join(', ')} ms)` : ''}, ${peerView.withdrawsReceived} routes withdrawn, our routes before ${peerView.importedBefore}, after ${peerView.importedAfter}`,
+        );
       }
       if (!consistent) console.log(`  AUDIT FAILED: ${report.audit_detail}`);
       console.log(`  upgrade report: ${report.report_html} (and ${base}.json)`);
     }
-    if (!consistent || (flow && flow.packetsLost !== 0)) process.exitCode = 1;
+    if (!consistent || (flow && flow.packetsLost !== 0) || (back && back.packetsLost !== 0)) process.exitCode = 1;
     for (const name of started) await unaryCall(vm, 'Stop', { name, timeoutS: 20 }).catch(() => undefined);
   } finally {
     for (const c of clients) c.close();
@@ -218,9 +304,13 @@ async function main(): Promise<void> {
       vm.close();
     }
     traffic?.kill();
+    reverse?.kill();
+    await bird?.stop();
+
     await stopAllAgents();
     lab?.remove();
-    fs.rmSync(work, { recursive: true, force: true });
+    if (values.keep) say(`work directory kept: ${work}`);
+    else fs.rmSync(work, { recursive: true, force: true });
   }
 }
 

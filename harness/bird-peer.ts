@@ -27,6 +27,8 @@ export interface BirdPeerOptions {
 export interface BirdPeer {
   proc: ChildProcess;
   socket: string;
+  /** BIRD's log file (sessions going up and down, errors). */
+  log: string;
   birdc(cmd: string): Promise<string>;
   /** State, since when, and route counts of the BGP protocol `peer`, from `show protocols all`. */
   protocol(): Promise<{ state: string; since: string; imported: number; exported: number; withdrawsReceived: number; text: string }>;
@@ -55,7 +57,12 @@ export async function startBird(o: BirdPeerOptions): Promise<BirdPeer> {
     conf,
     [
       `router id ${o.routerId};`,
+      // Its own account of what happened (sessions, errors), kept beside its socket.
+      `log "${path.join(o.dir, 'bird.log')}" all;`,
+      'debug protocols { states, events };',
       'protocol device {}',
+      // Connected subnets: next hops of multihop sessions resolve through them.
+      'protocol direct { ipv4; ipv6; }',
       // What BIRD learns goes into its namespace's kernel table: traffic to our prefixes follows
       // it, and stops if BIRD withdraws them.
       'protocol kernel k4 { ipv4 { export where source = RTS_BGP; }; }',
@@ -101,6 +108,7 @@ export async function startBird(o: BirdPeerOptions): Promise<BirdPeer> {
   return {
     proc,
     socket,
+    log: path.join(o.dir, 'bird.log'),
     birdc,
     protocol: async () => {
       const text = await birdc('show protocols all peer');
@@ -122,6 +130,51 @@ export async function startBird(o: BirdPeerOptions): Promise<BirdPeer> {
       if (proc.exitCode !== null) return;
       proc.kill('SIGTERM');
       await new Promise((r) => proc.once('exit', r));
+    },
+  };
+}
+
+export interface BirdWatch {
+  /** What BIRD saw while watched (see watchBird). */
+  stop(): Promise<{ resets: number; resetMs: number[]; withdrawsReceived: number; importedBefore: number; importedAfter: number }>;
+}
+
+/** "2026-11-28 12:00:47.641" in BIRD's log -> epoch ms (BIRD writes local time). */
+function logTime(line: string): number {
+  const m = /^(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{3})/.exec(line);
+  return m ? new Date(+m[1], +m[2] - 1, +m[3], +m[4], +m[5], +m[6], +m[7]).getTime() : NaN;
+}
+
+/**
+ * Watches BIRD's view of its session while something (an upgrade) runs, from BIRD's own log:
+ * every "BGP session closed" is a reset, lasting until its next "BGP session established" (still
+ * down when watching stopped: counted to then). Withdrawals are BIRD's own count of withdrawals
+ * received; imported counts are read before and after.
+ */
+export async function watchBird(bird: BirdPeer): Promise<BirdWatch> {
+  const first = await bird.protocol();
+  const from = fs.existsSync(bird.log) ? fs.statSync(bird.log).size : 0;
+  return {
+    stop: async () => {
+      const end = await bird.protocol();
+      const text = fs.readFileSync(bird.log).subarray(from).toString();
+      const resetMs: number[] = [];
+      let closedAt = NaN;
+      for (const line of text.split('\n')) {
+        if (/ peer: BGP session closed/.test(line) && Number.isNaN(closedAt)) closedAt = logTime(line);
+        else if (/ peer: BGP session established/.test(line) && !Number.isNaN(closedAt)) {
+          resetMs.push(logTime(line) - closedAt);
+          closedAt = NaN;
+        }
+      }
+      if (!Number.isNaN(closedAt)) resetMs.push(Date.now() - closedAt);
+      return {
+        resets: resetMs.length,
+        resetMs,
+        withdrawsReceived: end.withdrawsReceived - first.withdrawsReceived,
+        importedBefore: first.imported,
+        importedAfter: end.imported,
+      };
     },
   };
 }

@@ -43,6 +43,9 @@ export interface NetLab {
 /** What the example routing daemon's --fib flag publishes by default (see examples/common/fib-routes.ts). */
 export const LAB_DEST4 = '198.18.0.0/15';
 export const LAB_DEST6 = '2001:db8:100::/40';
+/** What the BGP peer in the receiver namespace announces (harness/bird-peer.ts birdPrefixes). */
+export const LAB_PEER_DEST4 = '10.0.0.0/8';
+export const LAB_PEER_DEST6 = '2001:db8:f000::/36';
 
 function ip(args: string[]): void {
   execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
@@ -142,11 +145,15 @@ export function createNetLab(): NetLab {
     ip(['-n', dp, 'link', 'set', lab.cp.bridge, 'up']);
     ip(['-n', lab.sender, 'route', 'add', 'default', 'via', '192.0.2.1']);
     ip(['-n', lab.sender, '-6', 'route', 'add', 'default', 'via', '2001:db8:1::1']);
-    // The receiver's default routes only matter for ICMP back to the sender.
-    ip(['-n', lab.receiver, 'route', 'add', 'default', 'via', '198.51.100.1']);
-    ip(['-n', lab.receiver, '-6', 'route', 'add', 'default', 'via', '2001:db8:2::1']);
+    // No default route in the receiver: it reaches the sender's network only through what a BGP
+    // peer there (BIRD) learns from the router, so traffic that way proves those routes. It does
+    // reach the control plane's link (the BGP session of a guest runs over it).
+    ip(['-n', lab.receiver, 'route', 'add', '203.0.113.0/24', 'via', '198.51.100.1']);
     ip(['-n', lab.receiver, 'route', 'add', 'local', LAB_DEST4, 'dev', 'lo']);
     ip(['-n', lab.receiver, '-6', 'route', 'add', 'local', LAB_DEST6, 'dev', 'lo']);
+    // And the prefixes a BGP peer there announces (harness/bird-peer.ts): traffic to them ends here.
+    ip(['-n', lab.receiver, 'route', 'add', 'local', LAB_PEER_DEST4, 'dev', 'lo']);
+    ip(['-n', lab.receiver, '-6', 'route', 'add', 'local', LAB_PEER_DEST6, 'dev', 'lo']);
     return lab;
   } catch (e) {
     lab.remove();

@@ -71,16 +71,21 @@ function startFlow(ns: string, args: string[]): Flow {
   };
 }
 
-/** Starts `rate` packets/s from the sender to `targets` (addresses the FIB routes cover). */
-export async function startTraffic(lab: NetLab, targets: string[], rate = 5000, port = 9999): Promise<Traffic> {
-  const rx = startFlow(lab.receiver, ['recv', '--port', String(port)]);
+/**
+ * Starts `rate` packets/s to `targets` (addresses the FIB routes cover): from the sender
+ * namespace to the receiver's, or the other way with `reverse` (through what the receiver's BGP
+ * peer learned from the router).
+ */
+export async function startTraffic(lab: NetLab, targets: string[], rate = 5000, port = 9999, reverse = false): Promise<Traffic> {
+  const [from, to] = reverse ? [lab.receiver, lab.sender] : [lab.sender, lab.receiver];
+  const rx = startFlow(to, ['recv', '--port', String(port)]);
   let tx: Flow | null = null;
   const kill = () => {
     for (const f of [rx, tx]) if (f && f.child.exitCode === null) f.child.kill('SIGKILL');
   };
   try {
     await rx.next('ready');
-    tx = startFlow(lab.sender, ['send', '--port', String(port), '--rate', String(rate), '--targets', targets.join(',')]);
+    tx = startFlow(from, ['send', '--port', String(port), '--rate', String(rate), '--targets', targets.join(',')]);
     await tx.next('ready');
   } catch (e) {
     kill();

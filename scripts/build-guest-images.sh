@@ -17,7 +17,10 @@
 # daemon's default, active). An active loads 20000 routes and churns 2000 changes/s
 # (--records 20000 --churn 2000) and publishes a fixed FIB of 1000 routes (--fib 1000, table
 # "fib", toward the test network's receiver: see harness/netlab.ts); a standby's churn timer
-# idles until it is promoted.
+# idles until it is promoted. The active also speaks BGP (AS 65001, from the control-plane NIC's
+# 203.0.113.2) to a peer at 198.51.100.2 (AS 65000: BIRD in the test network's receiver
+# namespace), announcing 192.0.2.0/24 and 2001:db8:1::/64 with the data plane's port2 addresses
+# as next hops; without that network it keeps trying to connect, and nothing else changes.
 # 1.0.0 writes and reads schema 1; 2.0.0 writes schema 2 and registers the transforms 1->2 and
 # 2->1 (examples/bgp-rib/daemon.ts --schema 2). ospf.js is in the image but not started.
 #
@@ -93,7 +96,9 @@ processes() { # version -> path of the processes JSON
   {
     "name": "bgp",
     "command": ["/opt/hitless/node", "/opt/hitless/daemons/bgp.js", "--version", "$v", $sargs,
-                "--records", "20000", "--churn", "2000", "--fib", "1000", "--json-only", "--loop-stats", "10"],
+                "--records", "20000", "--churn", "2000", "--fib", "1000", "--json-only", "--loop-stats", "10",
+                "--bgp-peer", "198.51.100.2:65000", "--bgp-as", "65001", "--bgp-router-id", "203.0.113.2",
+                "--bgp-announce", "192.0.2.0/24,2001:db8:1::/64", "--bgp-next-hop", "198.51.100.1,2001:db8:2::1"],
     $smeta
   }
 ]

@@ -286,15 +286,19 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   });
   out({ event: 'started', role: client.role, seq: table.seq, records: table.size, pid: process.pid });
   if (client.role === 'ACTIVE' && table.size === 0 && Number(values.records) > 0) await load(Number(values.records));
-  if (client.role === 'ACTIVE' && fibCount > 0 && client.table(FIB_TABLE).size === 0) {
-    // Published once, in one batch: the agent validates and programs it; a promoted standby or a
-    // restarted active finds it in its copy and leaves it as it is.
+  if (client.role === 'ACTIVE' && fibCount > 0) {
+    // The static entries this active's copy lacks, in one batch (the agent validates and programs
+    // it). A promoted standby or a restarted active holds them already and writes nothing; BGP may
+    // have written learned routes to the same table first.
+    const fib = client.table(FIB_TABLE);
     const b = client.batch(FIB_TABLE);
-    for (const r of fibRoutes(fibCount, fibOpts)) b.put(r.key, r.value);
-    await b.commit().then(
-      (seq) => out({ event: 'fib', routes: fibCount, seq }),
-      (e: Error) => out({ event: 'fib-refused', message: e.message }),
-    );
+    for (const r of fibRoutes(fibCount, fibOpts)) if (!fib.records.has(r.key)) b.put(r.key, r.value);
+    if (b.count) {
+      await b.commit().then(
+        (seq) => out({ event: 'fib', routes: fibCount, seq }),
+        (e: Error) => out({ event: 'fib-refused', message: e.message }),
+      );
+    }
   }
   setChurn(Number(values.churn));
   bgp?.onRole(client.role);

@@ -61,8 +61,6 @@ describe('BGP through the agent: FIB from BIRD, handover by graceful restart (na
   before(async function () {
     if (!netLabAvailable().ok) this.skip();
     lab = createNetLab();
-    // The receiver accepts BIRD's prefixes, so traffic to them ends there.
-    execFileSync('ip', ['-n', lab.receiver, 'route', 'add', 'local', '10.0.0.0/8', 'dev', 'lo']);
     bird = await startBird({
       netns: lab.receiver,
       dir,
