@@ -11,6 +11,12 @@
  * data plane's bridge. Through the rollback, the crash of the new active and the commit below,
  * 5,000 UDP packets/s go from the sender namespace to the receiver through those routes: none may
  * be lost, and no switchover may change a route.
+ *
+ * BIRD 2 beside the receiver (AS 65000, 20,000 IPv4 and 2,000 IPv6 prefixes) peers with the
+ * active guest's BGP speaker over its control-plane NIC. Its routes are in the FIB too, and
+ * 1,000 packets/s go back from its side to our prefix through the routes it learned from us.
+ * Without TCP repair each switchover moves the session by graceful restart: BIRD reports the
+ * reset (asserted: it is not hidden), keeps our routes, and withdraws nothing.
  */
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
@@ -24,12 +30,15 @@ import { UpgradeHarness, signedUpgradePair } from '../helpers/upgrade-harness';
 import { figures, renderedDom } from '../helpers/chromium';
 import { UpgradeReport, reportFigures } from '../../agent/report/upgrade-report';
 import { NetLab, createNetLab, netLabAvailable } from '../../harness/netlab';
-import { Traffic, TrafficResult, startTraffic } from '../../harness/traffic';
+import { Traffic, startTraffic } from '../../harness/traffic';
+import { BirdPeer, birdPrefixes, startBird, watchBird } from '../../harness/bird-peer';
 import { trafficTargets } from '../../examples/common/fib-routes';
 import { DataPlaneChangesMsg, assertNoDataPlaneChanges, cpNicsAnswering } from '../helpers/dataplane-proof';
 
-/** The example daemon's FIB in the guest images (--fib 1000). */
-const FIB_ROUTES = 1000;
+/** The example daemon's static FIB in the guest images (--fib 1000), and what BGP adds from BIRD. */
+const STATIC_ROUTES = 1000;
+const BIRD_ROUTES = 20_000;
+const FIB_ROUTES = STATIC_ROUTES + BIRD_ROUTES + BIRD_ROUTES / 10;
 
 const measure = (what: string, v: number | string) => process.stderr.write(`      MEASURE ${what}: ${v}\n`);
 
@@ -43,16 +52,34 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   let h: UpgradeHarness;
   let lab: NetLab | null = null;
   let traffic: Traffic | null = null;
-  /** Traffic through the FIB's routes while `fn` runs; its figures, none lost. */
-  const withTraffic = async (fn: () => Promise<void>): Promise<TrafficResult> => {
-    traffic = await startTraffic(lab!, trafficTargets(FIB_ROUTES), 5000);
+  let back: Traffic | null = null;
+  let bird: BirdPeer | null = null;
+  /**
+   * While `fn` runs: traffic through the FIB (static and BGP-learned routes) and back through
+   * BIRD's routes to us, and BIRD's view of the session. No packet lost either way, no route
+   * withdrawn by BIRD; returns the session resets BIRD saw.
+   */
+  const withTraffic = async (fn: () => Promise<void>): Promise<{ resets: number; resetMs: number[] }> => {
+    const peerTargets = birdPrefixes(BIRD_ROUTES)
+      .v4.slice(0, 500)
+      .map((p) => p.replace('.0/24', '.1'));
+    traffic = await startTraffic(lab!, [...trafficTargets(STATIC_ROUTES / 2), ...peerTargets], 5000);
+    back = await startTraffic(lab!, ['192.0.2.2', '2001:db8:1::2'], 1000, 9998, true);
+    const watch = await watchBird(bird!);
     await fn();
     const t = await traffic.stop();
-    traffic = null;
+    const b = await back.stop();
+    traffic = back = null;
+    const seen = await watch.stop();
     measure('traffic through the data plane', JSON.stringify(t));
+    measure('traffic back through the routes BIRD learned', JSON.stringify(b));
+    measure("BIRD's view", JSON.stringify(seen));
     assert.ok(t.packetsSent > 10_000, `packets sent (${t.packetsSent})`);
     assert.equal(t.packetsLost, 0, `packets lost: ${JSON.stringify(t)}`);
-    return t;
+    assert.equal(b.packetsLost, 0, `packets lost on the way back: ${JSON.stringify(b)}`);
+    assert.equal(seen.withdrawsReceived, 0, 'BIRD received no withdrawal');
+    assert.deepEqual([seen.importedBefore, seen.importedAfter], [2, 2], 'BIRD holds our two prefixes before and after');
+    return seen;
   };
   const upgradeChanges = async (): Promise<DataPlaneChangesMsg[] | undefined> =>
     (JSON.parse((await h.issu(['--json', 'status'])).stdout) as { history: { dataplaneChanges?: DataPlaneChangesMsg[] }[] }).history[0].dataplaneChanges;
@@ -62,6 +89,18 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const can = netLabAvailable();
     if (!can.ok) throw new Error(`the upgrade tests program a data plane of network namespaces: ${can.reason}`);
     lab = createNetLab();
+    bird = await startBird({
+      netns: lab.receiver,
+      dir: path.join(work, 'bird'),
+      routerId: '198.51.100.2',
+      localAddress: '198.51.100.2',
+      localAs: 65000,
+      neighbor: lab.cp.guest,
+      neighborAs: 65001,
+      routes: BIRD_ROUTES,
+      nextHop6: '2001:db8:2::2',
+      multihop: true,
+    });
     const pair = await signedUpgradePair('x86_64', work);
     ({ v1, v2, key } = pair);
     h = new UpgradeHarness({ stateDir, trustDir: pair.trustDir, minRecords: 15_000, agentArgs: lab.agentArgs() });
@@ -79,9 +118,11 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
         };
         return d.routes === FIB_ROUTES && d.programmedSeq === d.tableSeq && d.failureCount === 0;
       },
-      60_000,
+      120_000,
       200,
     );
+    const p = await bird.protocol();
+    assert.deepEqual([p.state, p.imported, p.exported], ['Established', 2, BIRD_ROUTES + BIRD_ROUTES / 10]);
   });
 
   afterEach(function () {
@@ -91,8 +132,13 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   after(async function () {
     this.timeout(120_000);
     traffic?.kill();
-    await h?.close();
-    lab?.remove();
+    back?.kill();
+    try {
+      await h?.close();
+      await bird?.stop();
+    } finally {
+      lab?.remove();
+    }
     fs.rmSync(work, { recursive: true, force: true });
   });
 
@@ -127,10 +173,12 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   it('loadversion, runversion, then abortversion rolls back to v1 with every change made under v2', async () => {
     assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1']), ['cp-1'], "v1's control-plane NIC answers");
     let toVm = '';
-    await withTraffic(async () => {
+    const seen = await withTraffic(async () => {
       toVm = await loadRunAbort();
     });
     assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /, /^rollback to cp-1$/], FIB_ROUTES);
+    // Moved by graceful restart, without TCP repair: BIRD saw it, and says so.
+    assert.ok(seen.resets >= 1, `BIRD reported the session reset of the handover (${JSON.stringify(seen)})`);
     assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1', toVm]), ['cp-1'], "after the rollback only v1's NIC answers");
   });
 
@@ -222,7 +270,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
   });
 
   it('the new active dying after runversion rolls back to v1 without losing an acknowledged change, or a packet', async () => {
-    await withTraffic(async () => {
+    const seen = await withTraffic(async () => {
       await h.cli('loadversion', v2);
       await h.trackAll();
       const sw = await h.cli('runversion');
@@ -234,6 +282,8 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     });
     await h.assertAudit('after the new active died');
     assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /, /^rollback to cp-1$/], FIB_ROUTES);
+    // Moved by graceful restart, without TCP repair: BIRD saw it, and says so.
+    assert.ok(seen.resets >= 1, `BIRD reported the session reset of the handover (${JSON.stringify(seen)})`);
     assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1']), ['cp-1'], "v1's NIC answers again");
   });
 
@@ -290,7 +340,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     );
     const t0 = Date.now();
     let r = { code: -1, stdout: '', stderr: '' };
-    await withTraffic(async () => {
+    const seen = await withTraffic(async () => {
       r = await h.issu(['--json', 'changeversion', v2]);
     });
     assert.equal(r.code, 0, r.stderr);
@@ -315,6 +365,8 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     assert.ok(!done.current, 'no upgrade in progress');
     assert.equal(done.history[0].phase, 'COMMITTED');
     assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /], FIB_ROUTES);
+    // Moved by graceful restart, without TCP repair: BIRD saw it, and says so.
+    assert.ok(seen.resets >= 1, `BIRD reported the session reset of the handover (${JSON.stringify(seen)})`);
     // The Upgrade events said so too, as the switchover happened.
     assert.ok(events.some((e) => /data plane: 0 route change\(s\) at switchover to /.test((e as { message?: string }).message ?? '')));
     await h.trackAll();
