@@ -23,6 +23,7 @@ import { Logger } from '../common/logger';
 import type { ForwardingSink } from '../checkpoint/forwarding-sink';
 import { OP_CLEAR, OP_DELETE, OP_PUT, RECORD_HEADER_BYTES, SCHEMA_BYTES } from '../checkpoint/records';
 import type { TableReplica } from '../checkpoint/table-replica';
+import { snapshotFrames } from '../checkpoint/record-table';
 import type { DataPlane, DataPlaneInterface, RouteChange } from './data-plane';
 import { FibEntry, FibEntryError, MAX_NEXT_HOPS, addressBytes, decodeFibEntry, describeFibEntry, inSubnet, parsePrefix, sameFibEntry } from './fib-entry';
 
@@ -71,6 +72,14 @@ const REFRESH_MS = 5000;
 /** A refused change is tried again by a reconciliation after this long, ms. */
 const RETRY_MS = 5000;
 const SHOWN_FAILURES = 10;
+/** Most route changes one programming operation takes (the rest follow in the next one). */
+const FLUSH_MAX = 50_000;
+/** A reconciliation reads the table in frames of this many bytes, and yields after two. */
+const RECONCILE_FRAME_BYTES = 128 * 1024;
+/** And compares this many routes between yields. */
+const DIFF_SLICE = 20_000;
+
+const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 export class FibService implements ForwardingSink {
   private owner: { process: string; table: string; replica: TableReplica } | null = null;
@@ -249,15 +258,26 @@ export class FibService implements ForwardingSink {
   private async flush(): Promise<void> {
     this.flushQueued = false;
     if (!this.dp || this.pending.size === 0) return;
-    const changes: RouteChange[] = [...this.pending].map(([prefix, entry]) => ({ prefix, entry }));
-    const seq = this.pendingSeq;
-    this.pending = new Map();
+    // At most FLUSH_MAX changes per operation, oldest first: a million queued routes are not
+    // turned into one list (and one `ip` input) in a single turn of the event loop.
+    const changes: RouteChange[] = [];
+    for (const [prefix, entry] of this.pending) {
+      if (changes.length >= FLUSH_MAX) break;
+      changes.push({ prefix, entry });
+      this.pending.delete(prefix);
+    }
+    const seq = this.pending.size === 0 ? this.pendingSeq : this.programmedSeq;
     try {
       const r = await this.dp.apply(changes);
       this.changesProgrammed += r.applied;
       for (const c of changes) this.failures.delete(c.prefix);
       this.noteFailures(r.failed, 'programming');
       this.programmedSeq = seq;
+      // The rest of a long queue follows at once (after a failure, the retry reconciles instead).
+      if (this.pending.size && !this.flushQueued) {
+        this.flushQueued = true;
+        this.chain = this.chain.then(() => this.flush());
+      }
     } catch (e) {
       // Nothing is known to be programmed: a reconciliation finds out what is.
       this.detail = (e as Error).message;
@@ -306,16 +326,33 @@ export class FibService implements ForwardingSink {
     if (!this.dp || !this.owner || this.stopped) return null;
     const t0 = performance.now();
     const result: DataPlaneChanges = { at: Date.now(), cause, routes: 0, added: 0, replaced: 0, deleted: 0, failed: 0, ms: 0, error: '' };
-    // The table at this instant: what was applied later is queued in `pending` and follows.
-    const wanted = new Map<string, FibEntry>();
-    this.owner.replica.table.forEach((key, _schema, value) => wanted.set(key, normalize(decodeFibEntry(value))));
-    const seq = this.owner.replica.seq;
+    // The table at this instant (a snapshot of its log, read in slices so that a table of
+    // millions of routes does not hold the event loop): what is applied later is queued in
+    // `pending` and follows.
+    const snap = this.owner.replica.snapshot();
+    const seq = snap.seq;
     this.pending.clear();
+    const wanted = new Map<string, FibEntry>();
+    try {
+      let frames = 0;
+      for (const f of snapshotFrames(snap, RECONCILE_FRAME_BYTES)) {
+        forEachRecord(f.records, (op, key, value) => {
+          if (op === OP_PUT) wanted.set(key, normalize(decodeFibEntry(value!)));
+          else if (op === OP_DELETE) wanted.delete(key);
+          else wanted.clear();
+        });
+        if (++frames % 2 === 0) await nextTurn();
+      }
+    } finally {
+      snap.release();
+    }
     result.routes = wanted.size;
     try {
       const held = await this.dp.readRoutes();
       const changes: RouteChange[] = [];
+      let visited = 0;
       for (const [prefix, entry] of wanted) {
+        if (++visited % DIFF_SLICE === 0) await nextTurn();
         const has = held.get(prefix);
         if (!has) {
           changes.push({ prefix, entry });
@@ -326,6 +363,7 @@ export class FibService implements ForwardingSink {
         }
       }
       for (const prefix of held.keys()) {
+        if (++visited % DIFF_SLICE === 0) await nextTurn();
         if (!wanted.has(prefix)) {
           changes.push({ prefix, entry: null });
           result.deleted++;

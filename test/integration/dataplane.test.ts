@@ -26,7 +26,7 @@ const FIB_TABLES = [{ name: 'fib', durability: 'ASYNC', kind: 'FIB' }];
 function kernelRoutes(ns: string): Map<string, string> {
   const out = new Map<string, string>();
   for (const fam of ['-4', '-6']) {
-    const text = execFileSync('ip', ['-n', ns, fam, 'route', 'show', 'proto', String(ROUTE_PROTO)], { encoding: 'utf8' });
+    const text = execFileSync('ip', ['-n', ns, fam, 'route', 'show', 'proto', String(ROUTE_PROTO)], { encoding: 'utf8', maxBuffer: 64 << 20 });
     for (const line of text.split('\n').filter((l) => l && !l.startsWith('\t'))) {
       const [prefix, ...rest] = line.trim().split(/\s+/);
       out.set(prefix, rest.join(' '));
@@ -265,5 +265,30 @@ describe('data plane: FIB through the agent (network namespaces, real packets)',
     } finally {
       await other.stop();
     }
+  });
+
+  it('programs a table larger than one programming operation, and a CLEAR removes every route it programmed', async () => {
+    // 60,000 routes: more than one flush takes (50,000), so the rest follows in a second one.
+    const prefixes = Array.from({ length: 60_000 }, (_, i) => `240.${i >> 8}.${i & 255}.0/24`);
+    const value = entry('198.51.100.2', 'port2');
+    for (let i = 0; i < prefixes.length; i += 5000) {
+      await write(fibBatch((rb) => prefixes.slice(i, i + 5000).forEach((p) => rb.put(p, 1, value))));
+      seq++;
+    }
+    await until(
+      '60,201 routes programmed',
+      async () => {
+        const d = await dpStatus();
+        return d.programmedSeq === d.tableSeq && d.pending === 0 ? d : undefined;
+      },
+      90_000,
+      100,
+    );
+    assert.equal(kernelRoutes(lab!.dataplane).size, 60_201);
+    await write(fibBatch((rb) => rb.clear()));
+    seq++;
+    await until('nothing left', async () => kernelRoutes(lab!.dataplane).size === 0, 90_000, 200);
+    const d = await dpStatus();
+    assert.deepEqual([d.routes, d.failureCount, d.lastReconcile?.cause, d.lastReconcile?.deleted], [0, 0, 'the table was cleared', 60_201]);
   });
 });
