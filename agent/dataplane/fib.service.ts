@@ -188,7 +188,7 @@ export class FibService implements ForwardingSink {
     this.pendingSeq = seq;
     if (!this.available || this.flushQueued) return;
     this.flushQueued = true;
-    this.chain = this.chain.then((): Promise<unknown> => (this.reconcileWanted ? this.doReconcile('the table was cleared') : this.flush()));
+    this.chain = this.chain.then(() => this.flush());
   }
 
   // ------------------------------------------------------------------ validation
@@ -257,6 +257,11 @@ export class FibService implements ForwardingSink {
   /** Programs what `applied` queued since the last flush. */
   private async flush(): Promise<void> {
     this.flushQueued = false;
+    // A CLEAR since the last operation: only a reconciliation knows what to remove.
+    if (this.reconcileWanted) {
+      await this.doReconcile('the table was cleared');
+      return;
+    }
     if (!this.dp || this.pending.size === 0) return;
     // At most FLUSH_MAX changes per operation, oldest first: a million queued routes are not
     // turned into one list (and one `ip` input) in a single turn of the event loop.
