@@ -28,6 +28,20 @@ import { BgpSpeaker, Route, SpeakerConfig } from './speaker';
 
 export const BGP_TABLES = ['bgp-sessions', 'bgp-adj-in', 'bgp-loc-rib', 'bgp-adj-out'] as const;
 const FLUSH_MS = 20;
+/** Restored routes handled per turn of the event loop. */
+const RESTORE_SLICE = 1000;
+
+const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/** `make(arg)` computed once per `key` object (kept while the object lives). */
+function memo<T>(make: (arg: T) => Buffer): (key: object, arg: T) => Buffer {
+  const cache = new WeakMap<object, Buffer>();
+  return (key, arg) => {
+    let v = cache.get(key);
+    if (!v) cache.set(key, (v = make(arg)));
+    return v;
+  };
+}
 
 export interface BgpRoutingOptions {
   speaker: SpeakerConfig;
@@ -70,26 +84,55 @@ export class BgpRouting {
     return this.speaker ? { peers: this.speaker.summary(), best: this.speaker.locRib.size } : { peers: [], best: 0, role: 'standby' };
   }
 
+  /**
+   * Starts the speaker once the routes the previous active had learned are restored. That work
+   * (tens of thousands of routes) is done in slices that yield to the event loop: in a guest
+   * under software emulation, doing it in one go held this process for seconds, long enough
+   * for its connection to the agent to be dropped as dead.
+   */
   private startSpeaker(): void {
     const sp = new BgpSpeaker(this.opts.speaker);
     this.speaker = sp;
+    void this.restoreThenStart(sp).catch((e: Error) => this.out({ event: 'bgp-error', message: e.message }));
+  }
+
+  private async restoreThenStart(sp: BgpSpeaker): Promise<void> {
     // What the previous active had learned: stale until the peers send it again.
-    const adjIn = this.client.table('bgp-adj-in');
+    const raw: [string, Buffer][] = [];
+    this.client.table('bgp-adj-in').forEach((key, _schema, value) => raw.push([key, Buffer.from(value)]));
     const byPeer = new Map<string, [string, PathAttributes][]>();
-    adjIn.forEach((key, _schema, value) => {
-      const i = key.indexOf('|');
-      const peer = key.slice(0, i);
+    for (let i = 0; i < raw.length; i++) {
+      if (i % RESTORE_SLICE === RESTORE_SLICE - 1) {
+        await nextTurn();
+        if (this.speaker !== sp) return; // demoted meanwhile
+      }
+      const [key, value] = raw[i];
+      const at = key.indexOf('|');
+      const peer = key.slice(0, at);
       if (!byPeer.has(peer)) byPeer.set(peer, []);
-      byPeer.get(peer)!.push([key.slice(i + 1), JSON.parse(value.toString()) as PathAttributes]);
-    });
+      byPeer.get(peer)!.push([key.slice(at + 1), JSON.parse(value.toString()) as PathAttributes]);
+    }
+    // Values are memoized per attributes object: the routes of one UPDATE share one.
+    const locRibValue = memo((r: Route) => Buffer.from(JSON.stringify({ peer: r.peer, nextHop: r.attrs.nextHop, asPath: r.attrs.asPath })));
+    const adjInValue = memo((attrs: PathAttributes) => Buffer.from(JSON.stringify(attrs)));
+    const fibValues = new Map<string, Buffer>();
+    const fibValue = (nextHop: string) => {
+      let v = fibValues.get(nextHop);
+      if (!v) fibValues.set(nextHop, (v = encodeFibEntry({ nextHops: [{ gateway: nextHop, interface: this.opts.port, weight: 1 }] })));
+      return v;
+    };
     sp.on('best', (prefix: string, r: Route | null) => {
-      this.put('bgp-loc-rib', prefix, r ? Buffer.from(JSON.stringify({ peer: r.peer, nextHop: r.attrs.nextHop, asPath: r.attrs.asPath })) : null);
-      this.put(this.opts.fibTable, prefix, r ? encodeFibEntry({ nextHops: [{ gateway: r.attrs.nextHop, interface: this.opts.port, weight: 1 }] }) : null);
+      this.put('bgp-loc-rib', prefix, r ? locRibValue(r.attrs, r) : null);
+      this.put(this.opts.fibTable, prefix, r ? fibValue(r.attrs.nextHop) : null);
     });
-    for (const [peer, routes] of byPeer) sp.restoreStale(peer, routes);
-    sp.on('adj-in', (peer: string, prefix: string, r: Route | null) =>
-      this.put('bgp-adj-in', `${peer}|${prefix}`, r ? Buffer.from(JSON.stringify(r.attrs)) : null),
-    );
+    for (const [peer, routes] of byPeer) {
+      for (let i = 0; i < routes.length; i += RESTORE_SLICE) {
+        sp.restoreStale(peer, routes.slice(i, i + RESTORE_SLICE));
+        await nextTurn();
+        if (this.speaker !== sp) return;
+      }
+    }
+    sp.on('adj-in', (peer: string, prefix: string, r: Route | null) => this.put('bgp-adj-in', `${peer}|${prefix}`, r ? adjInValue(r.attrs, r.attrs) : null));
     sp.on('adj-out', (peer: string, prefixes: string[], attrs: PathAttributes) => {
       const v = Buffer.from(JSON.stringify(attrs));
       for (const p of prefixes) this.put('bgp-adj-out', `${peer}|${p}`, v);
