@@ -11,7 +11,8 @@ import { clientCtor } from '../grpc/proto';
 import { ProcessStatus } from '../checkpoint/messages';
 import { ProgressEvent, ProgressView, progressView } from './progress';
 import { Stub, call } from './rpc';
-import type { DataPlaneChangesMsg, UpgradeInfoMsg } from '../report/upgrade-report';
+import { type DataPlaneChangesMsg, type UpgradeInfoMsg, dataPlaneChangesText } from '../report/upgrade-report';
+import type { DataPlaneStatusView } from '../dataplane/fib.service';
 
 type Out = (obj: unknown, text: () => void) => void;
 
@@ -23,24 +24,8 @@ interface StatusMsg {
   dataplane?: DataPlaneStatusMsg;
 }
 
-interface DataPlaneStatusMsg {
-  target: string;
-  available: boolean;
-  detail: string;
-  table: string;
-  tableSeq: number;
-  programmedSeq: number;
-  routes: number;
-  pending: number;
-  failureCount: number;
-  failures: string[];
-  lastReconcile?: DataPlaneChangesMsg;
-}
-
-function changesText(c: DataPlaneChangesMsg): string {
-  if (c.error) return `${c.cause}: not reconciled: ${c.error}`;
-  return `${c.cause}: ${c.added + c.replaced + c.deleted} change(s) (${c.added} added, ${c.replaced} replaced, ${c.deleted} deleted${c.failed ? `, ${c.failed} refused` : ''}) over ${c.routes} routes`;
-}
+/** hitless.v1.DataPlaneStatus: the FIB service's view, its last reconciliation as on the wire. */
+type DataPlaneStatusMsg = Omit<DataPlaneStatusView, 'lastReconcile'> & { lastReconcile?: DataPlaneChangesMsg };
 
 function printDataPlane(d: DataPlaneStatusMsg | undefined, upgrade: UpgradeInfoMsg | undefined): void {
   if (!d || !d.target) return;
@@ -52,8 +37,8 @@ function printDataPlane(d: DataPlaneStatusMsg | undefined, upgrade: UpgradeInfoM
   const state = d.failureCount ? `${d.failureCount} route(s) REFUSED` : behind > 0 || d.pending ? `programming (${d.pending} pending)` : 'in step';
   console.log(`  data plane: ${d.target}, ${d.table || 'no FIB table yet'}, ${d.routes} routes, ${state}${d.detail ? ` (${d.detail})` : ''}`);
   for (const f of d.failures) console.log(`    refused ${f}`);
-  for (const c of upgrade?.dataplaneChanges ?? []) console.log(`    ${changesText(c)}`);
-  if (d.lastReconcile && !upgrade) console.log(`    last reconciliation, ${changesText(d.lastReconcile)}`);
+  for (const c of upgrade?.dataplaneChanges ?? []) console.log(`    ${dataPlaneChangesText(c)}`);
+  if (d.lastReconcile && !upgrade) console.log(`    last reconciliation: ${dataPlaneChangesText(d.lastReconcile)}`);
 }
 
 export const UPGRADE_COMMANDS = new Set(['loadversion', 'runversion', 'acceptversion', 'commitversion', 'abortversion', 'changeversion', 'status']);

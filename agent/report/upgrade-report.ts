@@ -62,6 +62,13 @@ export interface DataPlaneChangesMsg {
   error: string;
 }
 
+/** One reconciliation in words: "switchover to cp-2: 0 route change(s) over 1000 routes (...)". */
+export function dataPlaneChangesText(c: DataPlaneChangesMsg): string {
+  if (c.error) return `${c.cause}: not reconciled: ${c.error}`;
+  const n = Number(c.added) + Number(c.replaced) + Number(c.deleted);
+  return `${c.cause}: ${n} route change(s) over ${c.routes} routes (${c.added} added, ${c.replaced} replaced, ${c.deleted} deleted${Number(c.failed) ? `, ${c.failed} refused` : ''})`;
+}
+
 export interface UpgradeReport {
   upgrade: UpgradeInfoMsg;
   journal: ReportJournalEntry[];
@@ -145,13 +152,6 @@ export function reportText(r: UpgradeReport): string {
       `  audit (${a.phase}) ${a.process}: ${a.consistent ? 'consistent' : 'INCONSISTENT'}, ${a.recordsVerified} verified, ${a.recordsLost} lost in ${a.instances.join(', ') || 'no instance'}${a.detail ? `: ${a.detail}` : ''}`,
     );
   }
-  for (const c of u.dataplaneChanges ?? []) {
-    const n = Number(c.added) + Number(c.replaced) + Number(c.deleted);
-    lines.push(
-      c.error
-        ? `  data plane at ${c.cause}: not reconciled: ${c.error}`
-        : `  data plane at ${c.cause}: ${n} route change(s) over ${c.routes} routes (${c.added} added, ${c.replaced} replaced, ${c.deleted} deleted${Number(c.failed) ? `, ${c.failed} refused` : ''})`,
-    );
-  }
+  for (const c of u.dataplaneChanges ?? []) lines.push(`  data plane at ${dataPlaneChangesText(c)}`);
   return lines.join('\n') + '\n';
 }

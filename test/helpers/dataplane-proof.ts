@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { cpTapName } from '../../agent/vm/vm-supervisor';
+import type { DataPlaneChangesMsg } from '../../agent/report/upgrade-report';
 import type { NetLab } from '../../harness/netlab';
 import { until } from '../../harness/wait';
 
@@ -45,15 +46,7 @@ export async function cpNicsAnswering(lab: NetLab, vms: string[]): Promise<strin
   });
 }
 
-export interface DataPlaneChangesMsg {
-  cause: string;
-  routes: number;
-  added: number;
-  replaced: number;
-  deleted: number;
-  failed: number;
-  error: string;
-}
+export type { DataPlaneChangesMsg };
 
 /** Every reconciliation an upgrade recorded changed nothing, over `routes` routes. */
 export function assertNoDataPlaneChanges(changes: DataPlaneChangesMsg[] | undefined, causes: RegExp[], routes: number): void {

@@ -381,14 +381,13 @@ export function encodeEndOfRib(f: AfiSafi): Buffer {
 }
 
 /** Checks one attribute's flags against what its type requires (RFC 4271 6.3). */
-function checkFlags(type: number, flags: number, v: Buffer, raw: Buffer): void {
+function checkFlags(type: number, flags: number, raw: Buffer): void {
   const wellKnown = [1, 2, 3, 5, 6];
   const want = wellKnown.includes(type) ? FLAG_TRANSITIVE : type === 4 || type === 14 || type === 15 ? FLAG_OPTIONAL : -1;
   if (want < 0) return;
   if ((flags & (FLAG_OPTIONAL | FLAG_TRANSITIVE)) !== want || (want === FLAG_TRANSITIVE && flags & FLAG_PARTIAL)) {
     throw new BgpError(Err.UPDATE, Err.UPDATE_ATTRIBUTE_FLAGS, `attribute ${type} with flags 0x${flags.toString(16)}`, raw);
   }
-  void v;
 }
 
 function decodeAsPath(v: Buffer, as4: boolean, raw: Buffer): { path: number[]; set: number[] } {
@@ -442,7 +441,7 @@ function decodeUpdate(b: Buffer, as4: boolean): UpdateMessage {
     const v = b.subarray(vs, vs + len);
     if (seen.has(type)) throw new BgpError(Err.UPDATE, Err.UPDATE_MALFORMED_ATTRIBUTE_LIST, `attribute ${type} appears twice`);
     seen.add(type);
-    checkFlags(type, flags, v, raw);
+    checkFlags(type, flags, raw);
     const needLen = (n: number) => {
       if (len !== n) throw new BgpError(Err.UPDATE, Err.UPDATE_ATTRIBUTE_LENGTH, `attribute ${type} of ${len} bytes (want ${n})`, raw);
     };
