@@ -8,7 +8,8 @@
 #
 # Steps: bundle the example daemons (examples/bgp-rib, examples/ospf-lsdb) with esbuild into
 # one self-contained CommonJS file each (platform node, target node18: the arm64 guest runs
-# Debian's Node 18), put proto/ next to them (agent/grpc/proto.ts finds <dir of the bundle>/proto
+# Debian's Node 18) but for koffi (the TCP repair FFI: its x64 and arm64 binaries go in
+# node_modules/koffi next to them), put proto/ next to them (agent/grpc/proto.ts finds <dir of the bundle>/proto
 # by itself, so the guest needs no HITLESS_PROTO_DIR), write one processes JSON per version, and
 # call platform/<arch>-kvm/build-image.sh for each bundle.
 #
@@ -66,9 +67,17 @@ for d in bgp:examples/bgp-rib/daemon.ts ospf:examples/ospf-lsdb/daemon.ts; do
   name="${d%%:*}"; src="${d#*:}"
   # --log-level=warning: esbuild notes that require.resolve('grpc-health-check/...') in
   # agent/grpc/proto.ts stays a runtime call; in the guest it fails and is handled.
+  # koffi (the FFI behind TCP repair, agent/sdk/tcp-repair.ts) loads a native binary: it stays a
+  # runtime require, resolved from node_modules/koffi next to the bundles.
   "$ESBUILD" "$src" --bundle --platform=node --target=node18 --format=cjs --log-level=error \
-    --legal-comments=none --outfile="$DAEMONS.new/$name.js"
+    --legal-comments=none --external:koffi --outfile="$DAEMONS.new/$name.js"
 done
+# koffi with the prebuilt binaries of the two guest architectures only (3 MB instead of 28).
+KOFFI="$REPO/node_modules/koffi"
+[ -f "$KOFFI/build/koffi/linux_x64/koffi.node" ] || { log "node_modules/koffi is missing: run npm ci"; exit 1; }
+mkdir -p "$DAEMONS.new/node_modules/koffi/build/koffi"
+cp "$KOFFI/package.json" "$KOFFI/index.js" "$KOFFI/LICENSE.txt" "$DAEMONS.new/node_modules/koffi/"
+cp -r "$KOFFI/build/koffi/linux_x64" "$KOFFI/build/koffi/linux_arm64" "$DAEMONS.new/node_modules/koffi/build/koffi/"
 mkdir -p "$DAEMONS.new/proto"
 cp -r proto/. "$DAEMONS.new/proto/"
 # Replace only when something changed, so the directory (and its hash) is stable.

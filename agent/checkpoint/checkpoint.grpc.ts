@@ -69,8 +69,11 @@ export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: 
         } else if (msg.msg === 'result' && msg.result) {
           if (!sessionId) throw invalidArgument('CommandResult before Register');
           svc.commandResult(sessionId, msg.result);
+        } else if (msg.msg === 'notice' && msg.notice) {
+          if (!sessionId) throw invalidArgument('SessionNotice before Register');
+          svc.sessionNotice(sessionId, msg.notice);
         } else if (msg.msg !== 'heartbeat') {
-          throw invalidArgument('empty SessionRequest: set register, result or heartbeat');
+          throw invalidArgument('empty SessionRequest: set register, result, heartbeat or notice');
         }
       } catch (e) {
         ended = true;

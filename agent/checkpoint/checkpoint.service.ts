@@ -29,6 +29,7 @@ import {
   ProcessStatus,
   Register,
   Registered,
+  SessionNotice,
   SubscribeEvent,
   SubscribeRequest,
   SwitchoverResponse,
@@ -43,7 +44,7 @@ import { CheckpointState, PeerSession, ProcessGroup, SessionChannel, durabilityN
 import { ForwardingSink, NO_FORWARDING_SINK } from './forwarding-sink';
 import { snapshotFrames } from './record-table';
 import { RecordFormatError, validateRecords } from './records';
-import { RoleChanges } from './role-changes';
+import { RoleChanges, SwitchoverHooks } from './role-changes';
 import { agreeWriteSchema, checkReadsTables, pickWriteSchema, validateRegister } from './schema-agreement';
 import { SubscriberStream, Subscription, SubscriptionHost, SnapshotProgress } from './subscription';
 import { leaveInSync, standbyApplied, syncAck } from './sync-acks';
@@ -52,12 +53,21 @@ import { TableReplica } from './table-replica';
 export { CheckpointOptions, DEFAULT_CHECKPOINT_OPTIONS } from './checkpoint-options';
 export { SessionChannel } from './process-group';
 
+/** A SessionNotice as received: when, and from which process instance in which VM. */
+export interface ReportedSession extends SessionNotice {
+  at: number;
+  process: string;
+  instance: string;
+  vm: string;
+}
+
 export class CheckpointService {
   private readonly groups = new Map<string, ProcessGroup>();
   private readonly sessions = new Map<string, PeerSession>();
   private readonly st: CheckpointState;
   private readonly roles: RoleChanges;
   private readonly compactor: Compactor;
+  private readonly noticeListeners: ((r: ReportedSession) => void)[] = [];
 
   constructor(
     private readonly store: CheckpointStore,
@@ -206,6 +216,31 @@ export class CheckpointService {
     }
     leaveInSync(g, s);
     this.log.info({ process: s.reg.process, instance: s.reg.instanceId, session: sessionId, reason }, 'process session ended');
+  }
+
+  /**
+   * A process's account of one of its protocol sessions (hitless.v1.SessionNotice): validated,
+   * logged, and handed to the listeners (the upgrade service records it in the upgrade).
+   */
+  sessionNotice(sessionId: string, n: SessionNotice): void {
+    const s = this.sessions.get(sessionId);
+    if (!s) return;
+    if (!n.session || Buffer.byteLength(n.session) > 200) throw invalidArgument('SessionNotice.session must name the session in 1 to 200 bytes, e.g. "bgp 198.51.100.2"');
+    if (Buffer.byteLength(n.detail ?? '') > 1000) throw invalidArgument('SessionNotice.detail is over 1,000 bytes; shorten it');
+    if (!['NONSTOP', 'GRACEFUL_RESTART', 'RESET'].includes(n.outcome)) {
+      throw invalidArgument(`SessionNotice.outcome must be NONSTOP, GRACEFUL_RESTART or RESET, not ${n.outcome}`);
+    }
+    const r: ReportedSession = { ...n, detail: n.detail ?? '', at: Date.now(), process: s.reg.process, instance: s.reg.instanceId, vm: s.reg.vmId };
+    this.log[n.outcome === 'NONSTOP' ? 'info' : 'warn'](
+      { process: r.process, instance: r.instance, vm: r.vm, session: r.session, outcome: r.outcome, durationMs: r.durationMs, detail: r.detail },
+      'a protocol session changed hands',
+    );
+    for (const l of this.noticeListeners) l(r);
+  }
+
+  /** Registers a listener for every SessionNotice (see sessionNotice). */
+  onSessionNotice(l: (r: ReportedSession) => void): void {
+    this.noticeListeners.push(l);
   }
 
   commandResult(sessionId: string, r: CommandResult): void {
@@ -460,8 +495,8 @@ export class CheckpointService {
 
   // ---------------------------------------------------------------- role changes (role-changes.ts)
 
-  switchover(process: string, toInstance: string): Promise<SwitchoverResponse> {
-    return this.roles.switchover(process, toInstance);
+  switchover(process: string, toInstance: string, hooks?: SwitchoverHooks): Promise<SwitchoverResponse> {
+    return this.roles.switchover(process, toInstance, hooks);
   }
 
   failover(process: string, toInstance: string): Promise<SwitchoverResponse> {

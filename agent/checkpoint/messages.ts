@@ -61,11 +61,22 @@ export interface AuditResponse {
   detail: string;
 }
 
+export type SessionOutcome = 'OUTCOME_UNSPECIFIED' | 'NONSTOP' | 'GRACEFUL_RESTART' | 'RESET';
+
+/** hitless.v1.SessionNotice: how a protocol session fared at a change of active instance. */
+export interface SessionNotice {
+  session: string;
+  outcome: SessionOutcome;
+  durationMs: number;
+  detail: string;
+}
+
 export interface SessionRequest {
   register?: Register;
   result?: CommandResult;
   heartbeat?: Record<string, never>;
-  msg?: 'register' | 'result' | 'heartbeat';
+  notice?: SessionNotice;
+  msg?: 'register' | 'result' | 'heartbeat' | 'notice';
 }
 
 export interface Registered {
@@ -82,6 +93,8 @@ export interface RoleCommand {
   reason: string;
   tableSeqs: Record<string, number>;
   writeSchema: number;
+  /** FREEZE: a switchover follows (see the proto). */
+  handover?: boolean;
 }
 
 export interface SessionResponse {

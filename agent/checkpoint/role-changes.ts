@@ -11,6 +11,18 @@ import { CheckpointState, PeerSession, ProcessGroup } from './process-group';
 import { tableDigestSliced } from './record-table';
 import { agreeWriteSchema, pickWriteSchemaFor } from './schema-agreement';
 
+/**
+ * Work the caller fits into a switchover at its two edges (the upgrade moves the control-plane NIC
+ * there): `beforeFreeze` runs right before the active is frozen, `afterPromote` right after the
+ * new active answered PROMOTE, before the old one is demoted. Neither is inside the measured
+ * freeze window. A throw from `beforeFreeze` fails the switchover (nothing was frozen yet); one
+ * from `afterPromote` is only logged: the switch is made by then.
+ */
+export interface SwitchoverHooks {
+  beforeFreeze?: () => Promise<void>;
+  afterPromote?: () => Promise<void>;
+}
+
 export class RoleChanges {
   private nextCommandId = 1;
 
@@ -19,7 +31,7 @@ export class RoleChanges {
   /** Sends role command `kind` to `s`; resolves with its answer, rejects when refused or unanswered. */
   command(s: PeerSession, kind: CommandKind, extra: Partial<RoleCommand> = {}): Promise<CommandResult> {
     const id = this.nextCommandId++;
-    const cmd: RoleCommand = { commandId: id, kind, reason: extra.reason ?? '', tableSeqs: extra.tableSeqs ?? {}, writeSchema: extra.writeSchema ?? 0 };
+    const cmd: RoleCommand = { commandId: id, kind, reason: extra.reason ?? '', tableSeqs: extra.tableSeqs ?? {}, writeSchema: extra.writeSchema ?? 0, handover: extra.handover ?? false };
     // A digest of a million records takes a while: REPORT gets a longer answer time.
     const timeoutMs = kind === 'REPORT' ? Math.max(this.st.opts.commandTimeoutMs, 60_000) : this.st.opts.commandTimeoutMs;
     return new Promise<CommandResult>((resolve, reject) => {
@@ -79,8 +91,8 @@ export class RoleChanges {
    * process answered; it does not wait for their acks before answering, which keeps one
    * round trip out of the freeze window). Returns the tables' sequences at the freeze.
    */
-  private async freeze(g: ProcessGroup, s: PeerSession, reason: string): Promise<{ seqs: Record<string, number>; reply: CommandResult }> {
-    const reply = await this.command(s, 'FREEZE', { reason });
+  private async freeze(g: ProcessGroup, s: PeerSession, reason: string, handover = false): Promise<{ seqs: Record<string, number>; reply: CommandResult }> {
+    const reply = await this.command(s, 'FREEZE', { reason, handover });
     s.frozenAt = { ...g.tableSeqs(), ...reply.tableSeqs };
     const want = s.frozenAt;
     await this.waitProgress(
@@ -105,7 +117,7 @@ export class RoleChanges {
    * failure puts the old active back in charge: the agent refuses writes from whoever it does not
    * consider active, so a late promotion cannot fork the table.
    */
-  async switchover(process: string, toInstance: string): Promise<SwitchoverResponse> {
+  async switchover(process: string, toInstance: string, hooks: SwitchoverHooks = {}): Promise<SwitchoverResponse> {
     const g = this.st.groups.get(process);
     if (!g) throw notFound(`no process '${process}' is known to the agent`);
     if (g.switching) throw failedPrecondition(`a switchover of '${process}' is already in progress`);
@@ -139,8 +151,9 @@ export class RoleChanges {
       const before = g.tableSeqs();
       const wrote = () => Object.entries(g.tableSeqs()).some(([t, q]) => q > (before[t] ?? 0));
       await this.waitProgress(g, old, wrote, FREEZE_ALIGN_MS, () => 'no batch from the active').catch(() => undefined); // then freeze anyway
+      await hooks.beforeFreeze?.();
       const t0 = process_hrtime();
-      const { seqs, reply: frozen } = await this.freeze(g, old, `switchover to ${toInstance}`);
+      const { seqs, reply: frozen } = await this.freeze(g, old, `switchover to ${toInstance}`, true);
       const tFrozen = process_hrtime();
       // The old active will be a standby: the new active must write what it reads.
       const writeSchema = pickWriteSchemaFor(target, [old]);
@@ -151,9 +164,11 @@ export class RoleChanges {
       old.role = 'STANDBY';
       g.active = target;
       rolesSwapped = true;
-      const promoted = await this.command(target, 'PROMOTE', { tableSeqs: seqs, writeSchema, reason: `switchover from ${old.reg.instanceId}` });
+      const promoted = await this.command(target, 'PROMOTE', { tableSeqs: seqs, writeSchema, reason: `switchover from ${old.reg.instanceId}`, handover: true });
       const tPromoted = process_hrtime();
       rolesSwapped = false; // committed: no way back from here but another switchover
+      // The switch is made: a failing hook is logged, never undoes it (nor skips the DEMOTE).
+      await hooks.afterPromote?.().catch((e: Error) => this.st.log.warn({ process, err: e.message }, 'after-promote step of a switchover failed'));
       target.subscription?.end();
       old.inSync = true; // it holds everything up to `seqs`, exactly what the new active starts from
       for (const [t, q] of Object.entries(seqs)) old.acked.set(t, q);

@@ -117,6 +117,12 @@ export function upgradeReportHtml(r: UpgradeReport): string {
         `<tr class="${a.consistent ? '' : 'bad'}"><td>${esc(a.process)}</td><td>${esc(a.phase)}</td><td>${esc(a.instances.join(', '))}</td><td class="num">${fig(`verified:${a.process}`, a.recordsVerified)}</td><td class="num">${fig(`lost:${a.process}`, a.recordsLost)}</td><td>${a.consistent ? 'consistent' : `INCONSISTENT: ${esc(a.detail)}`}</td></tr>`,
     )
     .join('');
+  const sessionRows = (r.sessions ?? [])
+    .map(
+      (x) =>
+        `<tr class="${x.outcome === 'NONSTOP' ? '' : 'bad'}"><td>${esc(x.process)}</td><td>${esc(x.instance)}</td><td>${esc(x.session)}</td><td>${esc(x.outcome)}</td><td class="num">${x.durationMs}</td><td>${esc(x.detail)}</td></tr>`,
+    )
+    .join('');
   return `<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>hitless upgrade ${esc(u.id)}: ${esc(u.fromVersion)} to ${esc(u.toVersion)}</title>
@@ -153,7 +159,9 @@ ${lagChart(f, t0, spanMs)}
 <table><thead><tr><th>process</th><th>from</th><th>to</th><th class="num">freeze, ms</th></tr></thead><tbody>${freezeRows}</tbody></table>
 <h2>Audit</h2>
 ${r.audits.length ? `<table><thead><tr><th>process</th><th>after</th><th>copies compared with the agent's</th><th class="num">verified</th><th class="num">lost</th><th></th></tr></thead><tbody>${auditRows}</tbody></table>` : '<p>No audit was recorded for this upgrade (it has not ended, or ended before the agent kept audits).</p>'}
-<p class="muted">Data-plane packets and routing sessions are not measured by this agent yet; they will appear here when it does.</p>
+<h2>Routing sessions</h2>
+${sessionRows ? `<table><thead><tr><th>process</th><th>reported by</th><th>session</th><th>outcome</th><th class="num">ms</th><th></th></tr></thead><tbody>${sessionRows}</tbody></table>` : '<p>No process reported on its protocol sessions during this upgrade.</p>'}
+<p class="muted">As each routing process reported them (nonstop: the peer saw nothing; graceful restart: the peer saw a reset and kept our routes). Data-plane packets are not counted by this agent.</p>
 </body></html>
 `;
 }

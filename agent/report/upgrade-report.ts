@@ -6,6 +6,7 @@
  * Times are epoch milliseconds; durations in the figures are seconds; freeze windows ms; lag in
  * batches (the agent's unit of acknowledgement).
  */
+import { SessionOutcomeView, sessionOutcomeText } from './session-outcome';
 
 export interface ReportJournalEntry {
   atMs: number;
@@ -74,6 +75,15 @@ export interface UpgradeReport {
   journal: ReportJournalEntry[];
   lag: ReportLagSample[];
   audits: ReportAudit[];
+  /** How the processes' protocol sessions fared (absent from agents before it was reported). */
+  sessions?: ReportSession[];
+}
+
+/** hitless.v1.UpgradeSession as the client reads it. */
+export interface ReportSession extends SessionOutcomeView {
+  atMs: number;
+  process: string;
+  instance: string;
 }
 
 /** One span of the timeline: a phase from its journal entry to the next (the last lasts 0 s). */
@@ -153,5 +163,6 @@ export function reportText(r: UpgradeReport): string {
     );
   }
   for (const c of u.dataplaneChanges ?? []) lines.push(`  data plane at ${dataPlaneChangesText(c)}`);
+  for (const x of r.sessions ?? []) lines.push(`  session ${time(x.atMs)} ${x.process} (${x.instance}): ${sessionOutcomeText(x)}`);
   return lines.join('\n') + '\n';
 }

@@ -30,6 +30,7 @@ import {
   Registered,
   Role,
   RoleCommand,
+  SessionNotice,
   SessionRequest,
   SessionResponse,
   SubscribeEvent,
@@ -408,6 +409,15 @@ export class CheckpointClient extends EventEmitter {
     return f;
   }
 
+  /**
+   * Tells the agent how one of this process's protocol sessions fared when the active instance
+   * changed (hitless.v1.SessionNotice); it goes in the upgrade's report. Dropped when not
+   * connected: it is an account for operators, not state.
+   */
+  notice(n: SessionNotice): void {
+    this.session?.write({ notice: n });
+  }
+
   batch(table: string): Batch {
     if (!this.tables.has(table)) throw new Error(`table '${table}' was not declared`);
     return new Batch(this, table);
@@ -562,6 +572,10 @@ export class CheckpointClient extends EventEmitter {
           // Answer with the last sequence handed to the agent, without waiting for the acks of
           // batches still in flight: the agent waits for those itself (they are ahead of this
           // answer on the same connection), which keeps a round trip out of the freeze window.
+          // 'freezing' handlers run before the answer and may still write: what they commit now
+          // is part of what the new active starts from. With `handover` (a switchover follows,
+          // not an audit) a routing process captures its TCP connections here. They must not throw.
+          this.emit('freezing', cmd.handover === true);
           this.frozen = true;
           reply(true, '', this.localSeqs());
           afterReply(() => this.emit('frozen'));
@@ -605,6 +619,11 @@ export class CheckpointClient extends EventEmitter {
           if (cmd.writeSchema) this.writeSchema = cmd.writeSchema;
           this.openWriteStream(cmd.tableSeqs); // the spare, when there is one: no new call
           this.unfreeze();
+          // 'promoting' handlers run before the answer, with every table at the handover
+          // sequences: what must exist before the agent hands this instance the network (restored
+          // TCP connections, when `handover`: a switchover, not a failover) is made here. They must
+          // not throw; 'role' follows after the answer.
+          this.emit('promoting', cmd.handover === true);
           reply(true);
           afterReply(() => {
             this.emit('role', this.role);
@@ -660,8 +679,11 @@ export class CheckpointClient extends EventEmitter {
     }
   }
 
+  /** Ends a freeze; 'unfrozen' tells a process that was frozen (role already updated). */
   private unfreeze(): void {
+    const was = this.frozen;
     this.frozen = false;
+    if (was) this.emit('unfrozen');
     const w = this.unfrozenWaiters;
     this.unfrozenWaiters = [];
     for (const r of w) r();

@@ -89,6 +89,19 @@ export interface UpgradeStore {
   lagSampleCount(id: string): number;
   addAudit(id: string, a: AuditRecord): void;
   audits(id: string): AuditRecord[];
+  addSession(id: string, s: SessionRecord): void;
+  sessions(id: string): SessionRecord[];
+}
+
+/** How one protocol session fared at a change of active instance, as its process reported it. */
+export interface SessionRecord {
+  at: number;
+  process: string;
+  instance: string;
+  session: string;
+  outcome: 'NONSTOP' | 'GRACEFUL_RESTART' | 'RESET';
+  durationMs: number;
+  detail: string;
 }
 
 interface Row {
@@ -110,6 +123,8 @@ export class SqliteUpgradeStore implements UpgradeStore {
       CREATE INDEX IF NOT EXISTS upgrade_lag_id ON upgrade_lag (id, at);
       CREATE TABLE IF NOT EXISTS upgrade_audits (id TEXT NOT NULL, at INTEGER NOT NULL, data TEXT NOT NULL);
       CREATE INDEX IF NOT EXISTS upgrade_audits_id ON upgrade_audits (id, at);
+      CREATE TABLE IF NOT EXISTS upgrade_sessions (id TEXT NOT NULL, at INTEGER NOT NULL, data TEXT NOT NULL);
+      CREATE INDEX IF NOT EXISTS upgrade_sessions_id ON upgrade_sessions (id, at);
     `);
   }
 
@@ -196,6 +211,18 @@ export class SqliteUpgradeStore implements UpgradeStore {
   audits(id: string): AuditRecord[] {
     return (this.db.prepare('SELECT data FROM upgrade_audits WHERE id = ? ORDER BY at, rowid').all(id) as { data: string }[]).map(
       (r) => JSON.parse(r.data) as AuditRecord,
+    );
+  }
+
+  addSession(id: string, x: SessionRecord): void {
+    storeWrite(this.db, 'this session outcome is not kept in the upgrade report (the agent log has it)', () =>
+      this.db.prepare('INSERT INTO upgrade_sessions (id, at, data) VALUES (?, ?, ?)').run(id, x.at, JSON.stringify(x)),
+    );
+  }
+
+  sessions(id: string): SessionRecord[] {
+    return (this.db.prepare('SELECT data FROM upgrade_sessions WHERE id = ? ORDER BY at, rowid').all(id) as { data: string }[]).map(
+      (r) => JSON.parse(r.data) as SessionRecord,
     );
   }
 }

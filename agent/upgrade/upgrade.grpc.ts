@@ -61,6 +61,15 @@ export function upgradeReport(store: UpgradeStore, id: string) {
       consistent: a.consistent,
       detail: a.detail,
     })),
+    sessions: store.sessions(rec.id).map((x) => ({
+      atMs: x.at,
+      process: x.process,
+      instance: x.instance,
+      session: x.session,
+      outcome: x.outcome,
+      durationMs: x.durationMs,
+      detail: x.detail,
+    })),
   };
 }
 

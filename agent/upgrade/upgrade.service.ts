@@ -27,7 +27,10 @@ import { Manifest, readManifest } from '../images/manifest';
 import { ProcessCompatibility, assertCompatible, compatibilityMatrix } from '../images/compatibility';
 import { auditNotRun, auditRecord } from './audit-record';
 import { LagRecorder } from './lag-recorder';
-import { Phase, TERMINAL, UpgradeRecord, UpgradeStore } from './upgrade-store';
+import { Phase, SessionRecord, TERMINAL, UpgradeRecord, UpgradeStore } from './upgrade-store';
+import type { ReportedSession } from '../checkpoint/checkpoint.service';
+import type { SwitchoverHooks } from '../checkpoint/role-changes';
+import { sessionOutcomeText } from '../report/session-outcome';
 import type { DataPlaneChanges, DataPlaneStatusView } from '../dataplane/fib.service';
 
 /** What the upgrade needs of the VM layer (VmSupervisor implements it). */
@@ -41,11 +44,16 @@ export interface UpgradeVms {
   setControlLink(name: string, up: boolean): Promise<void>;
 }
 
+/** A SessionNotice may reach an upgrade this long after it ended (a graceful restart ends late), ms. */
+const SESSION_NOTICE_GRACE_MS = 10 * 60_000;
+
 /** What the upgrade needs of the checkpoint service. */
 export interface UpgradeCheckpoint {
   status(process: string): ProcessStatus[];
-  switchover(process: string, toInstance: string): Promise<SwitchoverResponse>;
+  switchover(process: string, toInstance: string, hooks?: SwitchoverHooks): Promise<SwitchoverResponse>;
   failover(process: string, toInstance: string): Promise<SwitchoverResponse>;
+  /** Every SessionNotice a process sends (how its protocol sessions fared at a handover). */
+  onSessionNotice(l: (r: ReportedSession) => void): void;
   raiseWriteSchema(process: string, leavingVm: string): Promise<number>;
   audit(process: string): Promise<AuditResponse>;
 }
@@ -147,6 +155,29 @@ export class UpgradeService {
     this.events.setMaxListeners(100);
     this.lag = new LagRecorder(store, (p) => checkpoint.status(p), log);
     this.keeperOff = this.vms.onEvent((e) => this.keepControlPlane(e));
+    checkpoint.onSessionNotice((r) => this.recordSession(r));
+  }
+
+  /**
+   * Keeps a process's account of a protocol session in the upgrade whose VMs it concerns: the
+   * current one, or the last one if it ended within SESSION_NOTICE_GRACE_MS (a graceful restart
+   * is over only seconds after the switchover, and a commit may come first). Also an event.
+   */
+  private recordSession(r: ReportedSession): void {
+    const last = this.store.current() ?? this.store.history(1)[0];
+    if (!last || (last.fromVm !== r.vm && last.toVm !== r.vm)) return;
+    if (TERMINAL.includes(last.phase) && Date.now() - last.updatedAt > SESSION_NOTICE_GRACE_MS) return;
+    const rec: SessionRecord = {
+      at: r.at,
+      process: r.process,
+      instance: r.instance,
+      session: r.session,
+      outcome: r.outcome as SessionRecord['outcome'],
+      durationMs: r.durationMs,
+      detail: r.detail,
+    };
+    this.store.addSession(last.id, rec);
+    this.emit(r.outcome === 'NONSTOP' ? 'PROGRESS' : 'WARNING', last.id, last.phase, `${r.process}: ${sessionOutcomeText(rec)}`);
   }
 
   /**
@@ -370,7 +401,7 @@ export class UpgradeService {
     const freezes: Record<string, number> = {};
     try {
       for (const [p, inst] of Object.entries(rec.processes)) {
-        const r = await this.checkpoint.switchover(p, inst.to);
+        const r = await this.switchoverWithLink(rec, 'SWITCHING', p, inst.to, rec.fromVm, rec.toVm, switched.length === 0);
         freezes[p] = r.freezeMicros / 1000;
         freezeMs = Math.max(freezeMs, freezes[p]);
         switched.push(p);
@@ -385,7 +416,10 @@ export class UpgradeService {
       }
     } catch (e) {
       // Put back what moved; the old version stays in charge and the new one stays loaded.
-      for (const p of switched.reverse()) await this.checkpoint.switchover(p, rec.processes[p].from).catch(() => undefined);
+      for (const [i, p] of switched.reverse().entries()) {
+        await this.switchoverWithLink(rec, 'SWITCHING', p, rec.processes[p].from, rec.toVm, rec.fromVm, i === 0).catch(() => undefined);
+      }
+      if (switched.length) await this.moveControlLink(rec, 'SWITCHING', rec.toVm, rec.fromVm);
       await this.recordOutcome(rec, 'LOADED', `runversion failed and was undone: ${(e as Error).message}`);
       throw e;
     }
@@ -419,7 +453,7 @@ export class UpgradeService {
     // does; after a crash of the old version (fail-forward) or an agent restart it may not yet.
     let moved = false;
     try {
-      for (const [p, inst] of Object.entries(rec.processes)) moved = (await this.restoreActive(rec, p, inst.to, rec.toVm, rec.fromVm)) || moved;
+      for (const [p, inst] of Object.entries(rec.processes)) moved = (await this.restoreActive(rec, p, inst.to, rec.toVm, rec.fromVm, !moved)) || moved;
     } catch (e) {
       if (!(e instanceof TargetVmGone) || !this.isAlive(rec.fromVm)) throw e;
       await this.doAbort(rec, `the new version's VM ${rec.toVm} died during the commit`);
@@ -464,7 +498,8 @@ export class UpgradeService {
     if (switchedOver) {
       await this.waitForProcesses(rec, this.opts.peerGraceMs);
       try {
-        for (const [p, inst] of Object.entries(rec.processes)) await this.restoreActive(rec, p, inst.from, rec.fromVm, rec.toVm);
+        let moved = false;
+        for (const [p, inst] of Object.entries(rec.processes)) moved = (await this.restoreActive(rec, p, inst.from, rec.fromVm, rec.toVm, !moved)) || moved;
       } catch (e) {
         if (!(e instanceof TargetVmGone) || !this.isAlive(rec.toVm)) throw e;
         // The old version died on the way back: the new one, still running, stays for good.
@@ -503,7 +538,7 @@ export class UpgradeService {
    * the reverse. Throws TargetVmGone as soon as `targetVm` stopped or crashed: the caller then turns
    * to the other version instead of retrying in vain.
    */
-  private async restoreActive(rec: UpgradeRecord, process: string, target: string, targetVm: string, leavingVm: string): Promise<boolean> {
+  private async restoreActive(rec: UpgradeRecord, process: string, target: string, targetVm: string, leavingVm: string, moveLink = false): Promise<boolean> {
     const deadline = Date.now() + Math.max(30_000, this.opts.peerGraceMs);
     const phase = this.store.current()?.phase ?? rec.phase;
     for (let moved = false; ; moved = true) {
@@ -515,7 +550,7 @@ export class UpgradeService {
           const r = await this.checkpoint.failover(process, target);
           this.emit('PROGRESS', rec.id, phase, `${process}: ${target} promoted (failover, ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
         } else if (this.isAlive(leavingVm) || active.vmId !== leavingVm) {
-          const r = await this.checkpoint.switchover(process, target);
+          const r = await this.switchoverWithLink(rec, phase, process, target, leavingVm, targetVm, moveLink);
           this.emit('PROGRESS', rec.id, phase, `${process}: ${target} is active (writers frozen ${(r.freezeMicros / 1000).toFixed(2)} ms)`);
         } else {
           await sleep(200); // the dead VM's session is closing
@@ -861,6 +896,52 @@ export class UpgradeService {
    * VM that is gone cannot be set and needs nothing; any other failure is a warning, not a reason
    * to undo a switchover the processes already made.
    */
+  /**
+   * A switchover of `process` to `target`; with `moveLink`, the control-plane NIC moves with it
+   * from `fromVm` to `toVm` inside the switchover: down on the old VM before its processes
+   * freeze, up on the new one once the target answered PROMOTE. That order is what lets a process
+   * move its TCP connections (TCP repair): the old endpoint receives nothing after it captured
+   * them, and the new VM has the restored sockets before a segment reaches it, so its kernel never
+   * answers one with a reset. The NIC is down for the freeze window plus one QMP round trip each
+   * way; TCP retransmits whatever the peer sent meanwhile. A switchover that fails gives the link
+   * back to the old VM. The later processes' switchovers (and moveControlLink afterwards) find the
+   * link where it belongs.
+   */
+  private async switchoverWithLink(
+    rec: UpgradeRecord,
+    phase: Phase,
+    process: string,
+    target: string,
+    fromVm: string,
+    toVm: string,
+    moveLink: boolean,
+  ): Promise<SwitchoverResponse> {
+    if (!moveLink) return this.checkpoint.switchover(process, target);
+    let down = false;
+    let up = false;
+    const setLink = (vm: string, on: boolean) =>
+      this.isAlive(vm)
+        ? this.vms
+            .setControlLink(vm, on)
+            .catch((e: Error) => this.emit('WARNING', rec.id, phase, `control-plane NIC of ${vm} not set ${on ? 'up' : 'down'}: ${e.message}`))
+        : Promise.resolve();
+    try {
+      return await this.checkpoint.switchover(process, target, {
+        beforeFreeze: async () => {
+          await setLink(fromVm, false);
+          down = true;
+        },
+        afterPromote: async () => {
+          await setLink(toVm, true);
+          up = true;
+        },
+      });
+    } catch (e) {
+      if (down && !up) await setLink(fromVm, true);
+      throw e;
+    }
+  }
+
   private async moveControlLink(rec: UpgradeRecord, phase: Phase, from: string, to: string): Promise<void> {
     for (const [vm, up] of [
       [from, false],

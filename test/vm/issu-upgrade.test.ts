@@ -15,8 +15,10 @@
  * BIRD 2 beside the receiver (AS 65000, 20,000 IPv4 and 2,000 IPv6 prefixes) peers with the
  * active guest's BGP speaker over its control-plane NIC. Its routes are in the FIB too, and
  * 1,000 packets/s go back from its side to our prefix through the routes it learned from us.
- * Without TCP repair each switchover moves the session by graceful restart: BIRD reports the
- * reset (asserted: it is not hidden), keeps our routes, and withdraws nothing.
+ * Every switchover moves the session with TCP repair (nonstop routing): BIRD sees no reset and
+ * withdraws nothing, and the report says NONSTOP for each. When the new active crashes there is
+ * nothing to move: the old version takes over by graceful restart, BIRD reports that reset
+ * (asserted: it is not hidden), keeps our routes, and the report says GRACEFUL_RESTART.
  */
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
@@ -177,10 +179,27 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
       toVm = await loadRunAbort();
     });
     assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /, /^rollback to cp-1$/], FIB_ROUTES);
-    // Moved by graceful restart, without TCP repair: BIRD saw it, and says so.
-    assert.ok(seen.resets >= 1, `BIRD reported the session reset of the handover (${JSON.stringify(seen)})`);
+    // Nonstop routing both ways: BIRD saw no reset, and each handover is reported as such.
+    assert.equal(seen.resets, 0, `BIRD saw no session reset (${JSON.stringify(seen)})`);
+    await assertSessions(['NONSTOP', 'NONSTOP']);
     assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1', toVm]), ['cp-1'], "after the rollback only v1's NIC answers");
   });
+
+  /** The latest upgrade's session outcomes, as reported, are `want` (in order). */
+  async function assertSessions(want: string[]): Promise<void> {
+    const rep = await until<UpgradeReport | null>('every session outcome reported', async () => {
+      const r = JSON.parse((await h.issu(['--json', 'show', 'upgrade'])).stdout) as UpgradeReport;
+      return (r.sessions ?? []).length >= want.length ? r : null;
+    });
+    const got = rep!.sessions ?? [];
+    measure('session outcomes', JSON.stringify(got.map((x) => ({ outcome: x.outcome, ms: x.durationMs, detail: x.detail }))));
+    assert.deepEqual(
+      got.map((x) => [x.session, x.outcome]),
+      want.map((o) => ['bgp 198.51.100.2', o]),
+    );
+    const text = (await h.issu(['show', 'upgrade'])).stdout;
+    for (const o of want) assert.match(text, o === 'NONSTOP' ? /no reset \(nonstop routing\)/ : /session reset \(graceful restart\), back after/);
+  }
 
   /** The rollback test's upgrade; returns the VM of the new version. */
   async function loadRunAbort(): Promise<string> {
@@ -282,8 +301,10 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     });
     await h.assertAudit('after the new active died');
     assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /, /^rollback to cp-1$/], FIB_ROUTES);
-    // Moved by graceful restart, without TCP repair: BIRD saw it, and says so.
-    assert.ok(seen.resets >= 1, `BIRD reported the session reset of the handover (${JSON.stringify(seen)})`);
+    // runversion moved the session (nonstop); the crash left nothing to move: v1 took over by
+    // graceful restart, BIRD saw that reset, and the report says so.
+    assert.equal(seen.resets, 1, `BIRD reported the one reset, the crash's (${JSON.stringify(seen)})`);
+    await assertSessions(['NONSTOP', 'GRACEFUL_RESTART']);
     assert.deepEqual(await cpNicsAnswering(lab!, ['cp-1']), ['cp-1'], "v1's NIC answers again");
   });
 
@@ -365,8 +386,9 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     assert.ok(!done.current, 'no upgrade in progress');
     assert.equal(done.history[0].phase, 'COMMITTED');
     assertNoDataPlaneChanges(await upgradeChanges(), [/^switchover to /], FIB_ROUTES);
-    // Moved by graceful restart, without TCP repair: BIRD saw it, and says so.
-    assert.ok(seen.resets >= 1, `BIRD reported the session reset of the handover (${JSON.stringify(seen)})`);
+    // Nonstop routing: BIRD saw no reset, and the report says so.
+    assert.equal(seen.resets, 0, `BIRD saw no session reset (${JSON.stringify(seen)})`);
+    await assertSessions(['NONSTOP']);
     // The Upgrade events said so too, as the switchover happened.
     assert.ok(events.some((e) => /data plane: 0 route change\(s\) at switchover to /.test((e as { message?: string }).message ?? '')));
     await h.trackAll();

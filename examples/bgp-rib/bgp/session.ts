@@ -10,9 +10,16 @@
  *
  * Anything malformed from the peer ends the session with the NOTIFICATION RFC 4271 section 6
  * names (BgpError carries it); a message in the wrong state with an FSM error (RFC 6608).
+ *
+ * Nonstop routing: capture() stops an Established session where it stands and captures its TCP
+ * connection with TCP repair (agent/sdk/tcp-repair.ts), with the bytes read but not yet parsed
+ * put back in front of the receive queue; another instance adopt()s it and carries on with the
+ * exact byte stream. The connection is read through `onread` (bgpSocketReader), so pause() stops
+ * reading from the kernel at once: no byte is read after the capture.
  */
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import os from 'node:os';
 import {
   AFI_IPV4,
   AFI_IPV6,
@@ -30,6 +37,7 @@ import {
   encodeOpen,
   messageLength,
 } from './messages';
+import { TcpConnectionState, captureTcp, resumeTcp, socketFd, tcpStateToJson } from '../../../agent/sdk/tcp-repair';
 
 export type SessionState = 'Idle' | 'Connect' | 'OpenSent' | 'OpenConfirm' | 'Established';
 
@@ -54,6 +62,48 @@ export interface Negotiated {
   peerGracefulRestart: Capabilities['gracefulRestart'];
 }
 
+/** What another instance needs to carry an Established session on (JSON in the bgp-tcp table). */
+export interface SavedSession {
+  /** tcpStateToJson of the captured connection. */
+  tcp: Record<string, unknown>;
+  nego: Negotiated;
+  establishedAt: number;
+  /** When the last message came from the peer, epoch ms: our hold timer counts from it. */
+  lastRxAt: number;
+}
+
+/**
+ * Reading a BGP connection through `onread` (a buffer of our own, copied out per read): with it,
+ * net.Socket.pause() stops reading from the kernel at once, which a capture needs; with 'data'
+ * events Node would go on reading into its stream buffer. `to` names the session fed.
+ */
+export function bgpSocketReader(): { onread: net.OnReadOpts; to: (s: BgpSession) => void } {
+  let target: BgpSession | null = null;
+  return {
+    onread: {
+      buffer: Buffer.allocUnsafe(64 * 1024),
+      callback: (n: number, buf: Uint8Array) => {
+        target?.receive(Buffer.from(buf.subarray(0, n)));
+        return true;
+      },
+    },
+    to: (s) => (target = s),
+  };
+}
+
+/**
+ * Resolves once `address` is usable on an interface that is up with carrier (libuv lists only
+ * those), or after `maxMs`: a restored session's first KEEPALIVE waits for the link the agent
+ * raises just after the promotion, instead of being lost and retransmitted a second later.
+ */
+async function addressUsable(address: string, maxMs: number): Promise<void> {
+  const deadline = Date.now() + maxMs;
+  while (Date.now() < deadline) {
+    if (Object.values(os.networkInterfaces()).some((l) => l?.some((a) => a.address === address))) return;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
 /** Hold time while waiting for the peer's OPEN (RFC 4271 8.2.2 suggests 4 minutes), s. */
 const OPEN_HOLD_S = 240;
 
@@ -71,6 +121,12 @@ export class BgpSession extends EventEmitter {
   private nego: Negotiated | null = null;
   /** When the session became Established (epoch ms), 0 otherwise. */
   establishedAt = 0;
+  /** When the last message came from the peer, epoch ms. */
+  lastRxAt = 0;
+  /** Captured for another instance: neither reads nor writes, timers stopped (see capture). */
+  private captured = false;
+  /** Bytes come through a bgpSocketReader (see attach): only then can the session be captured. */
+  private routed = false;
 
   constructor(readonly cfg: SessionConfig) {
     super();
@@ -81,14 +137,18 @@ export class BgpSession extends EventEmitter {
     return this.nego;
   }
 
-  /** Runs the session on an open TCP connection (ours or the peer's) and sends our OPEN. */
-  attach(sock: net.Socket): void {
+  /**
+   * Runs the session on an open TCP connection (ours or the peer's) and sends our OPEN.
+   * `routed`: the socket's bytes already come to receive() through a bgpSocketReader; otherwise
+   * they are taken from 'data' events (an accepted socket, which cannot have a reader), and such a
+   * session cannot be captured.
+   */
+  attach(sock: net.Socket, routed = false): void {
     if (this.sock) throw new Error('session already has a connection');
     this.sock = sock;
-    sock.setNoDelay(true);
-    sock.on('data', (d: Buffer) => this.onData(d));
-    sock.on('error', (e) => this.down(`connection error: ${e.message}`));
-    sock.on('close', () => this.down('the peer closed the connection'));
+    this.routed = routed;
+    if (!routed) sock.on('data', (d: Buffer) => this.receive(d));
+    this.watch(sock);
     this.state = 'OpenSent';
     this.armHold(OPEN_HOLD_S);
     sock.write(
@@ -107,9 +167,84 @@ export class BgpSession extends EventEmitter {
     );
   }
 
+  /** The socket's bytes come in through receive(): a bgpSocketReader routed to this session. */
+  private watch(sock: net.Socket): void {
+    sock.setNoDelay(true);
+    sock.on('error', (e) => this.down(`connection error: ${e.message}`));
+    sock.on('close', () => this.down('the peer closed the connection'));
+  }
+
+  /**
+   * Carries on an Established session another instance captured: `sock` is the restored
+   * connection (created paused), `unsent` what the old instance had queued but never transmitted.
+   * Our hold timer goes on from the last message the old instance received; the peer's is served
+   * by a KEEPALIVE as soon as our address is usable (the agent raises this VM's link right after
+   * the promotion). Reading starts with startReading(), once the caller restored its RIBs.
+   */
+  adopt(sock: net.Socket, saved: SavedSession, unsent: Buffer): void {
+    if (this.sock) throw new Error('session already has a connection');
+    this.sock = sock;
+    this.routed = true;
+    this.watch(sock);
+    this.nego = saved.nego;
+    this.state = 'Established';
+    this.establishedAt = saved.establishedAt;
+    this.lastRxAt = saved.lastRxAt;
+    if (unsent.length) sock.write(unsent);
+    const holdMs = this.nego.holdTime * 1000;
+    this.armHoldMs(Math.max(1000, holdMs - (Date.now() - saved.lastRxAt)), this.nego.holdTime);
+    if (this.nego.holdTime > 0) this.startKeepalives();
+    void addressUsable(sock.localAddress ?? '', 3000).then(() => this.keepaliveNow());
+  }
+
+  startReading(): void {
+    this.sock?.resume();
+  }
+
+  /**
+   * Stops this Established session where it stands and captures its connection (TCP repair) for
+   * another instance. Returns the state to hand over, or why it cannot be captured, in which case
+   * the session carries on untouched. While captured the session neither reads nor writes and its
+   * timers are stopped; resumeCaptured() undoes that, release() drops it without a word.
+   */
+  capture(): { saved: SavedSession; tcp: TcpConnectionState } | { why: string } {
+    const sock = this.sock;
+    if (this.state !== 'Established' || !sock || !this.nego) return { why: `the session is ${this.state}` };
+    if (!this.routed) return { why: 'the connection is read through data events (an accepted connection)' };
+    const fd = socketFd(sock);
+    if (fd === null) return { why: 'the connection has no file descriptor' };
+    sock.pause();
+    if (sock.writableLength > 0) {
+      sock.resume();
+      return { why: `${sock.writableLength} bytes of ours were not yet handed to the kernel` };
+    }
+    try {
+      const tcp = captureTcp(fd, sock, this.buf);
+      this.captured = true;
+      this.stopTimers();
+      return { tcp, saved: { tcp: tcpStateToJson(tcp), nego: this.nego, establishedAt: this.establishedAt, lastRxAt: this.lastRxAt } };
+    } catch (e) {
+      sock.resume();
+      return { why: (e as Error).message };
+    }
+  }
+
+  /** The capture was called off (the switchover failed): carry on as before. */
+  resumeCaptured(): void {
+    const sock = this.sock;
+    if (!this.captured || !sock) return;
+    const fd = socketFd(sock);
+    if (fd !== null) resumeTcp(fd);
+    this.captured = false;
+    this.armHoldMs(Math.max(1000, this.nego!.holdTime * 1000 - (Date.now() - this.lastRxAt)), this.nego!.holdTime);
+    this.startKeepalives();
+    this.keepaliveNow();
+    sock.resume();
+  }
+
   /** Sends encoded messages (UPDATEs); only while Established. */
   send(msgs: Buffer[]): void {
-    if (this.state !== 'Established' || !this.sock) return;
+    if (this.state !== 'Established' || !this.sock || this.captured) return;
     for (const m of msgs) this.sock.write(m);
   }
 
@@ -126,7 +261,8 @@ export class BgpSession extends EventEmitter {
     this.notifyAndClose(new BgpError(code, subcode, reason));
   }
 
-  private onData(d: Buffer): void {
+  /** Bytes from the connection (see bgpSocketReader). */
+  receive(d: Buffer): void {
     this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
     let off = 0;
     try {
@@ -147,6 +283,7 @@ export class BgpSession extends EventEmitter {
 
   private onMessage(raw: Buffer): void {
     const m = decodeMessage(raw, this.nego?.as4 ?? true);
+    this.lastRxAt = Date.now();
     if (m.type === MsgType.NOTIFICATION) {
       this.close(`NOTIFICATION received: code ${m.code} subcode ${m.subcode}`, { code: m.code, subcode: m.subcode, sent: false });
       return;
@@ -197,21 +334,40 @@ export class BgpSession extends EventEmitter {
     this.state = 'OpenConfirm';
     this.sock!.write(encodeKeepalive());
     this.armHold(holdTime);
-    if (holdTime > 0) {
-      this.keepaliveTimer = setInterval(() => this.sock?.write(encodeKeepalive()), Math.max(1, this.nego.keepaliveS) * 1000);
-    }
+    if (holdTime > 0) this.startKeepalives();
+  }
+
+  private startKeepalives(): void {
+    if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);
+    this.keepaliveTimer = setInterval(() => this.keepaliveNow(), Math.max(1, this.nego!.keepaliveS) * 1000);
+  }
+
+  private keepaliveNow(): void {
+    if (this.sock && !this.captured) this.sock.write(encodeKeepalive());
   }
 
   private armHold(seconds: number): void {
+    this.armHoldMs(seconds * 1000, seconds);
+  }
+
+  /** Hold timer firing in `ms`; `seconds` is the negotiated hold time (0: none). */
+  private armHoldMs(ms: number, seconds: number): void {
     if (this.holdTimer) clearTimeout(this.holdTimer);
     this.holdTimer = null;
     if (seconds > 0) {
-      this.holdTimer = setTimeout(() => this.notifyAndClose(new BgpError(Err.HOLD_TIMER_EXPIRED, 0, `no message for ${seconds} s`)), seconds * 1000);
+      this.holdTimer = setTimeout(() => this.notifyAndClose(new BgpError(Err.HOLD_TIMER_EXPIRED, 0, `no message for ${seconds} s`)), ms);
     }
+  }
+
+  private stopTimers(): void {
+    if (this.holdTimer) clearTimeout(this.holdTimer);
+    if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);
+    this.holdTimer = this.keepaliveTimer = null;
   }
 
   private notifyAndClose(e: BgpError): void {
     if (!this.sock) return;
+    if (this.captured) return this.down(`${e.message} (while captured: no NOTIFICATION)`);
     this.sock.write(encodeNotification(e.code, e.subcode, e.data));
     this.close(`NOTIFICATION sent: ${e.message}`, { code: e.code, subcode: e.subcode, sent: true });
   }
@@ -234,9 +390,8 @@ export class BgpSession extends EventEmitter {
   }
 
   private finish(reason: string, notification: { code: number; subcode: number; sent: boolean } | null): void {
-    if (this.holdTimer) clearTimeout(this.holdTimer);
-    if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);
-    this.holdTimer = this.keepaliveTimer = null;
+    this.stopTimers();
+    this.captured = false;
     const was = this.state;
     this.state = 'Idle';
     this.establishedAt = 0;

@@ -14,7 +14,7 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { AFI_IPV4, AFI_IPV6, Origin, PathAttributes, UpdateMessage, encodeEndOfRib, encodeUpdate } from './messages';
-import { BgpSession, Negotiated } from './session';
+import { BgpSession, Negotiated, SavedSession, bgpSocketReader } from './session';
 
 export interface PeerConfig {
   address: string;
@@ -75,8 +75,54 @@ export class BgpSpeaker extends EventEmitter {
       this.peers.set(p.address, { cfg: p, session: null, adjRibIn: new Map(), adjRibOut: new Set(), retry: null, staleTimer: null, resets: 0 });
   }
 
+  /** Connects to every peer whose session was not adopted. */
   start(): void {
-    for (const p of this.peers.values()) this.connect(p);
+    for (const p of this.peers.values()) if (!p.session) this.connect(p);
+  }
+
+  /**
+   * Carries on a session another instance captured (nonstop routing): `sock` is the restored
+   * connection, created with `reader` and paused; `announced` what the old instance had sent the
+   * peer (its Adj-RIB-Out), which stays announced. Keepalives start at once; reading starts
+   * with startReading(), once the caller restored the peer's routes (restore, not stale).
+   */
+  adopt(peer: string, sock: net.Socket, reader: ReturnType<typeof bgpSocketReader>, saved: SavedSession, unsent: Buffer, announced: string[]): void {
+    const p = this.peers.get(peer);
+    if (!p) throw new Error(`${peer} is not a configured peer`);
+    const s = this.newSession(p);
+    reader.to(s);
+    this.wire(p, s, sock);
+    for (const x of announced) p.adjRibOut.add(x);
+    s.adopt(sock, saved, unsent);
+  }
+
+  /** Whether `peer`'s session was adopted (and not lost since). */
+  adopted(peer: string): boolean {
+    return this.peers.get(peer)?.session?.state === 'Established';
+  }
+
+  /** Starts reading an adopted session (its routes are restored). */
+  startReading(peer: string): void {
+    this.peers.get(peer)?.session?.startReading();
+  }
+
+  /** Captures every Established session (see BgpSession.capture): peer -> state or why not. */
+  capture(): Map<string, ReturnType<BgpSession['capture']>> {
+    const out = new Map<string, ReturnType<BgpSession['capture']>>();
+    for (const p of this.peers.values()) if (p.session) out.set(p.cfg.address, p.session.capture());
+    return out;
+  }
+
+  /** What capture() says when TCP repair cannot be used: every session stays, `why` for each. */
+  notCaptured(why: string): Map<string, { why: string }> {
+    const out = new Map<string, { why: string }>();
+    for (const p of this.peers.values()) if (p.session) out.set(p.cfg.address, { why });
+    return out;
+  }
+
+  /** Undoes capture(): the sessions carry on here. */
+  resumeCaptured(): void {
+    for (const p of this.peers.values()) p.session?.resumeCaptured();
   }
 
   /** Ends every session with a Cease NOTIFICATION. */
@@ -107,11 +153,16 @@ export class BgpSpeaker extends EventEmitter {
    * selected as before, until the peer's End-of-RIB after the new session replaces them.
    */
   restoreStale(peer: string, routes: Iterable<[string, PathAttributes]>): void {
+    this.restore(peer, routes, true);
+  }
+
+  /** Routes of a previous instance: stale (graceful restart) or current (the session was moved). */
+  restore(peer: string, routes: Iterable<[string, PathAttributes]>, stale: boolean): void {
     const p = this.peers.get(peer);
     if (!p) return;
     const changed = new Set<string>();
     for (const [prefix, attrs] of routes) {
-      p.adjRibIn.set(prefix, { peer, attrs, stale: true });
+      p.adjRibIn.set(prefix, { peer, attrs, stale });
       changed.add(prefix);
     }
     this.select(changed);
@@ -119,38 +170,49 @@ export class BgpSpeaker extends EventEmitter {
 
   private connect(p: PeerState): void {
     if (this.stopped) return;
-    const sock = net.connect({ host: p.cfg.address, port: p.cfg.port ?? 179, localAddress: p.cfg.localAddress });
-    const again = () => {
-      if (this.stopped || p.retry) return;
-      p.retry = setTimeout(() => {
-        p.retry = null;
-        this.connect(p);
-      }, this.cfg.connectRetryMs ?? 2000);
-    };
+    const reader = bgpSocketReader();
+    const sock = net.connect({ host: p.cfg.address, port: p.cfg.port ?? 179, localAddress: p.cfg.localAddress, onread: reader.onread });
     sock.once('error', () => {
-      if (!p.session) again();
+      if (!p.session) this.retry(p);
     });
     sock.once('connect', () => {
-      const s = new BgpSession({
-        localAs: this.cfg.as,
-        routerId: this.cfg.routerId,
-        peerAs: p.cfg.as,
-        peerAddress: p.cfg.address,
-        holdTime: this.cfg.holdTime,
-        gracefulRestartTime: this.cfg.gracefulRestartTime ?? 0,
-      });
-      p.session = s;
-      s.on('established', (n: Negotiated) => this.established(p, n, sock.localAddress ?? ''));
-      s.on('update', (u: UpdateMessage) => this.onUpdate(p, u));
-      s.on('refresh', () => this.announceAll(p, s.negotiated(), sock.localAddress ?? ''));
-      s.on('down', (d: { reason: string; was: string }) => {
-        p.session = null;
-        if (d.was === 'Established') p.resets++;
-        this.sessionDown(p, s);
-        this.emit('down', p.cfg.address, d);
-        again();
-      });
-      s.attach(sock);
+      const s = this.newSession(p);
+      reader.to(s);
+      this.wire(p, s, sock);
+      s.attach(sock, true);
+    });
+  }
+
+  private retry(p: PeerState): void {
+    if (this.stopped || p.retry) return;
+    p.retry = setTimeout(() => {
+      p.retry = null;
+      this.connect(p);
+    }, this.cfg.connectRetryMs ?? 2000);
+  }
+
+  private newSession(p: PeerState): BgpSession {
+    return new BgpSession({
+      localAs: this.cfg.as,
+      routerId: this.cfg.routerId,
+      peerAs: p.cfg.as,
+      peerAddress: p.cfg.address,
+      holdTime: this.cfg.holdTime,
+      gracefulRestartTime: this.cfg.gracefulRestartTime ?? 0,
+    });
+  }
+
+  private wire(p: PeerState, s: BgpSession, sock: net.Socket): void {
+    p.session = s;
+    s.on('established', (n: Negotiated) => this.established(p, n, sock.localAddress ?? ''));
+    s.on('update', (u: UpdateMessage) => this.onUpdate(p, u));
+    s.on('refresh', () => this.announceAll(p, s.negotiated(), sock.localAddress ?? ''));
+    s.on('down', (d: { reason: string; was: string }) => {
+      p.session = null;
+      if (d.was === 'Established') p.resets++;
+      this.sessionDown(p, s);
+      this.emit('down', p.cfg.address, d);
+      this.retry(p);
     });
   }
 
