@@ -25,7 +25,9 @@
  *    and the network's view: packets_sent, packets_lost, max_gap_ms (longest time between two
  *    packets received), fib_routes and fib_changes_at_switchover, and the BGP peer's view:
  *    bgp_peer, bgp_session_resets, peer_routes_withdrawn, peer_routes_before, peer_routes_after
- *    (read from BIRD with birdc).
+ *    (read from BIRD with birdc), and bgp_handovers: how the daemon says each session changed
+ *    hands (NONSTOP with TCP repair, or GRACEFUL_RESTART). The exit status is 1 when a packet was
+ *    lost, BIRD saw a session reset or a withdrawal, or an audit found a difference.
  * 5. Writes the agent's upgrade report beside that JSON, in --report-dir (default ./demo-report):
  *    upgrade-ID.json (the summary above and the agent's ShowUpgrade answer) and upgrade-ID.html,
  *    the page `issu show upgrade ID --html FILE` writes.
@@ -36,6 +38,7 @@ import { progressView } from '../agent/cli/progress';
 import { showUpgradeEvents } from '../agent/cli/upgrade-commands';
 import { writeReportHtml } from '../agent/cli/report-commands';
 import type { UpgradeReport } from '../agent/report/upgrade-report';
+import { sessionOutcomeText } from '../agent/report/session-outcome';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -258,6 +261,10 @@ async function main(): Promise<void> {
       peer_routes_withdrawn: peerView?.withdrawsReceived ?? null,
       peer_routes_before: peerView?.importedBefore ?? null,
       peer_routes_after: peerView?.importedAfter ?? null,
+      // How each routing session changed hands, as the bgp daemon reported it to the agent:
+      // NONSTOP (TCP repair; ms = capture + restore, inside the freeze window) or
+      // GRACEFUL_RESTART (ms = until the peer's End-of-RIB).
+      bgp_handovers: (agentReport.sessions ?? []).map((x) => ({ session: x.session, outcome: x.outcome, ms: x.durationMs, detail: x.detail })),
       traffic: flow ? { forward: flow, back } : null,
       // What the switchover itself changed in the data plane (0 when no route changed).
       fib_changes_at_switchover: lab
@@ -287,13 +294,16 @@ async function main(): Promise<void> {
       }
       if (peerView) {
         console.log(
-          `  BGP peer (${report.bgp_peer}): ${peerView.resets} session reset(s)${peerView.resets ? ` (graceful restart: the session moved without TCP repair; down ${peerView.resetMs.join(', ')} ms)` : ''}, ${peerView.withdrawsReceived} routes withdrawn, our routes before ${peerView.importedBefore}, after ${peerView.importedAfter}`,
+          `  BGP peer (${report.bgp_peer}): ${peerView.resets} session reset(s)${peerView.resets ? ` (down ${peerView.resetMs.join(', ')} ms)` : ''}, ${peerView.withdrawsReceived} routes withdrawn, our routes before ${peerView.importedBefore}, after ${peerView.importedAfter}`,
         );
       }
+      for (const x of agentReport.sessions ?? []) console.log(`  handover of ${sessionOutcomeText(x)}`);
       if (!consistent) console.log(`  AUDIT FAILED: ${report.audit_detail}`);
       console.log(`  upgrade report: ${report.report_html} (and ${base}.json)`);
     }
+    // Hitless is what the network saw: a lost packet, a session reset or a withdrawn route fails it.
     if (!consistent || (flow && flow.packetsLost !== 0) || (back && back.packetsLost !== 0)) process.exitCode = 1;
+    if (peerView && (peerView.resets !== 0 || peerView.withdrawsReceived !== 0)) process.exitCode = 1;
     for (const name of started) await unaryCall(vm, 'Stop', { name, timeoutS: 20 }).catch(() => undefined);
   } finally {
     for (const c of clients) c.close();
