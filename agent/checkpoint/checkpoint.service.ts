@@ -225,7 +225,8 @@ export class CheckpointService {
   sessionNotice(sessionId: string, n: SessionNotice): void {
     const s = this.sessions.get(sessionId);
     if (!s) return;
-    if (!n.session || Buffer.byteLength(n.session) > 200) throw invalidArgument('SessionNotice.session must name the session in 1 to 200 bytes, e.g. "bgp 198.51.100.2"');
+    if (!n.session || Buffer.byteLength(n.session) > 200)
+      throw invalidArgument('SessionNotice.session must name the session in 1 to 200 bytes, e.g. "bgp 198.51.100.2"');
     if (Buffer.byteLength(n.detail ?? '') > 1000) throw invalidArgument('SessionNotice.detail is over 1,000 bytes; shorten it');
     if (!['NONSTOP', 'GRACEFUL_RESTART', 'RESET'].includes(n.outcome)) {
       throw invalidArgument(`SessionNotice.outcome must be NONSTOP, GRACEFUL_RESTART or RESET, not ${n.outcome}`);

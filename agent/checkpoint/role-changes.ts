@@ -31,7 +31,14 @@ export class RoleChanges {
   /** Sends role command `kind` to `s`; resolves with its answer, rejects when refused or unanswered. */
   command(s: PeerSession, kind: CommandKind, extra: Partial<RoleCommand> = {}): Promise<CommandResult> {
     const id = this.nextCommandId++;
-    const cmd: RoleCommand = { commandId: id, kind, reason: extra.reason ?? '', tableSeqs: extra.tableSeqs ?? {}, writeSchema: extra.writeSchema ?? 0, handover: extra.handover ?? false };
+    const cmd: RoleCommand = {
+      commandId: id,
+      kind,
+      reason: extra.reason ?? '',
+      tableSeqs: extra.tableSeqs ?? {},
+      writeSchema: extra.writeSchema ?? 0,
+      handover: extra.handover ?? false,
+    };
     // A digest of a million records takes a while: REPORT gets a longer answer time.
     const timeoutMs = kind === 'REPORT' ? Math.max(this.st.opts.commandTimeoutMs, 60_000) : this.st.opts.commandTimeoutMs;
     return new Promise<CommandResult>((resolve, reject) => {

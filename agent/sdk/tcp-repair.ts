@@ -489,7 +489,8 @@ export async function tcpRepairSelfTest(): Promise<{ ok: true; captureMs: number
     moved.write(Buffer.concat([unsent, Buffer.from('moved')]));
     const deadline = Date.now() + 5000;
     while (Buffer.concat(received).toString() !== 'moved') {
-      if (Date.now() > deadline) return { ok: false, why: `a moved loopback connection did not deliver its bytes (got '${Buffer.concat(received).toString()}')` };
+      if (Date.now() > deadline)
+        return { ok: false, why: `a moved loopback connection did not deliver its bytes (got '${Buffer.concat(received).toString()}')` };
       await new Promise((r) => setTimeout(r, 5));
     }
     return { ok: true, captureMs, restoreMs };

@@ -96,6 +96,22 @@ describe('checkpoint: bad input is refused and loses nothing', function () {
     );
   });
 
+  it('ends a session that sends a malformed SessionNotice with INVALID_ARGUMENT naming the field', async () => {
+    const cases: [Record<string, unknown>, RegExp][] = [
+      [{ session: '', outcome: 'NONSTOP', durationMs: 1, detail: '' }, /SessionNotice.session must name the session/],
+      [{ session: 'bgp 198.51.100.2', outcome: 'OUTCOME_UNSPECIFIED', durationMs: 1, detail: '' }, /outcome must be NONSTOP, GRACEFUL_RESTART or RESET/],
+      [{ session: 'bgp 198.51.100.2', outcome: 'NONSTOP', durationMs: 1, detail: 'x'.repeat(1001) }, /detail is over 1,000 bytes/],
+    ];
+    for (const [i, [notice, want]] of cases.entries()) {
+      const r = await registerRaw(c, registration({ instanceId: `bgp@vm-notice-${i}`, vmId: `vm-notice-${i}`, wantedRole: 'STANDBY' }));
+      const ended = new Promise<grpc.ServiceError>((resolve) => r.call.on('error', resolve));
+      r.call.write({ notice });
+      const e = await ended;
+      assert.equal(e.code, grpc.status.INVALID_ARGUMENT, e.message);
+      assert.match(e.details, want);
+    }
+  });
+
   it('refuses a duplicate instance id with ALREADY_EXISTS', async () => {
     await expectStatus(registerRaw(c, registration({ wantedRole: 'STANDBY' })), grpc.status.ALREADY_EXISTS, /instance 'bgp@vm1' is already registered/);
   });

@@ -108,6 +108,44 @@ describe('upgrade report', function () {
     assert.equal(store.get('u-20260101000000-0000'), null);
   });
 
+  it('keeps session outcomes per upgrade and words them as the network saw them, never better', () => {
+    const id = 'u-20261128080000-aaaa';
+    store.create(record(id), 'load');
+    store.addSession(id, {
+      at: 2000,
+      process: 'bgp',
+      instance: 'bgp@cp-2',
+      session: 'bgp 198.51.100.2',
+      outcome: 'NONSTOP',
+      durationMs: 39,
+      detail: 'TCP repair',
+    });
+    store.addSession(id, {
+      at: 3000,
+      process: 'bgp',
+      instance: 'bgp@cp-1',
+      session: 'bgp 198.51.100.2',
+      outcome: 'GRACEFUL_RESTART',
+      durationMs: 5379,
+      detail: '',
+    });
+    store.addSession(id, { at: 4000, process: 'bgp', instance: 'bgp@cp-1', session: 'bgp 192.0.2.9', outcome: 'RESET', durationMs: 800, detail: '' });
+    const rep = upgradeReport(store, id) as unknown as UpgradeReport;
+    assert.deepEqual(
+      rep.sessions!.map((x) => [x.outcome, x.durationMs]),
+      [
+        ['NONSTOP', 39],
+        ['GRACEFUL_RESTART', 5379],
+        ['RESET', 800],
+      ],
+    );
+    const text = reportText(rep);
+    assert.match(text, /bgp 198\.51\.100\.2: no reset \(nonstop routing\), moved in 39 ms \(TCP repair\)/);
+    assert.match(text, /bgp 198\.51\.100\.2: session reset \(graceful restart\), back after 5\.4 s/);
+    assert.match(text, /bgp 192\.0\.2\.9: session reset, the peer dropped our routes; back after 800 ms/);
+    assert.deepEqual(store.sessions('u-20261128090000-bbbb'), []);
+  });
+
   it('ShowUpgrade answers INVALID_ARGUMENT for a malformed id, NOT_FOUND for an unknown one or when none ran, the latest by default', () => {
     const code = (fn: () => unknown) => {
       try {

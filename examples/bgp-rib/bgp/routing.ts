@@ -190,7 +190,15 @@ export class BgpRouting {
         const reader = bgpSocketReader();
         const sock = new net.Socket({ fd, readable: true, writable: true, onread: reader.onread, pauseOnCreate: true } as net.SocketConstructorOpts);
         const restoreMs = Math.round((performance.now() - t0) * 100) / 100;
-        this.moved.set(peer, { sock, reader, saved: h.saved, unsent, captureMs: h.captureMs ?? 0, restoreMs, queued: tcp.sendQueue.length + tcp.recvQueue.length });
+        this.moved.set(peer, {
+          sock,
+          reader,
+          saved: h.saved,
+          unsent,
+          captureMs: h.captureMs ?? 0,
+          restoreMs,
+          queued: tcp.sendQueue.length + tcp.recvQueue.length,
+        });
         this.out({ event: 'bgp-nsr-restored', peer, restoreMs, captureMs: h.captureMs ?? 0 });
       } catch (e) {
         this.fallback.set(peer, `restoring the connection failed: ${(e as Error).message}`);
