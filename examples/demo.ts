@@ -52,11 +52,8 @@ import { phaseRecorder } from './common/phases';
 import { NetLab, createNetLab, netLabAvailable } from '../harness/netlab';
 import { Traffic, TrafficResult, startTraffic } from '../harness/traffic';
 import { trafficTargets } from './common/fib-routes';
-import { BirdPeer, BirdWatch, birdPrefixes, startBird, watchBird } from '../harness/bird-peer';
+import { BIRD_MAX_ROUTES, BirdPeer, BirdWatch, birdPrefixes, birdTargets, startBird, watchBird } from '../harness/bird-peer';
 
-/** BIRD's table in the demo: 20,000 IPv4 and 2,000 IPv6 prefixes. */
-const BIRD_ROUTES = 20_000;
-const BIRD_LEARNED = BIRD_ROUTES + BIRD_ROUTES / 10;
 import type { DataPlaneStatusView } from '../agent/dataplane/fib.service';
 
 /** The daemon's FIB in the guest images (--fib 1000). */
@@ -68,17 +65,30 @@ const { values } = parseArgs({
     json: { type: 'boolean', default: false },
     'report-dir': { type: 'string', default: 'demo-report' },
     keep: { type: 'boolean', default: false },
+    'bird-routes': { type: 'string', default: '20000' },
     help: { type: 'boolean', short: 'h' },
   },
 });
+/** BIRD's table: this many IPv4 prefixes and a tenth as many IPv6 ones (see birdPrefixes). */
+const BIRD_ROUTES = Number(values['bird-routes']);
+if (!Number.isInteger(BIRD_ROUTES) || BIRD_ROUTES < 1 || BIRD_ROUTES > BIRD_MAX_ROUTES) {
+  process.stderr.write(`demo: --bird-routes must be a whole number from 1 to ${BIRD_MAX_ROUTES}, not '${values['bird-routes']}'\n`);
+  process.exit(2);
+}
+const BIRD_LEARNED = ((p) => p.v4.length + p.v6.length)(birdPrefixes(BIRD_ROUTES));
 if (values.help) {
-  process.stdout.write(`Usage: npm run demo [-- [--json] [--report-dir DIR]]
+  process.stdout.write(`Usage: npm run demo [-- [--json] [--keep] [--report-dir DIR] [--bird-routes N]]
   Boots v1 of the control plane under QEMU and upgrades it hitlessly to v2.
   --json             the summary as one JSON object on the last line of stdout
   --keep             keep the work directory (agent state and log, VM consoles, BIRD's files)
                      and say where it is
   --report-dir DIR   where the upgrade report goes (default ./demo-report): upgrade-ID.json and
                      upgrade-ID.html, a self-contained page to open in a browser
+  --bird-routes N    IPv4 prefixes BIRD announces, and a tenth as many IPv6 ones (default 20000,
+                     at most ${BIRD_MAX_ROUTES}). The guest learns and checkpoints them all: the
+                     example images have 256 MiB, enough for the default; at 100000 (110000
+                     routes learned) their daemons stalled for seconds and a VM died during the
+                     audit. Larger tables need images with more (build-image.sh --memory MiB).
 `);
   process.exit(0);
 }
@@ -118,7 +128,7 @@ async function main(): Promise<void> {
     if (can.ok) {
       lab = await phase('build the network: data plane, sender, receiver (namespaces)', async () => createNetLab());
       const l = lab;
-      bird = await phase(`start BIRD beside the receiver: AS 65000, ${BIRD_ROUTES + BIRD_ROUTES / 10} prefixes`, () =>
+      bird = await phase(`start BIRD beside the receiver: AS 65000, ${BIRD_LEARNED} prefixes`, () =>
         startBird({
           netns: l.receiver,
           dir: path.join(work, 'bird'),
@@ -188,9 +198,7 @@ async function main(): Promise<void> {
       );
       const l = lab;
       // Forward: to the static FIB's destinations and to BIRD's (through routes learned by BGP).
-      const peerTargets = birdPrefixes(BIRD_ROUTES)
-        .v4.slice(0, 500)
-        .map((p) => p.replace('.0/24', '.1'));
+      const peerTargets = birdTargets(BIRD_ROUTES, 500);
       traffic = await phase('start traffic: 5,000 packets/s through the FIB', () => startTraffic(l, [...trafficTargets(FIB_ROUTES / 2), ...peerTargets], 5000));
       // Reverse: from BIRD's side to our prefix, through BIRD's kernel table (gone if it withdraws).
       reverse = await phase('start traffic back: 1,000 packets/s through the routes BIRD learned from us', () =>

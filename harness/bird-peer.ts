@@ -36,16 +36,40 @@ export interface BirdPeer {
   stop(): Promise<void>;
 }
 
+/** Most IPv4 prefixes BIRD can announce here (/28s of 10.0.0.0/8): a full Internet table fits. */
+export const BIRD_MAX_ROUTES = 1 << 20;
+
 /**
- * The prefixes BIRD announces: /24s from 10.0.0.0/8 (at most 65,536) and a tenth as many /48s
- * from 2001:db8:f000::/36 (at most 4,096). Routes only inside the test's namespaces.
+ * The prefixes BIRD announces, all inside the test's namespaces: `routes` IPv4 prefixes from
+ * 10.0.0.0/8 (/24s up to 65,536, /28s beyond, at most BIRD_MAX_ROUTES) and a tenth as many IPv6
+ * ones from 2001:db8:f000::/36 (/48s up to 4,096, /56s beyond). Canonical text.
  */
 export function birdPrefixes(routes: number): { v4: string[]; v6: string[] } {
+  const n4 = Math.min(routes, BIRD_MAX_ROUTES);
   const v4: string[] = [];
-  for (let i = 0; i < Math.min(routes, 65_536); i++) v4.push(`10.${i >> 8}.${i & 255}.0/24`);
+  if (n4 <= 65_536) for (let i = 0; i < n4; i++) v4.push(`10.${i >> 8}.${i & 255}.0/24`);
+  else for (let i = 0; i < n4; i++) v4.push(`10.${i >> 12}.${(i >> 4) & 255}.${(i & 15) << 4}/28`);
+  const n6 = Math.ceil(n4 / 10);
   const v6: string[] = [];
-  for (let i = 0; i < Math.min(Math.ceil(routes / 10), 4096); i++) v6.push(`2001:db8:${(0xf000 + i).toString(16)}::/48`);
+  if (n6 <= 4096) for (let i = 0; i < n6; i++) v6.push(`2001:db8:${(0xf000 + i).toString(16)}::/48`);
+  else {
+    for (let i = 0; i < n6; i++) {
+      const g3 = (0xf000 | (i >> 8)).toString(16);
+      const g4 = (i & 0xff) << 8;
+      v6.push(g4 ? `2001:db8:${g3}:${g4.toString(16)}::/56` : `2001:db8:${g3}::/56`);
+    }
+  }
   return { v4, v6 };
+}
+
+/** Host addresses inside the first `n` IPv4 prefixes BIRD announces (traffic destinations). */
+export function birdTargets(routes: number, n: number): string[] {
+  return birdPrefixes(Math.min(routes, n))
+    .v4.slice(0, n)
+    .map((p) => {
+      const o = p.split('/')[0].split('.').map(Number);
+      return `${o[0]}.${o[1]}.${o[2]}.${o[3] + 1}`;
+    });
 }
 
 export async function startBird(o: BirdPeerOptions): Promise<BirdPeer> {
