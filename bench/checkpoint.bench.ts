@@ -196,6 +196,8 @@ async function main(): Promise<void> {
   } finally {
     for (const w of workers) if (w.proc.exitCode === null) w.proc.kill('SIGKILL');
     await agent.stop();
+    // BENCH_AGENT_LOG=FILE keeps the agent's whole log (with BENCH_DEBUG: debug level) for diagnosis.
+    if (process.env.BENCH_AGENT_LOG) fs.writeFileSync(process.env.BENCH_AGENT_LOG, agent.stderr() + agent.stdout());
   }
 }
 

@@ -1,13 +1,19 @@
 /**
  * Compaction of the store: a table's batch log, which standbys and restarts replay, is trimmed
  * into a snapshot once it outgrew the table, a chunk per event-loop turn so that writes and acks
- * go on meanwhile.
+ * go on meanwhile; what the new snapshot replaced is then removed the same way.
  */
 import { HitlessError } from '../common/errors';
 import { STORE_CHUNK_BYTES } from './checkpoint-options';
 import { CheckpointState } from './process-group';
 import { snapshotFrames } from './record-table';
 import { TableReplica } from './table-replica';
+
+/**
+ * Rows of replaced snapshots and batches removed per event-loop turn: 256 KiB snapshot chunks and
+ * batches of up to a few hundred KiB, so a turn frees about 1 MiB.
+ */
+const DROP_ROWS_PER_TURN = 4;
 
 export class Compactor {
   private readonly compacting = new Set<string>();
@@ -16,8 +22,8 @@ export class Compactor {
 
   /**
    * Trims the store's batch log once it outgrew max(compactMinBytes, 2 x the table): writes the
-   * replica's current log (compacted in memory as needed) as a new snapshot generation, then in
-   * one transaction makes it current and drops the batches it covers.
+   * replica's current log (compacted in memory as needed) as a new snapshot generation, makes it
+   * current in one small transaction, then drops what it replaced a few rows at a time.
    */
   maybeCompact(process: string, r: TableReplica): void {
     const key = `${process}\u0000${r.name}`;
@@ -47,7 +53,13 @@ export class Compactor {
         await new Promise((res) => setImmediate(res));
       }
       this.st.store.commitSnapshot(process, r.name, gen, snap.seq);
-      this.st.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk }, 'table log compacted into a snapshot');
+      // What it replaced goes a few rows per event-loop turn (each row up to a chunk or a batch).
+      let dropped = 0;
+      for (let n; (n = this.st.store.dropReplaced(process, r.name, DROP_ROWS_PER_TURN)) > 0;) {
+        dropped += n;
+        await new Promise((res) => setImmediate(res));
+      }
+      this.st.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk, dropped }, 'table log compacted into a snapshot');
     } catch (e) {
       // The log and the current snapshot are untouched until commitSnapshot's transaction; the
       // new generation's chunks are never current, and when even their deletion finds no room
