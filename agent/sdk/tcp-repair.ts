@@ -263,6 +263,25 @@ export function captureTcp(
   }
 }
 
+/**
+ * Closes a connected socket without a word to the peer (no FIN, no reset): it is put in repair
+ * mode first. For a restored connection that must not be used after all (its promotion was
+ * undone): the instance that captured it carries on with the peer. Falls back to a plain destroy
+ * when TCP repair is unavailable.
+ */
+export function closeTcpSilently(sock: net.Socket): void {
+  const fd = socketFd(sock);
+  if (fd !== null) {
+    try {
+      const c = load();
+      c.setsockopt(fd, IPPROTO_TCP, TCP_REPAIR, int32(TCP_REPAIR_ON), 4);
+    } catch {
+      // no FFI: an ordinary close is all there is
+    }
+  }
+  sock.destroy();
+}
+
 /** Takes a captured socket out of repair mode (no window probe): the old endpoint carries on. */
 export function resumeTcp(fd: number): void {
   const c = load();

@@ -9,14 +9,15 @@
  *
  * Commands: send N | fill (write until the kernel takes no more) | pause | resume | expect N |
  * capture (pause, capture, print the state; the socket stays in repair mode) | release (resume
- * after a capture) | exit (close the captured socket: silent) | end.
+ * after a capture) | silent-close (closeTcpSilently) | exit (close the captured socket: silent) |
+ * end.
  * Events: ready, connected, sent, filled, paused, captured, released, received, mismatch, error,
  * peer-ended, closed.
  */
 import fs from 'node:fs';
 import net from 'node:net';
 import readline from 'node:readline';
-import { captureTcp, resumeTcp, restoreTcp, socketFd, tcpStateFromJson, tcpStateToJson } from '../../agent/sdk/tcp-repair';
+import { captureTcp, closeTcpSilently, resumeTcp, restoreTcp, socketFd, tcpStateFromJson, tcpStateToJson } from '../../agent/sdk/tcp-repair';
 
 export const patternByte = (i: number) => (i * 31 + (i >>> 9)) & 0xff;
 
@@ -162,6 +163,9 @@ async function main(): Promise<void> {
       resumeTcp(socketFd(sock!)!);
       sock!.resume();
       say({ event: 'released' });
+    } else if (cmd === 'silent-close') {
+      closeTcpSilently(sock!);
+      say({ event: 'silently-closed' });
     } else if (cmd === 'exit') {
       process.exit(0); // the kernel closes the fd; in repair mode that sends nothing
     } else if (cmd === 'end') {

@@ -198,6 +198,22 @@ describe('TCP repair: a connection moves to another process, the peer sees nothi
     assert.deepEqual(b.errors(), []);
   });
 
+  it('a silent close sends neither FIN nor reset: the peer learns only when it sends', async () => {
+    const peer = start('peer', nsP, ['peer', PEER, String(PORT + 2)]);
+    await peer.wait('ready');
+    const a = start('endpoint', nsE, ['connect', PEER, String(PORT + 2), LOCAL]);
+    await Promise.all([a.wait('connected'), peer.wait('connected')]);
+    await a.ask('send 1000', 'sent');
+    await peer.ask('expect 1000', 'received');
+    await a.ask('silent-close', 'silently-closed');
+    // The socket is gone: the next segment from the peer is answered with a reset, which the
+    // peer sees as ECONNRESET. Had the close sent a FIN, 'peer-ended' would come before it.
+    peer.send('send 1000');
+    const err = await peer.wait('error');
+    assert.equal(err.code, 'ECONNRESET');
+    assert.ok(!peer.events.some((e) => e.event === 'peer-ended'), `no FIN before the reset: ${JSON.stringify(peer.events)}`);
+  });
+
   it('a capture that is called off leaves the connection with the old endpoint, intact', async () => {
     const peer = start('peer', nsP, ['peer', PEER, String(PORT + 1)]);
     await peer.wait('ready');

@@ -40,7 +40,7 @@
 import net from 'node:net';
 import { CheckpointClient } from '../../../agent/sdk/checkpoint-client';
 import { encodeFibEntry } from '../../../agent/dataplane/fib-entry';
-import { restoreTcp, tcpRepairSelfTest, tcpStateFromJson } from '../../../agent/sdk/tcp-repair';
+import { closeTcpSilently, restoreTcp, tcpRepairSelfTest, tcpStateFromJson } from '../../../agent/sdk/tcp-repair';
 import { PathAttributes } from './messages';
 import { Negotiated, SavedSession, bgpSocketReader } from './session';
 import { BgpSpeaker, Route, SpeakerConfig } from './speaker';
@@ -225,7 +225,9 @@ export class BgpRouting {
       this.out({ event: 'bgp-released' });
     }
     if (role !== 'ACTIVE') {
-      for (const m of this.moved.values()) m.sock.destroy();
+      // Restored but never adopted (the promotion was undone): the old active may carry on with
+      // the peer, so these close without a word.
+      for (const m of this.moved.values()) closeTcpSilently(m.sock);
       this.moved.clear();
     }
   }
