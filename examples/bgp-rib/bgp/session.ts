@@ -62,7 +62,7 @@ export interface Negotiated {
   peerGracefulRestart: Capabilities['gracefulRestart'];
 }
 
-/** What another instance needs to carry an Established session on (JSON in the bgp-tcp table). */
+/** What another instance needs to carry an Established session on (JSON in the bgp-handover table). */
 export interface SavedSession {
   /** tcpStateToJson of the captured connection. */
   tcp: Record<string, unknown>;
@@ -237,7 +237,7 @@ export class BgpSession extends EventEmitter {
     if (fd !== null) resumeTcp(fd);
     this.captured = false;
     this.armHoldMs(Math.max(1000, this.nego!.holdTime * 1000 - (Date.now() - this.lastRxAt)), this.nego!.holdTime);
-    this.startKeepalives();
+    if (this.nego!.holdTime > 0) this.startKeepalives();
     this.keepaliveNow();
     sock.resume();
   }
