@@ -12,6 +12,8 @@
  *   agent-rss    the agent's resident memory holding the table;
  *   switchover   write-freeze window when the standby takes over the 1M-record table while the
  *                active changes 20k records/s (agent-side: FREEZE sent -> PROMOTE acknowledged).
+ * Every line of a load also has `agent_loop_max_ms`: the agent's longest event-loop delay while it
+ * ran (from its Prometheus endpoint, 10 ms sampling): a stall there delays every acknowledgement.
  */
 import { ChildProcess, fork } from 'node:child_process';
 import fs from 'node:fs';
@@ -61,26 +63,47 @@ function rssBytes(pid: number): number {
 }
 
 const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringify(o) + '\n');
+
+/**
+ * The agent's longest event-loop delay since the previous call, ms: its Prometheus endpoint's
+ * nodejs_eventloop_lag_max_seconds, whose histogram every scrape resets (10 ms sampling). Call it
+ * before a phase to start the window, after it to read the phase's figure.
+ */
+async function agentLoopMaxMs(metrics: string): Promise<number> {
+  const res = await fetch(`http://${metrics}/metrics`);
+  const m = /^nodejs_eventloop_lag_max_seconds\S* ([\d.e+-]+)$/m.exec(await res.text());
+  return m ? Math.round(Number(m[1]) * 1e4) / 10 : -1;
+}
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
 async function main(): Promise<void> {
   const agent = await startAgent({
     nodeArgs: [...NODE_FLAGS, ...AGENT_NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])],
-    args: process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [],
+    args: ['--metrics', '127.0.0.1:0', ...(process.env.BENCH_DEBUG ? ['--log-level', 'debug'] : [])],
   });
+  const metrics = agent.ready.metrics as string;
+  const loopMax = () => agentLoopMaxMs(metrics);
   const workers: Worker[] = [];
   try {
     const active = worker();
     workers.push(active);
     await active.call({ op: 'start', role: 'ACTIVE', socket: agent.socket, instance: 'bgp-a' });
+    await loopMax();
     const load = await active.call({ op: 'load', records: RECORDS, batch: BATCH, window: 16 });
-    print({ bench: 'checkpoint-load', records: RECORDS, seconds: round(load.seconds), records_per_s: Math.round(RECORDS / load.seconds) });
+    print({
+      bench: 'checkpoint-load',
+      records: RECORDS,
+      seconds: round(load.seconds),
+      records_per_s: Math.round(RECORDS / load.seconds),
+      agent_loop_max_ms: await loopMax(),
+    });
     print({ bench: 'agent-rss', records: RECORDS, seconds: 0, rss_bytes: rssBytes(agent.pid), rss_mb: round(rssBytes(agent.pid) / 2 ** 20, 1) });
 
     // Bulk: a fresh standby (process already running) subscribes; time until it holds everything.
     const standby = worker();
     workers.push(standby);
     const bulkSamples: number[] = [];
+    await loopMax();
     for (let i = 0; i < 3; i++) {
       const sb = i === 0 ? standby : worker();
       if (i > 0) workers.push(sb);
@@ -89,6 +112,7 @@ async function main(): Promise<void> {
       bulkSamples.push(st.seconds + w.seconds);
       if (i > 0) await sb.call({ op: 'exit' });
     }
+    const bulkLoopMax = await loopMax();
     bulkSamples.sort((a, b) => a - b);
     const bulk = bulkSamples[1];
     const dA = await active.call<{ sha256: string; records: number }>({ op: 'digest', table: 'rib' });
@@ -110,13 +134,16 @@ async function main(): Promise<void> {
       peer_seconds: round(redis[1]),
       peer_samples: redis.map((x) => round(x)),
       ratio: round(bulk / redis[1]),
+      agent_loop_max_ms: bulkLoopMax,
     });
 
     // Incremental: churn the table while the standby follows; time until the standby applied the last.
+    await loopMax();
     const churn = active.call({ op: 'churn', records: RECORDS, batch: BATCH, window: 16 });
     const done = await churn;
     const t = await standby.call({ op: 'waitSeq', table: 'rib', seq: done.seq });
     const incSeconds = done.seconds + t.seconds;
+    const incLoopMax = await loopMax();
     const d2A = await active.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
     const d2S = await standby.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
     print({
@@ -125,12 +152,15 @@ async function main(): Promise<void> {
       seconds: round(incSeconds),
       records_per_s: Math.round(RECORDS / incSeconds),
       digest_match: d2A.sha256 === d2S.sha256,
+      agent_loop_max_ms: incLoopMax,
     });
 
     // SYNC acks at 50k records/s offered (100-record batches every 2 ms).
     await active.call({ op: 'loopDelay', reset: true });
     await standby.call({ op: 'loopDelay', reset: true });
+    await loopMax();
     const lat = await active.call({ op: 'syncLatency', rate: 50_000, batch: 100, seconds: 5, warmup: 1 });
+    const syncLoopMax = await loopMax();
     const loopA = await active.call({ op: 'loopDelay', reset: false });
     const loopS = await standby.call({ op: 'loopDelay', reset: false });
     if (process.env.BENCH_DEBUG)
@@ -146,6 +176,7 @@ async function main(): Promise<void> {
       p50_ms: round(lat.p50),
       p99_ms: round(lat.p99),
       max_ms: round(lat.max),
+      agent_loop_max_ms: syncLoopMax,
     });
     if (process.env.BENCH_DEBUG)
       process.stderr.write(`sync spikes (start ms after ${lat.measuredFromEpochMs} epoch ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
@@ -170,6 +201,7 @@ async function main(): Promise<void> {
     // Switchover under load, there and back, three times each way: the freeze window.
     const ck = rawClient('hitless.v1.Checkpoint', agent.socket);
     const freezes: number[] = [];
+    await loopMax();
     try {
       await active.call({ op: 'churnOn', rate: 20_000 });
       await standby.call({ op: 'churnOn', rate: 20_000 }); // runs only while it is the active
@@ -192,6 +224,7 @@ async function main(): Promise<void> {
       freeze_ms_median: round(freezes[freezes.length >> 1]),
       freeze_ms_max: round(freezes[freezes.length - 1]),
       samples_ms: freezes.map((x) => round(x)),
+      agent_loop_max_ms: await loopMax(),
     });
   } finally {
     for (const w of workers) if (w.proc.exitCode === null) w.proc.kill('SIGKILL');
