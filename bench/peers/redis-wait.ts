@@ -1,0 +1,138 @@
+/**
+ * redis-wait.ts: the peer of the checkpoint benchmark's SYNC-ack line. A Redis primary with one
+ * replica (Debian's redis-server, loopback, no persistence); the writer sends `batch` SETs and
+ * then `WAIT 1 1000` on one connection, one such round every batch / rate seconds whether or not
+ * earlier rounds were answered (open loop, as the SYNC-ack line offers its load). The latency of
+ * a round is from its write to the WAIT reply: the primary got the SETs, the replica acknowledged
+ * them, the primary told the writer. The same path as a SYNC table's: writer -> agent -> standby
+ * -> agent -> writer.
+ *
+ * Values are the benchmark's own (route attributes of ~100 bytes) over a fixed set of keys,
+ * prepared before the clock starts. Both servers are killed by PID, on success and on error.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ChildProcess, spawn } from 'node:child_process';
+import * as net from 'node:net';
+import { RespClient, encodeCommand } from './resp';
+
+export interface RedisWaitOptions {
+  /** Records per second offered. */
+  rate: number;
+  /** SETs per round (one WAIT each). */
+  batch: number;
+  /** Measured seconds, after `warmup` unmeasured seconds at the same rate. */
+  seconds: number;
+  warmup: number;
+  keys: Buffer[];
+  values: Buffer[];
+}
+
+export interface RedisWaitResult {
+  rounds: number;
+  records: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+  /** Rounds whose WAIT reported fewer than one replica (timed out): 0 when the replica kept up. */
+  unreplicated: number;
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+async function connect(port: number, proc: ChildProcess): Promise<RespClient> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`redis-server on port ${port} exited at start`);
+    try {
+      return await RespClient.connect(port, '127.0.0.1', 1000);
+    } catch (e) {
+      if (Date.now() > deadline) throw e;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}
+
+const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? 0;
+
+export async function measureRedisWait(o: RedisWaitOptions): Promise<RedisWaitResult> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'redis-wait-'));
+  const procs: ChildProcess[] = [];
+  const clients: RespClient[] = [];
+  const server = (port: number, name: string, extra: string[]) => {
+    const p = spawn(
+      'redis-server',
+      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir, '--logfile', path.join(dir, `${name}.log`), ...extra],
+      { stdio: 'ignore' },
+    );
+    procs.push(p);
+    return p;
+  };
+  try {
+    const pPort = await freePort();
+    const primary = server(pPort, 'primary', []);
+    const pc = await connect(pPort, primary);
+    clients.push(pc);
+    const rPort = await freePort();
+    const replica = server(rPort, 'replica', ['--replicaof', '127.0.0.1', String(pPort)]);
+    const rc = await connect(rPort, replica);
+    clients.push(rc);
+    for (const deadline = Date.now() + 10_000; ;) {
+      if (/master_link_status:up/.test(await rc.commandText('INFO', 'replication'))) break;
+      if (Date.now() > deadline) throw new Error('the Redis replica did not link up in 10 s');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    // Every round's commands, encoded before the clock starts.
+    const interval = (o.batch / o.rate) * 1000;
+    const total = Math.ceil(((o.warmup + o.seconds) * o.rate) / o.batch);
+    const rounds: Buffer[] = [];
+    for (let i = 0, k = 0; i < total; i++) {
+      const cmds: Buffer[] = [];
+      for (let j = 0; j < o.batch; j++, k++) cmds.push(encodeCommand(['SET', o.keys[k % o.keys.length], o.values[k % o.values.length]]));
+      rounds.push(Buffer.concat(cmds));
+    }
+    const lat: number[] = [];
+    let unreplicated = 0;
+    const pending: Promise<void>[] = [];
+    const t0 = performance.now();
+    for (let i = 0; i < total; i++) {
+      const wait = t0 + i * interval - performance.now();
+      if (wait > 0.5) await new Promise((r) => setTimeout(r, wait));
+      const s = performance.now();
+      const measured = s - t0 >= o.warmup * 1000;
+      pc.writePipelined(rounds[i], o.batch);
+      pending.push(
+        pc.command('WAIT', 1, 1000).then((n) => {
+          if (!measured) return;
+          lat.push(performance.now() - s);
+          if (Number(n) < 1) unreplicated++;
+        }),
+      );
+    }
+    await Promise.all(pending);
+    lat.sort((a, b) => a - b);
+    return {
+      rounds: lat.length,
+      records: lat.length * o.batch,
+      p50Ms: percentile(lat, 50),
+      p99Ms: percentile(lat, 99),
+      maxMs: lat[lat.length - 1] ?? 0,
+      unreplicated,
+    };
+  } finally {
+    for (const c of clients) c.close();
+    for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
+    await Promise.all(procs.map((p) => (p.exitCode !== null || p.signalCode !== null ? null : new Promise((r) => p.once('exit', r)))));
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
