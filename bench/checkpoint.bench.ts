@@ -51,7 +51,21 @@ function worker(): Worker {
       const p = queue.then(
         () =>
           new Promise<T>((resolve, reject) => {
-            proc.once('message', (m: { ok: boolean; error?: string }) => (m.ok ? resolve(m as T) : reject(new Error(m.error))));
+            // A worker that dies (the kernel's OOM killer, say) fails the call, and so the run: its
+            // answer would otherwise never come and the benchmark would end quietly, lines missing.
+            const died = (code: number | null, signal: string | null) =>
+              cmd.op === 'exit' && code === 0
+                ? resolve({ ok: true } as T) // asked to; its answer may come after its exit
+                : reject(
+                    new Error(`benchmark worker ${proc.pid} exited (code ${code}, signal ${signal}) during '${String(cmd.op)}'; see dmesg if it was killed`),
+                  );
+            if (proc.exitCode !== null || proc.signalCode !== null) return died(proc.exitCode, proc.signalCode);
+            proc.once('exit', died);
+            proc.once('message', (m: { ok: boolean; error?: string }) => {
+              proc.off('exit', died);
+              if (m.ok) resolve(m as T);
+              else reject(new Error(m.error));
+            });
             proc.send(cmd);
           }),
       );
