@@ -203,26 +203,28 @@ export class SqliteUpgradeStore implements UpgradeStore {
   }
 
   addAudit(id: string, a: AuditRecord): void {
-    storeWrite(this.db, 'this audit result is not kept in the upgrade report (hitless.v1.Checkpoint/Audit runs it again)', () =>
-      this.db.prepare('INSERT INTO upgrade_audits (id, at, data) VALUES (?, ?, ?)').run(id, a.at, JSON.stringify(a)),
-    );
+    this.addRow('upgrade_audits', id, a, 'this audit result is not kept in the upgrade report (hitless.v1.Checkpoint/Audit runs it again)');
   }
 
   audits(id: string): AuditRecord[] {
-    return (this.db.prepare('SELECT data FROM upgrade_audits WHERE id = ? ORDER BY at, rowid').all(id) as { data: string }[]).map(
-      (r) => JSON.parse(r.data) as AuditRecord,
-    );
+    return this.rows<AuditRecord>('upgrade_audits', id);
   }
 
   addSession(id: string, x: SessionRecord): void {
-    storeWrite(this.db, 'this session outcome is not kept in the upgrade report (the agent log has it)', () =>
-      this.db.prepare('INSERT INTO upgrade_sessions (id, at, data) VALUES (?, ?, ?)').run(id, x.at, JSON.stringify(x)),
-    );
+    this.addRow('upgrade_sessions', id, x, 'this session outcome is not kept in the upgrade report (the agent log has it)');
   }
 
   sessions(id: string): SessionRecord[] {
-    return (this.db.prepare('SELECT data FROM upgrade_sessions WHERE id = ? ORDER BY at, rowid').all(id) as { data: string }[]).map(
-      (r) => JSON.parse(r.data) as SessionRecord,
-    );
+    return this.rows<SessionRecord>('upgrade_sessions', id);
+  }
+
+  /** Appends one record (JSON) to a per-upgrade table (upgrade_audits, upgrade_sessions). */
+  private addRow(table: string, id: string, x: { at: number }, then: string): void {
+    storeWrite(this.db, then, () => this.db.prepare(`INSERT INTO ${table} (id, at, data) VALUES (?, ?, ?)`).run(id, x.at, JSON.stringify(x)));
+  }
+
+  /** One upgrade's records of a per-upgrade table, oldest first. */
+  private rows<T>(table: string, id: string): T[] {
+    return (this.db.prepare(`SELECT data FROM ${table} WHERE id = ? ORDER BY at, rowid`).all(id) as { data: string }[]).map((r) => JSON.parse(r.data) as T);
   }
 }

@@ -919,39 +919,34 @@ export class UpgradeService {
     if (!moveLink) return this.checkpoint.switchover(process, target);
     let down = false;
     let up = false;
-    const setLink = (vm: string, on: boolean) =>
-      this.isAlive(vm)
-        ? this.vms
-            .setControlLink(vm, on)
-            .catch((e: Error) => this.emit('WARNING', rec.id, phase, `control-plane NIC of ${vm} not set ${on ? 'up' : 'down'}: ${e.message}`))
-        : Promise.resolve();
     try {
       return await this.checkpoint.switchover(process, target, {
         beforeFreeze: async () => {
-          await setLink(fromVm, false);
+          await this.setControlLink(rec, phase, fromVm, false);
           down = true;
         },
         afterPromote: async () => {
-          await setLink(toVm, true);
+          await this.setControlLink(rec, phase, toVm, true);
           up = true;
         },
       });
     } catch (e) {
-      if (down && !up) await setLink(fromVm, true);
+      if (down && !up) await this.setControlLink(rec, phase, fromVm, true);
       throw e;
     }
   }
 
   private async moveControlLink(rec: UpgradeRecord, phase: Phase, from: string, to: string): Promise<void> {
-    for (const [vm, up] of [
-      [from, false],
-      [to, true],
-    ] as const) {
-      if (!this.isAlive(vm)) continue;
-      await this.vms
-        .setControlLink(vm, up)
-        .catch((e: Error) => this.emit('WARNING', rec.id, phase, `control-plane NIC of ${vm} not set ${up ? 'up' : 'down'}: ${e.message}`));
-    }
+    await this.setControlLink(rec, phase, from, false);
+    await this.setControlLink(rec, phase, to, true);
+  }
+
+  /** Sets a live VM's control-plane NIC up or down; a failure is a warning (see moveControlLink). */
+  private async setControlLink(rec: UpgradeRecord, phase: Phase, vm: string, up: boolean): Promise<void> {
+    if (!this.isAlive(vm)) return;
+    await this.vms
+      .setControlLink(vm, up)
+      .catch((e: Error) => this.emit('WARNING', rec.id, phase, `control-plane NIC of ${vm} not set ${up ? 'up' : 'down'}: ${e.message}`));
   }
 
   /**

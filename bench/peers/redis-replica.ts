@@ -58,7 +58,7 @@ export interface RedisReplicaSyncResult {
   disklessLoad: string;
 }
 
-interface RedisServer {
+export interface RedisServer {
   proc: ChildProcess;
   pid: number;
   port: number;
@@ -82,7 +82,7 @@ export function redisServerVersion(bin = 'redis-server'): { text: string; major:
 }
 
 /** A loopback TCP port that was free a moment ago (the server start retries on a race). */
-function freePort(): Promise<number> {
+export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = net.createServer();
     srv.unref();
@@ -158,7 +158,13 @@ async function connectWhenUp(server: RedisServer, deadline: number, pollMs: numb
 }
 
 /** Start a server on a free port and wait until it answers PING; retries a few ports. */
-async function startServer(bin: string, dir: string, name: string, extra: string[], live: Set<number>): Promise<{ server: RedisServer; client: RespClient }> {
+export async function startServer(
+  bin: string,
+  dir: string,
+  name: string,
+  extra: string[],
+  live: Set<number>,
+): Promise<{ server: RedisServer; client: RespClient }> {
   let lastErr: unknown;
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = await freePort();
@@ -175,7 +181,7 @@ async function startServer(bin: string, dir: string, name: string, extra: string
   throw lastErr instanceof Error ? lastErr : new Error(String(lastErr));
 }
 
-async function stopServer(s: RedisServer): Promise<void> {
+export async function stopServer(s: RedisServer): Promise<void> {
   if (exited(s.proc)) return;
   const gone = new Promise<void>((r) => s.proc.once('exit', () => r()));
   try {
@@ -190,7 +196,7 @@ async function stopServer(s: RedisServer): Promise<void> {
 }
 
 /** Parse "field:value" lines of an INFO reply. */
-function infoField(info: string, field: string): string | undefined {
+export function infoField(info: string, field: string): string | undefined {
   const m = new RegExp(`^${field}:(.*)$`, 'm').exec(info);
   return m ? m[1].trim() : undefined;
 }

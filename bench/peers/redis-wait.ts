@@ -13,9 +13,8 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { ChildProcess, spawn } from 'node:child_process';
-import * as net from 'node:net';
-import { RespClient, encodeCommand } from './resp';
+import { encodeCommand } from './resp';
+import { RedisServer, infoField, startServer, stopServer } from './redis-replica';
 
 export interface RedisWaitOptions {
   /** Records per second offered. */
@@ -39,59 +38,23 @@ export interface RedisWaitResult {
   unreplicated: number;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-async function connect(port: number, proc: ChildProcess): Promise<RespClient> {
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    if (proc.exitCode !== null) throw new Error(`redis-server on port ${port} exited at start`);
-    try {
-      return await RespClient.connect(port, '127.0.0.1', 1000);
-    } catch (e) {
-      if (Date.now() > deadline) throw e;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-}
-
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? 0;
 
 export async function measureRedisWait(o: RedisWaitOptions): Promise<RedisWaitResult> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'redis-wait-'));
-  const procs: ChildProcess[] = [];
-  const clients: RespClient[] = [];
-  const server = (port: number, name: string, extra: string[]) => {
-    const p = spawn(
-      'redis-server',
-      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir, '--logfile', path.join(dir, `${name}.log`), ...extra],
-      { stdio: 'ignore' },
-    );
-    procs.push(p);
-    return p;
-  };
+  const live = new Set<number>();
+  const started: { server: RedisServer; client: { close(): void } }[] = [];
   try {
-    const pPort = await freePort();
-    const primary = server(pPort, 'primary', []);
-    const pc = await connect(pPort, primary);
-    clients.push(pc);
-    const rPort = await freePort();
-    const replica = server(rPort, 'replica', ['--replicaof', '127.0.0.1', String(pPort)]);
-    const rc = await connect(rPort, replica);
-    clients.push(rc);
+    const primary = await startServer('redis-server', dir, 'primary', [], live);
+    started.push(primary);
+    const replica = await startServer('redis-server', dir, 'replica', ['--replicaof', '127.0.0.1', String(primary.server.port)], live);
+    started.push(replica);
     for (const deadline = Date.now() + 10_000; ;) {
-      if (/master_link_status:up/.test(await rc.commandText('INFO', 'replication'))) break;
+      if (infoField(await replica.client.commandText('INFO', 'replication'), 'master_link_status') === 'up') break;
       if (Date.now() > deadline) throw new Error('the Redis replica did not link up in 10 s');
       await new Promise((r) => setTimeout(r, 20));
     }
+    const pc = primary.client;
     // Every round's commands, encoded before the clock starts.
     const interval = (o.batch / o.rate) * 1000;
     const total = Math.ceil(((o.warmup + o.seconds) * o.rate) / o.batch);
@@ -130,9 +93,8 @@ export async function measureRedisWait(o: RedisWaitOptions): Promise<RedisWaitRe
       unreplicated,
     };
   } finally {
-    for (const c of clients) c.close();
-    for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-    await Promise.all(procs.map((p) => (p.exitCode !== null || p.signalCode !== null ? null : new Promise((r) => p.once('exit', r)))));
+    for (const x of started) x.client.close();
+    await Promise.all(started.map((x) => stopServer(x.server)));
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

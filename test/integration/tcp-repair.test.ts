@@ -146,11 +146,17 @@ describe('TCP repair: a connection moves to another process, the peer sees nothi
     return e;
   };
 
-  it('moves a connection with data in both queues and unconsumed bytes; both streams stay exact', async () => {
-    const peer = start('peer', nsP, ['peer', PEER, String(PORT)]);
+  /** A listening peer and an endpoint connected to it on `port`. */
+  const connectedPair = async (port: number, endpointName = 'endpoint') => {
+    const peer = start('peer', nsP, ['peer', PEER, String(port)]);
     await peer.wait('ready');
-    const a = start('old endpoint', nsE, ['connect', PEER, String(PORT), LOCAL]);
+    const a = start(endpointName, nsE, ['connect', PEER, String(port), LOCAL]);
     await Promise.all([a.wait('connected'), peer.wait('connected')]);
+    return { peer, a };
+  };
+
+  it('moves a connection with data in both queues and unconsumed bytes; both streams stay exact', async () => {
+    const { peer, a } = await connectedPair(PORT, 'old endpoint');
 
     // Some traffic both ways, read and checked.
     await peer.ask('send 300000', 'sent');
@@ -199,10 +205,7 @@ describe('TCP repair: a connection moves to another process, the peer sees nothi
   });
 
   it('a silent close sends neither FIN nor reset: the peer learns only when it sends', async () => {
-    const peer = start('peer', nsP, ['peer', PEER, String(PORT + 2)]);
-    await peer.wait('ready');
-    const a = start('endpoint', nsE, ['connect', PEER, String(PORT + 2), LOCAL]);
-    await Promise.all([a.wait('connected'), peer.wait('connected')]);
+    const { peer, a } = await connectedPair(PORT + 2);
     await a.ask('send 1000', 'sent');
     await peer.ask('expect 1000', 'received');
     await a.ask('silent-close', 'silently-closed');
@@ -215,10 +218,7 @@ describe('TCP repair: a connection moves to another process, the peer sees nothi
   });
 
   it('a capture that is called off leaves the connection with the old endpoint, intact', async () => {
-    const peer = start('peer', nsP, ['peer', PEER, String(PORT + 1)]);
-    await peer.wait('ready');
-    const a = start('endpoint', nsE, ['connect', PEER, String(PORT + 1), LOCAL]);
-    await Promise.all([a.wait('connected'), peer.wait('connected')]);
+    const { peer, a } = await connectedPair(PORT + 1);
     await peer.ask('send 100000', 'sent');
     await a.ask('expect 100000', 'received');
     await a.ask('pause', 'paused');

@@ -131,7 +131,7 @@ export class BgpRouting {
     try {
       const at = Date.now();
       const t0 = performance.now();
-      const captures = this.nsrUnavailable ? sp.notCaptured(this.nsrUnavailable) : sp.capture(); // reading stops first
+      const captures = sp.capture(this.nsrUnavailable); // reading stops first
       const captureMs = Math.round((performance.now() - t0) * 100) / 100;
       this.flush(); // everything learned up to the capture goes with it
       const b = this.client.batch('bgp-handover');

@@ -191,9 +191,7 @@ export class BgpSession extends EventEmitter {
     this.establishedAt = saved.establishedAt;
     this.lastRxAt = saved.lastRxAt;
     if (unsent.length) sock.write(unsent);
-    const holdMs = this.nego.holdTime * 1000;
-    this.armHoldMs(Math.max(1000, holdMs - (Date.now() - saved.lastRxAt)), this.nego.holdTime);
-    if (this.nego.holdTime > 0) this.startKeepalives();
+    this.resumeTimers();
     void addressUsable(sock.localAddress ?? '', 3000).then(() => this.keepaliveNow());
   }
 
@@ -236,8 +234,7 @@ export class BgpSession extends EventEmitter {
     const fd = socketFd(sock);
     if (fd !== null) resumeTcp(fd);
     this.captured = false;
-    this.armHoldMs(Math.max(1000, this.nego!.holdTime * 1000 - (Date.now() - this.lastRxAt)), this.nego!.holdTime);
-    if (this.nego!.holdTime > 0) this.startKeepalives();
+    this.resumeTimers();
     this.keepaliveNow();
     sock.resume();
   }
@@ -335,6 +332,16 @@ export class BgpSession extends EventEmitter {
     this.sock!.write(encodeKeepalive());
     this.armHold(holdTime);
     if (holdTime > 0) this.startKeepalives();
+  }
+
+  /**
+   * Timers of an Established session that was stopped (captured) or moved: the hold timer counts
+   * from the last message received (at least 1 s left), keepalives start again.
+   */
+  private resumeTimers(): void {
+    const hold = this.nego!.holdTime;
+    this.armHoldMs(Math.max(1000, hold * 1000 - (Date.now() - this.lastRxAt)), hold);
+    if (hold > 0) this.startKeepalives();
   }
 
   private startKeepalives(): void {

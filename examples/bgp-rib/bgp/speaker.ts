@@ -106,17 +106,13 @@ export class BgpSpeaker extends EventEmitter {
     this.peers.get(peer)?.session?.startReading();
   }
 
-  /** Captures every Established session (see BgpSession.capture): peer -> state or why not. */
-  capture(): Map<string, ReturnType<BgpSession['capture']>> {
+  /**
+   * Captures every session (see BgpSession.capture): peer -> state or why not. With `unavailable`
+   * (TCP repair cannot be used here) no session is touched and each gets that reason.
+   */
+  capture(unavailable: string | null = null): Map<string, ReturnType<BgpSession['capture']>> {
     const out = new Map<string, ReturnType<BgpSession['capture']>>();
-    for (const p of this.peers.values()) if (p.session) out.set(p.cfg.address, p.session.capture());
-    return out;
-  }
-
-  /** What capture() says when TCP repair cannot be used: every session stays, `why` for each. */
-  notCaptured(why: string): Map<string, { why: string }> {
-    const out = new Map<string, { why: string }>();
-    for (const p of this.peers.values()) if (p.session) out.set(p.cfg.address, { why });
+    for (const p of this.peers.values()) if (p.session) out.set(p.cfg.address, unavailable ? { why: unavailable } : p.session.capture());
     return out;
   }
 
@@ -146,14 +142,6 @@ export class BgpSpeaker extends EventEmitter {
       p.retry = p.staleTimer = null;
       if (p.session) end(p.session);
     }
-  }
-
-  /**
-   * Routes a previous instance had learned (from the checkpointed Adj-RIB-In): kept as stale, and
-   * selected as before, until the peer's End-of-RIB after the new session replaces them.
-   */
-  restoreStale(peer: string, routes: Iterable<[string, PathAttributes]>): void {
-    this.restore(peer, routes, true);
   }
 
   /** Routes of a previous instance: stale (graceful restart) or current (the session was moved). */
