@@ -18,8 +18,16 @@
  *   live record goes to new arenas, in the order it happens; when every live record is in a new
  *   arena the old ones leave the log. Replaying old + new arenas, or (once done) the new ones
  *   alone, still yields the live table. Snapshots keep referencing whatever arenas they listed.
- * - Index slot i is empty when slotArena[i] === -1; linear probing with backward-shift deletion,
- *   so there are no tombstones. Capacity is a power of two, load factor <= 0.6.
+ * - Index slot i holds arena id + 1 in slotArena[i], 0 when empty (fresh typed arrays are zero,
+ *   so a new index costs no fill). Linear probing with backward-shift deletion, so there are no
+ *   tombstones in the current index. Capacity is a power of two, load factor <= 0.6.
+ * - The index grows incrementally: a doubling keeps the previous index as `old` and moves its
+ *   entries a few per insert and a chunk per event-loop turn (rehashing 5M keys at once held the
+ *   event loop for about half a second). Every key is in exactly one of the two; lookups try the
+ *   current index, then the old one, and a key found there moves over first, so updates and
+ *   deletes only ever touch the current index. Moved old slots become tombstones (-1), which old
+ *   lookups step over. Whatever walks slots (forEach, the digest, compaction) settles the growth
+ *   first.
  * - With an ArenaPool, arenas that leave the log (compaction, CLEAR) go back to the pool once no
  *   snapshot pins them, and are written again by whichever table takes them next. Then a value
  *   view from get()/forEach() is valid only until the next write: copy what you keep. Without a
@@ -34,6 +42,33 @@ const POOL_MAX_FREE_BYTES = 256 * 1024 * 1024;
 const MIN_CAPACITY = 1024;
 /** Live records copied per background compaction slice (~0.5 ms on this hardware). */
 const COMPACT_SLICE_RECORDS = 2048;
+/**
+ * Old index slots moved per insert while the index grows. A doubling starts at load 0.6 of the old
+ * capacity C and the next one is due after another 0.6 C inserts, so anything over 1/0.6 slots
+ * per insert finishes in time; the background turns usually finish it much sooner.
+ */
+const MIGRATE_PER_INSERT = 4;
+/** Old index slots moved per background event-loop turn (a few ms at most). */
+const MIGRATE_PER_TURN = 32768;
+/**
+ * Bytes of the next index's arrays touched per background turn before it is used. Fresh arrays
+ * are zero pages the kernel maps on first write; inserts and moves write them at random places,
+ * so without this the first appends after a doubling took 30-40 ms each in page faults (an 8M
+ * slot index is 96 MB). Touched in order, 4 MiB cost about 2 ms.
+ */
+const PREFAULT_BYTES_PER_TURN = 4 * 1024 * 1024;
+/** Marks a moved slot of the old index: its key lives in the current index now. */
+const TOMBSTONE = -1;
+
+/** An index that is being replaced by one twice its size (see the class comment). */
+interface OldIndex {
+  arena: Int32Array;
+  off: Int32Array;
+  hash: Uint32Array;
+  mask: number;
+  /** Slots below this have been moved. */
+  next: number;
+}
 
 interface Arena {
   id: number;
@@ -157,10 +192,19 @@ export class RecordTable {
   private boundary = -1;
   private cursor = 0;
   private compactScheduled = false;
-  private slotArena = new Int32Array(MIN_CAPACITY).fill(-1);
+  /** arena id + 1 per slot; 0 = empty. */
+  private slotArena = new Int32Array(MIN_CAPACITY);
   private slotOff = new Int32Array(MIN_CAPACITY);
   private slotHash = new Uint32Array(MIN_CAPACITY);
   private mask = MIN_CAPACITY - 1;
+  /** The index being replaced while it grows, else null. */
+  private old: OldIndex | null = null;
+  private migrateScheduled = false;
+  /**
+   * The arrays of the next, doubled index, made at load 0.5 and paged in a slice per turn until
+   * the doubling (load 0.6) takes them; `touched` counts bytes of each array paged in.
+   */
+  private nextIndex: { arena: Int32Array<ArrayBuffer>; off: Int32Array<ArrayBuffer>; hash: Uint32Array<ArrayBuffer>; touched: number } | null = null;
   /** Live records. */
   size = 0;
   /** Bytes of live records (as packed). */
@@ -207,15 +251,15 @@ export class RecordTable {
       const slot = this.find(h, buf, keyOff, keyLen);
       if (op === OP_PUT) {
         if (slot >= 0) {
-          this.liveBytes -= recordLength(this.byId[this.slotArena[slot]]!.buf, this.slotOff[slot]);
-          this.slotArena[slot] = arenaIdx;
+          this.liveBytes -= recordLength(this.byId[this.slotArena[slot] - 1]!.buf, this.slotOff[slot]);
+          this.slotArena[slot] = arenaIdx + 1;
           this.slotOff[slot] = off;
         } else {
           this.insert(h, arenaIdx, off);
         }
         this.liveBytes += len;
       } else if (op === OP_DELETE && slot >= 0) {
-        this.liveBytes -= recordLength(this.byId[this.slotArena[slot]]!.buf, this.slotOff[slot]);
+        this.liveBytes -= recordLength(this.byId[this.slotArena[slot] - 1]!.buf, this.slotOff[slot]);
         this.remove(slot);
       }
       arena.records++;
@@ -230,7 +274,7 @@ export class RecordTable {
   get(key: string | Buffer): RecordView | undefined {
     const slot = typeof key === 'string' ? this.findLatin1(key) : this.find(hashBytes(key, 0, key.length), key, 0, key.length);
     if (slot < 0) return undefined;
-    const buf = this.byId[this.slotArena[slot]]!.buf;
+    const buf = this.byId[this.slotArena[slot] - 1]!.buf;
     const off = this.slotOff[slot];
     const keyLen = (buf[off + 1] << 8) | buf[off + 2];
     const valLen = buf.readUInt32BE(off + 3);
@@ -244,10 +288,11 @@ export class RecordTable {
 
   /** Visits live records in no particular order. Key as latin1 string, value bytes shared (copy to keep). */
   forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
+    this.settle();
     for (let i = 0; i <= this.mask; i++) {
       const a = this.slotArena[i];
-      if (a < 0) continue;
-      const buf = this.byId[a]!.buf;
+      if (a === 0) continue;
+      const buf = this.byId[a - 1]!.buf;
       const off = this.slotOff[i];
       const keyLen = (buf[off + 1] << 8) | buf[off + 2];
       const valLen = buf.readUInt32BE(off + 3);
@@ -260,24 +305,38 @@ export class RecordTable {
     this.reset();
   }
 
-  /** Index slots: liveSlots, compareSlotKeys and packDigestRecord work on slot numbers. */
+  /**
+   * Index slots: liveSlots, compareSlotKeys and packDigestRecord work on slot numbers. Call
+   * settle() first: while the index grows, some keys are not in these slots yet.
+   */
   get slots(): number {
     return this.mask + 1;
   }
 
+  /** True while the index grows (some keys are still in the old index; see the class comment). */
+  get growing(): boolean {
+    return this.old !== null;
+  }
+
+  /** Finishes a growing index now, so that every key is in `slots`. */
+  settle(): void {
+    if (this.old) this.migrate(Number.MAX_SAFE_INTEGER);
+  }
+
   /**
    * Writes the numbers of the occupied slots in [from, to) into `out` from `at`; returns the new
-   * `at`. Slot numbers stay valid until the live records change (compaction only moves bytes).
+   * `at`. Slot numbers stay valid until the live records change (compaction only moves bytes) or
+   * the index grows (an insert); settle() before the first call.
    */
   liveSlots(from: number, to: number, out: Int32Array, at: number): number {
-    for (let i = from, end = Math.min(to, this.mask + 1); i < end; i++) if (this.slotArena[i] >= 0) out[at++] = i;
+    for (let i = from, end = Math.min(to, this.mask + 1); i < end; i++) if (this.slotArena[i] > 0) out[at++] = i;
     return at;
   }
 
   /** Byte order of the keys in two occupied slots (memcmp; a prefix first). No allocation. */
   compareSlotKeys(a: number, b: number): number {
-    const ba = this.byId[this.slotArena[a]]!.buf;
-    const bb = this.byId[this.slotArena[b]]!.buf;
+    const ba = this.byId[this.slotArena[a] - 1]!.buf;
+    const bb = this.byId[this.slotArena[b] - 1]!.buf;
     const oa = this.slotOff[a];
     const ob = this.slotOff[b];
     const la = (ba[oa + 1] << 8) | ba[oa + 2];
@@ -296,7 +355,7 @@ export class RecordTable {
    * the bytes it needs.
    */
   packDigestRecord(slot: number, out: Buffer, at: number): number {
-    const buf = this.byId[this.slotArena[slot]]!.buf;
+    const buf = this.byId[this.slotArena[slot] - 1]!.buf;
     const off = this.slotOff[slot];
     const keyLen = (buf[off + 1] << 8) | buf[off + 2];
     const valLen = buf.readUInt32BE(off + 3);
@@ -354,6 +413,7 @@ export class RecordTable {
 
   /** Compacts now, synchronously: finishes a running compaction or does a whole one. */
   compact(): void {
+    this.settle();
     this.startCompaction();
     while (this.boundary >= 0) this.compactSlice(Number.MAX_SAFE_INTEGER);
   }
@@ -369,12 +429,16 @@ export class RecordTable {
     });
   }
 
-  /** Copies up to `budget` live records out of old arenas; drops the old arenas when none is left. */
+  /**
+   * Copies up to `budget` live records out of old arenas; drops the old arenas when none is left.
+   * Waits while the index grows: it walks the current index's slots, where not every key is yet.
+   */
   private compactSlice(budget: number): void {
+    if (this.old) return; // the migration's own turns run meanwhile; it resets the cursor when done
     const boundary = this.boundary;
     let i = this.cursor;
     for (; i <= this.mask && budget > 0; i++) {
-      const a = this.slotArena[i];
+      const a = this.slotArena[i] - 1;
       if (a < 0 || a >= boundary) continue;
       const src = this.byId[a]!.buf;
       const off = this.slotOff[i];
@@ -382,7 +446,7 @@ export class RecordTable {
       const id = this.reserve(len);
       const dst = this.byId[id]!;
       src.copy(dst.buf, dst.used, off, off + len);
-      this.slotArena[i] = id;
+      this.slotArena[i] = id + 1;
       this.slotOff[i] = dst.used;
       dst.used += len;
       dst.records++;
@@ -419,7 +483,9 @@ export class RecordTable {
     this.byId = [];
     this.order = [];
     this.boundary = -1; // a running compaction has nothing left to do
-    this.slotArena = new Int32Array(MIN_CAPACITY).fill(-1);
+    this.old = null; // nor a growing index
+    this.nextIndex = null;
+    this.slotArena = new Int32Array(MIN_CAPACITY);
     this.slotOff = new Int32Array(MIN_CAPACITY);
     this.slotHash = new Uint32Array(MIN_CAPACITY);
     this.mask = MIN_CAPACITY - 1;
@@ -441,21 +507,33 @@ export class RecordTable {
     return id;
   }
 
-  private keyEquals(slot: number, kbuf: Buffer, koff: number, klen: number): boolean {
-    const buf = this.byId[this.slotArena[slot]]!.buf;
-    const off = this.slotOff[slot];
+  /** Whether the record at (arena id + 1 `a`, `off`) has the key kbuf[koff, koff + klen). */
+  private keyEquals(a: number, off: number, kbuf: Buffer, koff: number, klen: number): boolean {
+    const buf = this.byId[a - 1]!.buf;
     if (((buf[off + 1] << 8) | buf[off + 2]) !== klen) return false;
     const s = off + RECORD_HEADER_BYTES;
     for (let i = 0; i < klen; i++) if (buf[s + i] !== kbuf[koff + i]) return false;
     return true;
   }
 
+  /** The key's slot in the current index (moved there from the old one if need be), or -1. */
   private find(h: number, kbuf: Buffer, koff: number, klen: number): number {
     let i = h & this.mask;
     for (;;) {
-      if (this.slotArena[i] < 0) return -1;
-      if (this.slotHash[i] === h && this.keyEquals(i, kbuf, koff, klen)) return i;
+      const a = this.slotArena[i];
+      if (a === 0) break;
+      if (this.slotHash[i] === h && this.keyEquals(a, this.slotOff[i], kbuf, koff, klen)) return i;
       i = (i + 1) & this.mask;
+    }
+    const o = this.old;
+    if (o === null) return -1;
+    for (let j = h & o.mask; ; j = (j + 1) & o.mask) {
+      const a = o.arena[j];
+      if (a === 0) return -1;
+      if (a > 0 && o.hash[j] === h && this.keyEquals(a, o.off[j], kbuf, koff, klen)) {
+        o.arena[j] = TOMBSTONE;
+        return this.place(h, a, o.off[j]);
+      }
     }
   }
 
@@ -464,14 +542,24 @@ export class RecordTable {
     return this.find(hashLatin1(key), kb, 0, kb.length);
   }
 
-  private insert(h: number, arena: number, off: number): void {
-    if ((this.size + 1) * 10 > (this.mask + 1) * 6) this.grow();
-    let i = h & this.mask;
-    while (this.slotArena[i] >= 0) i = (i + 1) & this.mask;
-    this.slotArena[i] = arena;
+  /** Puts an entry (arena id + 1 `a`) in the first free slot of its probe chain; returns the slot. */
+  private place(h: number, a: number, off: number): number {
+    const mask = this.mask;
+    let i = h & mask;
+    while (this.slotArena[i] !== 0) i = (i + 1) & mask;
+    this.slotArena[i] = a;
     this.slotOff[i] = off;
     this.slotHash[i] = h;
+    return i;
+  }
+
+  /** A key that is in neither index (find said so). */
+  private insert(h: number, arena: number, off: number): void {
+    if ((this.size + 1) * 10 > (this.mask + 1) * 6) this.grow();
+    else if (this.nextIndex === null && (this.size + 1) * 2 > this.mask + 1 && this.mask >= 65535) this.prepareGrowth();
+    this.place(h, arena + 1, off);
     this.size++;
+    if (this.old) this.migrate(MIGRATE_PER_INSERT);
   }
 
   /** Backward-shift deletion keeps every probe chain unbroken without tombstones. */
@@ -481,7 +569,7 @@ export class RecordTable {
     let j = slot;
     for (;;) {
       j = (j + 1) & mask;
-      if (this.slotArena[j] < 0) break;
+      if (this.slotArena[j] === 0) break;
       const home = this.slotHash[j] & mask;
       // Move j back into i when its home position is not in the cyclic range (i, j].
       const inRange = i <= j ? home > i && home <= j : home > i || home <= j;
@@ -492,28 +580,69 @@ export class RecordTable {
         i = j;
       }
     }
-    this.slotArena[i] = -1;
+    this.slotArena[i] = 0;
     this.size--;
   }
 
+  /** Starts doubling the index; its entries move over incrementally (see the class comment). */
   private grow(): void {
-    const oldA = this.slotArena;
-    const oldO = this.slotOff;
-    const oldH = this.slotHash;
+    this.settle(); // never two at once (unreachable while inserts move MIGRATE_PER_INSERT slots)
+    this.old = { arena: this.slotArena, off: this.slotOff, hash: this.slotHash, mask: this.mask, next: 0 };
     const cap = (this.mask + 1) * 2;
-    this.slotArena = new Int32Array(cap).fill(-1);
-    this.slotOff = new Int32Array(cap);
-    this.slotHash = new Uint32Array(cap);
+    const next = this.nextIndex?.arena.length === cap ? this.nextIndex : null;
+    this.nextIndex = null;
+    this.slotArena = next?.arena ?? new Int32Array(cap);
+    this.slotOff = next?.off ?? new Int32Array(cap);
+    this.slotHash = next?.hash ?? new Uint32Array(cap);
     this.mask = cap - 1;
-    this.cursor = 0; // slots moved: a running compaction rescans (copying is idempotent)
-    for (let k = 0; k < oldA.length; k++) {
-      if (oldA[k] < 0) continue;
-      let i = oldH[k] & this.mask;
-      while (this.slotArena[i] >= 0) i = (i + 1) & this.mask;
-      this.slotArena[i] = oldA[k];
-      this.slotOff[i] = oldO[k];
-      this.slotHash[i] = oldH[k];
+    this.scheduleMigration();
+  }
+
+  /** Makes the next index's arrays now and pages them in a slice per turn (PREFAULT_BYTES_PER_TURN). */
+  private prepareGrowth(): void {
+    const cap = (this.mask + 1) * 2;
+    const next = (this.nextIndex = { arena: new Int32Array(cap), off: new Int32Array(cap), hash: new Uint32Array(cap), touched: 0 });
+    const step = () => {
+      if (this.nextIndex !== next) return; // taken by a doubling, or dropped by a CLEAR
+      const from = next.touched / 4;
+      const to = Math.min(cap, from + PREFAULT_BYTES_PER_TURN / 4 / 3);
+      // Writing zeros where there are zeros changes nothing but makes the pages resident.
+      next.arena.fill(0, from, to);
+      next.off.fill(0, from, to);
+      next.hash.fill(0, from, to);
+      next.touched = to * 4;
+      if (to < cap) setImmediate(step);
+    };
+    setImmediate(step);
+  }
+
+  /** Moves up to `budget` slots of the old index into the current one; drops it when done. */
+  private migrate(budget: number): void {
+    const o = this.old!;
+    const end = o.mask + 1;
+    let i = o.next;
+    for (; i < end && budget > 0; i++, budget--) {
+      const a = o.arena[i];
+      if (a > 0) {
+        this.place(o.hash[i], a, o.off[i]);
+        o.arena[i] = TOMBSTONE;
+      }
     }
+    o.next = i;
+    if (i < end) return;
+    this.old = null;
+    this.cursor = 0; // keys landed everywhere: a compaction that waited rescans (copying is idempotent)
+  }
+
+  private scheduleMigration(): void {
+    if (this.migrateScheduled) return;
+    this.migrateScheduled = true;
+    setImmediate(() => {
+      this.migrateScheduled = false;
+      if (!this.old) return;
+      this.migrate(MIGRATE_PER_TURN);
+      if (this.old) this.scheduleMigration();
+    });
   }
 }
 
@@ -600,6 +729,7 @@ function schemaDigits(schema: number): Buffer {
  * (a synchronous run never sees a change).
  */
 function* digestSteps(t: RecordTable): Generator<void, Digest | null> {
+  t.settle(); // every key in the slots walked below (a growing index has some in the old one)
   const version = t.version;
   const slots = t.slots;
   let order = new Int32Array(t.size) as Int32Array<ArrayBuffer>;

@@ -124,6 +124,74 @@ describe('RecordTable', () => {
     for (const s of snaps) assert.equal(tableDigest(replay(s.parts)).sha256, s.digest, 'snapshot taken during compaction');
   });
 
+  it('grows its index a slice at a time: keys stay readable, updatable and deletable while they move', async () => {
+    const rand = rng(99);
+    const t = new RecordTable();
+    t.autoCompact = false;
+    const model = new Map<string, Buffer>();
+    const b = new RecordBuilder();
+    const check = (what: string) => {
+      assert.equal(t.size, model.size, `size ${what}`);
+      for (const [k, v] of model) assert.deepEqual(t.get(k)?.value, v, `${k} ${what}`);
+    };
+    // 200,000 keys: the index doubles from 262,144 slots at 157,287 keys, more than a turn moves.
+    let n = 0;
+    while (!(t.growing && n > 150_000)) {
+      for (let i = 0; i < 1000; i++, n++) {
+        const v = Buffer.from(`v${n}`);
+        b.put(`g${n}`, 1, v);
+        model.set(`g${n}`, v);
+      }
+      t.append(b.take().records);
+    }
+    // Keys still in the old index are found, updated and deleted in place of each other.
+    for (let round = 0; round < 20 && t.growing; round++) {
+      for (let i = 0; i < 500; i++) {
+        const key = `g${Math.floor(rand() * n)}`;
+        if (rand() < 0.7) {
+          const v = Buffer.from(`u${round}-${i}`);
+          b.put(key, 1, v);
+          model.set(key, v);
+        } else {
+          b.delete(key);
+          model.delete(key);
+        }
+      }
+      t.append(b.take().records);
+      assert.ok(t.growing, 'inserts alone move only a few slots each');
+    }
+    check('while the index grows');
+    // A compaction started now waits for the growth, then copies every live record.
+    t.startCompaction();
+    let turns = 0;
+    while (t.growing || t.compacting) {
+      await new Promise((r) => setImmediate(r));
+      turns++;
+    }
+    assert.ok(turns > 1, 'the growth took several event-loop turns');
+    check('after the growth and a compaction');
+    assert.equal(tableDigest(t).sha256, modelDigest(model));
+    assert.equal(tableDigest(replay(t.snapshot(0).parts)).sha256, modelDigest(model));
+  });
+
+  it('forEach and the digest see every key while the index grows', () => {
+    const t = new RecordTable();
+    const model = new Map<string, Buffer>();
+    const b = new RecordBuilder();
+    for (let n = 0; !(t.growing && n > 150_000); n++) {
+      const v = Buffer.from(`w${n}`);
+      b.put(`f${n}`, 1, v);
+      model.set(`f${n}`, v);
+      if (b.count === 500) t.append(b.take().records);
+    }
+    let seen = 0;
+    t.forEach((k, _s, v) => {
+      assert.deepEqual(v, model.get(k));
+      seen++;
+    });
+    assert.equal(seen, model.size);
+    assert.equal(tableDigest(t).sha256, modelDigest(model));
+  });
   it('keeps values of other schema versions with their version', () => {
     const t = new RecordTable();
     const b = new RecordBuilder();
