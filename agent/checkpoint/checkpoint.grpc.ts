@@ -98,27 +98,39 @@ export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: 
     let chain: Promise<void> = Promise.resolve();
     let refused = false;
     let broken = false; // the call itself failed: nothing more goes out on it
+    // A batch the store refused (a full disk) is refused in its place in the order, when its turn
+    // comes; the store refuses what was handed over after it too. `ended`: the error went out.
+    let ended = false;
+    const refuse = (err: unknown) => {
+      if (ended) return;
+      ended = true;
+      if (!broken) failStream(call, err, log, 'WriteStream');
+    };
     call.on('data', (req: WriteRequest) => {
       if (refused || broken) return;
-      let pending: Promise<WriteAck> | WriteAck;
+      let pending: Promise<WriteAck>;
       try {
         pending = svc.write(req, peerVm);
       } catch (e) {
         refused = true;
-        const err = e;
-        chain = chain.then(() => {
-          if (!broken) failStream(call, err, log, 'WriteStream');
-        });
+        chain = chain.then(() => refuse(e));
         return;
       }
+      // Handled here at once: it may be refused before its turn in the chain comes.
+      pending.catch(() => undefined);
       chain = chain.then(async () => {
-        const ack = await pending;
-        if (!broken) call.write(ack);
+        try {
+          const ack = await pending;
+          if (!broken && !ended) call.write(ack);
+        } catch (e) {
+          refused = true;
+          refuse(e);
+        }
       });
     });
     call.on('end', () => {
       void chain.then(() => {
-        if (!refused && !broken) call.end();
+        if (!refused && !broken && !ended) call.end();
       });
     });
     call.on('error', () => (broken = true));

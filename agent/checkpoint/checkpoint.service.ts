@@ -40,7 +40,7 @@ import {
 import { CheckpointObserver, NO_CHECKPOINT_OBSERVER } from './checkpoint-observer';
 import { CheckpointOptions, DEFAULT_CHECKPOINT_OPTIONS, SNAPSHOT_FRAME_BYTES } from './checkpoint-options';
 import { Compactor } from './compaction';
-import { CheckpointState, PeerSession, ProcessGroup, SessionChannel, durabilityName, kindName } from './process-group';
+import { CheckpointState, GroupTable, PeerSession, ProcessGroup, SessionChannel, durabilityName, kindName } from './process-group';
 import { ForwardingSink, NO_FORWARDING_SINK } from './forwarding-sink';
 import { snapshotFrames } from './record-table';
 import { RecordFormatError, validateRecords } from './records';
@@ -115,6 +115,7 @@ export class CheckpointService {
           after = b.seq;
         }
       }
+      replica.accepted = replica.seq;
       replica.table.forEach((_k, schema) => replica.schemas.add(schema));
       g.tables.set(t.name, { replica, durability: durabilityName(t.durability), kind: kindName(t.kind) });
       if (t.kind === 1) this.st.forwarding.claim(t.process, t.name, replica);
@@ -284,9 +285,10 @@ export class CheckpointService {
 
   /**
    * Validates, stores and applies one batch. Resolves with the ack when the batch's durability is
-   * met. Throws (synchronously, before changing anything) on bad input.
+   * met; rejects when the store refused it (nothing of it applied). Throws (synchronously, before
+   * changing anything) on bad input.
    */
-  write(req: WriteRequest, peerVm: string | null): Promise<WriteAck> | WriteAck {
+  write(req: WriteRequest, peerVm: string | null): Promise<WriteAck> {
     const received = performance.now();
     const s = this.sessions.get(req.sessionId);
     if (!s) throw failedPrecondition(`unknown session '${req.sessionId}': register on the Session stream first and use the session_id it returns`);
@@ -306,11 +308,13 @@ export class CheckpointService {
       );
     }
     const r = t.replica;
-    if (req.seq <= r.seq) {
-      throw alreadyExists(`batch seq ${req.seq} of table '${req.table}' is already applied (table is at ${r.seq}); nothing changed`);
+    // Against the last batch handed to the store, not the last applied: a pipelining writer's
+    // next batches arrive while earlier ones are still being stored.
+    if (req.seq <= r.accepted) {
+      throw alreadyExists(`batch seq ${req.seq} of table '${req.table}' is already applied (table is at ${r.accepted}); nothing changed`);
     }
-    if (req.seq !== r.seq + 1) {
-      throw outOfRange(`batch seq ${req.seq} of table '${req.table}' leaves a gap: the table is at ${r.seq}, the next batch must be ${r.seq + 1}`);
+    if (req.seq !== r.accepted + 1) {
+      throw outOfRange(`batch seq ${req.seq} of table '${req.table}' leaves a gap: the table is at ${r.accepted}, the next batch must be ${r.accepted + 1}`);
     }
     if (req.records.length > this.opts.maxBatchBytes) {
       throw invalidArgument(`batch of ${req.records.length} bytes exceeds the limit of ${this.opts.maxBatchBytes}; split it`);
@@ -331,9 +335,29 @@ export class CheckpointService {
     }
     // A FIB batch must also hold only entries the data plane can take (INVALID_ARGUMENT otherwise).
     if (t.kind === 'FIB') this.st.forwarding.validate(req.table, req.seq, req.records);
-    // Durable first, then visible: an ack must never cover a batch the store does not hold.
-    this.store.appendBatch(g.name, req.table, req.seq, req.records, req.count);
-    r.applyBatch(req.seq, req.records, summary.schemas);
+    // Durable first, then visible: an ack must never cover a batch the store does not hold. The
+    // store answers in the order batches were handed over, so they are applied in sequence.
+    r.accepted = req.seq;
+    const schemas = summary.schemas;
+    return this.store.appendBatch(g.name, req.table, req.seq, req.records, req.count).then(
+      () => this.applyStored(g, t, req, schemas, received),
+      (e: unknown) => {
+        // Refused (a full disk): this batch and the later ones handed over are not stored, and
+        // the writer sends them again from here.
+        if (r.accepted >= req.seq) r.accepted = req.seq - 1;
+        throw e;
+      },
+    );
+  }
+
+  /**
+   * A stored batch becomes visible: applied to the replica (and the data plane), handed to the
+   * subscribers, then acknowledged (a SYNC one once the in-sync standbys applied it). Runs even
+   * when the writer's session ended meanwhile: the store holds the batch, so the replica must too.
+   */
+  private applyStored(g: ProcessGroup, t: GroupTable, req: WriteRequest, schemas: Iterable<number>, received: number): Promise<WriteAck> | WriteAck {
+    const r = t.replica;
+    r.applyBatch(req.seq, req.records, schemas);
     if (t.kind === 'FIB') this.st.forwarding.applied(req.seq, req.records);
     for (const peer of g.sessions) peer.subscription?.onBatch(req.table, req.seq, req.records, req.count);
     this.compactor.maybeCompact(g.name, r);

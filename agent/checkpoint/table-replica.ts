@@ -3,6 +3,8 @@
  * the schema versions its values were written in.
  *
  * Invariants: `seq` only grows and is the sequence of the last applied batch (0 = never written);
+ * `accepted` >= `seq` is the last batch handed to the store (the ones between are being stored,
+ * and are applied in order once they are, or handed back when the store refused them);
  * a snapshot taken at `seq` S is exactly the table as of S (see RecordTable: the log is append-only
  * and snapshots reference its prefix).
  */
@@ -12,6 +14,8 @@ export class TableReplica {
   // Pooled arenas: nothing in the agent keeps a value view past the call that read it.
   readonly table = new RecordTable({ pool: sharedArenaPool });
   seq = 0;
+  /** The last batch handed to the store: the next write must be accepted + 1. */
+  accepted = 0;
   /** Schema versions of values possibly present (grows; used for compatibility checks). */
   readonly schemas = new Set<number>();
 
@@ -30,9 +34,11 @@ export class TableReplica {
 
   /** Applies a validated batch and advances the sequence. */
   applyBatch(seq: number, records: Buffer, schemas: Iterable<number>): void {
+    if (this.seq !== 0 && seq !== this.seq + 1) throw new Error(`table ${this.process}/${this.name}: batch ${seq} applied after ${this.seq}`);
     this.table.append(records);
     for (const s of schemas) this.schemas.add(s);
     this.seq = seq; // (the table compacts its log in the background when needed)
+    if (this.accepted < seq) this.accepted = seq;
   }
 
   /** The table as of `seq`; the caller must release() it once nothing reads its bytes. */

@@ -1,13 +1,15 @@
 /**
  * Durable storage of checkpoint tables: a log of applied batches plus periodic snapshots.
  *
- * The agent acknowledges a batch only after `appendBatch` returned, so every acknowledged change
- * is in the database. On start the agent rebuilds each table from its latest complete snapshot
+ * The agent acknowledges a batch only after `appendBatch` resolved, so every acknowledged change
+ * is in the database. Batches are written by a thread of their own (batch-log-writer.ts); the
+ * rest (declarations, compaction, reads) goes through the agent's connection. On start the agent rebuilds each table from its latest complete snapshot
  * and the batches after it. Compaction writes a new snapshot generation chunk by chunk, then in
  * one transaction makes it current and drops the older generation and the batches it covers.
  */
 import path from 'node:path';
-import { isDiskFull } from '../common/errors';
+import { diskFull, isDiskFull } from '../common/errors';
+import { BatchLogWriter } from './batch-log-writer';
 import { Db, storeWrite } from './database';
 
 /** What a compaction refused for lack of space is followed by: the log still holds everything. */
@@ -34,7 +36,11 @@ export interface StoredBatch {
 export interface CheckpointStore {
   listTables(): StoredTable[];
   upsertTable(process: string, name: string, durability: number, kind?: number): void;
-  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void;
+  /**
+   * Stores a batch; resolves once it is committed. Batches are stored in call order, and after a
+   * refused one, later batches of its table are refused too until it is appended again.
+   */
+  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): Promise<void>;
   /** Batches with seq > after, ascending, at most `limit`. */
   readBatches(process: string, table: string, after: number, limit: number): StoredBatch[];
   /** Lowest sequence still replayable from the log: batches after it are all present. */
@@ -69,6 +75,7 @@ export class SqliteCheckpointStore implements CheckpointStore {
   private readonly stmts;
   /** Bytes of batch blobs per table since its snapshot, kept here: summing blob lengths reads them. */
   private readonly logBytes = new Map<string, number>();
+  private readonly writer: BatchLogWriter;
 
   constructor(private readonly db: Db) {
     db.exec(`
@@ -97,7 +104,6 @@ export class SqliteCheckpointStore implements CheckpointStore {
         `INSERT INTO ckpt_tables (process, name, durability, kind) VALUES (?, ?, ?, ?)
          ON CONFLICT (process, name) DO UPDATE SET durability = excluded.durability, kind = excluded.kind`,
       ),
-      append: db.prepare('INSERT INTO ckpt_batches (process, tbl, seq, count, records) VALUES (?, ?, ?, ?, ?)'),
       read: db.prepare('SELECT seq, records, count FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq > ? ORDER BY seq LIMIT ?'),
       minSeq: db.prepare('SELECT MIN(seq) AS s FROM ckpt_batches WHERE process = ? AND tbl = ?'),
       snapSeq: db.prepare('SELECT snap_seq AS s, snap_gen AS g FROM ckpt_tables WHERE process = ? AND name = ?'),
@@ -122,6 +128,12 @@ export class SqliteCheckpointStore implements CheckpointStore {
          ON CONFLICT (process) DO UPDATE SET write_schema = excluded.write_schema`,
       ),
     };
+    this.writer = new BatchLogWriter(db.name, { fsync: db.pragma('synchronous', { simple: true }) === 2 });
+    const close = db.close.bind(db);
+    db.close = () => {
+      this.writer.stop();
+      return close();
+    };
     // Snapshots left half-written by a crash are never current; drop them. On a full disk they
     // stay (the next compaction's commit drops them too): the agent must still start and serve.
     try {
@@ -144,16 +156,22 @@ export class SqliteCheckpointStore implements CheckpointStore {
     );
   }
 
-  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): void {
-    // Counted before the insert: counted after it, an uncached total (right after a compaction)
-    // already held this batch, and adding it again counted it twice.
-    const before = this.logBytesSinceSnapshot(process, table);
-    storeWrite(
-      this.db,
-      () => `the writer resends batch ${seq} of table '${table}' (the SDK does this by itself); nothing of this batch was applied`,
-      () => this.stmts.append.run(process, table, seq, count, records),
-    );
-    this.logBytes.set(`${process}\u0000${table}`, before + records.length);
+  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): Promise<void> {
+    // Counted when handed over, and taken back if refused. (Counted after the insert, an uncached
+    // total, right after a compaction, already held this batch and counted it twice. Batches in
+    // flight when a compaction resets the count are missed by the recount: the total only
+    // decides when to compact, and is low by a few batches at most.)
+    const k = `${process}\u0000${table}`;
+    this.logBytes.set(k, this.logBytesSinceSnapshot(process, table) + records.length);
+    return this.writer.append(process, table, seq, count, records).catch((e: unknown) => {
+      const b = this.logBytes.get(k);
+      if (b !== undefined) this.logBytes.set(k, b - records.length);
+      const dir = path.dirname(this.db.name);
+      if (isDiskFull(e, dir)) {
+        throw diskFull(dir, `the writer resends batch ${seq} of table '${table}' (the SDK does this by itself); nothing of this batch was applied`);
+      }
+      throw e;
+    });
   }
 
   readBatches(process: string, table: string, after: number, limit: number): StoredBatch[] {

@@ -334,7 +334,7 @@ describe('checkpoint: compaction when the state disk is full', function () {
       const b = new RecordBuilder();
       for (let j = 0; j < 16; j++) b.put(`10.${seq}.${j}.0/24`, 1, Buffer.alloc(4000, seq));
       const { records, count } = b.take();
-      store.appendBatch('bgp', 'rib', seq, records, count);
+      await store.appendBatch('bgp', 'rib', seq, records, count);
       r.applyBatch(seq, records, [1]);
     }
     // Every committed page into the database file and an empty WAL: what compaction writes next

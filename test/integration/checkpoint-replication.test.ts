@@ -108,8 +108,11 @@ describe('checkpoint: replication between processes', function () {
     await active.waitFor((e) => e.event === 'loaded');
     const standby = startDaemon('bgp-rib', ['--agent', agent.socket, '--vm', 'vm2', '--role', 'standby']);
     await standby.waitFor((e) => e.event === 'snapshot');
-    await new Promise((r) => setTimeout(r, 500));
-    await agent.kill9(); // mid-churn: some batches are in flight
+    // Mid-churn, at a moment of its own each run: batches are in flight between the active, the
+    // agent's event loop and its store's writer thread, in varying proportions.
+    const killAfterMs = 50 + Math.floor(Math.random() * 1450);
+    await new Promise((r) => setTimeout(r, killAfterMs));
+    await agent.kill9();
     await active.waitFor((e) => e.event === 'disconnected');
     await new Promise((r) => setTimeout(r, 300));
     const again = await startAgent({ stateDir: agent.stateDir });
@@ -118,8 +121,8 @@ describe('checkpoint: replication between processes', function () {
     const seq = await quiesce(active);
     await standbyAt(standby, seq);
     const a = await active.digest();
-    assert.equal(a.failed, 0, 'no write was refused or lost across the restart');
-    assert.equal((await standby.digest()).sha256, a.sha256);
+    assert.equal(a.failed, 0, `no write was refused or lost across the restart (agent killed ${killAfterMs} ms into the churn)`);
+    assert.equal((await standby.digest()).sha256, a.sha256, `standby equals the active (agent killed ${killAfterMs} ms into the churn)`);
     // A standby joining now is served the agent's recovered table: it must equal the active's.
     const late = startDaemon('bgp-rib', ['--agent', again.socket, '--vm', 'vm3', '--role', 'standby']);
     await standbyAt(late, seq);

@@ -29,12 +29,12 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
   });
 
   /** Appends batches from..to (16 records each, keys per batch) to the store and the replica. */
-  function append(store: SqliteCheckpointStore, r: TableReplica, from: number, to: number): void {
+  async function append(store: SqliteCheckpointStore, r: TableReplica, from: number, to: number): Promise<void> {
     for (let seq = from; seq <= to; seq++) {
       const b = new RecordBuilder();
       for (let j = 0; j < 16; j++) b.put(`10.${seq}.${j}.0/24`, 1, Buffer.alloc(300, seq));
       const { records, count } = b.take();
-      store.appendBatch('bgp', 'rib', seq, records, count);
+      await store.appendBatch('bgp', 'rib', seq, records, count);
       r.applyBatch(seq, records, [1]);
     }
   }
@@ -60,15 +60,15 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
     return gen;
   }
 
-  it('keeps the table exact across a stop between the switch and the drops, then drops every replaced row', () => {
+  it('keeps the table exact across a stop between the switch and the drops, then drops every replaced row', async () => {
     const store = new SqliteCheckpointStore(db);
     store.upsertTable('bgp', 'rib', 1);
     const r = new TableReplica('bgp', 'rib');
-    append(store, r, 1, 30);
+    await append(store, r, 1, 30);
     snapshot(store, r); // generation 1 at 30; the 30 batches are garbage now, not yet dropped
-    append(store, r, 31, 40);
+    await append(store, r, 31, 40);
     snapshot(store, r); // generation 2 at 40: generation 1 and batches 31..40 are garbage too
-    append(store, r, 41, 45);
+    await append(store, r, 41, 45);
     assert.equal(
       store.logBytesSinceSnapshot('bgp', 'rib'),
       store.readBatches('bgp', 'rib', 40, 100).reduce((n, b) => n + b.records.length, 0),

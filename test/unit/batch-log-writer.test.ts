@@ -1,0 +1,78 @@
+/**
+ * The store's batch log writer thread (real SQLite, real worker thread): batches are committed in
+ * the order they were handed over before their promises resolve, and a refused batch takes the
+ * batches of its process handed over behind it down with it, so nothing is stored behind a gap.
+ * A refusal is provoked for real: a batch whose sequence is already stored breaks the primary key.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Db, openDatabase } from '../../agent/store/database';
+import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
+import { BatchLogWriter, StoreWriteError } from '../../agent/store/batch-log-writer';
+
+describe('batch log writer thread', () => {
+  let dir = '';
+  let db: Db;
+  let writer: BatchLogWriter;
+
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-writer-'));
+    db = openDatabase(dir);
+    new SqliteCheckpointStore(db); // the schema
+    writer = new BatchLogWriter(db.name);
+  });
+
+  afterEach(() => {
+    writer.stop();
+    db.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const seqs = (process: string) =>
+    (db.prepare('SELECT seq FROM ckpt_batches WHERE process = ? ORDER BY seq').all(process) as { seq: number }[]).map((r) => r.seq);
+
+  it('resolves each append only once its batch is committed, in the order handed over', async () => {
+    const order: number[] = [];
+    const all = [];
+    for (let seq = 1; seq <= 300; seq++) {
+      all.push(
+        writer.append('bgp', 'rib', seq, 1, Buffer.alloc(100 + seq, seq)).then(() => {
+          order.push(seq);
+          // Committed: another connection (this thread's) sees it.
+          assert.ok((db.prepare('SELECT 1 FROM ckpt_batches WHERE process = ? AND seq = ?').get('bgp', seq) as unknown) !== undefined, `batch ${seq} visible`);
+        }),
+      );
+    }
+    await Promise.all(all);
+    assert.deepEqual(
+      order,
+      Array.from({ length: 300 }, (_, i) => i + 1),
+    );
+    const row = db.prepare('SELECT count, records FROM ckpt_batches WHERE process = ? AND seq = 7').get('bgp') as { count: number; records: Buffer };
+    assert.deepEqual(row.records, Buffer.alloc(107, 7));
+    assert.equal(writer.inFlight, 0);
+  });
+
+  it("refuses the batches of a process behind a refused one until the refusal was seen, and only that process's", async () => {
+    await writer.append('bgp', 'rib', 1, 1, Buffer.from('one'));
+    // Handed over together: 1 again (refused: already stored), then 2 and 3 behind it, and
+    // another process's batch in between.
+    const again = writer.append('bgp', 'rib', 1, 1, Buffer.from('dup'));
+    const two = writer.append('bgp', 'rib', 2, 1, Buffer.from('two'));
+    const other = writer.append('ospf', 'lsdb', 1, 1, Buffer.from('lsa'));
+    const three = writer.append('bgp', 'adj', 1, 1, Buffer.from('adj'));
+    const outcome = await Promise.allSettled([again, two, other, three]);
+    assert.deepEqual(
+      outcome.map((o) => o.status),
+      ['rejected', 'rejected', 'fulfilled', 'rejected'],
+    );
+    for (const o of outcome) if (o.status === 'rejected') assert.ok(o.reason instanceof StoreWriteError && /CONSTRAINT/.test(o.reason.code), String(o.reason));
+    assert.deepEqual(seqs('bgp'), [1], 'nothing stored behind the refused batch');
+    assert.deepEqual(seqs('ospf'), [1]);
+    // Sent after the refusal was seen: stored again.
+    await writer.append('bgp', 'rib', 2, 1, Buffer.from('two'));
+    assert.deepEqual(seqs('bgp'), [1, 2]);
+  });
+});
