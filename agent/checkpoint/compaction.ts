@@ -1,7 +1,8 @@
 /**
  * Compaction of the store: a table's batch log, which standbys and restarts replay, is trimmed
- * into a snapshot once it outgrew the table, a chunk per event-loop turn so that writes and acks
- * go on meanwhile; what the new snapshot replaced is then removed the same way.
+ * into a snapshot once it outgrew the table. Every write of it runs on the store's writer thread
+ * (in order with the batches), a chunk at a time, so the agent's event loop only cuts the frames;
+ * what the new snapshot replaced is then removed a few rows per transaction.
  */
 import { HitlessError } from '../common/errors';
 import { STORE_CHUNK_BYTES } from './checkpoint-options';
@@ -10,8 +11,9 @@ import { snapshotFrames } from './record-table';
 import { TableReplica } from './table-replica';
 
 /**
- * Rows of replaced snapshots and batches removed per event-loop turn: 256 KiB snapshot chunks and
- * batches of up to a few hundred KiB, so a turn frees about 1 MiB.
+ * Rows of replaced snapshots and batches removed per transaction: 256 KiB snapshot chunks and
+ * batches of up to a few hundred KiB, so one frees about 1 MiB and batches queued behind it wait
+ * a few ms at most.
  */
 const DROP_ROWS_PER_TURN = 4;
 
@@ -44,28 +46,33 @@ export class Compactor {
 
   async compact(process: string, r: TableReplica): Promise<void> {
     const snap = r.snapshot();
-    const gen = this.st.store.beginSnapshot(process, r.name);
+    let gen: number;
+    try {
+      gen = await this.st.store.beginSnapshot(process, r.name);
+    } catch (e) {
+      snap.release();
+      throw e;
+    }
+    let committed = false;
     try {
       let chunk = 0;
-      // One chunk per event-loop turn: writes and acks go on in between.
-      for (const f of snapshotFrames(snap, STORE_CHUNK_BYTES)) {
-        this.st.store.writeSnapshotChunk(process, r.name, gen, chunk++, f.records);
-        await new Promise((res) => setImmediate(res));
-      }
-      this.st.store.commitSnapshot(process, r.name, gen, snap.seq);
-      // What it replaced goes a few rows per event-loop turn (each row up to a chunk or a batch).
+      // The arenas' bytes as they are (the snapshot pins them until release), one chunk per
+      // request: batches queued on the writer thread meanwhile wait for one chunk at most.
+      for (const f of snapshotFrames(snap, STORE_CHUNK_BYTES)) await this.st.store.writeSnapshotChunk(process, r.name, gen, chunk++, f.records);
+      await this.st.store.commitSnapshot(process, r.name, gen, snap.seq);
+      committed = true;
       let dropped = 0;
-      for (let n; (n = this.st.store.dropReplaced(process, r.name, DROP_ROWS_PER_TURN)) > 0;) {
-        dropped += n;
-        await new Promise((res) => setImmediate(res));
-      }
+      for (let n; (n = await this.st.store.dropReplaced(process, r.name, DROP_ROWS_PER_TURN)) > 0;) dropped += n;
       this.st.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk, dropped }, 'table log compacted into a snapshot');
     } catch (e) {
+      // Once committed, the new generation is the table's snapshot: a removal that failed leaves
+      // garbage that the next compaction removes, and nothing of the new generation may go.
+      if (committed) throw e;
       // The log and the current snapshot are untouched until commitSnapshot's transaction; the
       // new generation's chunks are never current, and when even their deletion finds no room
       // (a full disk) they are dropped by the next start or the next compaction's commit.
       try {
-        this.st.store.abortSnapshot(process, r.name, gen);
+        await this.st.store.abortSnapshot(process, r.name, gen);
       } catch (ae) {
         this.st.log.warn(
           { process, table: r.name, gen, err: (ae as Error).message },
@@ -74,7 +81,7 @@ export class Compactor {
       }
       throw e;
     } finally {
-      snap.release(); // SQLite copied every chunk it was given
+      snap.release(); // every chunk is in the database, or the snapshot was abandoned
     }
   }
 }

@@ -47,21 +47,25 @@ export interface CheckpointStore {
   logFloor(process: string, table: string): number;
   logBytesSinceSnapshot(process: string, table: string): number;
   snapshotChunks(process: string, table: string): Iterable<Buffer>;
-  beginSnapshot(process: string, table: string): number;
-  writeSnapshotChunk(process: string, table: string, gen: number, chunkNo: number, records: Buffer): void;
+  /**
+   * Compaction's writes (the next five) are asynchronous: they run in order with the batches, on
+   * the store's writer thread. A chunk's bytes must not change until its write resolved.
+   */
+  beginSnapshot(process: string, table: string): Promise<number>;
+  writeSnapshotChunk(process: string, table: string, gen: number, chunkNo: number, records: Buffer): Promise<void>;
   /**
    * Makes generation `gen` the table's snapshot as of `seq`, in one small transaction. What it
    * replaces (older generations, batches up to `seq`) is garbage from then on, never read again,
    * and is removed in pieces by dropReplaced.
    */
-  commitSnapshot(process: string, table: string, gen: number, seq: number): void;
-  abortSnapshot(process: string, table: string, gen: number): void;
+  commitSnapshot(process: string, table: string, gen: number, seq: number): Promise<void>;
+  abortSnapshot(process: string, table: string, gen: number): Promise<void>;
   /**
    * Removes up to `limit` rows of what the current snapshot replaced (chunks of other
-   * generations, then batches it covers); returns how many it removed (0: none left). Each call
-   * is one short transaction, so a caller can spread a big removal over event-loop turns.
+   * generations, then batches it covers); resolves with how many it removed (0: none left). Each
+   * call is one short transaction, so a big removal goes in pieces between other writes.
    */
-  dropReplaced(process: string, table: string, limit: number): number;
+  dropReplaced(process: string, table: string, limit: number): Promise<number>;
   /**
    * The schema version the agent last told `process`'s active to write (0 = never decided).
    * Recovered state: after an agent restart the active writes this again, whichever instance
@@ -109,19 +113,6 @@ export class SqliteCheckpointStore implements CheckpointStore {
       snapSeq: db.prepare('SELECT snap_seq AS s, snap_gen AS g FROM ckpt_tables WHERE process = ? AND name = ?'),
       logBytes: db.prepare('SELECT COALESCE(SUM(LENGTH(records)), 0) AS b FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq > ?'),
       chunks: db.prepare('SELECT records FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ? ORDER BY chunk'),
-      nextGen: db.prepare('UPDATE ckpt_tables SET next_gen = next_gen + 1 WHERE process = ? AND name = ? RETURNING next_gen - 1 AS g'),
-      writeChunk: db.prepare('INSERT INTO ckpt_snapshots (process, tbl, gen, chunk, records) VALUES (?, ?, ?, ?, ?)'),
-      setSnap: db.prepare('UPDATE ckpt_tables SET snap_seq = ?, snap_gen = ? WHERE process = ? AND name = ?'),
-      dropGen: db.prepare('DELETE FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ?'),
-      // Replaced rows go by key ranges: a DELETE driven by a subquery was planned as a scan that
-      // read every blob of the table, per call.
-      // Seeks, never a walk over the current generation's rows (stepping over a row reads its
-      // blob's pages: 90 ms for a million records' snapshot).
-      olderGen: db.prepare('SELECT gen FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen < ? ORDER BY gen LIMIT 1'),
-      newerGen: db.prepare('SELECT gen FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen > ? ORDER BY gen LIMIT 1'),
-      minChunk: db.prepare('SELECT MIN(chunk) AS c FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ?'),
-      dropChunks: db.prepare('DELETE FROM ckpt_snapshots WHERE process = ? AND tbl = ? AND gen = ? AND chunk >= ? AND chunk < ?'),
-      dropBatches: db.prepare('DELETE FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq >= ? AND seq < ? AND seq <= ?'),
       getSchema: db.prepare('SELECT write_schema AS s FROM ckpt_processes WHERE process = ?'),
       setSchema: db.prepare(
         `INSERT INTO ckpt_processes (process, write_schema) VALUES (?, ?)
@@ -206,41 +197,37 @@ export class SqliteCheckpointStore implements CheckpointStore {
     }
   }
 
-  beginSnapshot(process: string, table: string): number {
-    return storeWrite(this.db, COMPACT_LATER, () => (this.stmts.nextGen.get(process, table) as { g: number }).g);
+  beginSnapshot(process: string, table: string): Promise<number> {
+    return this.compaction(this.writer.compaction({ op: 'beginSnapshot', process, table }));
   }
 
-  writeSnapshotChunk(process: string, table: string, gen: number, chunkNo: number, records: Buffer): void {
-    storeWrite(this.db, COMPACT_LATER, () => this.stmts.writeChunk.run(process, table, gen, chunkNo, records));
+  async writeSnapshotChunk(process: string, table: string, gen: number, chunk: number, records: Buffer): Promise<void> {
+    await this.compaction(this.writer.compaction({ op: 'writeChunk', process, table, gen, chunk, records }));
   }
 
-  commitSnapshot(process: string, table: string, gen: number, seq: number): void {
+  async commitSnapshot(process: string, table: string, gen: number, seq: number): Promise<void> {
     // Only the switch: deleting what it replaces in the same transaction (a million records'
-    // snapshot and log, 240 MB of blobs freed page by page) held the agent's event loop for
-    // 460-530 ms on the development machine; dropReplaced spreads it over turns of a few ms.
-    storeWrite(this.db, COMPACT_LATER, () => this.stmts.setSnap.run(seq, gen, process, table));
+    // snapshot and log, 240 MB of blobs freed page by page) took 460-530 ms on the development
+    // machine; dropReplaced spreads it over short transactions.
+    await this.compaction(this.writer.compaction({ op: 'commitSnapshot', process, table, gen, seq }));
     this.logBytes.delete(`${process}\u0000${table}`); // recounted from the batches after the snapshot on next use
   }
 
-  dropReplaced(process: string, table: string, limit: number): number {
-    const row = this.stmts.snapSeq.get(process, table) as { s: number; g: number } | undefined;
-    if (!row || row.g === 0) return 0;
-    return storeWrite(this.db, COMPACT_LATER, () => {
-      // Other generations: older ones, and newer ones a failed compaction left (only one
-      // compaction of a table runs at a time, and this is called from it).
-      const old = (this.stmts.olderGen.get(process, table, row.g) ?? this.stmts.newerGen.get(process, table, row.g)) as { gen: number } | undefined;
-      if (old) {
-        const from = (this.stmts.minChunk.get(process, table, old.gen) as { c: number }).c;
-        return this.stmts.dropChunks.run(process, table, old.gen, from, from + limit).changes;
-      }
-      const min = (this.stmts.minSeq.get(process, table) as { s: number | null }).s;
-      if (min === null || min > row.s) return 0;
-      return this.stmts.dropBatches.run(process, table, min, min + limit, row.s).changes;
-    });
+  dropReplaced(process: string, table: string, limit: number): Promise<number> {
+    return this.compaction(this.writer.compaction({ op: 'dropReplaced', process, table, limit }));
   }
 
-  abortSnapshot(process: string, table: string, gen: number): void {
-    storeWrite(this.db, COMPACT_LATER, () => this.stmts.dropGen.run(process, table, gen));
+  async abortSnapshot(process: string, table: string, gen: number): Promise<void> {
+    await this.compaction(this.writer.compaction({ op: 'abortSnapshot', process, table, gen }));
+  }
+
+  /** A compaction write's outcome, a full disk turned into the error that says what happens next. */
+  private compaction<T>(p: Promise<T>): Promise<T> {
+    return p.catch((e: unknown) => {
+      const dir = path.dirname(this.db.name);
+      if (isDiskFull(e, dir)) throw diskFull(dir, COMPACT_LATER);
+      throw e;
+    });
   }
 
   writeSchema(process: string): number {

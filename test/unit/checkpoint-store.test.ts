@@ -13,6 +13,9 @@ import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { TableReplica } from '../../agent/checkpoint/table-replica';
 import { snapshotFrames } from '../../agent/checkpoint/record-table';
+import { CheckpointService } from '../../agent/checkpoint/checkpoint.service';
+import type { BulkServer } from '../../agent/checkpoint/bulk-server';
+import { silentLogger } from '../../agent/common/logger';
 
 describe('checkpoint store: snapshots replace the log, and the replaced rows go in pieces', () => {
   let dir = '';
@@ -50,12 +53,12 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
   }
 
   /** Writes the replica as a new snapshot generation and makes it current (no drops). */
-  function snapshot(store: SqliteCheckpointStore, r: TableReplica): number {
+  async function snapshot(store: SqliteCheckpointStore, r: TableReplica): Promise<number> {
     const snap = r.snapshot();
-    const gen = store.beginSnapshot('bgp', 'rib');
+    const gen = await store.beginSnapshot('bgp', 'rib');
     let i = 0;
-    for (const f of snapshotFramesOf(snap)) store.writeSnapshotChunk('bgp', 'rib', gen, i++, f);
-    store.commitSnapshot('bgp', 'rib', gen, snap.seq);
+    for (const f of snapshotFramesOf(snap)) await store.writeSnapshotChunk('bgp', 'rib', gen, i++, f);
+    await store.commitSnapshot('bgp', 'rib', gen, snap.seq);
     snap.release();
     return gen;
   }
@@ -65,9 +68,9 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
     store.upsertTable('bgp', 'rib', 1);
     const r = new TableReplica('bgp', 'rib');
     await append(store, r, 1, 30);
-    snapshot(store, r); // generation 1 at 30; the 30 batches are garbage now, not yet dropped
+    await snapshot(store, r); // generation 1 at 30; the 30 batches are garbage now, not yet dropped
     await append(store, r, 31, 40);
-    snapshot(store, r); // generation 2 at 40: generation 1 and batches 31..40 are garbage too
+    await snapshot(store, r); // generation 2 at 40: generation 1 and batches 31..40 are garbage too
     await append(store, r, 41, 45);
     assert.equal(
       store.logBytesSinceSnapshot('bgp', 'rib'),
@@ -84,7 +87,7 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
 
     // The removal, a few rows per call, leaves exactly the current generation and batches 41..45.
     let calls = 0;
-    for (let n; (n = again.dropReplaced('bgp', 'rib', 4)) > 0; calls++) assert.ok(n <= 4);
+    for (let n; (n = await again.dropReplaced('bgp', 'rib', 4)) > 0; calls++) assert.ok(n <= 4);
     assert.ok(calls >= 10, `in pieces (${calls} calls)`);
     const gens = db.prepare('SELECT DISTINCT gen FROM ckpt_snapshots').all() as { gen: number }[];
     assert.deepEqual(
@@ -97,6 +100,31 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
     );
     const after = rebuild(again);
     assert.deepEqual([after.seq, after.records, after.bytes], [45, r.records, r.bytes]);
+  });
+
+  it('keeps the new snapshot when removing what it replaced fails (a fault injected into the removal)', async () => {
+    const store = new SqliteCheckpointStore(db);
+    store.upsertTable('bgp', 'rib', 1);
+    const r = new TableReplica('bgp', 'rib');
+    await append(store, r, 1, 30);
+    await snapshot(store, r);
+    await append(store, r, 31, 40);
+    // The real store, except that its second removal fails as a full disk would make it.
+    let drops = 0;
+    const faulty = Object.assign(Object.create(store) as SqliteCheckpointStore, {
+      dropReplaced: (p: string, t: string, limit: number) =>
+        ++drops === 2 ? Promise.reject(Object.assign(new Error('database or disk is full'), { code: 'SQLITE_FULL' })) : store.dropReplaced(p, t, limit),
+    });
+    const svc = new CheckpointService(faulty, {} as BulkServer, silentLogger);
+    await assert.rejects(svc.compact('bgp', r), /full/);
+    assert.equal(drops, 2);
+    assert.equal(store.listTables()[0].snapSeq, 40, 'the new snapshot is current');
+    // A restart rebuilds exactly the table from it, and the next compaction removes the rest.
+    const rebuilt = rebuild(store);
+    assert.deepEqual([rebuilt.seq, rebuilt.records, rebuilt.bytes], [40, r.records, r.bytes]);
+    while ((await store.dropReplaced('bgp', 'rib', 64)) > 0);
+    assert.deepEqual(db.prepare('SELECT COUNT(*) AS n FROM ckpt_batches').get(), { n: 0 });
+    assert.deepEqual([rebuild(store).records], [r.records]);
   });
 });
 
