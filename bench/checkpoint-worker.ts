@@ -4,6 +4,7 @@
  * the worker so process start-up is not counted; results go back over IPC.
  */
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { sharedArenaPool } from '../agent/checkpoint/record-table';
 import { CheckpointClient } from '../agent/sdk/checkpoint-client';
 import { createRng, generateRib, mutateRoute, RibRoute } from '../examples/bgp-rib/rib-generator';
 
@@ -23,8 +24,24 @@ let client: CheckpointClient | null = null;
 let churnTimer: NodeJS.Timeout | null = null;
 const loop = monitorEventLoopDelay({ resolution: 1 });
 loop.enable();
+// BENCH_MEM_TRACE=1: this process's memory every second on stderr (RSS, V8 heap, ArrayBuffers,
+// the arena pool), to find what grows when a run runs out of memory.
+if (process.env.BENCH_MEM_TRACE) {
+  const mb = (n: number) => Math.round(n / 2 ** 20);
+  setInterval(() => {
+    const m = process.memoryUsage();
+    process.stderr.write(
+      `mem ${process.pid} ${client?.role ?? '-'} rss ${mb(m.rss)} heap ${mb(m.heapUsed)} external ${mb(m.external)} arrayBuffers ${mb(m.arrayBuffers)} arenas allocated ${sharedArenaPool.allocated} reused ${sharedArenaPool.reused} free ${mb(sharedArenaPool.freeBytes)} MB\n`,
+    );
+  }, 1000).unref();
+}
 let routes: RibRoute[] = [];
 const send = (m: unknown) => process.send!(m);
+/**
+ * A turn for the client's I/O while the harness prepares millions of routes: a process that holds
+ * its event loop for seconds misses the agent's keepalive and loses its connection mid-run.
+ */
+const yieldTurn = () => new Promise<void>((r) => setImmediate(r));
 const now = () => Number(process.hrtime.bigint()) / 1e9;
 
 async function pipelined(
@@ -72,7 +89,8 @@ process.on('message', async (cmd: Cmd) => {
       send({ ok: true, seconds: now() - t0 });
     } else if (cmd.op === 'load') {
       const t0 = now();
-      routes = [...generateRib(cmd.records)];
+      routes = [];
+      for (const r of generateRib(cmd.records)) if (routes.push(r) % 50_000 === 0) await yieldTurn();
       const gen = now() - t0;
       const t1 = now();
       await pipelined(routes.length, cmd.batch, cmd.window, (b, i, n) => {
@@ -82,7 +100,10 @@ process.on('message', async (cmd: Cmd) => {
     } else if (cmd.op === 'churn') {
       const rng = createRng(7);
       const updates: RibRoute[] = [];
-      for (let i = 0; i < cmd.records; i++) updates.push(mutateRoute(routes[i % routes.length], rng));
+      for (let i = 0; i < cmd.records; i++) {
+        updates.push(mutateRoute(routes[i % routes.length], rng));
+        if (i % 50_000 === 0) await yieldTurn();
+      }
       const t0 = now();
       await pipelined(updates.length, cmd.batch, cmd.window, (b, i, n) => {
         for (let j = i; j < i + n; j++) b.put(updates[j].key, updates[j].value);
@@ -116,6 +137,7 @@ process.on('message', async (cmd: Cmd) => {
         const v = mutateRoute(routes[k % routes.length], rng).value;
         values.push(v);
         valueBytes += v.length;
+        if (k % 50_000 === 0) await yieldTurn();
       }
       const packed = Buffer.allocUnsafe(valueBytes);
       const valueEnd = new Uint32Array(values.length);

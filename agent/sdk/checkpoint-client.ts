@@ -331,11 +331,19 @@ export class CheckpointClient extends EventEmitter {
     if (!this.session) return;
     this.session = null;
     this.connected = false;
-    this.writeStream?.cancel();
+    // Cancelled on the next turn, not from inside this callback: when the connection itself went
+    // (the agent dropped it after this process's event loop had stalled for ~15 s), this runs
+    // within Node's HTTP/2 teardown, and an RST_STREAM submitted there for a stream with queued
+    // data made Node's HTTP/2 session loop copying pending output: the process grew to 23 GB
+    // and was OOM-killed. A turn later the streams are closed (the cancel does nothing) or it is
+    // an ordinary RST_STREAM. (test/integration/checkpoint-client-stall.test.ts)
+    const gone = [this.writeStream, this.sub];
+    setImmediate(() => {
+      for (const call of gone) call?.cancel();
+    });
     this.writeStream = null;
     this.cancelWriteRetry(); // the next registration resends the outbox
     this.dropSpareWriteStream();
-    this.sub?.cancel();
     this.sub = null;
     this.ackStream?.end();
     this.ackStream = null;
