@@ -122,6 +122,16 @@ export interface CheckpointState {
   forwarding: ForwardingSink;
 }
 
+/** The group of process `name`, made on first mention. */
+export function groupOf(st: Pick<CheckpointState, 'groups'>, name: string): ProcessGroup {
+  let g = st.groups.get(name);
+  if (!g) {
+    g = new ProcessGroup(name);
+    st.groups.set(name, g);
+  }
+  return g;
+}
+
 export function kindName(k: number): TableKind {
   return k === 1 ? 'FIB' : 'TABLE_KIND_UNSPECIFIED';
 }
