@@ -228,7 +228,7 @@ process.on('message', async (cmd: Cmd) => {
       while (client!.inFlight > 0) await new Promise((r) => setTimeout(r, 5));
       send({ ok: true, seq: client!.table('rib').seq });
     } else if (cmd.op === 'digest') {
-      send({ ok: true, ...client!.digest(cmd.table) });
+      send({ ok: true, ...(await client!.digestInSlices(cmd.table)) });
     } else if (cmd.op === 'exit') {
       await client?.close();
       send({ ok: true });

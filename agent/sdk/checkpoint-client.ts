@@ -899,6 +899,17 @@ export class CheckpointClient extends EventEmitter {
     return { ...tableDigest(this.table(table).records), seq: this.table(table).seq };
   }
 
+  /**
+   * digest(), computed a few milliseconds at a time: the event loop keeps serving meanwhile (a
+   * synchronous digest of a 2M-record table held it for about 7 s, long enough for the agent to
+   * drop the connection). The table must not change meanwhile; if it does, the digest starts over.
+   */
+  async digestInSlices(table: string): Promise<{ records: number; seq: number; sha256: string }> {
+    const t = this.table(table);
+    const d = await tableDigestSliced(t.records);
+    return { ...d, seq: t.seq }; // read on resuming: the sequence of the state digested
+  }
+
   /** digest() of every table, computed in slices (the event loop keeps serving meanwhile). */
   private async digestAll(): Promise<{ table: string; records: number; seq: number; sha256: string }[]> {
     const out = [];

@@ -21,6 +21,9 @@ interface Report {
   records?: number;
   rssMb?: number;
   message?: string;
+  sha256?: string;
+  slicedSha256?: string;
+  slicedSeq?: number;
 }
 
 describe('checkpoint: a writer whose event loop stalls past the keepalive', function () {
@@ -60,6 +63,7 @@ describe('checkpoint: a writer whose event loop stalls past the keepalive', func
       });
       assert.ok(peakKb < RSS_LIMIT_KB, `peak RSS ${Math.round(peakKb / 1024)} MB`);
       assert.equal(done.seq, 62, 'every batch acknowledged: 20, a burst of 32 across the stall, then 10');
+      assert.deepEqual([done.slicedSha256, done.slicedSeq], [done.sha256, 62], 'the digest computed in slices is the digest');
       const c = rawClient('hitless.v1.Checkpoint', agent.socket);
       try {
         const st = await unaryCall<{ processes: { tables: { name: string; seq: number; records: number }[]; peers: unknown[] }[] }>(c, 'Status', {
