@@ -2,10 +2,12 @@
  * Durable storage of checkpoint tables: a log of applied batches plus periodic snapshots.
  *
  * The agent acknowledges a batch only after `appendBatch` resolved, so every acknowledged change
- * is in the database. Batches are written by a thread of their own (batch-log-writer.ts); the
- * rest (declarations, compaction, reads) goes through the agent's connection. On start the agent rebuilds each table from its latest complete snapshot
- * and the batches after it. Compaction writes a new snapshot generation chunk by chunk, then in
- * one transaction makes it current and drops the older generation and the batches it covers.
+ * is in the database. On start the agent rebuilds each table from its latest complete snapshot
+ * and the batches after it. Compaction writes a new snapshot generation chunk by chunk, makes it
+ * current in one small transaction, then removes what it replaced a few rows at a time.
+ *
+ * The big writes (batches, compaction) run on the store's writer thread (batch-log-writer.ts),
+ * in the order they were made; declarations and every read go through the agent's connection.
  */
 import path from 'node:path';
 import { diskFull, isDiskFull } from '../common/errors';
@@ -37,8 +39,8 @@ export interface CheckpointStore {
   listTables(): StoredTable[];
   upsertTable(process: string, name: string, durability: number, kind?: number): void;
   /**
-   * Stores a batch; resolves once it is committed. Batches are stored in call order, and after a
-   * refused one, later batches of its table are refused too until it is appended again.
+   * Stores a batch; resolves once it is committed. Batches are stored in call order; when one is
+   * refused, so are the batches of its process handed over before the refusal was seen.
    */
   appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): Promise<void>;
   /** Batches with seq > after, ascending, at most `limit`. */
