@@ -197,7 +197,7 @@ process.on('message', async (cmd: Cmd) => {
     } else if (cmd.op === 'waitSeq') {
       const t0 = now();
       const t = client!.table(cmd.table);
-      while (t.seq < cmd.seq) await new Promise((r) => setImmediate(r));
+      while (t.seq < cmd.seq) await yieldTurn();
       send({ ok: true, seconds: now() - t0 });
     } else if (cmd.op === 'loopDelay') {
       // Event-loop delay of this process (ms): a stall here is latency every peer sees.

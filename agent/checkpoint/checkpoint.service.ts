@@ -71,7 +71,7 @@ export class CheckpointService {
     this.roles = new RoleChanges(this.st);
     this.compactor = new Compactor(this.st);
     this.writes = new WritePath(this.st, this.compactor);
-    this.peers = new Sessions(this.st, (g, name, durability, kind) => this.writes.declareTable(g, name, durability, kind));
+    this.peers = new Sessions(this.st, this.writes);
     this.replication = new Replication(this.st, bulk);
   }
 

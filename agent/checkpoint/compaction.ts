@@ -15,7 +15,7 @@ import { TableReplica } from './table-replica';
  * batches of up to a few hundred KiB, so one frees about 1 MiB and batches queued behind it wait
  * a few ms at most.
  */
-const DROP_ROWS_PER_TURN = 4;
+const DROP_ROWS_PER_CALL = 4;
 
 export class Compactor {
   private readonly compacting = new Set<string>();
@@ -45,14 +45,8 @@ export class Compactor {
   }
 
   async compact(process: string, r: TableReplica): Promise<void> {
-    const snap = r.snapshot();
-    let gen: number;
-    try {
-      gen = await this.st.store.beginSnapshot(process, r.name);
-    } catch (e) {
-      snap.release();
-      throw e;
-    }
+    const gen = await this.st.store.beginSnapshot(process, r.name);
+    const snap = r.snapshot(); // taken once its generation exists: nothing to release if that failed
     let committed = false;
     try {
       let chunk = 0;
@@ -62,7 +56,7 @@ export class Compactor {
       await this.st.store.commitSnapshot(process, r.name, gen, snap.seq);
       committed = true;
       let dropped = 0;
-      for (let n; (n = await this.st.store.dropReplaced(process, r.name, DROP_ROWS_PER_TURN)) > 0;) dropped += n;
+      for (let n; (n = await this.st.store.dropReplaced(process, r.name, DROP_ROWS_PER_CALL)) > 0;) dropped += n;
       this.st.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk, dropped }, 'table log compacted into a snapshot');
     } catch (e) {
       // Once committed, the new generation is the table's snapshot: a removal that failed leaves

@@ -4,10 +4,11 @@
  */
 import crypto from 'node:crypto';
 import { alreadyExists, failedPrecondition, invalidArgument, permissionDenied, unavailable } from '../common/errors';
-import { CommandResult, Durability, Register, Registered, SessionNotice, TableKind } from './messages';
-import { CheckpointState, PeerSession, ProcessGroup, SessionChannel, groupOf } from './process-group';
+import { CommandResult, Register, Registered, SessionNotice } from './messages';
+import { CheckpointState, PeerSession, SessionChannel, groupOf } from './process-group';
 import { agreeWriteSchema, checkReadsTables, pickWriteSchema, validateRegister } from './schema-agreement';
 import { leaveInSync } from './sync-acks';
+import type { WritePath } from './write-path';
 
 /** A SessionNotice as received: when, and from which process instance in which VM. */
 export interface ReportedSession extends SessionNotice {
@@ -17,15 +18,13 @@ export interface ReportedSession extends SessionNotice {
   vm: string;
 }
 
-/** Declares (or re-declares) a table an active registers with: WritePath.declareTable. */
-export type DeclareTable = (g: ProcessGroup, name: string, durability: Durability, kind: TableKind) => void;
-
 export class Sessions {
   private readonly noticeListeners: ((r: ReportedSession) => void)[] = [];
 
   constructor(
     private readonly st: CheckpointState,
-    private readonly declareTable: DeclareTable,
+    /** Declares (or re-declares) the tables an active registers with. */
+    private readonly tables: Pick<WritePath, 'declareTable'>,
   ) {}
 
   /**
@@ -84,7 +83,7 @@ export class Sessions {
     session.writeSchema = writeSchema || reg.schemaWrites;
     if (reg.wantedRole === 'ACTIVE') {
       agreeWriteSchema(this.st.store, g, writeSchema);
-      for (const t of reg.tables) this.declareTable(g, t.name, t.durability, t.kind === 'FIB' ? 'FIB' : 'TABLE_KIND_UNSPECIFIED');
+      for (const t of reg.tables) this.tables.declareTable(g, t.name, t.durability, t.kind === 'FIB' ? 'FIB' : 'TABLE_KIND_UNSPECIFIED');
       g.active = session;
     }
     g.sessions.add(session);

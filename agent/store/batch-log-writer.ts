@@ -31,8 +31,9 @@ export class StoreWriteError extends Error {
   }
 }
 
-/** A request without its id (the writer numbers them). */
-type Request = WriterRequest extends infer R ? (R extends WriterRequest ? Omit<R, 'id'> : never) : never;
+/** A request without its id (the writer numbers them); Omit taken per member of the union. */
+type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
+type Request = WithoutId<WriterRequest>;
 
 export class BatchLogWriter {
   private readonly worker: Worker;

@@ -134,6 +134,7 @@ function appendRun(run: Append[], reply: WriterReply): void {
 
 function flush(): void {
   scheduled = false;
+  if (queue.length === 0) return; // a `resume` or `stop` flushed it already
   const round = queue;
   queue = [];
   const reply: WriterReply = { done: [], failed: [] };

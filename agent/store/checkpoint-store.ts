@@ -10,7 +10,7 @@
  * in the order they were made; declarations and every read go through the agent's connection.
  */
 import path from 'node:path';
-import { diskFull, isDiskFull } from '../common/errors';
+import { isDiskFull } from '../common/errors';
 import { BatchLogWriter } from './batch-log-writer';
 import { Db, storeWrite } from './database';
 
@@ -156,15 +156,16 @@ export class SqliteCheckpointStore implements CheckpointStore {
     // decides when to compact, and is low by a few batches at most.)
     const k = `${process}\u0000${table}`;
     this.logBytes.set(k, this.logBytesSinceSnapshot(process, table) + records.length);
-    return this.writer.append(process, table, seq, count, records).catch((e: unknown) => {
+    const stored = this.writer.append(process, table, seq, count, records).catch((e: unknown) => {
       const b = this.logBytes.get(k);
       if (b !== undefined) this.logBytes.set(k, b - records.length);
-      const dir = path.dirname(this.db.name);
-      if (isDiskFull(e, dir)) {
-        throw diskFull(dir, `the writer resends batch ${seq} of table '${table}' (the SDK does this by itself); nothing of this batch was applied`);
-      }
       throw e;
     });
+    return storeWrite(
+      this.db,
+      () => `the writer resends batch ${seq} of table '${table}' (the SDK does this by itself); nothing of this batch was applied`,
+      stored,
+    );
   }
 
   readBatches(process: string, table: string, after: number, limit: number): StoredBatch[] {
@@ -225,11 +226,7 @@ export class SqliteCheckpointStore implements CheckpointStore {
 
   /** A compaction write's outcome, a full disk turned into the error that says what happens next. */
   private compaction<T>(p: Promise<T>): Promise<T> {
-    return p.catch((e: unknown) => {
-      const dir = path.dirname(this.db.name);
-      if (isDiskFull(e, dir)) throw diskFull(dir, COMPACT_LATER);
-      throw e;
-    });
+    return storeWrite(this.db, COMPACT_LATER, p);
   }
 
   writeSchema(process: string): number {

@@ -68,14 +68,25 @@ function watchCheckpointWorker(worker: Worker, stateDir: string, log: Logger | u
 /**
  * Runs a write of the store; a full state disk becomes a RESOURCE_EXHAUSTED error saying what
  * happens once there is room (`then`). SQLite rolled the statement or transaction back by then,
- * so nothing of it is stored.
+ * so nothing of it is stored. A write that finishes later (the store's writer thread) is given as
+ * its promise, and is translated the same way when it is refused.
  */
-export function storeWrite<T>(db: Db, then: string | (() => string), fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
+export function storeWrite<T>(db: Db, then: string | (() => string), fn: () => T): T;
+export function storeWrite<T>(db: Db, then: string | (() => string), pending: Promise<T>): Promise<T>;
+export function storeWrite<T>(db: Db, then: string | (() => string), work: (() => T) | Promise<T>): T | Promise<T> {
+  const translate = (e: unknown) => {
     const dir = path.dirname(db.name);
-    if (isDiskFull(e, dir)) throw diskFull(dir, typeof then === 'string' ? then : then());
-    throw e;
+    if (isDiskFull(e, dir)) return diskFull(dir, typeof then === 'string' ? then : then());
+    return e;
+  };
+  if (work instanceof Promise) {
+    return work.catch((e: unknown) => {
+      throw translate(e);
+    });
+  }
+  try {
+    return work();
+  } catch (e) {
+    throw translate(e);
   }
 }

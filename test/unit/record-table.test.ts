@@ -23,6 +23,18 @@ function modelDigest(m: Map<string, Buffer>): string {
   return tableDigest(t).sha256;
 }
 
+/** One random change of `key` in the batch and the model: a PUT of `value` with probability `putShare`, else a DELETE. */
+function change(b: RecordBuilder, model: Map<string, Buffer>, rand: () => number, key: string, putShare: number, value: () => Buffer): void {
+  if (rand() < putShare) {
+    const v = value();
+    b.put(key, 1, v);
+    model.set(key, v);
+  } else {
+    b.delete(key);
+    model.delete(key);
+  }
+}
+
 function replay(parts: { buf: Buffer; end: number }[]): RecordTable {
   const t = new RecordTable();
   for (const p of parts) t.append(p.buf.subarray(0, p.end));
@@ -41,16 +53,7 @@ describe('RecordTable', () => {
       const b = new RecordBuilder();
       const n = 1 + Math.floor(rand() * 200);
       for (let i = 0; i < n; i++) {
-        const key = `k${Math.floor(rand() * 3000)}`;
-        const r = rand();
-        if (r < 0.7) {
-          const v = Buffer.from(`v${round}-${i}-${'x'.repeat(Math.floor(rand() * 50))}`);
-          b.put(key, 1, v);
-          model.set(key, v);
-        } else {
-          b.delete(key);
-          model.delete(key);
-        }
+        change(b, model, rand, `k${Math.floor(rand() * 3000)}`, 0.7, () => Buffer.from(`v${round}-${i}-${'x'.repeat(Math.floor(rand() * 50))}`));
         if ((round === 100 || round === 200) && i === n >> 1) {
           b.clear(); // mid-batch: what follows in the batch survives
           model.clear();
@@ -98,17 +101,7 @@ describe('RecordTable', () => {
     const snaps: { parts: { buf: Buffer; end: number }[]; digest: string }[] = [];
     let sawCompacting = 0;
     for (let round = 0; round < 400; round++) {
-      for (let i = 0; i < 100; i++) {
-        const key = `r${Math.floor(rand() * 20000)}`;
-        if (rand() < 0.9) {
-          const v = Buffer.from(`${round}:${i}:${'y'.repeat(40)}`);
-          b.put(key, 1, v);
-          model.set(key, v);
-        } else {
-          b.delete(key);
-          model.delete(key);
-        }
-      }
+      for (let i = 0; i < 100; i++) change(b, model, rand, `r${Math.floor(rand() * 20000)}`, 0.9, () => Buffer.from(`${round}:${i}:${'y'.repeat(40)}`));
       t.append(b.take().records);
       if (t.compacting) {
         sawCompacting++;
@@ -146,17 +139,7 @@ describe('RecordTable', () => {
     }
     // Keys still in the old index are found, updated and deleted in place of each other.
     for (let round = 0; round < 20 && t.growing; round++) {
-      for (let i = 0; i < 500; i++) {
-        const key = `g${Math.floor(rand() * n)}`;
-        if (rand() < 0.7) {
-          const v = Buffer.from(`u${round}-${i}`);
-          b.put(key, 1, v);
-          model.set(key, v);
-        } else {
-          b.delete(key);
-          model.delete(key);
-        }
-      }
+      for (let i = 0; i < 500; i++) change(b, model, rand, `g${Math.floor(rand() * n)}`, 0.7, () => Buffer.from(`u${round}-${i}`));
       t.append(b.take().records);
       assert.ok(t.growing, 'inserts alone move only a few slots each');
     }
@@ -192,6 +175,7 @@ describe('RecordTable', () => {
     assert.equal(seen, model.size);
     assert.equal(tableDigest(t).sha256, modelDigest(model));
   });
+
   it('keeps values of other schema versions with their version', () => {
     const t = new RecordTable();
     const b = new RecordBuilder();
