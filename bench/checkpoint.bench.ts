@@ -33,6 +33,13 @@ const BATCH = 1000;
 const NODE_FLAGS = (process.env.BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean);
 /** Extra V8 flags for hitlessd only (e.g. BENCH_AGENT_NODE_FLAGS=--initial-old-space-size=256). */
 const AGENT_NODE_FLAGS = (process.env.BENCH_AGENT_NODE_FLAGS ?? '').split(' ').filter(Boolean);
+/**
+ * Phases to run (BENCH_PHASES=incremental,sync, say, to profile one): load always runs, and one
+ * standby always follows; `bulk` adds the further bulk samples and the Redis full syncs.
+ */
+/** Offered rates of the sync-ack phase, records/s (BENCH_SYNC_RATES=200000 for one). */
+const SYNC_RATES = (process.env.BENCH_SYNC_RATES ?? '50000,200000').split(',').map(Number);
+const PHASES = new Set((process.env.BENCH_PHASES ?? 'bulk,incremental,sync,switchover').split(','));
 
 interface Worker {
   proc: ChildProcess;
@@ -122,7 +129,7 @@ async function main(): Promise<void> {
     workers.push(standby);
     const bulkSamples: number[] = [];
     await loopMax();
-    for (let i = 0; i < 3; i++) {
+    for (let i = 0; i < (PHASES.has('bulk') ? 3 : 1); i++) {
       const sb = i === 0 ? standby : worker();
       if (i > 0) workers.push(sb);
       const st = await sb.call({ op: 'start', role: 'STANDBY', socket: agent.socket, instance: `bgp-s${i}` });
@@ -138,129 +145,142 @@ async function main(): Promise<void> {
     if (dA.sha256 !== dS.sha256 || dS.records !== RECORDS) throw new Error(`standby digest differs after bulk sync (${dS.records} records)`);
 
     const redis: number[] = [];
-    for (let i = 0; i < 3; i++) {
+    for (let i = 0; i < (PHASES.has('bulk') ? 3 : 0); i++) {
       const r = await measureRedisReplicaFullSync(() => generateRib(RECORDS));
       redis.push(r.syncSeconds);
     }
     redis.sort((a, b) => a - b);
-    print({
-      bench: 'bulk',
-      records: RECORDS,
-      seconds: round(bulk),
-      samples: bulkSamples.map((x) => round(x)),
-      peer: 'redis-replica',
-      peer_seconds: round(redis[1]),
-      peer_samples: redis.map((x) => round(x)),
-      ratio: round(bulk / redis[1]),
-      agent_loop_max_ms: bulkLoopMax,
-    });
-
-    // Incremental: churn the table while the standby follows; time until the standby applied the last.
-    await loopMax();
-    const churn = active.call({ op: 'churn', records: RECORDS, batch: BATCH, window: 16 });
-    const done = await churn;
-    const t = await standby.call({ op: 'waitSeq', table: 'rib', seq: done.seq });
-    const incSeconds = done.seconds + t.seconds;
-    const incLoopMax = await loopMax();
-    const d2A = await active.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
-    const d2S = await standby.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
-    print({
-      bench: 'incremental',
-      records: RECORDS,
-      seconds: round(incSeconds),
-      records_per_s: Math.round(RECORDS / incSeconds),
-      digest_match: d2A.sha256 === d2S.sha256,
-      agent_loop_max_ms: incLoopMax,
-    });
-
-    // SYNC acks at 50k and 200k records/s offered (100-record batches every 2 ms / 0.5 ms), each
-    // beside Redis: 100 SETs then WAIT 1 on a primary with one replica, at the same rate.
-    const peerKeys: Buffer[] = [];
-    const peerValues: Buffer[] = [];
-    for (const r of generateRib(50_000)) {
-      peerKeys.push(Buffer.from(r.key, 'latin1'));
-      peerValues.push(r.value);
-    }
-    for (const rate of [50_000, 200_000]) {
-      await active.call({ op: 'loopDelay', reset: true });
-      await standby.call({ op: 'loopDelay', reset: true });
-      await loopMax();
-      const lat = await active.call({ op: 'syncLatency', rate, batch: 100, seconds: 5, warmup: 1 });
-      const syncLoopMax = await loopMax();
-      const loopA = await active.call({ op: 'loopDelay', reset: false });
-      const loopS = await standby.call({ op: 'loopDelay', reset: false });
-      if (process.env.BENCH_DEBUG)
-        process.stderr.write(
-          `event-loop delay during sync-ack at ${rate}/s (ms): active p99 ${round(loopA.p99)} max ${round(loopA.max)}; standby p99 ${round(loopS.p99)} max ${round(loopS.max)}\n`,
-        );
-      const peer = await measureRedisWait({ rate, batch: 100, seconds: 5, warmup: 1, keys: peerKeys, values: peerValues });
+    if (PHASES.has('bulk'))
       print({
-        bench: 'sync-ack',
-        records: lat.records,
-        seconds: round(lat.seconds),
-        offered_records_per_s: rate,
-        warmup_seconds: 1,
-        p50_ms: round(lat.p50),
-        p99_ms: round(lat.p99),
-        max_ms: round(lat.max),
-        agent_loop_max_ms: syncLoopMax,
-        peer: 'redis-wait',
-        peer_p50_ms: round(peer.p50Ms),
-        peer_p99_ms: round(peer.p99Ms),
-        peer_max_ms: round(peer.maxMs),
-        peer_unreplicated: peer.unreplicated,
-        ratio_p99: round(lat.p99 / peer.p99Ms),
+        bench: 'bulk',
+        records: RECORDS,
+        seconds: round(bulk),
+        samples: bulkSamples.map((x) => round(x)),
+        peer: 'redis-replica',
+        peer_seconds: round(redis[1]),
+        peer_samples: redis.map((x) => round(x)),
+        ratio: round(bulk / redis[1]),
+        agent_loop_max_ms: bulkLoopMax,
       });
-      if (process.env.BENCH_DEBUG)
-        process.stderr.write(`sync spikes at ${rate}/s (start ms after ${lat.measuredFromEpochMs} epoch ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
+
+    if (PHASES.has('incremental')) {
+      // Incremental: churn the table while the standby follows; time until the standby applied the last.
+      await loopMax();
+      const churn = active.call({ op: 'churn', records: RECORDS, batch: BATCH, window: 16 });
+      const done = await churn;
+      const t = await standby.call({ op: 'waitSeq', table: 'rib', seq: done.seq });
+      const incSeconds = done.seconds + t.seconds;
+      const incLoopMax = await loopMax();
+      const d2A = await active.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
+      const d2S = await standby.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
+      print({
+        bench: 'incremental',
+        records: RECORDS,
+        seconds: round(incSeconds),
+        records_per_s: Math.round(RECORDS / incSeconds),
+        digest_match: d2A.sha256 === d2S.sha256,
+        agent_loop_max_ms: incLoopMax,
+      });
     }
-    if (process.env.BENCH_DEBUG) {
-      const loops = agent
-        .stderr()
-        .split('\n')
-        .filter((l) => l.includes('event loop'))
-        .slice(-3);
-      process.stderr.write(`agent event loop (last 5 s windows): ${loops.join(' | ')}\n`);
-      if (process.env.BENCH_TRACE_GC) {
-        const gcs = agent
-          .stdout()
+    if (PHASES.has('sync')) {
+      // SYNC acks at 50k and 200k records/s offered (100-record batches every 2 ms / 0.5 ms), each
+      // beside Redis: 100 SETs then WAIT 1 on a primary with one replica, at the same rate.
+      const peerKeys: Buffer[] = [];
+      const peerValues: Buffer[] = [];
+      for (const r of generateRib(50_000)) {
+        peerKeys.push(Buffer.from(r.key, 'latin1'));
+        peerValues.push(r.value);
+      }
+      for (const rate of SYNC_RATES) {
+        await active.call({ op: 'loopDelay', reset: true });
+        await standby.call({ op: 'loopDelay', reset: true });
+        await loopMax();
+        const lat = await active.call({ op: 'syncLatency', rate, batch: 100, seconds: 5, warmup: 1 });
+        const syncLoopMax = await loopMax();
+        const loopA = await active.call({ op: 'loopDelay', reset: false });
+        const loopS = await standby.call({ op: 'loopDelay', reset: false });
+        if (process.env.BENCH_DEBUG)
+          process.stderr.write(
+            `event-loop delay during sync-ack at ${rate}/s (ms): active p99 ${round(loopA.p99)} max ${round(loopA.max)}; standby p99 ${round(loopS.p99)} max ${round(loopS.max)}\n`,
+          );
+        const peer = await measureRedisWait({ rate, batch: 100, seconds: 5, warmup: 1, keys: peerKeys, values: peerValues });
+        print({
+          bench: 'sync-ack',
+          records: lat.records,
+          seconds: round(lat.seconds),
+          offered_records_per_s: rate,
+          warmup_seconds: 1,
+          p50_ms: round(lat.p50),
+          p99_ms: round(lat.p99),
+          max_ms: round(lat.max),
+          agent_loop_max_ms: syncLoopMax,
+          peer: 'redis-wait',
+          peer_p50_ms: round(peer.p50Ms),
+          peer_p99_ms: round(peer.p99Ms),
+          peer_max_ms: round(peer.maxMs),
+          peer_unreplicated: peer.unreplicated,
+          ratio_p99: round(lat.p99 / peer.p99Ms),
+        });
+        if (process.env.BENCH_DEBUG)
+          process.stderr.write(`sync spikes at ${rate}/s (start ms after ${lat.measuredFromEpochMs} epoch ms, latency ms): ${JSON.stringify(lat.spikes)}\n`);
+      }
+      if (process.env.BENCH_DEBUG) {
+        const loops = agent
+          .stderr()
           .split('\n')
-          .filter((l) => /Mark-Compact|Scavenge/.test(l))
-          .slice(-25);
-        process.stderr.write(`agent GC (last): \n${gcs.join('\n')}\n`);
+          .filter((l) => l.includes('event loop'))
+          .slice(-3);
+        process.stderr.write(`agent event loop (last 5 s windows): ${loops.join(' | ')}\n`);
+        if (process.env.BENCH_TRACE_GC) {
+          const gcs = agent
+            .stdout()
+            .split('\n')
+            .filter((l) => /Mark-Compact|Scavenge/.test(l))
+            .slice(-25);
+          process.stderr.write(`agent GC (last): \n${gcs.join('\n')}\n`);
+        }
       }
     }
     print({ bench: 'agent-rss-end', records: RECORDS, seconds: 0, rss_mb: round(rssBytes(agent.pid) / 2 ** 20, 1) });
 
-    // Switchover under load, there and back, three times each way: the freeze window.
-    const ck = rawClient('hitless.v1.Checkpoint', agent.socket);
-    const freezes: number[] = [];
-    await loopMax();
-    try {
-      await active.call({ op: 'churnOn', rate: 20_000 });
-      await standby.call({ op: 'churnOn', rate: 20_000 }); // runs only while it is the active
-      for (let i = 0; i < 6; i++) {
-        await new Promise((r) => setTimeout(r, 500));
-        const to = i % 2 === 0 ? 'bgp-s0' : 'bgp-a';
-        const r = await unaryCall<{ freezeMicros: number }>(ck, 'Switchover', { process: 'bgp', toInstanceId: to });
-        freezes.push(r.freezeMicros / 1000);
+    if (PHASES.has('switchover')) {
+      // Switchover under load, there and back, three times each way: the freeze window.
+      const ck = rawClient('hitless.v1.Checkpoint', agent.socket);
+      const freezes: number[] = [];
+      await loopMax();
+      try {
+        await active.call({ op: 'churnOn', rate: 20_000 });
+        await standby.call({ op: 'churnOn', rate: 20_000 }); // runs only while it is the active
+        for (let i = 0; i < 6; i++) {
+          await new Promise((r) => setTimeout(r, 500));
+          const to = i % 2 === 0 ? 'bgp-s0' : 'bgp-a';
+          const r = await unaryCall<{ freezeMicros: number }>(ck, 'Switchover', { process: 'bgp', toInstanceId: to });
+          freezes.push(r.freezeMicros / 1000);
+        }
+        await standby.call({ op: 'churnOff' });
+        await active.call({ op: 'churnOff' });
+      } finally {
+        ck.close();
       }
-      await standby.call({ op: 'churnOff' });
-      await active.call({ op: 'churnOff' });
-    } finally {
-      ck.close();
+      freezes.sort((a, b) => a - b);
+      print({
+        bench: 'switchover',
+        records: RECORDS,
+        seconds: round(freezes[freezes.length >> 1] / 1000, 6),
+        freeze_ms_median: round(freezes[freezes.length >> 1]),
+        freeze_ms_max: round(freezes[freezes.length - 1]),
+        samples_ms: freezes.map((x) => round(x)),
+        agent_loop_max_ms: await loopMax(),
+      });
     }
-    freezes.sort((a, b) => a - b);
-    print({
-      bench: 'switchover',
-      records: RECORDS,
-      seconds: round(freezes[freezes.length >> 1] / 1000, 6),
-      freeze_ms_median: round(freezes[freezes.length >> 1]),
-      freeze_ms_max: round(freezes[freezes.length - 1]),
-      samples_ms: freezes.map((x) => round(x)),
-      agent_loop_max_ms: await loopMax(),
-    });
   } finally {
+    // Asked to exit first (a --cpu-prof profile is written at exit), killed when they do not.
+    for (const w of workers) {
+      if (w.proc.exitCode !== null) continue;
+      const exited = new Promise((r) => w.proc.once('exit', r));
+      w.call({ op: 'exit' }).catch(() => undefined);
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 5000))]);
+    }
     for (const w of workers) if (w.proc.exitCode === null) w.proc.kill('SIGKILL');
     await agent.stop();
     // BENCH_AGENT_LOG=FILE keeps the agent's whole log (with BENCH_DEBUG: debug level) for diagnosis.

@@ -14,6 +14,13 @@
  * `windowBytes` of changes are unacknowledged. A subscriber that acknowledges nothing for the
  * stall timeout while the window is full is cut off with RESOURCE_EXHAUSTED; memory held for it
  * stays bounded by the window either way.
+ *
+ * A live subscription whose transport is momentarily full (write() said wait) keeps the batches
+ * applied meanwhile in `held`, in order, within the same window (held + unacknowledged bytes), and
+ * sends them when the transport drains. Only a subscriber further behind than the window is
+ * served from the store's log: reading back from SQLite costs the agent far more than the
+ * reference it already holds (at 2,000 batches/s it was most of the agent's time, and it made a
+ * standby that fell behind fall further behind).
  */
 import { status } from '@grpc/grpc-js';
 import { HitlessError } from '../common/errors';
@@ -68,6 +75,14 @@ export class Subscription {
   private windowFull = false;
   /** Per table, the last sequence to send while a switchover promotes this subscriber. */
   private cap: Record<string, number> | null = null;
+  /**
+   * Changes applied while the transport was blocked, oldest first from `heldHead`, to send when it
+   * drains. Non-empty only while blocked; a table's held changes directly follow what was sent of
+   * it, and its cursor's `sent` already counts them.
+   */
+  private held: { table: string; seq: number; records: Buffer; count: number }[] = [];
+  private heldHead = 0;
+  private heldBytes = 0;
 
   constructor(
     readonly sessionId: string,
@@ -100,6 +115,7 @@ export class Subscription {
     this.pump();
   }
 
+  /** Only with nothing held (start, or pump, which reaches tables once held changes are out). */
   private snapshot(table: string): void {
     const cursor: TableCursor = { sent: 0, snapshotting: true };
     this.cursors.set(table, cursor);
@@ -161,12 +177,39 @@ export class Subscription {
     if (!c || this.closed) return;
     if (this.mode === 'RECOVER') return; // a recovering active gets the state, not later changes
     if (this.cap && seq > (this.cap[table] ?? seq)) return;
-    if (!this.blocked && c.sent === seq - 1) {
-      c.sent = seq;
-      this.send({ change: { table, seq, records, count } });
-    } else {
-      this.pump();
+    if (c.sent === seq - 1) {
+      if (!this.blocked) {
+        c.sent = seq;
+        this.send({ change: { table, seq, records, count } });
+        return;
+      }
+      if (!this.windowFull && this.heldBytes + this.unackedBytes + records.length <= this.host.windowBytes) {
+        c.sent = seq;
+        this.held.push({ table, seq, records, count });
+        this.heldBytes += records.length;
+        return;
+      }
     }
+    this.pump(); // behind by more than the window: the log has it
+  }
+
+  /** Sends the held changes while the transport takes them; true when none is left. */
+  private sendHeld(): boolean {
+    while (this.heldHead < this.held.length && !this.blocked && !this.closed) {
+      const h = this.held[this.heldHead++];
+      this.heldBytes -= h.records.length;
+      this.send({ change: h });
+    }
+    if (this.heldHead < this.held.length) return false;
+    this.held = [];
+    this.heldHead = 0;
+    return true;
+  }
+
+  private dropHeld(): void {
+    this.held = [];
+    this.heldHead = 0;
+    this.heldBytes = 0;
   }
 
   /** Adds a table created after the subscription started. */
@@ -235,6 +278,8 @@ export class Subscription {
     if (this.pumping || this.closed) return;
     this.pumping = true;
     try {
+      // Held changes first: a table's log reads start after its held ones (its `sent`).
+      if (!this.blocked && !this.sendHeld()) return;
       let progressed = true;
       while (progressed && !this.blocked && !this.closed) {
         progressed = false;
@@ -270,6 +315,7 @@ export class Subscription {
   end(): void {
     if (this.closed) return;
     this.closed = true;
+    this.dropHeld();
     this.clearStall();
     this.stream.end();
     this.onClosed(this);
@@ -278,6 +324,7 @@ export class Subscription {
   fail(err: HitlessError): void {
     if (this.closed) return;
     this.closed = true;
+    this.dropHeld();
     this.clearStall();
     this.stream.fail(err);
     this.onClosed(this);
@@ -287,6 +334,7 @@ export class Subscription {
   cancelled(): void {
     if (this.closed) return;
     this.closed = true;
+    this.dropHeld();
     this.clearStall();
     this.onClosed(this);
   }
