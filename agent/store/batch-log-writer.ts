@@ -31,6 +31,62 @@ export class StoreWriteError extends Error {
   }
 }
 
+/** Bytes of shared memory batches are staged in for the thread (see StagingRing). */
+const STAGING_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Shared memory the batches are copied into for the thread to read in place. The alternative, a
+ * fresh buffer per batch moved to the thread, costs a new allocation each time (on this machine a
+ * fresh 130 KB buffer took ~0.4 ms in page faults); this memory stays resident and is written
+ * again and again. Spans are taken at the head and come back in the order they were taken (the
+ * thread answers appends in order), so the free space is one run that may wrap around the end.
+ */
+export class StagingRing {
+  readonly buf: Buffer;
+  private head = 0;
+  private tail = 0;
+  /** Spans in use, oldest first: [start, end, given back]. */
+  private spans: [number, number, boolean][] = [];
+
+  constructor(bytes = STAGING_BYTES) {
+    this.buf = Buffer.from(new SharedArrayBuffer(bytes));
+  }
+
+  /** A copy of `src` in the ring, or null when it has no room for it (the caller copies elsewhere). */
+  stage(src: Buffer): { view: Uint8Array; span: [number, number, boolean] } | null {
+    const n = src.length;
+    if (n === 0) return null;
+    let at: number;
+    if (this.spans.length === 0) {
+      this.head = this.tail = 0;
+      at = n <= this.buf.length ? 0 : -1;
+    } else if (this.head > this.tail) {
+      // In use: [tail, head). Free: [head, end) and [0, tail).
+      at = this.buf.length - this.head >= n ? this.head : n <= this.tail ? 0 : -1;
+    } else {
+      // Wrapped, in use: [tail, end) and [0, head). Free: [head, tail).
+      at = this.tail - this.head >= n ? this.head : -1;
+    }
+    if (at < 0) return null;
+    src.copy(this.buf, at);
+    this.head = at + n;
+    const span: [number, number, boolean] = [at, at + n, false];
+    this.spans.push(span);
+    return { view: new Uint8Array(this.buf.buffer, this.buf.byteOffset + at, n), span };
+  }
+
+  /** The thread is done with a span's bytes: they may be written again once every older span is too. */
+  release(span: [number, number, boolean]): void {
+    span[2] = true;
+    while (this.spans.length && this.spans[0][2]) this.spans.shift();
+    if (this.spans.length) this.tail = this.spans[0][0];
+  }
+
+  get spansInUse(): number {
+    return this.spans.length;
+  }
+}
+
 /** A request without its id (the writer numbers them); Omit taken per member of the union. */
 type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
 type Request = WithoutId<WriterRequest>;
@@ -38,8 +94,19 @@ type Request = WithoutId<WriterRequest>;
 export class BatchLogWriter {
   private readonly worker: Worker;
   private nextId = 1;
-  /** `batchOf`: the process of a batch (refusals of batches are resumed per process). */
-  private readonly pending = new Map<number, { batchOf: string | null; resolve: (v: number) => void; reject: (e: Error) => void }>();
+  /** `batchOf`: the process of a batch (refusals of batches are resumed per process); `span`: its bytes in the ring. */
+  private readonly pending = new Map<
+    number,
+    { batchOf: string | null; span: [number, number, boolean] | null; resolve: (v: number) => void; reject: (e: Error) => void }
+  >();
+  private readonly ring = new StagingRing();
+  /**
+   * Messages for the thread not posted yet: everything made in one turn goes in one postMessage
+   * (a microtask after the first), in order. Posting costs tens of microseconds each, and a burst
+   * of received batches all arrive in one turn.
+   */
+  private outgoing: (WriterRequest | ResumeMessage)[] = [];
+  private outgoingTransfer: ArrayBuffer[] = [];
   /** Set when the thread is gone: every request from then on fails with it. */
   private dead: Error | null = null;
 
@@ -56,11 +123,14 @@ export class BatchLogWriter {
       }
       // The rejections' handlers run before anything else here (the tables' next expected batches
       // went back): whatever comes after this is sent knowing of the refusal, and is tried again.
-      for (const process of refused) this.worker.postMessage({ resume: process } satisfies ResumeMessage);
+      for (const process of refused) this.post({ resume: process } satisfies ResumeMessage, []);
     });
     const gone = (why: string) => {
       this.dead ??= new StoreWriteError('WRITER_GONE', `the store's writer thread ${why}; restart the agent`);
-      for (const p of this.pending.values()) p.reject(this.dead);
+      for (const p of this.pending.values()) {
+        if (p.span) this.ring.release(p.span);
+        p.reject(this.dead);
+      }
       this.pending.clear();
     };
     this.worker.on('error', (e) => gone(`failed: ${e.message}`));
@@ -69,8 +139,11 @@ export class BatchLogWriter {
 
   /** Stores one batch; resolves once it is committed, rejects (StoreWriteError) when it was not stored. */
   append(process: string, table: string, seq: number, count: number, records: Buffer): Promise<void> {
-    // A copy of exactly these bytes, moved to the thread: `records` is usually a view into a larger
-    // buffer (the received message), which posting the view would clone whole.
+    // A copy of exactly these bytes: `records` is usually a view into a larger buffer (the received
+    // message), which posting the view would clone whole. In the ring when it has room (the thread
+    // reads it in place), else a buffer of its own moved to the thread.
+    const staged = this.ring.stage(records);
+    if (staged) return this.request({ op: 'append', process, table, seq, count, records: staged.view }, process, [], staged.span).then(() => undefined);
     const own = new Uint8Array(records);
     return this.request({ op: 'append', process, table, seq, count, records: own }, process, [own.buffer]).then(() => undefined);
   }
@@ -91,21 +164,40 @@ export class BatchLogWriter {
 
   /** Ends the thread after the requests it holds; those not answered by then are not acknowledged. */
   stop(): void {
-    if (!this.dead) this.worker.postMessage('stop');
+    if (this.dead) return;
+    this.flushOutgoing();
+    this.worker.postMessage('stop');
   }
 
-  private request(req: Request, batchOf: string | null, transfer: ArrayBuffer[]): Promise<number> {
-    if (this.dead) return Promise.reject(this.dead);
+  private request(req: Request, batchOf: string | null, transfer: ArrayBuffer[], span: [number, number, boolean] | null = null): Promise<number> {
+    if (this.dead) {
+      if (span) this.ring.release(span);
+      return Promise.reject(this.dead);
+    }
     const id = this.nextId++;
     return new Promise<number>((resolve, reject) => {
-      this.pending.set(id, { batchOf, resolve, reject });
-      this.worker.postMessage({ ...req, id } as WriterRequest, transfer);
+      this.pending.set(id, { batchOf, span, resolve, reject });
+      this.post({ ...req, id } as WriterRequest, transfer);
     });
+  }
+
+  private post(m: WriterRequest | ResumeMessage, transfer: ArrayBuffer[]): void {
+    if (this.outgoing.length === 0) queueMicrotask(() => this.flushOutgoing());
+    this.outgoing.push(m);
+    for (const t of transfer) this.outgoingTransfer.push(t);
+  }
+
+  private flushOutgoing(): void {
+    if (this.outgoing.length === 0 || this.dead) return;
+    this.worker.postMessage(this.outgoing, this.outgoingTransfer);
+    this.outgoing = [];
+    this.outgoingTransfer = [];
   }
 
   private settle(id: number) {
     const p = this.pending.get(id);
     this.pending.delete(id);
+    if (p?.span) this.ring.release(p.span);
     return p;
   }
 }

@@ -157,20 +157,23 @@ function flush(): void {
   parentPort!.postMessage(reply);
 }
 
-parentPort!.on('message', (m: WriterRequest | ResumeMessage | 'stop') => {
-  if (m === 'stop') {
+/** The agent posts what it made in one turn together, in order (or 'stop' alone). */
+parentPort!.on('message', (msgs: (WriterRequest | ResumeMessage)[] | 'stop') => {
+  if (msgs === 'stop') {
     if (queue.length) flush();
     db.close();
     process.exit(0);
   }
-  if ('resume' in m) {
-    // In order with the batches: those queued before it were handed over before the agent knew.
-    if (queue.length) flush();
-    blocked.delete(m.resume);
-    return;
+  for (const m of msgs) {
+    if ('resume' in m) {
+      // In order with the batches: those queued before it were handed over before the agent knew.
+      if (queue.length) flush();
+      blocked.delete(m.resume);
+      continue;
+    }
+    queue.push(m);
   }
-  queue.push(m);
-  if (!scheduled) {
+  if (queue.length && !scheduled) {
     scheduled = true;
     setImmediate(flush);
   }
