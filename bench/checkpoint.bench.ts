@@ -87,6 +87,32 @@ function rssBytes(pid: number): number {
   return m ? Number(m[1]) * 1024 : 0;
 }
 
+/** CPU seconds a process has used so far (all its threads), from /proc. */
+function cpuSeconds(pid: number): number {
+  let f: string;
+  try {
+    f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return 0; // exited
+  }
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, clock ticks (USER_HZ 100)
+}
+
+/**
+ * Waits until the run's processes are idle (together under 5% of a core over 0.5 s; at most 60 s):
+ * background work left from one measurement (a compaction, the store catching up) must not be
+ * charged to the next one, ours or the peer's.
+ */
+async function quiesce(pids: number[]): Promise<void> {
+  const used = () => pids.reduce((a, p) => a + cpuSeconds(p), 0);
+  for (const deadline = Date.now() + 60_000; Date.now() < deadline;) {
+    const before = used();
+    await new Promise((r) => setTimeout(r, 500));
+    if (used() - before < 0.025) return;
+  }
+}
+
 const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringify(o) + '\n');
 
 /**
@@ -109,6 +135,7 @@ async function main(): Promise<void> {
   const metrics = agent.ready.metrics as string;
   const loopMax = () => agentLoopMaxMs(metrics);
   const workers: Worker[] = [];
+  const settle = () => quiesce([agent.pid, ...workers.map((w) => w.proc.pid!)]);
   try {
     const active = worker();
     workers.push(active);
@@ -128,6 +155,7 @@ async function main(): Promise<void> {
     const standby = worker();
     workers.push(standby);
     const bulkSamples: number[] = [];
+    await settle();
     await loopMax();
     for (let i = 0; i < (PHASES.has('bulk') ? 3 : 1); i++) {
       const sb = i === 0 ? standby : worker();
@@ -146,6 +174,7 @@ async function main(): Promise<void> {
 
     const redis: number[] = [];
     for (let i = 0; i < (PHASES.has('bulk') ? 3 : 0); i++) {
+      await settle();
       const r = await measureRedisReplicaFullSync(() => generateRib(RECORDS));
       redis.push(r.syncSeconds);
     }
@@ -165,6 +194,7 @@ async function main(): Promise<void> {
 
     if (PHASES.has('incremental')) {
       // Incremental: churn the table while the standby follows; time until the standby applied the last.
+      await settle();
       await loopMax();
       const churn = active.call({ op: 'churn', records: RECORDS, batch: BATCH, window: 16 });
       const done = await churn;
@@ -194,6 +224,7 @@ async function main(): Promise<void> {
       for (const rate of SYNC_RATES) {
         await active.call({ op: 'loopDelay', reset: true });
         await standby.call({ op: 'loopDelay', reset: true });
+        await settle();
         await loopMax();
         const lat = await active.call({ op: 'syncLatency', rate, batch: 100, seconds: 5, warmup: 1 });
         const syncLoopMax = await loopMax();
@@ -203,6 +234,7 @@ async function main(): Promise<void> {
           process.stderr.write(
             `event-loop delay during sync-ack at ${rate}/s (ms): active p99 ${round(loopA.p99)} max ${round(loopA.max)}; standby p99 ${round(loopS.p99)} max ${round(loopS.max)}\n`,
           );
+        await settle();
         const peer = await measureRedisWait({ rate, batch: 100, seconds: 5, warmup: 1, keys: peerKeys, values: peerValues });
         print({
           bench: 'sync-ack',
@@ -247,6 +279,7 @@ async function main(): Promise<void> {
       // Switchover under load, there and back, three times each way: the freeze window.
       const ck = rawClient('hitless.v1.Checkpoint', agent.socket);
       const freezes: number[] = [];
+      await settle();
       await loopMax();
       try {
         await active.call({ op: 'churnOn', rate: 20_000 });
