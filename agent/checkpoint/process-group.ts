@@ -94,6 +94,14 @@ export class ProcessGroup {
     return out;
   }
 
+  /**
+   * Settles once every batch of the process handed to the store so far is applied (or refused):
+   * then tableSeqs() counts every batch that can still be acknowledged.
+   */
+  storesSettled(): Promise<void> {
+    return Promise.all([...this.tables.values()].map((t) => t.replica.settled())).then(() => undefined);
+  }
+
   /** Batches `s` has not acknowledged, summed over the tables. */
   lagOf(s: PeerSession): number {
     let lag = 0;

@@ -245,6 +245,9 @@ export class RoleChanges {
     g.switching = true;
     const t0 = process_hrtime();
     try {
+      // Batches the old active sent that are still being stored are applied (and forwarded) first:
+      // the new active must start writing after them.
+      await g.storesSettled();
       const seqs = g.tableSeqs();
       await this.waitAcked(g, target, seqs, this.st.opts.commandTimeoutMs);
       const writeSchema = pickWriteSchemaFor(

@@ -18,6 +18,11 @@ export class TableReplica {
   accepted = 0;
   /** Schema versions of values possibly present (grows; used for compatibility checks). */
   readonly schemas = new Set<number>();
+  /**
+   * Batches handed to the store and not yet applied or refused (seq in (seq, accepted]): their
+   * bytes, and what settles when they are applied (resolves) or refused (rejects).
+   */
+  readonly inFlight = new Map<number, { records: Buffer; applied: Promise<unknown> }>();
 
   constructor(
     readonly process: string,
@@ -39,6 +44,11 @@ export class TableReplica {
     for (const s of schemas) this.schemas.add(s);
     this.seq = seq; // (the table compacts its log in the background when needed)
     if (this.accepted < seq) this.accepted = seq;
+  }
+
+  /** Settles once every batch handed to the store so far is applied or refused. */
+  settled(): Promise<void> {
+    return Promise.allSettled([...this.inFlight.values()].map((f) => f.applied)).then(() => undefined);
   }
 
   /** The table as of `seq`; the caller must release() it once nothing reads its bytes. */

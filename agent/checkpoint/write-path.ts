@@ -74,6 +74,15 @@ export class WritePath {
       );
     }
     const r = t.replica;
+    // Sent again while the first copy is still being stored (the writer lost its connection and
+    // registered again meanwhile, told the applied sequence): acknowledged with the first copy.
+    const first = r.inFlight.get(req.seq);
+    if (first) {
+      if (!first.records.equals(req.records)) {
+        throw alreadyExists(`batch seq ${req.seq} of table '${req.table}' is being stored with other contents; nothing changed`);
+      }
+      return first.applied.then(() => this.ackOf(g, t, req, received));
+    }
     // Against the last batch handed to the store, not the last applied: a pipelining writer's
     // next batches arrive while earlier ones are still being stored.
     if (req.seq <= r.accepted) {
@@ -105,23 +114,30 @@ export class WritePath {
     // store answers in the order batches were handed over, so they are applied in sequence.
     r.accepted = req.seq;
     const schemas = summary.schemas;
-    return this.st.store.appendBatch(g.name, req.table, req.seq, req.records, req.count).then(
-      () => this.applyStored(g, t, req, schemas, received),
+    const applied = this.st.store.appendBatch(g.name, req.table, req.seq, req.records, req.count).then(
+      () => {
+        r.inFlight.delete(req.seq);
+        this.applyStored(g, t, req, schemas);
+      },
       (e: unknown) => {
         // Refused (a full disk): this batch and the later ones handed over are not stored, and
         // the writer sends them again from here.
+        r.inFlight.delete(req.seq);
         if (r.accepted >= req.seq) r.accepted = req.seq - 1;
         throw e;
       },
     );
+    applied.catch(() => undefined); // handled by whoever awaits it; settled() must not see it unhandled
+    r.inFlight.set(req.seq, { records: req.records, applied });
+    return applied.then(() => this.ackOf(g, t, req, received));
   }
 
   /**
-   * A stored batch becomes visible: applied to the replica (and the data plane), handed to the
-   * subscribers, then acknowledged (a SYNC one once the in-sync standbys applied it). Runs even
-   * when the writer's session ended meanwhile: the store holds the batch, so the replica must too.
+   * A stored batch becomes visible: applied to the replica (and the data plane) and handed to the
+   * subscribers. Runs even when the writer's session ended meanwhile: the store holds the batch,
+   * so the replica must too.
    */
-  private applyStored(g: ProcessGroup, t: GroupTable, req: WriteRequest, schemas: Iterable<number>, received: number): Promise<WriteAck> | WriteAck {
+  private applyStored(g: ProcessGroup, t: GroupTable, req: WriteRequest, schemas: Iterable<number>): void {
     const r = t.replica;
     r.applyBatch(req.seq, req.records, schemas);
     if (t.kind === 'FIB') this.st.forwarding.applied(req.seq, req.records);
@@ -129,6 +145,10 @@ export class WritePath {
     this.compactor.maybeCompact(g.name, r);
     g.wakeProgressWaiters();
     this.st.observer.recordsWritten(g.name, req.table, req.count);
+  }
+
+  /** The ack of an applied batch: at once, or for a SYNC table once the in-sync standbys applied it. */
+  private ackOf(g: ProcessGroup, t: GroupTable, req: WriteRequest, received: number): Promise<WriteAck> | WriteAck {
     const ack: WriteAck = { table: req.table, seq: req.seq };
     if (t.durability !== 'SYNC') return ack;
     const acked = () => this.st.observer.syncAck(g.name, req.table, (performance.now() - received) / 1000);
