@@ -306,6 +306,23 @@ export class RecordTable {
   }
 
   /**
+   * Sizes the index of an empty table for `records` keys at once (a bulk snapshot says how many
+   * it brings): no doubling, rehash or migration while they arrive. Load stays under 0.5, so no
+   * next index is prepared either. Does nothing to a table that holds records.
+   */
+  presize(records: number): void {
+    if (this.size > 0 || this.old) return;
+    let cap = MIN_CAPACITY;
+    while (cap < records * 2 + 2) cap *= 2;
+    if (cap <= this.mask + 1) return;
+    this.nextIndex = null;
+    this.slotArena = new Int32Array(cap);
+    this.slotOff = new Int32Array(cap);
+    this.slotHash = new Uint32Array(cap);
+    this.mask = cap - 1;
+  }
+
+  /**
    * Index slots: liveSlots, compareSlotKeys and packDigestRecord work on slot numbers. Call
    * settle() first: while the index grows, some keys are not in these slots yet.
    */

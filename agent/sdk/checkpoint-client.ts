@@ -825,6 +825,7 @@ export class CheckpointClient extends EventEmitter {
   private loadSnapshot(ticket: BulkTicket): Promise<void> {
     const t = this.table(ticket.table);
     t.records.clear();
+    t.records.presize(ticket.records);
     return new Promise<void>((resolve, reject) => {
       // An explicit bulk address wins (guests); otherwise the same kind of transport as the gRPC
       // channel: a unix-socket client reads the bulk unix socket, a TCP client the TCP one.
@@ -834,10 +835,12 @@ export class CheckpointClient extends EventEmitter {
         return reject(new Error('the agent offers the snapshot only on a unix socket; connect over the unix socket or set bulkAddress'));
       }
       const sock = viaUnix ? net.connect(ticket.unixPath) : net.connect(hostPortOf(tcp));
-      // Frames are assembled into one buffer each (no repeated concatenation), then appended
-      // to the table as they complete, so applying overlaps with receiving.
+
+      // Frames are assembled in one reused buffer (no repeated concatenation), then appended to
+      // the table as they complete, so applying overlaps with receiving.
       let header = Buffer.alloc(0);
       let frame: Buffer | null = null;
+      let frameBuf: Buffer | null = null;
       let frameCount = 0;
       let filled = 0;
       let received = 0;
@@ -862,7 +865,10 @@ export class CheckpointClient extends EventEmitter {
               }
               return;
             }
-            frame = Buffer.allocUnsafe(len);
+            // One buffer for every frame (append() copies out of it): a fresh 1 MiB buffer per
+            // frame is new memory each time, whose page faults cost more than the copy.
+            if (!frameBuf || frameBuf.length < len) frameBuf = Buffer.allocUnsafeSlow(len);
+            frame = frameBuf.subarray(0, len);
             filled = 0;
           }
           const n = Math.min(frame.length - filled, d.length - off);
