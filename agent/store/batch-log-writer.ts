@@ -53,7 +53,7 @@ export class StagingRing {
   }
 
   /** A copy of `src` in the ring, or null when it has no room for it (the caller copies elsewhere). */
-  stage(src: Buffer): { view: Uint8Array; span: [number, number, boolean] } | null {
+  stage(src: Buffer): { at: number; view: Uint8Array; span: [number, number, boolean] } | null {
     const n = src.length;
     if (n === 0) return null;
     let at: number;
@@ -72,7 +72,7 @@ export class StagingRing {
     this.head = at + n;
     const span: [number, number, boolean] = [at, at + n, false];
     this.spans.push(span);
-    return { view: new Uint8Array(this.buf.buffer, this.buf.byteOffset + at, n), span };
+    return { at, view: new Uint8Array(this.buf.buffer, this.buf.byteOffset + at, n), span };
   }
 
   /** The thread is done with a span's bytes: they may be written again once every older span is too. */
@@ -111,7 +111,7 @@ export class BatchLogWriter {
   private dead: Error | null = null;
 
   constructor(file: string, opts: { fsync?: boolean } = {}) {
-    this.worker = new Worker(path.join(__dirname, 'batch-log.worker.js'), { workerData: { file, fsync: !!opts.fsync } });
+    this.worker = new Worker(path.join(__dirname, 'batch-log.worker.js'), { workerData: { file, fsync: !!opts.fsync, staging: this.ring.buf.buffer } });
     this.worker.unref();
     this.worker.on('message', (r: WriterReply) => {
       for (const d of r.done) this.settle(d.id)?.resolve(d.value);
@@ -143,7 +143,8 @@ export class BatchLogWriter {
     // message), which posting the view would clone whole. In the ring when it has room (the thread
     // reads it in place), else a buffer of its own moved to the thread.
     const staged = this.ring.stage(records);
-    if (staged) return this.request({ op: 'append', process, table, seq, count, records: staged.view }, process, [], staged.span).then(() => undefined);
+    if (staged)
+      return this.request({ op: 'append', process, table, seq, count, staged: [staged.at, records.length] }, process, [], staged.span).then(() => undefined);
     const own = new Uint8Array(records);
     return this.request({ op: 'append', process, table, seq, count, records: own }, process, [own.buffer]).then(() => undefined);
   }

@@ -14,7 +14,8 @@ import Database from 'better-sqlite3';
 import { parentPort, workerData } from 'node:worker_threads';
 
 export type WriterRequest =
-  | { id: number; op: 'append'; process: string; table: string; seq: number; count: number; records: Uint8Array }
+  // An append's bytes: `records` of its own, or `staged` [offset, length] in the staging ring.
+  | { id: number; op: 'append'; process: string; table: string; seq: number; count: number; records?: Uint8Array; staged?: [number, number] }
   | { id: number; op: 'beginSnapshot'; process: string; table: string }
   | { id: number; op: 'writeChunk'; process: string; table: string; gen: number; chunk: number; records: Uint8Array }
   | { id: number; op: 'commitSnapshot'; process: string; table: string; gen: number; seq: number }
@@ -32,7 +33,10 @@ export interface WriterReply {
   failed: { id: number; code: string; message: string }[];
 }
 
-const { file, fsync } = workerData as { file: string; fsync: boolean };
+const { file, fsync, staging } = workerData as { file: string; fsync: boolean; staging: SharedArrayBuffer };
+/** The agent's staging ring (batch-log-writer.ts), shared once here so requests carry only offsets. */
+const stagingBytes = Buffer.from(staging);
+const bytesOf = (m: Append): Uint8Array => (m.staged ? stagingBytes.subarray(m.staged[0], m.staged[0] + m.staged[1]) : m.records!);
 const db = new Database(file);
 db.pragma('busy_timeout = 5000');
 db.pragma(`synchronous = ${fsync ? 'FULL' : 'NORMAL'}`);
@@ -55,7 +59,7 @@ const q = {
 };
 type Append = Extract<WriterRequest, { op: 'append' }>;
 const appendAll = db.transaction((group: Append[]) => {
-  for (const m of group) q.append.run(m.process, m.table, m.seq, m.count, m.records);
+  for (const m of group) q.append.run(m.process, m.table, m.seq, m.count, bytesOf(m));
 });
 
 /** Runs one compaction request; returns its number (a generation, rows removed) or 0. */
@@ -121,7 +125,7 @@ function appendRun(run: Append[], reply: WriterReply): void {
         continue;
       }
       try {
-        q.append.run(m.process, m.table, m.seq, m.count, m.records);
+        q.append.run(m.process, m.table, m.seq, m.count, bytesOf(m));
         reply.done.push({ id: m.id, value: 0 });
       } catch (e) {
         const err = failure(e);
