@@ -36,9 +36,9 @@ const STAGING_BYTES = 16 * 1024 * 1024;
 
 /**
  * Shared memory the batches are copied into for the thread to read in place. The alternative, a
- * fresh buffer per batch moved to the thread, costs a new allocation each time (on this machine a
- * fresh 130 KB buffer took ~0.4 ms in page faults); this memory stays resident and is written
- * again and again. Spans are taken at the head and come back in the order they were taken (the
+ * fresh buffer per batch moved to the thread, is new memory each time (on this machine memory
+ * fresh from the kernel is written at ~300 MB/s, memory written before at ~6 GB/s); this memory
+ * stays resident and is written again and again. Spans are taken at the head and come back in the order they were taken (the
  * thread answers appends in order), so the free space is one run that may wrap around the end.
  */
 export class StagingRing {
