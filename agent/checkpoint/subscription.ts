@@ -206,12 +206,6 @@ export class Subscription {
     return true;
   }
 
-  private dropHeld(): void {
-    this.held = [];
-    this.heldHead = 0;
-    this.heldBytes = 0;
-  }
-
   /** Adds a table created after the subscription started. */
   addTable(table: string): void {
     if (!this.cursors.has(table)) {
@@ -313,29 +307,30 @@ export class Subscription {
   }
 
   end(): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.dropHeld();
-    this.clearStall();
+    if (!this.close()) return;
     this.stream.end();
     this.onClosed(this);
   }
 
   fail(err: HitlessError): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.dropHeld();
-    this.clearStall();
+    if (!this.close()) return;
     this.stream.fail(err);
     this.onClosed(this);
   }
 
   /** Called when the transport saw the client go away. */
   cancelled(): void {
-    if (this.closed) return;
+    if (this.close()) this.onClosed(this);
+  }
+
+  /** Marks the subscription closed and lets go of what it held; false when it already was. */
+  private close(): boolean {
+    if (this.closed) return false;
     this.closed = true;
-    this.dropHeld();
+    this.held = [];
+    this.heldHead = 0;
+    this.heldBytes = 0;
     this.clearStall();
-    this.onClosed(this);
+    return true;
   }
 }

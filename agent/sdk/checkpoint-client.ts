@@ -835,7 +835,6 @@ export class CheckpointClient extends EventEmitter {
         return reject(new Error('the agent offers the snapshot only on a unix socket; connect over the unix socket or set bulkAddress'));
       }
       const sock = viaUnix ? net.connect(ticket.unixPath) : net.connect(hostPortOf(tcp));
-
       // Frames are assembled in one reused buffer (no repeated concatenation), then appended to
       // the table as they complete, so applying overlaps with receiving.
       let header = Buffer.alloc(0);

@@ -52,8 +52,8 @@ export class StagingRing {
     this.buf = Buffer.from(new SharedArrayBuffer(bytes));
   }
 
-  /** A copy of `src` in the ring, or null when it has no room for it (the caller copies elsewhere). */
-  stage(src: Buffer): { at: number; view: Uint8Array; span: [number, number, boolean] } | null {
+  /** A copy of `src` in the ring: its span [start, end, given back], or null when it has no room (the caller copies elsewhere). */
+  stage(src: Buffer): [number, number, boolean] | null {
     const n = src.length;
     if (n === 0) return null;
     let at: number;
@@ -72,7 +72,7 @@ export class StagingRing {
     this.head = at + n;
     const span: [number, number, boolean] = [at, at + n, false];
     this.spans.push(span);
-    return { at, view: new Uint8Array(this.buf.buffer, this.buf.byteOffset + at, n), span };
+    return span;
   }
 
   /** The thread is done with a span's bytes: they may be written again once every older span is too. */
@@ -100,13 +100,6 @@ export class BatchLogWriter {
     { batchOf: string | null; span: [number, number, boolean] | null; resolve: (v: number) => void; reject: (e: Error) => void }
   >();
   private readonly ring = new StagingRing();
-  /**
-   * Messages for the thread not posted yet: everything made in one turn goes in one postMessage
-   * (a microtask after the first), in order. Posting costs tens of microseconds each, and a burst
-   * of received batches all arrive in one turn.
-   */
-  private outgoing: (WriterRequest | ResumeMessage)[] = [];
-  private outgoingTransfer: ArrayBuffer[] = [];
   /** Set when the thread is gone: every request from then on fails with it. */
   private dead: Error | null = null;
 
@@ -123,7 +116,7 @@ export class BatchLogWriter {
       }
       // The rejections' handlers run before anything else here (the tables' next expected batches
       // went back): whatever comes after this is sent knowing of the refusal, and is tried again.
-      for (const process of refused) this.post({ resume: process } satisfies ResumeMessage, []);
+      for (const process of refused) this.worker.postMessage({ resume: process } satisfies ResumeMessage);
     });
     const gone = (why: string) => {
       this.dead ??= new StoreWriteError('WRITER_GONE', `the store's writer thread ${why}; restart the agent`);
@@ -142,9 +135,8 @@ export class BatchLogWriter {
     // A copy of exactly these bytes: `records` is usually a view into a larger buffer (the received
     // message), which posting the view would clone whole. In the ring when it has room (the thread
     // reads it in place), else a buffer of its own moved to the thread.
-    const staged = this.ring.stage(records);
-    if (staged)
-      return this.request({ op: 'append', process, table, seq, count, staged: [staged.at, records.length] }, process, [], staged.span).then(() => undefined);
+    const span = this.ring.stage(records);
+    if (span) return this.request({ op: 'append', process, table, seq, count, staged: [span[0], records.length] }, process, [], span).then(() => undefined);
     const own = new Uint8Array(records);
     return this.request({ op: 'append', process, table, seq, count, records: own }, process, [own.buffer]).then(() => undefined);
   }
@@ -165,9 +157,7 @@ export class BatchLogWriter {
 
   /** Ends the thread after the requests it holds; those not answered by then are not acknowledged. */
   stop(): void {
-    if (this.dead) return;
-    this.flushOutgoing();
-    this.worker.postMessage('stop');
+    if (!this.dead) this.worker.postMessage('stop');
   }
 
   private request(req: Request, batchOf: string | null, transfer: ArrayBuffer[], span: [number, number, boolean] | null = null): Promise<number> {
@@ -178,21 +168,8 @@ export class BatchLogWriter {
     const id = this.nextId++;
     return new Promise<number>((resolve, reject) => {
       this.pending.set(id, { batchOf, span, resolve, reject });
-      this.post({ ...req, id } as WriterRequest, transfer);
+      this.worker.postMessage({ ...req, id } as WriterRequest, transfer);
     });
-  }
-
-  private post(m: WriterRequest | ResumeMessage, transfer: ArrayBuffer[]): void {
-    if (this.outgoing.length === 0) queueMicrotask(() => this.flushOutgoing());
-    this.outgoing.push(m);
-    for (const t of transfer) this.outgoingTransfer.push(t);
-  }
-
-  private flushOutgoing(): void {
-    if (this.outgoing.length === 0 || this.dead) return;
-    this.worker.postMessage(this.outgoing, this.outgoingTransfer);
-    this.outgoing = [];
-    this.outgoingTransfer = [];
   }
 
   private settle(id: number) {

@@ -161,23 +161,20 @@ function flush(): void {
   parentPort!.postMessage(reply);
 }
 
-/** The agent posts what it made in one turn together, in order (or 'stop' alone). */
-parentPort!.on('message', (msgs: (WriterRequest | ResumeMessage)[] | 'stop') => {
-  if (msgs === 'stop') {
+parentPort!.on('message', (m: WriterRequest | ResumeMessage | 'stop') => {
+  if (m === 'stop') {
     if (queue.length) flush();
     db.close();
     process.exit(0);
   }
-  for (const m of msgs) {
-    if ('resume' in m) {
-      // In order with the batches: those queued before it were handed over before the agent knew.
-      if (queue.length) flush();
-      blocked.delete(m.resume);
-      continue;
-    }
-    queue.push(m);
+  if ('resume' in m) {
+    // In order with the batches: those queued before it were handed over before the agent knew.
+    if (queue.length) flush();
+    blocked.delete(m.resume);
+    return;
   }
-  if (queue.length && !scheduled) {
+  queue.push(m);
+  if (!scheduled) {
     scheduled = true;
     setImmediate(flush);
   }
