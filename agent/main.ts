@@ -8,6 +8,7 @@ import { NestFactory } from '@nestjs/core';
 import { AgentLifecycle, AppModule } from './app.module';
 import { HITLESSD_HELP, parseAgentArgs } from './config';
 import { createLogger } from './common/logger';
+import { hostCommands } from './host/command-runner';
 
 async function main(): Promise<void> {
   let config;
@@ -21,6 +22,9 @@ async function main(): Promise<void> {
     process.stdout.write(HITLESSD_HELP);
     return;
   }
+  // The helper that starts the agent's commands, forked while the agent is still small (why:
+  // host/command-runner.ts).
+  hostCommands.start();
   const log = createLogger(config.logLevel);
   const app = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false, abortOnError: false });
   await app.init();

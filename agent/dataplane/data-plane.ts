@@ -51,8 +51,12 @@ export interface DataPlane {
   probe(): Promise<DataPlaneProbe>;
   /** Its ports and their addresses (next hops are checked against them). */
   interfaces(): Promise<DataPlaneInterface[]>;
-  /** The same, without leaving the event loop for long: for write validation on a cache miss. */
-  interfacesSync(): DataPlaneInterface[];
+  /**
+   * Calls `onChange` whenever a port or an address may have changed (the kernel's own
+   * notifications), until the returned function is called: writes are validated against the
+   * ports without reading them on the write path.
+   */
+  watchInterfaces(onChange: () => void): () => void;
   /** Every route the agent programmed (and only those), by canonical prefix. */
   readRoutes(): Promise<Map<string, FibEntry>>;
   /** Applies the changes in order; never partially silent: every refused change is in `failed`. */

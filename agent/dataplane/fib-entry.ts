@@ -231,6 +231,13 @@ export function describeFibEntry(e: FibEntry): string {
 /** Equal next-hop sets (order does not matter: the kernel keeps its own). */
 export function sameFibEntry(a: FibEntry, b: FibEntry): boolean {
   if (a.nextHops.length !== b.nextHops.length) return false;
+  // Most routes have one next hop: compared without building anything (a reconciliation
+  // compares every route).
+  if (a.nextHops.length === 1) {
+    const x = a.nextHops[0];
+    const y = b.nextHops[0];
+    return x.gateway === y.gateway && x.interface === y.interface && x.weight === y.weight;
+  }
   const key = (h: FibNextHop) => `${h.gateway}|${h.interface}|${h.weight}`;
   const as = a.nextHops.map(key).sort();
   const bs = b.nextHops.map(key).sort();

@@ -65,7 +65,7 @@ export interface DataPlaneStatusView {
   changesProgrammed: number;
 }
 
-/** Interfaces are re-read at most this often on a validation miss (a port just created), ms. */
+/** Interfaces are re-read at most this often after a validation miss (a port just created), ms. */
 const SYNC_REFRESH_MS = 1000;
 /** And in the background this often, ms. */
 const REFRESH_MS = 5000;
@@ -74,12 +74,25 @@ const RETRY_MS = 5000;
 const SHOWN_FAILURES = 10;
 /** Most route changes one programming operation takes (the rest follow in the next one). */
 const FLUSH_MAX = 50_000;
-/** A reconciliation reads the table in frames of this many bytes, and yields after two. */
-const RECONCILE_FRAME_BYTES = 128 * 1024;
-/** And compares this many routes between yields. */
-const DIFF_SLICE = 20_000;
+/**
+ * A reconciliation reads the table in frames of this many bytes (about 400 routes), and gives
+ * the event loop a turn whenever it has worked this long (ms): the one after every switchover
+ * must not hold acknowledgements up (comparing 23,000 routes in slices of a fixed count held the
+ * loop for 100 ms at a time with the guests busy).
+ */
+const RECONCILE_FRAME_BYTES = 32 * 1024;
+const RECONCILE_SLICE_MS = 4;
 
-const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
+/** Long work in turns of the event loop: yieldIfDue() gives it one once RECONCILE_SLICE_MS have passed. */
+class Slice {
+  private until = performance.now() + RECONCILE_SLICE_MS;
+
+  async yieldIfDue(): Promise<void> {
+    if (performance.now() < this.until) return;
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    this.until = performance.now() + RECONCILE_SLICE_MS;
+  }
+}
 
 export class FibService implements ForwardingSink {
   private owner: { process: string; table: string; replica: TableReplica } | null = null;
@@ -88,6 +101,7 @@ export class FibService implements ForwardingSink {
   private ifaces = new Map<string, DataPlaneInterface>();
   private lastSyncRefresh = 0;
   private refreshTimer: NodeJS.Timeout | null = null;
+  private unwatch: (() => void) | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
   /** Changes applied to the replica and not yet programmed, coalesced by prefix. */
   private pending = new Map<string, FibEntry | null>();
@@ -124,6 +138,14 @@ export class FibService implements ForwardingSink {
     }
     await this.refreshInterfaces();
     this.refreshTimer = setInterval(() => void this.refreshInterfaces(), REFRESH_MS).unref();
+    // A burst of kernel notifications (a port and its addresses) is read once, 20 ms after it.
+    let soon: NodeJS.Timeout | null = null;
+    this.unwatch = this.dp.watchInterfaces(() => {
+      soon ??= setTimeout(() => {
+        soon = null;
+        void this.refreshInterfaces();
+      }, 20).unref();
+    });
     this.log.info({ dataplane: this.dp.target, ports: [...this.ifaces.keys()] }, 'data plane attached');
     if (this.owner) await this.reconcile('agent start');
   }
@@ -131,6 +153,7 @@ export class FibService implements ForwardingSink {
   stop(): void {
     this.stopped = true;
     if (this.refreshTimer) clearInterval(this.refreshTimer);
+    this.unwatch?.();
     if (this.retryTimer) clearTimeout(this.retryTimer);
   }
 
@@ -226,17 +249,18 @@ export class FibService implements ForwardingSink {
     }
   }
 
-  /** A port by name; on a miss the ports are read again (at most once a second). */
+  /**
+   * A port by name, from the ports last read. They are read again when the kernel announces a
+   * change (watchInterfaces), every REFRESH_MS, and after a miss (at most once a second): a write
+   * naming a port created a moment ago may be refused once, never the event loop held for a read.
+   */
   private port(name: string): DataPlaneInterface | undefined {
     const known = this.ifaces.get(name);
-    if (known || !this.dp || Date.now() - this.lastSyncRefresh < SYNC_REFRESH_MS) return known;
-    this.lastSyncRefresh = Date.now();
-    try {
-      this.setInterfaces(this.dp.interfacesSync());
-    } catch (e) {
-      this.log.warn({ err: (e as Error).message }, 'could not read the data plane ports');
+    if (!known && this.dp && Date.now() - this.lastSyncRefresh >= SYNC_REFRESH_MS) {
+      this.lastSyncRefresh = Date.now();
+      void this.refreshInterfaces();
     }
-    return this.ifaces.get(name);
+    return known;
   }
 
   private async refreshInterfaces(): Promise<void> {
@@ -339,14 +363,14 @@ export class FibService implements ForwardingSink {
     this.pending.clear();
     const wanted = new Map<string, FibEntry>();
     try {
-      let frames = 0;
+      const slice = new Slice();
       for (const f of snapshotFrames(snap, RECONCILE_FRAME_BYTES)) {
         forEachRecord(f.records, (op, key, value) => {
           if (op === OP_PUT) wanted.set(key, normalize(decodeFibEntry(value!)));
           else if (op === OP_DELETE) wanted.delete(key);
           else wanted.clear();
         });
-        if (++frames % 2 === 0) await nextTurn();
+        await slice.yieldIfDue();
       }
     } finally {
       snap.release();
@@ -355,9 +379,10 @@ export class FibService implements ForwardingSink {
     try {
       const held = await this.dp.readRoutes();
       const changes: RouteChange[] = [];
+      const slice = new Slice();
       let visited = 0;
       for (const [prefix, entry] of wanted) {
-        if (++visited % DIFF_SLICE === 0) await nextTurn();
+        if (++visited % 256 === 0) await slice.yieldIfDue();
         const has = held.get(prefix);
         if (!has) {
           changes.push({ prefix, entry });
@@ -368,7 +393,7 @@ export class FibService implements ForwardingSink {
         }
       }
       for (const prefix of held.keys()) {
-        if (++visited % DIFF_SLICE === 0) await nextTurn();
+        if (++visited % 256 === 0) await slice.yieldIfDue();
         if (!wanted.has(prefix)) {
           changes.push({ prefix, entry: null });
           result.deleted++;

@@ -8,13 +8,16 @@
  * reconciling touch only those: connected routes, and anything an operator added by hand, are
  * never read as ours nor removed.
  *
+ * Every `ip` runs through the agent's command runner (host/command-runner.ts): starting a process
+ * from the agent itself held its event loop for 20-70 ms each time.
+ *
  * Why iproute2 and not a netlink library: `ip -batch` is the reference peer of the FIB benchmark
  * (bench/fib.bench.ts), and the agent's programming is measured against it; a netlink binding
  * would be a native dependency for both architectures for a gain the benchmark does not show.
  */
-import { execFile, execFileSync, spawn } from 'node:child_process';
 import crypto from 'node:crypto';
-import readline from 'node:readline';
+import { performance } from 'node:perf_hooks';
+import { CommandRunner, failureText, hostCommands } from '../host/command-runner';
 import type { ApplyResult, DataPlane, DataPlaneInterface, DataPlaneProbe, InterfaceAddress, RouteChange } from './data-plane';
 import { FibEntry, FibNextHop, addressBytes } from './fib-entry';
 
@@ -40,36 +43,48 @@ export class LinuxDataPlane implements DataPlane {
   private readonly nsArgs: string[];
 
   /** `netns` null: the agent's own network namespace (a real deployment). */
-  constructor(readonly netns: string | null) {
+  constructor(
+    readonly netns: string | null,
+    private readonly commands: CommandRunner = hostCommands,
+  ) {
     this.target = netns ? `network namespace ${netns}` : 'host network namespace';
     this.nsArgs = netns ? ['-n', netns] : [];
   }
 
-  probe(): Promise<DataPlaneProbe> {
-    return new Promise((resolve) => {
-      if (process.getuid && process.getuid() !== 0) {
-        return resolve({ usable: false, reason: 'the agent does not run as root (programming routes needs CAP_NET_ADMIN)' });
-      }
-      execFile('ip', [...this.nsArgs, '-j', 'link', 'show'], { timeout: 10_000 }, (err, _out, stderr) => {
-        if (!err) return resolve({ usable: true, reason: '' });
-        const why = (stderr || err.message).trim().split('\n').pop() ?? err.message;
-        const hint = this.netns ? ` (create it with 'ip netns add ${this.netns}', or start the agent with --dataplane host)` : '';
-        resolve({ usable: false, reason: `${this.target} cannot be read: ${why}${hint}` });
-      });
-    });
+  async probe(): Promise<DataPlaneProbe> {
+    if (process.getuid && process.getuid() !== 0) {
+      return { usable: false, reason: 'the agent does not run as root (programming routes needs CAP_NET_ADMIN)' };
+    }
+    const r = await this.commands.run('ip', [...this.nsArgs, '-j', 'link', 'show']);
+    if (r.code === 0) return { usable: true, reason: '' };
+    const why = r.errno === 'ENOENT' ? 'iproute2 is not installed (apt-get install iproute2)' : (failureText(r).split('\n').pop() ?? '');
+    const hint = this.netns ? ` (create it with 'ip netns add ${this.netns}', or start the agent with --dataplane host)` : '';
+    return { usable: false, reason: `${this.target} cannot be read: ${why}${hint}` };
   }
 
-  interfaces(): Promise<DataPlaneInterface[]> {
-    return new Promise((resolve, reject) => {
-      execFile('ip', [...this.nsArgs, '-j', 'addr', 'show'], { timeout: 10_000, maxBuffer: 64 << 20 }, (err, out, stderr) => {
-        if (err) return reject(new Error(`reading the ports of the ${this.target} failed: ${(stderr || err.message).trim()}`));
-        resolve(parseInterfaces(out));
-      });
-    });
+  async interfaces(): Promise<DataPlaneInterface[]> {
+    const r = await this.commands.run('ip', [...this.nsArgs, '-j', 'addr', 'show']);
+    if (r.code !== 0) throw new Error(`reading the ports of the ${this.target} failed: ${failureText(r)}`);
+    return parseInterfaces(r.stdout);
   }
 
-  interfacesSync(): DataPlaneInterface[] {
-    return parseInterfaces(execFileSync('ip', [...this.nsArgs, '-j', 'addr', 'show'], { timeout: 10_000, encoding: 'utf8', maxBuffer: 64 << 20 }));
+  watchInterfaces(onChange: () => void): () => void {
+    // One line per link or address change; the content is not needed, only that one happened.
+    let stopped = false;
+    let cmd: ReturnType<CommandRunner['stream']> | null = null;
+    const watch = () => {
+      cmd = this.commands.stream('ip', [...this.nsArgs, '-o', 'monitor', 'link', 'address'], { onStdout: () => onChange(), background: true });
+      void cmd.done.then(() => {
+        // ip monitor ended (the namespace went away, the runner restarted): the periodic
+        // refresh still covers changes; watch again after a pause so a failure cannot spin.
+        if (!stopped) setTimeout(() => !stopped && watch(), 5000).unref();
+      });
+    };
+    watch();
+    return () => {
+      stopped = true;
+      cmd?.kill();
+    };
   }
 
   async readRoutes(): Promise<Map<string, FibEntry>> {
@@ -78,38 +93,50 @@ export class LinuxDataPlane implements DataPlane {
     return out;
   }
 
-  /** Streams `ip route show proto N` line by line: a million routes is about 50 MB of text. */
-  private readFamily(family: '-4' | '-6', out: Map<string, FibEntry>): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const child = spawn('ip', [...this.nsArgs, family, 'route', 'show', 'table', 'main', 'proto', String(ROUTE_PROTO)], {
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stderr = '';
-      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-      const rl = readline.createInterface({ input: child.stdout, crlfDelay: Infinity });
-      let current: { prefix: string; entry: FibEntry } | null = null;
-      const hostLen = family === '-4' ? 32 : 128;
-      rl.on('line', (line) => {
-        if (line.startsWith('\t') || line.startsWith(' ')) {
-          // "\tnexthop via 198.51.100.2 dev port2 weight 1"
-          const hop = parseHop(line.trim().split(/\s+/).slice(1));
-          if (current && hop) current.entry.nextHops.push(hop);
-          return;
-        }
-        const words = line.trim().split(/\s+/);
-        if (!words[0]) return;
-        let prefix = words[0] === 'default' ? (family === '-4' ? '0.0.0.0/0' : '::/0') : words[0];
-        if (!prefix.includes('/')) prefix = `${prefix}/${hostLen}`;
-        const hop = parseHop(words.slice(1));
-        current = { prefix, entry: { nextHops: hop && hop.interface ? [hop] : [] } };
-        out.set(prefix, current.entry);
-      });
-      child.on('error', reject);
-      child.on('close', (code) => {
-        if (code === 0) resolve();
-        else reject(new Error(`reading the routes of the ${this.target} failed: ${stderr.trim() || `ip exited with ${code}`}`));
-      });
+  /**
+   * Reads `ip route show proto N` (a million routes is about 50 MB of text) as it arrives, and
+   * parses it a few milliseconds at a time: output can arrive faster than it is parsed, and one
+   * turn of the event loop then brings many chunks (one parse of all of them held the loop for
+   * 200 ms at 23,000 routes).
+   */
+  private async readFamily(family: '-4' | '-6', out: Map<string, FibEntry>): Promise<void> {
+    const chunks: Buffer[] = [];
+    let wake: (() => void) | null = null;
+    const cmd = this.commands.stream('ip', [...this.nsArgs, family, 'route', 'show', 'table', 'main', 'proto', String(ROUTE_PROTO)], {
+      onStdout: (chunk) => {
+        chunks.push(chunk);
+        wake?.();
+      },
     });
+    let ended = false;
+    void cmd.done.then(() => {
+      ended = true;
+      wake?.();
+    });
+    const hostLen = family === '-4' ? 32 : 128;
+    let current: FibEntry | null = null;
+    let rest = '';
+    let until = performance.now() + PARSE_SLICE_MS;
+    for (;;) {
+      const chunk = chunks.shift();
+      if (!chunk) {
+        if (ended) break;
+        await new Promise<void>((resolve) => (wake = resolve));
+        wake = null;
+        until = performance.now() + PARSE_SLICE_MS;
+        continue;
+      }
+      const lines = (rest + chunk.toString('latin1')).split('\n');
+      rest = lines.pop()!;
+      for (const line of lines) current = parseRouteLine(line, family, hostLen, current, out);
+      if (performance.now() > until) {
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        until = performance.now() + PARSE_SLICE_MS;
+      }
+    }
+    if (rest) parseRouteLine(rest, family, hostLen, current, out);
+    const r = await cmd.done;
+    if (r.code !== 0 || r.error) throw new Error(`reading the routes of the ${this.target} failed: ${failureText(r)}`);
   }
 
   async apply(changes: RouteChange[]): Promise<ApplyResult> {
@@ -123,46 +150,38 @@ export class LinuxDataPlane implements DataPlane {
     return result;
   }
 
-  private applyPart(changes: RouteChange[]): Promise<ApplyResult> {
-    return new Promise((resolve, reject) => {
-      // -force: a refused line does not stop the rest; ip names each failed line on stderr.
-      const child = spawn('ip', [...this.nsArgs, '-force', '-batch', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });
-      let stderr = '';
-      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-      child.on('error', reject);
-      child.stdin.on('error', () => undefined); // ip died early: its exit says why
-      child.on('close', (code) => {
-        const failedLines = parseBatchErrors(stderr);
-        if (code !== 0 && failedLines.size === 0) {
-          return reject(new Error(`programming the ${this.target} failed: ${stderr.trim() || `ip exited with ${code}`}`));
-        }
-        const failed: ApplyResult['failed'] = []; // in line order, as ip reports them
-        for (const [line, error] of failedLines) {
-          const c = changes[line - 1];
-          if (!c) continue;
-          // Removing a route the kernel no longer holds is what was wanted.
-          if (c.entry === null && /No such process/.test(error)) continue;
-          failed.push({ prefix: c.prefix, error });
-        }
-        resolve({ applied: changes.length - failed.length, failed });
-      });
-      // Written in chunks, with backpressure: a million lines must not be one string.
-      let i = 0;
-      const writeMore = () => {
-        while (i < changes.length) {
-          let chunk = '';
-          for (const end = Math.min(changes.length, i + 2000); i < end; i++) chunk += routeCommand(changes[i]) + '\n';
-          if (!child.stdin.write(chunk)) return child.stdin.once('drain', writeMore);
-        }
-        child.stdin.end();
-      };
-      writeMore();
-    });
+  private async applyPart(changes: RouteChange[]): Promise<ApplyResult> {
+    // -force: a refused line does not stop the rest; ip names each failed line on stderr.
+    const cmd = this.commands.stream('ip', [...this.nsArgs, '-force', '-batch', '-'], { stdin: true });
+    // Written in chunks, each once ip took the one before: a million lines must not be one string.
+    let ended = false;
+    void cmd.done.then(() => (ended = true));
+    for (let i = 0; i < changes.length && !ended; ) {
+      let chunk = '';
+      for (const end = Math.min(changes.length, i + 2000); i < end; i++) chunk += routeCommand(changes[i]) + '\n';
+      await cmd.write(chunk);
+    }
+    cmd.end();
+    const r = await cmd.done;
+    // Every failed line is named on stderr (whole: LINES_PER_PROCESS lines of errors fit the
+    // runner's 64 MiB limit).
+    const failedLines = parseBatchErrors(r.stderr);
+    if ((r.code !== 0 || r.error) && failedLines.size === 0) throw new Error(`programming the ${this.target} failed: ${failureText(r)}`);
+    const failed: ApplyResult['failed'] = []; // in line order, as ip reports them
+    for (const [line, error] of failedLines) {
+      const c = changes[line - 1];
+      if (!c) continue;
+      // Removing a route the kernel no longer holds is what was wanted.
+      if (c.entry === null && /No such process/.test(error)) continue;
+      failed.push({ prefix: c.prefix, error });
+    }
+    return { applied: changes.length - failed.length, failed };
   }
 
   async adoptTap(ownerPid: number, tap: string, bridge: string): Promise<void> {
     // Into the data plane's namespace: by name, or, for the agent's own, by the agent's pid.
     const where = this.netns ?? String(process.pid);
+    const run = (cmd: string, args: string[]) => this.commands.output(cmd, args);
     await run('nsenter', ['-t', String(ownerPid), '-n', 'ip', 'link', 'set', tap, 'netns', where]);
     const links = await run('ip', [...this.nsArgs, '-j', 'link', 'show']);
     if (!(JSON.parse(links) as { ifname: string }[]).some((l) => l.ifname === bridge)) {
@@ -185,15 +204,6 @@ export function controlPlaneMac(bridge: string): string {
   return ['02', ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }
 
-function run(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { timeout: 10_000, encoding: 'utf8' }, (err, out, stderr) => {
-      if (err) reject(new Error(`${cmd} ${args.join(' ')}: ${(stderr || err.message).trim()}`));
-      else resolve(out);
-    });
-  });
-}
-
 /** `ip -batch` lines: `route replace P proto N via G dev I` or with `nexthop ...` per hop. */
 export function routeCommand(c: RouteChange): string {
   if (!c.entry) return `route del ${c.prefix} proto ${ROUTE_PROTO}`;
@@ -201,6 +211,29 @@ export function routeCommand(c: RouteChange): string {
   const hop = (h: FibNextHop) => `${h.gateway ? `via ${h.gateway} ` : ''}dev ${h.interface}`;
   if (hops.length === 1) return `route replace ${c.prefix} proto ${ROUTE_PROTO} ${hop(hops[0])}`;
   return `route replace ${c.prefix} proto ${ROUTE_PROTO} ${hops.map((h) => `nexthop ${hop(h)} weight ${h.weight || 1}`).join(' ')}`;
+}
+
+/** Parsing route text yields the event loop after this long, ms. */
+const PARSE_SLICE_MS = 4;
+
+/**
+ * One line of `ip route show`: a route ("P via G dev I ...", its entry is returned as the
+ * current one) or a next hop of the current multipath route ("\tnexthop via G dev I weight W").
+ */
+function parseRouteLine(line: string, family: '-4' | '-6', hostLen: number, current: FibEntry | null, out: Map<string, FibEntry>): FibEntry | null {
+  if (line.startsWith('\t') || line.startsWith(' ')) {
+    const hop = parseHop(line.trim().split(/\s+/).slice(1));
+    if (current && hop) current.nextHops.push(hop);
+    return current;
+  }
+  const words = line.trim().split(/\s+/);
+  if (!words[0]) return current;
+  let prefix = words[0] === 'default' ? (family === '-4' ? '0.0.0.0/0' : '::/0') : words[0];
+  if (!prefix.includes('/')) prefix = `${prefix}/${hostLen}`;
+  const hop = parseHop(words.slice(1));
+  const entry: FibEntry = { nextHops: hop && hop.interface ? [hop] : [] };
+  out.set(prefix, entry);
+  return entry;
 }
 
 /** "via G dev I weight W ..." -> a next hop (other words ignored). */

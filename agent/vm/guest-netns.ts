@@ -18,7 +18,7 @@
  * Needs CAP_SYS_ADMIN and CAP_NET_ADMIN (root), util-linux's unshare and iproute2's ip. Without
  * them QEMU runs in the agent's namespace as before, and the agent says why once.
  */
-import { execFile } from 'node:child_process';
+import { failureText, hostCommands } from '../host/command-runner';
 import type { VmLogger } from './hypervisor';
 
 /** Shell run inside the new namespace before QEMU; `exec` keeps the pid (pid file, process group). */
@@ -39,13 +39,9 @@ const told = new WeakSet<VmLogger>();
 
 /** Whether a private namespace can be set up on this host; tried once per agent process. */
 export function probeGuestNetns(): Promise<GuestNetnsProbe> {
-  probe ??= new Promise((resolve) => {
-    execFile('unshare', ['--net', 'sh', '-c', SETUP], { timeout: 5000 }, (err, _out, stderr) => {
-      if (!err) return resolve({ usable: true, reason: '' });
-      const why = (stderr || err.message).trim().split('\n').pop() ?? err.message;
-      resolve({ usable: false, reason: why });
-    });
-  });
+  probe ??= hostCommands.run('unshare', ['--net', 'sh', '-c', SETUP], { timeoutMs: 5000 }).then((r) =>
+    r.code === 0 && !r.error ? { usable: true, reason: '' } : { usable: false, reason: failureText(r).split('\n').pop() ?? '' },
+  );
   return probe;
 }
 

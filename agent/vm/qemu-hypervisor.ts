@@ -3,12 +3,12 @@
  * group + pid file + log file, so it outlives an agent restart), talks QMP, turns QMP events
  * and process death into VmEvents. All arch/machine knowledge comes from a PlatformProfile.
  *
- * Death detection (CRASHED within 1 s): three sources, first one wins — the ChildProcess
- * 'exit' (only when this process launched QEMU), QMP socket close, and a 250 ms
+ * Death detection (CRASHED within 1 s): three sources, first one wins — the launched process's
+ * 'exit' (only when this agent launched QEMU, reported by its command runner), QMP socket close, and a 250 ms
  * process.kill(pid, 0) poll (the only one left after re-attach, when QEMU is not our child).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
+import { hostCommands, type CommandRunner, type DetachedProcess } from '../host/command-runner';
 import {
   VmError,
   VmEventBus,
@@ -116,6 +116,7 @@ export class QemuHypervisor implements Hypervisor {
   constructor(
     private readonly profile: PlatformProfile,
     private readonly opts: QemuHypervisorOptions,
+    private readonly commands: CommandRunner = hostCommands,
   ) {
     this.logger = opts.logger;
     this.pollIntervalMs = opts.pollIntervalMs ?? 250;
@@ -142,38 +143,34 @@ export class QemuHypervisor implements Hypervisor {
     for (const f of [paths.qmpSocket, paths.consoleSocket, paths.pidFile]) fs.rmSync(f, { force: true });
     const argv = this.profile.buildArgv(spec, paths, accel);
     const launch = await guestLaunchCommand(this.profile.qemuBinary, argv, this.logger);
-    const logFd = fs.openSync(paths.qemuLog, 'a');
-    fs.writeSync(
-      logFd,
+    fs.appendFileSync(
+      paths.qemuLog,
       `--- ${new Date().toISOString()} launch ${this.profile.qemuBinary} ${JSON.stringify(argv)}${launch.netns ? ' (private network namespace)' : ''}\n`,
     );
-    let child: ChildProcess;
+    // Detached: setsid(), so QEMU has its own process group and session and survives the
+    // agent's death (and a Ctrl-C on the agent's terminal). stdio goes to qemu.log only.
+    // Through the namespace wrapper the pid is still QEMU's: unshare and sh exec into it.
+    // Started by the agent's command runner: a fork() from the agent itself held its event
+    // loop for tens of ms (see host/command-runner.ts).
+    let child: DetachedProcess;
     try {
-      // detached: setsid(), so QEMU has its own process group and session and survives the
-      // agent's death (and a Ctrl-C on the agent's terminal). stdio goes to qemu.log only.
-      // Through the namespace wrapper the pid is still QEMU's: unshare and sh exec into it.
-      child = spawn(launch.command, launch.args, { detached: true, stdio: ['ignore', logFd, logFd], cwd: paths.runDir });
-    } finally {
-      fs.closeSync(logFd);
+      child = await this.commands.launchDetached(launch.command, launch.args, { cwd: paths.runDir, logPath: paths.qemuLog });
+    } catch (e) {
+      throw new VmError(
+        'FAILED_PRECONDITION',
+        `Cannot run ${this.profile.qemuBinary}: ${(e as Error).message}. Install QEMU (apt-get install qemu-system-x86 qemu-system-arm).`,
+      );
     }
-    const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
-    const exitEarly = new Promise<string>((resolve) =>
-      child.once('exit', (code, signal) =>
+    const exitEarly = new Promise<string>((resolve) => {
+      const say = (code: number | null, signal: string | null) =>
         resolve(
           code === 127 && launch.netns
             ? `${this.profile.qemuBinary} was not found (install QEMU: apt-get install qemu-system-x86 qemu-system-arm)`
             : `QEMU exited during start (code ${code}, signal ${signal})`,
-        ),
-      ),
-    );
-    child.unref();
-    if (child.pid === undefined) {
-      const err = await spawnError;
-      throw new VmError(
-        'FAILED_PRECONDITION',
-        `Cannot run ${this.profile.qemuBinary}: ${err.message}. Install QEMU (apt-get install qemu-system-x86 qemu-system-arm).`,
-      );
-    }
+        );
+      if (child.exitCode !== null || child.signalCode !== null) say(child.exitCode, child.signalCode);
+      else child.once('exit', say);
+    });
     const pid = child.pid;
     this.logger.info({ vm: spec.name, pid, accel, platform: this.profile.id }, 'QEMU spawned');
 
@@ -268,7 +265,7 @@ class QemuVmHandle implements VmHandle {
     readonly paths: VmPaths,
     readonly accelerator: Accelerator,
     private qmp: QmpClient | null,
-    private readonly child: ChildProcess | null,
+    private readonly child: DetachedProcess | null,
     pollIntervalMs: number,
     private readonly logger: VmLogger,
   ) {

@@ -170,6 +170,44 @@ describe('data plane: FIB through the agent (network namespaces, real packets)',
     assert.deepEqual(kernelRoutes(lab!.dataplane), before, 'the data plane is unchanged');
   });
 
+  it('takes routes through a port created while it runs, once the kernel has announced the port', async () => {
+    const ns = lab!.dataplane;
+    const route = fibBatch((rb) => rb.put('198.19.7.0/24', 1, entry('198.51.107.2', 'port7')));
+    await expectStatus(write(route), grpc.status.INVALID_ARGUMENT, /interface 'port7' is not a port of the data plane/);
+    // A veth pair with both ends in the namespace (this kernel may lack the dummy driver).
+    execFileSync('ip', ['-n', ns, 'link', 'add', 'port7', 'type', 'veth', 'peer', 'name', 'port7-peer']);
+    try {
+      execFileSync('ip', ['-n', ns, 'addr', 'add', '198.51.107.1/24', 'dev', 'port7']);
+      execFileSync('ip', ['-n', ns, 'link', 'set', 'port7-peer', 'up']);
+      execFileSync('ip', ['-n', ns, 'link', 'set', 'port7', 'up']);
+      // The agent reads its ports again when the kernel announces a change, never on the write
+      // path: until then the port is unknown and the write refused, as above.
+      await until(
+        'a route through port7 taken',
+        () =>
+          write(route).then(
+            () => true,
+            (e: grpc.ServiceError) => {
+              if (!/'port7' is not a port/.test(e.details)) throw e;
+              return false;
+            },
+          ),
+        10_000,
+        50,
+      );
+      seq++;
+      await programmed();
+      assert.match(kernelRoutes(ns).get('198.19.7.0/24') ?? '', /^via 198\.51\.107\.2 dev port7/);
+      // Withdrawn again, so the tests after this one see the table they expect.
+      await write(fibBatch((rb) => rb.delete('198.19.7.0/24')));
+      seq++;
+      await programmed();
+      assert.equal(kernelRoutes(ns).has('198.19.7.0/24'), false);
+    } finally {
+      execFileSync('ip', ['-n', ns, 'link', 'del', 'port7']);
+    }
+  });
+
   it('shows a route the kernel refused in status and the logs, and programs it once it can', async () => {
     execFileSync('ip', ['-n', lab!.dataplane, 'link', 'set', 'port2', 'down']);
     try {
