@@ -327,6 +327,7 @@ async function main(): Promise<void> {
 
     await stopAllAgents();
     lab?.remove();
+    if (values.keep && agent) fs.writeFileSync(path.join(work, 'agent.log'), agent.stderr());
     if (values.keep) say(`work directory kept: ${work}`);
     else fs.rmSync(work, { recursive: true, force: true });
   }

@@ -63,6 +63,20 @@ const MiB = 1024 * 1024;
 export class SystemInformationHostProbe implements HostProbe {
   private readonly vcpuPerHostCpu: number;
   private readonly qemuBinary: string;
+  /**
+   * The CPU's model and counts, read once: systeminformation runs lscpu and more for them, and
+   * starting processes from the agent holds its event loop (host/command-runner.ts), here at
+   * every admission in the middle of an upgrade. They do not change while the agent runs.
+   */
+  private cpuInfo: Promise<si.Systeminformation.CpuData> | null = null;
+
+  private cpu(): Promise<si.Systeminformation.CpuData> {
+    this.cpuInfo ??= si.cpu().catch((e: unknown) => {
+      this.cpuInfo = null;
+      throw e;
+    });
+    return this.cpuInfo;
+  }
 
   constructor(private readonly opts: SystemInformationHostProbeOptions) {
     this.vcpuPerHostCpu = opts.vcpuPerHostCpu ?? 4;
@@ -70,7 +84,7 @@ export class SystemInformationHostProbe implements HostProbe {
   }
 
   async inventory(): Promise<HostInventory> {
-    const [cpu, flags, mem, disks, kvm] = await Promise.all([si.cpu(), si.cpuFlags(), si.mem(), si.fsSize(), probeKvm(this.qemuBinary)]);
+    const [cpu, flags, mem, disks, kvm] = await Promise.all([this.cpu(), si.cpuFlags(), si.mem(), si.fsSize(), probeKvm(this.qemuBinary)]);
     const flagSet = new Set(flags.split(/\s+/));
     return {
       cpuModel: `${cpu.manufacturer} ${cpu.brand}`.trim(),
@@ -98,7 +112,7 @@ export class SystemInformationHostProbe implements HostProbe {
   }
 
   async admit(want: ResourceAmount, reserve: ResourceAmount, committed: ResourceAmount = { memoryMiB: 0, cpus: 0 }): Promise<AdmissionDecision> {
-    const [mem, cpu] = await Promise.all([si.mem(), si.cpu()]);
+    const [mem, cpu] = await Promise.all([si.mem(), this.cpu()]);
     const totalMiB = Math.floor(mem.total / MiB);
     const availableMiB = Math.floor(mem.available / MiB);
     const vcpuCapacity = Math.max(0, cpu.cores - reserve.cpus) * this.vcpuPerHostCpu;

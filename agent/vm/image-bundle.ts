@@ -4,11 +4,11 @@
  * have the recorded size and the recorded sha256. Hashing a ~100 MB rootfs takes a few hundred
  * ms, so verified files are remembered by (path, size, mtime, inode) and not hashed again.
  */
-import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { VmError, type Arch } from './hypervisor';
 import { parseManifest } from '../images/manifest';
+import { sha256OfFile } from '../images/signing';
 
 export interface ImageBundle {
   dir: string;
@@ -32,9 +32,7 @@ function fileKey(p: string, st: fs.Stats): string {
 }
 
 async function sha256File(p: string): Promise<string> {
-  const h = createHash('sha256');
-  for await (const chunk of fs.createReadStream(p, { highWaterMark: 1 << 20 })) h.update(chunk as Buffer);
-  return h.digest('hex');
+  return (await sha256OfFile(p)).sha256;
 }
 
 const bad = (dir: string, why: string) =>
