@@ -21,7 +21,8 @@
  *    (switchover), an audit while both versions run, acceptversion, commitversion (v1 stops),
  *    and a final audit: the agent's table and the new active's own table compared by digest.
  * 4. Prints a short report; with --json the last line is one JSON object with from_version,
- *    to_version, records_verified, records_lost, freeze_ms, phases (name, seconds), report_html,
+ *    to_version, records_verified, records_lost, freeze_ms, agent_loop_max_ms (the agent's longest
+ *    event-loop stall during the upgrade, and _by_phase), phases (name, seconds), report_html,
  *    and the network's view: packets_sent, packets_lost, max_gap_ms (longest time between two
  *    packets received), fib_routes and fib_changes_at_switchover, and the BGP peer's view:
  *    bgp_peer, bgp_session_resets, peer_routes_withdrawn, peer_routes_before, peer_routes_after
@@ -37,7 +38,7 @@
 import { progressView } from '../agent/cli/progress';
 import { showUpgradeEvents } from '../agent/cli/upgrade-commands';
 import { writeReportHtml } from '../agent/cli/report-commands';
-import type { UpgradeReport } from '../agent/report/upgrade-report';
+import { reportFigures, type UpgradeReport } from '../agent/report/upgrade-report';
 import { sessionOutcomeText } from '../agent/report/session-outcome';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -249,6 +250,10 @@ async function main(): Promise<void> {
       records_verified: consistent ? rib.records : 0,
       records_lost: consistent ? 0 : Math.abs(rib.records - mine.records) || -1,
       freeze_ms: freezeMs,
+      // The agent's longest event-loop stall in each upgrade phase, ms (from its report), and the
+      // longest of them.
+      agent_loop_max_ms: reportFigures(agentReport).loopMaxMs,
+      agent_loop_max_ms_by_phase: agentReport.upgrade.agentLoopMaxMs ?? {},
       table_seq: rib.seq,
       digest: rib.sha256,
       audit_detail: consistent ? '' : `${mid.detail} ${end.detail}`.trim(),
@@ -292,6 +297,8 @@ async function main(): Promise<void> {
       console.log(`hitless upgrade: control plane ${report.from_version} -> ${report.to_version} (kernel ${report.kernels.from} -> ${report.kernels.to})`);
       for (const p of phases) console.log(`  ${p.name.padEnd(50)} ${p.seconds.toFixed(2)} s`);
       console.log(`  write freeze at switchover: ${freezeMs.toFixed(2)} ms`);
+      const stall = reportFigures(agentReport);
+      if (stall.loopMaxPhase) console.log(`  agent event loop during the upgrade: longest stall ${stall.loopMaxMs.toFixed(1)} ms (${stall.loopMaxPhase})`);
       console.log(`  records verified: ${report.records_verified} (table seq ${rib.seq}), lost: ${report.records_lost}`);
       if (flow) {
         console.log(

@@ -66,6 +66,8 @@ function printStatus(s: StatusMsg): void {
     console.log(`upgrade ${c.id}: ${c.fromVersion} (${c.fromVm}) -> ${c.toVersion} (${c.toVm})  phase ${c.phase}`);
     if (c.timerRemainingMs) console.log(`  rollback timer: ${Math.ceil(c.timerRemainingMs / 1000)} s left (acceptversion stops it)`);
     if (c.freezeMs) console.log(`  write freeze at switchover: ${c.freezeMs.toFixed(2)} ms`);
+    const stalls = Object.entries(c.agentLoopMaxMs ?? {});
+    if (stalls.length) console.log(`  agent event loop, longest stall per phase: ${stalls.map(([p, ms]) => `${p} ${ms.toFixed(1)} ms`).join(', ')}`);
   } else {
     console.log('no upgrade in progress');
   }

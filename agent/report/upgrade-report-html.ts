@@ -99,10 +99,14 @@ export function upgradeReportHtml(r: UpgradeReport): string {
   const spanMs = tEnd - t0;
   const outcomeClass = u.phase === 'COMMITTED' ? 'ok' : u.phase === 'ROLLED_BACK' || u.phase === 'ABORTED' ? 'back' : 'running';
   const auditWord = r.audits.length === 0 ? 'no audit recorded' : f.audited ? 'every copy matches' : 'a copy differs';
+  const stallCell = (phase: string) => {
+    const ms = u.agentLoopMaxMs?.[phase];
+    return ms === undefined ? '' : fig(`loop-max-ms:${phase}`, ms.toFixed(1));
+  };
   const journalRows = f.phases
     .map(
       (p) =>
-        `<tr><td>${esc(new Date(p.startMs).toISOString())}</td><td>${esc(p.phase)}</td><td class="num">${p.seconds.toFixed(1)}</td><td>${esc(p.note)}</td></tr>`,
+        `<tr><td>${esc(new Date(p.startMs).toISOString())}</td><td>${esc(p.phase)}</td><td class="num">${p.seconds.toFixed(1)}</td><td class="num">${stallCell(p.phase)}</td><td>${esc(p.note)}</td></tr>`,
     )
     .join('');
   const freezeRows = u.processes
@@ -146,11 +150,12 @@ table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #e3e3e3
 <div class="card">records verified<b>${fig('records-verified', f.recordsVerified)}</b></div>
 <div class="card">records lost<b>${fig('records-lost', f.recordsLost)}</b></div>
 <div class="card">standby lag, at most<b>${fig('max-lag', f.maxLag)} batches</b></div>
+<div class="card">agent event loop, longest stall<b>${fig('loop-max-ms', f.loopMaxMs.toFixed(1))} ms</b>${f.loopMaxPhase ? ` <span class="muted">${esc(f.loopMaxPhase)}</span>` : ''}</div>
 </div>
 <p>Audit after the upgrade: ${fig('audit', auditWord)}.</p>
 <h2>Timeline (${fig('phase-count', f.phases.length)} phases)</h2>
 ${timeline(f, t0, spanMs)}
-<table><thead><tr><th>at (UTC)</th><th>phase</th><th class="num">s</th><th>journal note</th></tr></thead><tbody>${journalRows}</tbody></table>
+<table><thead><tr><th>at (UTC)</th><th>phase</th><th class="num">s</th><th class="num">agent stall, ms</th><th>journal note</th></tr></thead><tbody>${journalRows}</tbody></table>
 <h2>Standby lag over time (${fig('lag-samples', f.lagSamples)} samples)</h2>
 <p class="muted">Batches each standby had not yet acknowledged. Before the switchover (red line) the standbys are the new version's instances; after it the old version's, following until commit. Lag rises while a snapshot is being applied and falls to 0 at READY.</p>
 ${lagChart(f, t0, spanMs)}

@@ -49,6 +49,8 @@ export interface UpgradeInfoMsg {
   processes: { process: string; fromInstance: string; toInstance: string; freezeMs: number }[];
   /** What each change of the active instances changed in the data plane (hitless.v1.DataPlaneChanges). */
   dataplaneChanges?: DataPlaneChangesMsg[];
+  /** The agent's longest event-loop stall in each ended phase, ms, by phase name. */
+  agentLoopMaxMs?: Record<string, number>;
 }
 
 export interface DataPlaneChangesMsg {
@@ -110,6 +112,9 @@ export interface ReportFigures {
   recordsLost: number;
   /** True when there are audits and the latest of every process was consistent. */
   audited: boolean;
+  /** The agent's longest event-loop stall in any phase, ms, and that phase ('' when none was kept). */
+  loopMaxMs: number;
+  loopMaxPhase: string;
 }
 
 /** Seconds rounded to 0.1 s, as every rendering prints them. */
@@ -129,7 +134,10 @@ export function reportFigures(r: UpgradeReport): ReportFigures {
   const series = [...byInstance.values()];
   // An agent restarted during an ending audits again: the latest audit of each process counts.
   const latest = [...new Map([...r.audits].sort((a, b) => a.atMs - b.atMs).map((a) => [a.process, a])).values()];
+  const stalls = Object.entries(r.upgrade.agentLoopMaxMs ?? {}).sort((a, b) => b[1] - a[1]);
   return {
+    loopMaxMs: stalls[0]?.[1] ?? 0,
+    loopMaxPhase: stalls[0]?.[0] ?? '',
     durationS: j.length ? seconds1(j[j.length - 1].atMs - j[0].atMs) : 0,
     phases,
     switchAtMs: j.find((e) => e.phase === 'SWITCHING')?.atMs ?? 0,
@@ -143,6 +151,12 @@ export function reportFigures(r: UpgradeReport): ReportFigures {
   };
 }
 
+/** "stall 12.3 ms  " for a phase whose longest agent event-loop stall was kept, else nothing. */
+const stallText = (u: UpgradeInfoMsg, phase: string): string => {
+  const ms = u.agentLoopMaxMs?.[phase];
+  return ms === undefined ? '' : `stall ${ms.toFixed(1).padStart(5)} ms  `;
+};
+
 const time = (ms: number) => new Date(ms).toISOString().replace('T', ' ').slice(0, 23);
 
 /** The report as text for a terminal: what the page shows, without the chart. */
@@ -154,8 +168,9 @@ export function reportText(r: UpgradeReport): string {
     `  duration ${f.durationS.toFixed(1)} s; write freeze at switchover ${f.freezeMs.toFixed(2)} ms${u.processes.length > 1 ? ` (${u.processes.map((p) => `${p.process} ${p.freezeMs.toFixed(2)} ms`).join(', ')})` : ''}`,
     `  records verified ${f.recordsVerified}, lost ${f.recordsLost}${r.audits.length === 0 ? ' (no audit recorded)' : f.audited ? ' (every copy matches)' : ' (AUDIT FOUND A DIFFERENCE)'}`,
     `  standby lag: ${f.lagSamples} samples, at most ${f.maxLag} batches`,
+    ...(f.loopMaxPhase ? [`  agent event loop: longest stall ${f.loopMaxMs.toFixed(1)} ms (${f.loopMaxPhase})`] : []),
     '  timeline:',
-    ...f.phases.map((p) => `    ${time(p.startMs)}  ${p.phase.padEnd(11)} ${p.seconds.toFixed(1).padStart(7)} s  ${p.note}`),
+    ...f.phases.map((p) => `    ${time(p.startMs)}  ${p.phase.padEnd(11)} ${p.seconds.toFixed(1).padStart(7)} s  ${stallText(u, p.phase)}${p.note}`),
   ];
   for (const a of r.audits) {
     lines.push(

@@ -39,6 +39,11 @@ export interface UpgradeRecord {
   freezes?: Record<string, number>;
   /** What each change of the active instances changed in the data plane (absent without one). */
   dataplane?: DataPlaneChanges[];
+  /**
+   * The agent's longest event-loop stall in each phase that has ended, ms (LoopStallWatch; absent
+   * in upgrades journaled before it was kept).
+   */
+  loopMaxMs?: Partial<Record<Phase, number>>;
 }
 
 /** One standby's lag at one moment: batches the agent holds that it has not acknowledged. */

@@ -28,6 +28,7 @@ function info(r: UpgradeRecord & { timerRemainingMs?: number }) {
     freezeMs: r.freezeMs,
     processes: Object.entries(r.processes).map(([process, p]) => ({ process, fromInstance: p.from, toInstance: p.to, freezeMs: r.freezes?.[process] ?? 0 })),
     dataplaneChanges: (r.dataplane ?? []).map(changesMsg),
+    agentLoopMaxMs: r.loopMaxMs ?? {},
   };
 }
 

@@ -26,6 +26,7 @@ import { PeerStatus, ProcessStatus, SwitchoverResponse, AuditResponse } from '..
 import { Manifest, readManifest } from '../images/manifest';
 import { ProcessCompatibility, assertCompatible, compatibilityMatrix } from '../images/compatibility';
 import { auditNotRun, auditRecord } from './audit-record';
+import { LoopStallWatch } from '../common/loop-stall-watch';
 import { LagRecorder } from './lag-recorder';
 import { Phase, SessionRecord, TERMINAL, UpgradeRecord, UpgradeStore } from './upgrade-store';
 import type { ReportedSession } from '../checkpoint/checkpoint.service';
@@ -142,6 +143,8 @@ export class UpgradeService {
   private readonly keeperOff: () => void;
   /** Samples the standbys' lag while an upgrade runs, for its report. */
   private readonly lag: LagRecorder;
+  /** The agent's event-loop stalls while an upgrade runs, per phase (UpgradeRecord.loopMaxMs). */
+  private readonly loopWatch = new LoopStallWatch();
 
   constructor(
     private readonly store: UpgradeStore,
@@ -229,7 +232,12 @@ export class UpgradeService {
   }
 
   loadVersion(imageDir: string): Promise<UpgradeStatusView> {
-    return this.serial(() => this.doLoad(imageDir));
+    return this.serial(() =>
+      this.doLoad(imageDir).finally(() => {
+        // Refused before it began (or ended already): no phase is left to watch.
+        if (!this.store.current()) this.loopWatch.stop();
+      }),
+    );
   }
 
   runVersion(): Promise<UpgradeStatusView> {
@@ -339,6 +347,10 @@ export class UpgradeService {
       );
     }
     const running = this.runningSystem();
+    // LOADING's stall figure covers the image's verification too (see transition()); an upgrade
+    // refused before its record exists has none.
+    this.loopWatch.start();
+    this.loopWatch.take();
     const manifest = await this.images.verify(imageDir, (done, total) =>
       this.emit('PROGRESS', '', '', `sha256 of ${imageDir}`, done, total, { step: 'verify image', unit: 'bytes' }),
     );
@@ -581,6 +593,7 @@ export class UpgradeService {
       if (!cur) return 'no upgrade in progress';
       this.log.warn({ upgrade: cur.id, phase: cur.phase }, 'agent restarted during an upgrade; recovering');
       this.lag.start(cur);
+      this.loopWatch.start();
       switch (cur.phase) {
         case 'LOADING':
           await this.doAbort(cur, 'the agent restarted during loadversion');
@@ -623,6 +636,7 @@ export class UpgradeService {
 
   close(): void {
     this.lag.stop();
+    this.loopWatch.stop();
     this.keeperOff();
     this.clearTimer();
     this.stopMonitor();
@@ -833,10 +847,17 @@ export class UpgradeService {
   }
 
   private transition(rec: UpgradeRecord, phase: Phase, note: string, fields: Partial<UpgradeRecord> = {}): UpgradeRecord {
-    const next = this.store.transition(rec.id, phase, note, fields);
+    // The phase that ends gets the agent's longest stall in it (the largest of every time it was
+    // entered, e.g. SWITCHED before and after an agent restart).
+    const ending = this.store.get(rec.id) ?? rec;
+    const stall = this.loopWatch.take();
+    const loopMaxMs = { ...ending.loopMaxMs, [ending.phase]: Math.max(ending.loopMaxMs?.[ending.phase] ?? 0, stall) };
+    const next = this.store.transition(rec.id, phase, note, { ...fields, loopMaxMs });
     // A lag sample at every phase boundary, so the report shows each standby's state at each.
-    if (TERMINAL.includes(phase)) this.lag.stop();
-    else this.lag.start(next);
+    if (TERMINAL.includes(phase)) {
+      this.lag.stop();
+      this.loopWatch.stop();
+    } else this.lag.start(next);
     this.log.info({ upgrade: rec.id, from: rec.phase, to: phase, note }, 'upgrade phase');
     this.emit('PHASE', rec.id, phase, note);
     return next;

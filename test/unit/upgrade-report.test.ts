@@ -328,6 +328,7 @@ describe('upgrade report', function () {
           { process: 'bgp', fromInstance: 'bgp@cp-1', toInstance: 'bgp@cp-2', freezeMs: 31.25 },
           { process: 'ospf', fromInstance: 'ospf@cp-1', toInstance: 'ospf@cp-2', freezeMs: 12.5 },
         ],
+        agentLoopMaxMs: { LOADING: 14.2, LOADED: 3.1, SWITCHING: 17.8, SWITCHED: 2.5, ABORTING: 6 },
       },
       journal: [
         { atMs: t, phase: 'LOADING', note: 'loadversion /img/2' },
@@ -411,6 +412,9 @@ describe('upgrade report', function () {
         assert.equal(f.get('lag-samples'), '9');
         assert.equal(f.get('max-lag'), '260');
         assert.equal(f.get('max-lag:bgp@cp-2'), '260');
+        assert.equal(f.get('loop-max-ms'), '17.8');
+        assert.equal(f.get('loop-max-ms:LOADING'), '14.2');
+        assert.equal(f.get('loop-max-ms:ROLLED_BACK'), undefined, 'no figure for the phase that did not end');
         assert.deepEqual([want.durationS, want.recordsVerified, want.recordsLost, want.maxLag], [23.3, 20_000, 3, 260]);
         // One line per standby instance, one point per sample.
         const lines = [...dom.matchAll(/<polyline data-instance="([^"]+)" data-points="(\d+)"[^>]*points="([^"]*)"/g)].map((m) => [
@@ -431,6 +435,8 @@ describe('upgrade report', function () {
         const png = await screenshot(file, path.join(work, 'page.png'), path.join(work, 'profile'));
         assert.ok(png > 20_000, `the screenshot holds a drawn page (${png} bytes)`);
         assert.match(reportText(report), /records verified 20000, lost 3 \(AUDIT FOUND A DIFFERENCE\)/);
+        assert.match(reportText(report), /agent event loop: longest stall 17\.8 ms \(SWITCHING\)/);
+        assert.match(reportText(report), /SWITCHING +0\.1 s  stall  17\.8 ms  switching/);
       } finally {
         fs.rmSync(work, { recursive: true, force: true });
       }

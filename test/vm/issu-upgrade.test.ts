@@ -414,6 +414,9 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
       ['LOADING', 'LOADED', 'SWITCHING', 'SWITCHED', 'ACCEPTED', 'COMMITTING', 'COMMITTED'],
     );
     assert.ok(rep.lag.length > 0, 'the standby lag was sampled');
+    // The agent's longest event-loop stall was kept for every phase that ended, and only those.
+    assert.deepEqual(Object.keys(rep.upgrade.agentLoopMaxMs ?? {}).sort(), ['ACCEPTED', 'COMMITTING', 'LOADED', 'LOADING', 'SWITCHED', 'SWITCHING']);
+    assert.ok(Object.values(rep.upgrade.agentLoopMaxMs!).every((ms) => ms >= 0));
     assert.equal(rep.upgrade.processes[0].freezeMs, rep.upgrade.freezeMs, 'one process: its freeze is the upgrade freeze');
     assert.deepEqual([rep.audits.length, rep.audits[0].phase, rep.audits[0].consistent, rep.audits[0].recordsLost], [1, 'COMMITTED', true, 0]);
     const page = path.join(work, 'report.html');
@@ -423,7 +426,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const f = figures(await renderedDom(page, path.join(work, 'chromium')));
     const want = reportFigures(rep);
     assert.deepEqual(
-      ['id', 'phase', 'from-version', 'to-version', 'duration-s', 'freeze-ms', 'records-verified', 'records-lost', 'lag-samples', 'max-lag', 'phase-count'].map(
+      ['id', 'phase', 'from-version', 'to-version', 'duration-s', 'freeze-ms', 'records-verified', 'records-lost', 'lag-samples', 'max-lag', 'phase-count', 'loop-max-ms'].map(
         (k) => f.get(k),
       ),
       [
@@ -438,6 +441,7 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
         String(rep.lag.length),
         String(want.maxLag),
         '7',
+        want.loopMaxMs.toFixed(1),
       ],
     );
   });
