@@ -19,6 +19,11 @@ export interface AgentConfig {
   stateDir: string;
   fsync: boolean;
   logLevel: string;
+  /**
+   * The agent's CPU scheduling priority (nice, -20..19); the commands and VMs it starts keep the
+   * priority it was started with.
+   */
+  nice: number;
   checkpoint: CheckpointOptions;
   vm: VmOptions;
   upgrade: { trustDir: string; options: UpgradeOptions };
@@ -95,12 +100,28 @@ Upgrades
   --max-package-bytes N  gNOI OS.Install: largest package accepted (default 2147483648 = 2 GiB);
                          installed bundles go to <state-dir>/images/<version>/
 Other
+  --nice N               the agent's CPU priority, -20..19 (default -5). Every acknowledgement
+                         and switchover step waits for the agent, and guests under TCG keep the
+                         CPUs busy: ahead of them, the agent gets a CPU when it has work. Its VMs,
+                         and the commands it runs, keep the priority it was started with. Lowering
+                         the value needs root (CAP_SYS_NICE); without it the agent says so and
+                         runs at its start priority
   --log-level LEVEL      trace|debug|info|warn|error (env HITLESS_LOG_LEVEL; default info)
   -h, --help             this text
 
 On start the agent prints one JSON line on stdout: {"event":"ready", "grpcSocket", "grpcTcp", ...}.
 Logs are JSON lines on stderr. SIGTERM or SIGINT shut it down gracefully.
 `;
+
+/** The default agent priority: ahead of its VMs and the routing daemons (nice 0), far from realtime. */
+const DEFAULT_NICE = -5;
+
+function niceValue(v: string | undefined): number {
+  if (v === undefined) return DEFAULT_NICE;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < -20 || n > 19) throw new Error(`--nice must be an integer from -20 to 19, got '${v}'`);
+  return n;
+}
 
 export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): AgentConfig | 'help' {
   const { values } = parseArgs({
@@ -133,6 +154,7 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'rollback-timeout-s': { type: 'string' },
       'load-timeout-s': { type: 'string' },
       'log-level': { type: 'string' },
+      nice: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
     strict: true,
@@ -199,6 +221,7 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     stateDir,
     fsync: values.fsync ?? false,
     logLevel: values['log-level'] ?? env.HITLESS_LOG_LEVEL ?? 'info',
+    nice: niceValue(values.nice),
     checkpoint: {
       ...d,
       limits: {

@@ -4,11 +4,31 @@
  * the ready line, and shut down gracefully on SIGTERM/SIGINT.
  */
 import 'reflect-metadata';
+import fs from 'node:fs';
+import os from 'node:os';
 import { NestFactory } from '@nestjs/core';
 import { AgentLifecycle, AppModule } from './app.module';
 import { HITLESSD_HELP, parseAgentArgs } from './config';
 import { createLogger } from './common/logger';
 import { hostCommands } from './host/command-runner';
+
+/** Sets the priority of every thread of this process (Linux: setpriority() takes one thread id). */
+function setProcessPriority(nice: number): void {
+  os.setPriority(nice);
+  let tids: string[] = [];
+  try {
+    tids = fs.readdirSync('/proc/self/task');
+  } catch {
+    return; // no procfs: the main thread has it, the threads made from now on too
+  }
+  for (const tid of tids) {
+    try {
+      os.setPriority(Number(tid), nice);
+    } catch {
+      // ended meanwhile
+    }
+  }
+}
 
 async function main(): Promise<void> {
   let config;
@@ -22,10 +42,30 @@ async function main(): Promise<void> {
     process.stdout.write(HITLESSD_HELP);
     return;
   }
+  // Priority first, so that every thread started from here on has it (Linux gives each thread
+  // its own; new ones take their creator's), and for the threads already running (V8's, which
+  // mark and sweep the heap concurrently: left behind the guests, the collector finished its
+  // work in the main thread's pauses). The command runner's helper goes back to the start
+  // priority, and so does everything it starts: VMs, ip.
+  const startNice = os.getPriority();
+  let niceRefused = '';
+  if (config.nice !== startNice) {
+    try {
+      setProcessPriority(config.nice);
+    } catch (e) {
+      niceRefused = (e as Error).message;
+    }
+  }
   // The helper that starts the agent's commands, forked while the agent is still small (why:
   // host/command-runner.ts).
-  hostCommands.start();
+  hostCommands.start(startNice);
   const log = createLogger(config.logLevel);
+  if (niceRefused) {
+    log.warn(
+      { nice: config.nice, runningAt: startNice, err: niceRefused },
+      'the agent could not raise its CPU priority (needs root or CAP_SYS_NICE); it runs at its start priority, and busy guests may delay it. Run it as root, or pass --nice to say which priority it should have',
+    );
+  }
   const app = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false, abortOnError: false });
   await app.init();
   process.stdout.write(JSON.stringify(app.get(AgentLifecycle).readyInfo) + '\n');

@@ -8,9 +8,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import type { RunnerReply, RunnerRequest } from './command-runner';
 
 /** Commands in flight by request id, and whether each is detached (lives on without the agent). */
+// The agent may run at a higher CPU priority than it was started with; its commands and VMs do
+// not. Raising one's own nice value needs no privilege.
+if (process.argv[2] !== undefined) os.setPriority(Number(process.argv[2]));
+
 const running = new Map<number, { child: ChildProcess; detached: boolean }>();
 
 function send(m: RunnerReply): void {

@@ -123,10 +123,17 @@ export class CommandRunner {
   /** Non-detached commands in flight: the helper keeps the agent alive only while > 0. */
   private waiting = 0;
 
-  /** Starts the helper now: call it early, while the agent is still small (one fork). */
-  start(): void {
+  /** The CPU priority the helper and its commands run at (the agent may run at another). */
+  private nice: number | null = null;
+
+  /**
+   * Starts the helper now: call it early, while the agent is still small (one fork). `nice`: the
+   * priority it and everything it starts run at (default: the agent's own at that moment).
+   */
+  start(nice?: number): void {
+    if (nice !== undefined) this.nice = nice;
     if (this.helper) return;
-    const helper = fork(path.join(__dirname, 'command-runner.child.js'), [], {
+    const helper = fork(path.join(__dirname, 'command-runner.child.js'), this.nice === null ? [] : [String(this.nice)], {
       serialization: 'advanced',
       // Not the agent's flags (--cpu-prof, --max-old-space-size): the helper is small.
       execArgv: [],
