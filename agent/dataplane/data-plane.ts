@@ -57,8 +57,11 @@ export interface DataPlane {
    * ports without reading them on the write path.
    */
   watchInterfaces(onChange: () => void): () => void;
-  /** Every route the agent programmed (and only those), by canonical prefix. */
-  readRoutes(): Promise<Map<string, FibEntry>>;
+  /**
+   * Every route the agent programmed (and only those): canonical prefix -> its next hops as
+   * nextHopsKey (fib-entry.ts) gives them.
+   */
+  readRoutes(): Promise<Map<string, string>>;
   /** Applies the changes in order; never partially silent: every refused change is in `failed`. */
   apply(changes: RouteChange[]): Promise<ApplyResult>;
   /**

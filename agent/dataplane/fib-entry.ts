@@ -228,18 +228,19 @@ export function describeFibEntry(e: FibEntry): string {
   return e.nextHops.map((h) => `${h.gateway ? `via ${h.gateway} ` : ''}dev ${h.interface}${h.weight !== 1 ? ` weight ${h.weight}` : ''}`).join(', ');
 }
 
+/** One next hop as text: "gateway|interface|weight". */
+export const nextHopKey = (h: FibNextHop): string => `${h.gateway}|${h.interface}|${h.weight}`;
+
+/**
+ * The next-hop set of an entry as one string, equal for equal sets whatever their order (the
+ * kernel keeps its own): next-hop keys, sorted, joined by ';'. A reconciliation holds one per
+ * route instead of an object graph, so comparing a big table leaves little for the collector.
+ */
+export function nextHopsKey(hops: readonly FibNextHop[]): string {
+  return hops.length === 1 ? nextHopKey(hops[0]) : hops.map(nextHopKey).sort().join(';');
+}
+
 /** Equal next-hop sets (order does not matter: the kernel keeps its own). */
 export function sameFibEntry(a: FibEntry, b: FibEntry): boolean {
-  if (a.nextHops.length !== b.nextHops.length) return false;
-  // Most routes have one next hop: compared without building anything (a reconciliation
-  // compares every route).
-  if (a.nextHops.length === 1) {
-    const x = a.nextHops[0];
-    const y = b.nextHops[0];
-    return x.gateway === y.gateway && x.interface === y.interface && x.weight === y.weight;
-  }
-  const key = (h: FibNextHop) => `${h.gateway}|${h.interface}|${h.weight}`;
-  const as = a.nextHops.map(key).sort();
-  const bs = b.nextHops.map(key).sort();
-  return as.every((k, i) => k === bs[i]);
+  return a.nextHops.length === b.nextHops.length && nextHopsKey(a.nextHops) === nextHopsKey(b.nextHops);
 }

@@ -19,7 +19,7 @@ import crypto from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { CommandRunner, failureText, hostCommands } from '../host/command-runner';
 import type { ApplyResult, DataPlane, DataPlaneInterface, DataPlaneProbe, InterfaceAddress, RouteChange } from './data-plane';
-import { FibEntry, FibNextHop, addressBytes } from './fib-entry';
+import { FibNextHop, addressBytes, nextHopsKey } from './fib-entry';
 
 /**
  * rtnetlink protocol number of the routes the agent programs (`proto 201` in `ip route`).
@@ -87,8 +87,8 @@ export class LinuxDataPlane implements DataPlane {
     };
   }
 
-  async readRoutes(): Promise<Map<string, FibEntry>> {
-    const out = new Map<string, FibEntry>();
+  async readRoutes(): Promise<Map<string, string>> {
+    const out = new Map<string, string>();
     for (const family of ['-4', '-6'] as const) await this.readFamily(family, out);
     return out;
   }
@@ -99,7 +99,7 @@ export class LinuxDataPlane implements DataPlane {
    * turn of the event loop then brings many chunks (one parse of all of them held the loop for
    * 200 ms at 23,000 routes).
    */
-  private async readFamily(family: '-4' | '-6', out: Map<string, FibEntry>): Promise<void> {
+  private async readFamily(family: '-4' | '-6', out: Map<string, string>): Promise<void> {
     const chunks: Buffer[] = [];
     let wake: (() => void) | null = null;
     const cmd = this.commands.stream('ip', [...this.nsArgs, family, 'route', 'show', 'table', 'main', 'proto', String(ROUTE_PROTO)], {
@@ -114,7 +114,12 @@ export class LinuxDataPlane implements DataPlane {
       wake?.();
     });
     const hostLen = family === '-4' ? 32 : 128;
-    let current: FibEntry | null = null;
+    // A multipath route's next hops come on the lines after it: collected, then keyed.
+    let current: { prefix: string; hops: FibNextHop[] } | null = null;
+    const done = () => {
+      if (current) out.set(current.prefix, nextHopsKey(current.hops));
+      current = null;
+    };
     let rest = '';
     let until = performance.now() + PARSE_SLICE_MS;
     for (;;) {
@@ -128,13 +133,17 @@ export class LinuxDataPlane implements DataPlane {
       }
       const lines = (rest + chunk.toString('latin1')).split('\n');
       rest = lines.pop()!;
-      for (const line of lines) current = parseRouteLine(line, family, hostLen, current, out);
-      if (performance.now() > until) {
-        await new Promise<void>((resolve) => setImmediate(resolve));
-        until = performance.now() + PARSE_SLICE_MS;
+      // A chunk holds up to ~900 routes: the time is looked at every 64.
+      for (let i = 0; i < lines.length; i++) {
+        current = parseRouteLine(lines[i], family, hostLen, current, done);
+        if ((i & 63) === 63 && performance.now() > until) {
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          until = performance.now() + PARSE_SLICE_MS;
+        }
       }
     }
-    if (rest) parseRouteLine(rest, family, hostLen, current, out);
+    if (rest) current = parseRouteLine(rest, family, hostLen, current, done);
+    done();
     const r = await cmd.done;
     if (r.code !== 0 || r.error) throw new Error(`reading the routes of the ${this.target} failed: ${failureText(r)}`);
   }
@@ -216,24 +225,26 @@ export function routeCommand(c: RouteChange): string {
 /** Parsing route text yields the event loop after this long, ms. */
 const PARSE_SLICE_MS = 4;
 
+type RouteInProgress = { prefix: string; hops: FibNextHop[] } | null;
+
 /**
- * One line of `ip route show`: a route ("P via G dev I ...", its entry is returned as the
- * current one) or a next hop of the current multipath route ("\tnexthop via G dev I weight W").
+ * One line of `ip route show`: a route ("P via G dev I ...": `done` ends the one before, and it
+ * is returned as the current one) or a next hop of the current multipath route
+ * ("\tnexthop via G dev I weight W").
  */
-function parseRouteLine(line: string, family: '-4' | '-6', hostLen: number, current: FibEntry | null, out: Map<string, FibEntry>): FibEntry | null {
+function parseRouteLine(line: string, family: '-4' | '-6', hostLen: number, current: RouteInProgress, done: () => void): RouteInProgress {
   if (line.startsWith('\t') || line.startsWith(' ')) {
     const hop = parseHop(line.trim().split(/\s+/).slice(1));
-    if (current && hop) current.nextHops.push(hop);
+    if (current && hop) current.hops.push(hop);
     return current;
   }
   const words = line.trim().split(/\s+/);
   if (!words[0]) return current;
+  done();
   let prefix = words[0] === 'default' ? (family === '-4' ? '0.0.0.0/0' : '::/0') : words[0];
   if (!prefix.includes('/')) prefix = `${prefix}/${hostLen}`;
   const hop = parseHop(words.slice(1));
-  const entry: FibEntry = { nextHops: hop && hop.interface ? [hop] : [] };
-  out.set(prefix, entry);
-  return entry;
+  return { prefix, hops: hop && hop.interface ? [hop] : [] };
 }
 
 /** "via G dev I weight W ..." -> a next hop (other words ignored). */
