@@ -70,3 +70,65 @@ export function clientCtor(fqName: string): grpc.ServiceClientConstructor {
   for (const part of fqName.split('.')) node = (node as Record<string, unknown>)[part];
   return node as grpc.ServiceClientConstructor;
 }
+
+type MessageType = protoLoader.MessageTypeDefinition<unknown, unknown>;
+
+interface FieldDescriptor {
+  name: string;
+  label: string;
+  type: string;
+  typeName: string;
+}
+
+/**
+ * Has protobufjs generate the code of every request and response type now, with that of every
+ * message nested in them. It does so lazily, at a type's first use, and with the CPUs busy that
+ * took 5-20 ms of the agent's event loop each time, in the middle of the first upgrade
+ * (UpgradeStatus, SessionResponse, ...). A sample of each type with every nested message present
+ * goes through its method's serializer and back through its deserializer. Called once, as the
+ * agent's server is built; clients (the SDK in a guest) do not pay for types they never use.
+ */
+export function warmCodecs(def: protoLoader.PackageDefinition): void {
+  const messages = Object.keys(def).filter((k) => (def[k] as MessageType).format);
+  // A method's types by name: in the service's package first (its path is /package.Service/Method).
+  const fqOf = (method: { path: string }, type: MessageType): string | undefined => {
+    const name = (type.type as { name: string }).name;
+    const pkg = method.path.slice(1, method.path.lastIndexOf('.', method.path.lastIndexOf('/')));
+    return def[`${pkg}.${name}`] ? `${pkg}.${name}` : messages.find((k) => k.endsWith(`.${name}`));
+  };
+  // A field's type name is relative: nested in the message, or in its package.
+  const resolve = (scope: string, typeName: string): string | undefined => {
+    for (let s = scope; s; s = s.slice(0, Math.max(0, s.lastIndexOf('.')))) if (def[`${s}.${typeName}`]) return `${s}.${typeName}`;
+    return def[typeName] ? typeName : undefined;
+  };
+  const sample = (fq: string, depth: number): Record<string, unknown> => {
+    const out: Record<string, unknown> = {};
+    const m = def[fq] as MessageType | undefined;
+    if (!m || depth > 6) return out;
+    for (const f of (m.type as { field: FieldDescriptor[] }).field) {
+      if (f.type !== 'TYPE_MESSAGE') continue;
+      const nested = resolve(fq, f.typeName);
+      if (!nested) continue; // a map's entry type: maps of messages are not used here
+      const s = sample(nested, depth + 1);
+      out[f.name] = f.label === 'LABEL_REPEATED' ? [s] : s;
+    }
+    return out;
+  };
+  for (const v of Object.values(def)) {
+    if ((v as MessageType).format) continue;
+    for (const method of Object.values(v as protoLoader.ServiceDefinition)) {
+      for (const [type, ser, de] of [
+        [method.requestType, method.requestSerialize, method.requestDeserialize],
+        [method.responseType, method.responseSerialize, method.responseDeserialize],
+      ] as const) {
+        const fq = fqOf(method, type as MessageType);
+        if (!fq) continue;
+        try {
+          de(ser(sample(fq, 0)));
+        } catch {
+          // The code is generated before any field is looked at: warm either way.
+        }
+      }
+    }
+  }
+}
