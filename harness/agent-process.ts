@@ -8,6 +8,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { endProcess, exitOf } from './child-process';
+import { onInterrupt } from './interrupt-cleanup';
+import { QemuReaper } from './qemu-reaper';
 
 export interface AgentHandle {
   proc: ChildProcess;
@@ -72,6 +74,13 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     proc.once('exit', (code) => reject(new Error(`hitlessd exited with ${code} before ready: ${err}`)));
   });
   const exited = exitOf(proc);
+  // Stopped by a signal: the agent and every guest it launched (they outlive it by design).
+  const unregister = onInterrupt(async () => {
+    const reaper = new QemuReaper();
+    reaper.trackStateDir(stateDir);
+    await endProcess(proc, 'SIGKILL', exited);
+    reaper.reap();
+  });
   const handle: AgentHandle = {
     proc,
     pid: proc.pid!,
@@ -83,10 +92,12 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
     stdout: () => out2,
     async stop() {
       running.delete(handle);
+      unregister();
       await endProcess(proc, 'SIGTERM', exited);
     },
     async kill9() {
       running.delete(handle);
+      unregister();
       await endProcess(proc, 'SIGKILL', exited);
     },
   };

@@ -6,6 +6,7 @@
 import { ChildProcess, execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { onInterrupt } from './interrupt-cleanup';
 
 export interface BirdPeerOptions {
   netns: string;
@@ -110,6 +111,9 @@ export async function startBird(o: BirdPeerOptions): Promise<BirdPeer> {
   });
   let stderr = '';
   proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  // Stopped by a signal: BIRD too (deleting its namespace would not end it).
+  const unregister = onInterrupt(() => proc.exitCode === null && proc.kill('SIGKILL'));
+  proc.once('exit', unregister);
   const birdc = (cmd: string) =>
     new Promise<string>((resolve, reject) =>
       execFile('birdc', ['-s', socket, ...cmd.split(' ')], { timeout: 10_000 }, (err, out) =>

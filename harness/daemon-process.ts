@@ -6,6 +6,7 @@ import { ChildProcess, spawn } from 'node:child_process';
 import path from 'node:path';
 import readline from 'node:readline';
 import { endProcess, exitOf } from './child-process';
+import { onInterrupt } from './interrupt-cleanup';
 
 export type DaemonEvent = Record<string, unknown> & { event: string };
 
@@ -34,6 +35,9 @@ export function startDaemon(kind: 'bgp-rib' | 'ospf-lsdb', args: string[], env: 
   const proc = netns
     ? spawn('ip', ['netns', 'exec', netns, process.execPath, ...argv], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } })
     : spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  // Stopped by a signal: the daemon too (it would keep writing to an agent that is gone).
+  const unregister = onInterrupt(() => proc.exitCode === null && proc.signalCode === null && proc.kill('SIGKILL'));
+  proc.once('exit', unregister);
   const events: DaemonEvent[] = [];
   const waiters: { pred: (e: DaemonEvent) => boolean; resolve: (e: DaemonEvent) => void }[] = [];
   let stderr = '';

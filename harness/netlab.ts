@@ -22,6 +22,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
+import { onInterrupt } from './interrupt-cleanup';
 
 export interface NetLab {
   /** The data-plane namespace: give it to the agent as --dataplane netns:NAME. */
@@ -76,6 +77,8 @@ export function netLabAvailable(): { ok: boolean; reason: string } {
 
 export function createNetLab(): NetLab {
   const id = crypto.randomBytes(3).toString('hex');
+  // Stopped by a signal: the namespaces go (their veths with them).
+  const unregister = onInterrupt(() => lab.remove());
   const lab: NetLab = {
     dataplane: `hl-dp-${id}`,
     sender: `hl-tx-${id}`,
@@ -95,6 +98,7 @@ export function createNetLab(): NetLab {
       lab.cp.gateway,
     ],
     remove: () => {
+      unregister();
       for (const ns of [lab.sender, lab.receiver, lab.dataplane]) {
         try {
           ip(['netns', 'del', ns]);

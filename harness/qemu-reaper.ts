@@ -5,10 +5,17 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { pidAlive } from '../agent/vm/qemu-hypervisor';
+import { onInterrupt } from './interrupt-cleanup';
 
 /** Collects the pids of every QEMU a test starts and SIGKILLs the survivors' groups. */
 export class QemuReaper {
   private readonly pids = new Set<number>();
+
+  constructor() {
+    // Stopped by a signal: the survivors are killed as reap() would (harness/interrupt-cleanup.ts).
+    onInterrupt(() => this.reap());
+  }
+
   track(pid: number | null | undefined): void {
     if (pid) this.pids.add(pid);
   }

@@ -7,6 +7,7 @@
 import { ChildProcess, spawn } from 'node:child_process';
 import path from 'node:path';
 import readline from 'node:readline';
+import { onInterrupt } from './interrupt-cleanup';
 import type { NetLab } from './netlab';
 
 const FLOW = path.resolve(__dirname, 'udp-flow.js');
@@ -39,6 +40,9 @@ interface Flow {
 
 function startFlow(ns: string, args: string[]): Flow {
   const child = spawn('ip', ['netns', 'exec', ns, process.execPath, FLOW, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+  // Stopped by a signal: the flow too (deleting its namespace would not end it).
+  const unregister = onInterrupt(() => child.exitCode === null && child.kill('SIGKILL'));
+  child.once('exit', unregister);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
   const lines: Record<string, unknown>[] = [];
