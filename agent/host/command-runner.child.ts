@@ -11,11 +11,18 @@ import fs from 'node:fs';
 import os from 'node:os';
 import type { RunnerReply, RunnerRequest } from './command-runner';
 
-/** Commands in flight by request id, and whether each is detached (lives on without the agent). */
-// The agent may run at a higher CPU priority than it was started with; its commands and VMs do
-// not. Raising one's own nice value needs no privilege.
-if (process.argv[2] !== undefined) os.setPriority(Number(process.argv[2]));
+// The agent may run at another CPU priority than it was started with; its commands and VMs do
+// not. (Going back to a lower priority needs no privilege; to a higher one it does, and without
+// it they run at the agent's.)
+if (process.argv[2] !== undefined) {
+  try {
+    os.setPriority(Number(process.argv[2]));
+  } catch {
+    // left at the agent's priority
+  }
+}
 
+/** Commands in flight by request id, and whether each is detached (lives on without the agent). */
 const running = new Map<number, { child: ChildProcess; detached: boolean }>();
 
 function send(m: RunnerReply): void {
