@@ -29,7 +29,11 @@ function install(): void {
       if (interrupted) return; // a second signal while cleaning up: the first one finishes
       interrupted = true;
       process.stderr.write(`\n${signal}: ending what this run started (${cleanups.size} to clean up)\n`);
-      const all = [...cleanups].reverse().map((c) => Promise.resolve().then(c).catch(() => undefined));
+      const all = [...cleanups].reverse().map((c) =>
+        Promise.resolve()
+          .then(c)
+          .catch(() => undefined),
+      );
       const timer = setTimeout(() => process.exit(128 + number), CLEANUP_MS);
       void Promise.all(all).then(() => {
         clearTimeout(timer);

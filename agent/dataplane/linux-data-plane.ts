@@ -165,7 +165,7 @@ export class LinuxDataPlane implements DataPlane {
     // Written in chunks, each once ip took the one before: a million lines must not be one string.
     let ended = false;
     void cmd.done.then(() => (ended = true));
-    for (let i = 0; i < changes.length && !ended; ) {
+    for (let i = 0; i < changes.length && !ended;) {
       let chunk = '';
       for (const end = Math.min(changes.length, i + 2000); i < end; i++) chunk += routeCommand(changes[i]) + '\n';
       await cmd.write(chunk);

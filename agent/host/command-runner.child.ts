@@ -42,7 +42,17 @@ function start(m: Extract<RunnerRequest, { t: 'run' }>): void {
       stdio: [m.stdin ? 'pipe' : 'ignore', out, logFd ?? 'pipe'],
     });
   } catch (e) {
-    send({ t: 'exit', id: m.id, code: null, signal: null, stdout: null, stderr: '', timedOut: false, error: (e as Error).message, errno: (e as NodeJS.ErrnoException).code ?? '' });
+    send({
+      t: 'exit',
+      id: m.id,
+      code: null,
+      signal: null,
+      stdout: null,
+      stderr: '',
+      timedOut: false,
+      error: (e as Error).message,
+      errno: (e as NodeJS.ErrnoException).code ?? '',
+    });
     return;
   } finally {
     if (logFd !== null) fs.closeSync(logFd);

@@ -155,7 +155,17 @@ export class CommandRunner {
   run(cmd: string, args: string[], opts: RunOptions = {}): Promise<CommandResult> {
     return new Promise((resolve) => {
       this.request(
-        { cmd, args, cwd: opts.cwd, detached: false, stdin: false, streamStdout: false, collectStdout: true, timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS, maxBufferBytes: opts.maxBufferBytes ?? DEFAULT_MAX_BUFFER },
+        {
+          cmd,
+          args,
+          cwd: opts.cwd,
+          detached: false,
+          stdin: false,
+          streamStdout: false,
+          collectStdout: true,
+          timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+          maxBufferBytes: opts.maxBufferBytes ?? DEFAULT_MAX_BUFFER,
+        },
         { detached: false, wrote: [], onExit: resolve },
       );
     });
@@ -214,7 +224,18 @@ export class CommandRunner {
     return new Promise((resolve, reject) => {
       let proc: (EventEmitter & { pid: number; exitCode: number | null; signalCode: NodeJS.Signals | null }) | null = null;
       this.request(
-        { cmd, args, cwd: opts.cwd, detached: true, stdin: false, streamStdout: false, collectStdout: false, logPath: opts.logPath, timeoutMs: 0, maxBufferBytes: 0 },
+        {
+          cmd,
+          args,
+          cwd: opts.cwd,
+          detached: true,
+          stdin: false,
+          streamStdout: false,
+          collectStdout: false,
+          logPath: opts.logPath,
+          timeoutMs: 0,
+          maxBufferBytes: 0,
+        },
         {
           detached: true,
           wrote: [],
@@ -251,10 +272,18 @@ export class CommandRunner {
       p.spawned = true;
       p.pid = m.pid;
       p.onSpawned?.(m.pid);
-    }
-    else if (m.t === 'out') p.onOut?.(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
+    } else if (m.t === 'out') p.onOut?.(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
     else if (m.t === 'wrote') p.wrote.shift()?.();
-    else this.finish(m.id, p, { code: m.code, signal: m.signal, stdout: m.stdout ? Buffer.from(m.stdout.buffer, m.stdout.byteOffset, m.stdout.byteLength).toString('utf8') : '', stderr: m.stderr, timedOut: m.timedOut, error: m.error, errno: m.errno });
+    else
+      this.finish(m.id, p, {
+        code: m.code,
+        signal: m.signal,
+        stdout: m.stdout ? Buffer.from(m.stdout.buffer, m.stdout.byteOffset, m.stdout.byteLength).toString('utf8') : '',
+        stderr: m.stderr,
+        timedOut: m.timedOut,
+        error: m.error,
+        errno: m.errno,
+      });
   }
 
   private finish(id: number, p: Pending, r: CommandResult): void {

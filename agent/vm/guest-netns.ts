@@ -39,9 +39,9 @@ const told = new WeakSet<VmLogger>();
 
 /** Whether a private namespace can be set up on this host; tried once per agent process. */
 export function probeGuestNetns(): Promise<GuestNetnsProbe> {
-  probe ??= hostCommands.run('unshare', ['--net', 'sh', '-c', SETUP], { timeoutMs: 5000 }).then((r) =>
-    r.code === 0 && !r.error ? { usable: true, reason: '' } : { usable: false, reason: failureText(r).split('\n').pop() ?? '' },
-  );
+  probe ??= hostCommands
+    .run('unshare', ['--net', 'sh', '-c', SETUP], { timeoutMs: 5000 })
+    .then((r) => (r.code === 0 && !r.error ? { usable: true, reason: '' } : { usable: false, reason: failureText(r).split('\n').pop() ?? '' }));
   return probe;
 }
 

@@ -52,10 +52,7 @@ describe('LinuxDataPlane (a network namespace of its own)', function () {
     // Someone else's route in the namespace is never read as ours.
     ip(['-n', ns, 'route', 'add', '198.18.3.0/24', 'via', '10.9.0.2']);
     const held = await dp.readRoutes();
-    assert.deepEqual(
-      [...held].sort(),
-      [...wanted].map(([p, e]) => [p, nextHopsKey(e.nextHops)]).sort(),
-    );
+    assert.deepEqual([...held].sort(), [...wanted].map(([p, e]) => [p, nextHopsKey(e.nextHops)]).sort());
     // Next hops in another order are the same set.
     assert.equal(held.get('198.18.2.0/24'), nextHopsKey([hop('10.9.0.2', 1), hop('10.9.0.3', 2)]));
   });
@@ -67,7 +64,10 @@ describe('LinuxDataPlane (a network namespace of its own)', function () {
       { prefix: '198.18.9.0/24', entry: null }, // never there: removing it is what was wanted
     ]);
     assert.equal(r.applied, 2);
-    assert.deepEqual(r.failed.map((f) => f.prefix), ['198.18.4.0/24']);
+    assert.deepEqual(
+      r.failed.map((f) => f.prefix),
+      ['198.18.4.0/24'],
+    );
     const held = await dp.readRoutes();
     assert.equal(held.has('198.18.1.0/24'), false);
     assert.equal(held.has('198.18.4.0/24'), false);

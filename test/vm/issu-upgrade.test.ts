@@ -426,9 +426,20 @@ describe('issu: hitless upgrade of the control-plane VM (real QEMU under TCG)', 
     const f = figures(await renderedDom(page, path.join(work, 'chromium')));
     const want = reportFigures(rep);
     assert.deepEqual(
-      ['id', 'phase', 'from-version', 'to-version', 'duration-s', 'freeze-ms', 'records-verified', 'records-lost', 'lag-samples', 'max-lag', 'phase-count', 'loop-max-ms'].map(
-        (k) => f.get(k),
-      ),
+      [
+        'id',
+        'phase',
+        'from-version',
+        'to-version',
+        'duration-s',
+        'freeze-ms',
+        'records-verified',
+        'records-lost',
+        'lag-samples',
+        'max-lag',
+        'phase-count',
+        'loop-max-ms',
+      ].map((k) => f.get(k)),
       [
         rep.upgrade.id,
         'COMMITTED',
