@@ -163,19 +163,28 @@ export class SqliteUpgradeStore implements UpgradeStore {
     );
   }
 
-  /** A refusal (full disk) leaves the phase as it was: the action it announces must not start. */
+  /**
+   * A refusal (full disk) leaves the phase as it was: the action it announces must not start.
+   *
+   * BEGIN IMMEDIATE: the transaction reads the record and then writes. Begun as a read (SQLite's
+   * default), it could not become a write once another connection had committed in between (the
+   * store's writer thread commits batches all through an upgrade): SQLite then answers "database
+   * is locked" at once, without waiting. Taking the write lock first waits for that writer instead.
+   */
   transition(id: string, phase: Phase, note: string, fields: Partial<UpgradeRecord> = {}): UpgradeRecord {
     const then = () => `run the command again; upgrade ${id} stays in its phase (not ${phase})`;
     return storeWrite(this.db, then, () =>
-      this.db.transaction(() => {
-        const cur = this.get(id);
-        if (!cur) throw new Error(`upgrade ${id} is not in the journal`);
-        const next: UpgradeRecord = { ...cur, ...fields, phase, updatedAt: Date.now() };
-        this.db.prepare('UPDATE upgrades SET phase = ?, data = ? WHERE id = ?').run(phase, JSON.stringify(next), id);
-        const n = (this.db.prepare('SELECT COALESCE(MAX(n), 0) + 1 AS n FROM upgrade_journal WHERE id = ?').get(id) as { n: number }).n;
-        this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, ?, ?, ?, ?)').run(id, n, Date.now(), phase, note);
-        return next;
-      })(),
+      this.db
+        .transaction(() => {
+          const cur = this.get(id);
+          if (!cur) throw new Error(`upgrade ${id} is not in the journal`);
+          const next: UpgradeRecord = { ...cur, ...fields, phase, updatedAt: Date.now() };
+          this.db.prepare('UPDATE upgrades SET phase = ?, data = ? WHERE id = ?').run(phase, JSON.stringify(next), id);
+          const n = (this.db.prepare('SELECT COALESCE(MAX(n), 0) + 1 AS n FROM upgrade_journal WHERE id = ?').get(id) as { n: number }).n;
+          this.db.prepare('INSERT INTO upgrade_journal (id, n, at, phase, note) VALUES (?, ?, ?, ?, ?)').run(id, n, Date.now(), phase, note);
+          return next;
+        })
+        .immediate(),
     );
   }
 

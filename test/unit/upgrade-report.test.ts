@@ -8,6 +8,7 @@
  * the real service, with real standbys, is covered by the VM test of changeversion.
  */
 import assert from 'node:assert/strict';
+import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -71,6 +72,41 @@ describe('upgrade report', function () {
   afterEach(() => {
     db.close();
     fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('a phase transition holds when another connection commits between its read and its write', () => {
+    // The store's writer thread has a connection of its own and commits batches all through an
+    // upgrade. Here a second connection commits at the worst moment: right after the transition
+    // read the record. Begun as a read, the transition could not write any more ("database is
+    // locked" at once); begun with the write lock, it goes through and the other writer waits.
+    store.create(record('u-20261129010000-cccc'), 'loadversion');
+    const other = new Database(path.join(dir, 'hitless.db'));
+    other.pragma('busy_timeout = 0');
+    other.exec('CREATE TABLE IF NOT EXISTS other_writer (n INTEGER)');
+    let otherCommitted: boolean | null = null;
+    const read = store.get.bind(store);
+    store.get = (id: string) => {
+      const r = read(id);
+      try {
+        other.prepare('INSERT INTO other_writer (n) VALUES (1)').run();
+        otherCommitted = true;
+      } catch {
+        otherCommitted = false; // it waits for the transition (here: gives up at once)
+      }
+      return r;
+    };
+    try {
+      const next = store.transition('u-20261129010000-cccc', 'LOADED', 'every standby process is READY');
+      assert.equal(next.phase, 'LOADED');
+      assert.equal(otherCommitted, false, 'the other writer could not commit inside the transition');
+    } finally {
+      store.get = read;
+      other.close();
+    }
+    assert.deepEqual(
+      store.journal('u-20261129010000-cccc').map((j) => j.phase),
+      ['LOADING', 'LOADED'],
+    );
   });
 
   it('keeps lag samples and audits per upgrade, in order, across a reopen of the database', () => {
