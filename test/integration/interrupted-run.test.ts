@@ -9,16 +9,9 @@ import assert from 'node:assert/strict';
 import { execFileSync, fork } from 'node:child_process';
 import path from 'node:path';
 import { netLabAvailable } from '../../harness/netlab';
+import { pidAlive as alive } from '../../agent/vm/qemu-hypervisor';
 import { until } from '../../harness/wait';
 
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 const namespaces = () => execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' });
 
 describe('a run stopped by a signal', function () {

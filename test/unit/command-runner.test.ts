@@ -6,16 +6,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { CommandRunner, type DetachedProcess } from '../../agent/host/command-runner';
+import { pidAlive as alive } from '../../agent/vm/qemu-hypervisor';
 import { until } from '../../harness/wait';
 
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 const exitOf = (p: DetachedProcess) => new Promise<[number | null, string | null]>((resolve) => p.once('exit', (c, s) => resolve([c, s])));
 
 describe('command runner (a helper process starts the commands)', function () {
