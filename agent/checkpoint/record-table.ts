@@ -288,8 +288,20 @@ export class RecordTable {
 
   /** Visits live records in no particular order. Key as latin1 string, value bytes shared (copy to keep). */
   forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
-    this.settle();
-    for (let i = 0; i <= this.mask; i++) {
+    this.forEachIn(0, this.mask + 1, cb);
+  }
+
+  /**
+   * forEach in slices that a caller can spread over turns of the event loop: visits the live
+   * records in index slots [from, from + slots) and returns where the next slice starts, or -1
+   * after the last. Begin at 0. The slices of one pass visit every record once only while the
+   * records do not change between them: compare `version` before and after a pass, and start
+   * over when it moved (an append may grow the index or move keys to other slots).
+   */
+  forEachIn(from: number, slots: number, cb: (key: string, schema: number, value: Buffer) => void): number {
+    if (from === 0) this.settle();
+    const end = Math.min(from + slots, this.mask + 1);
+    for (let i = from; i < end; i++) {
       const a = this.slotArena[i];
       if (a === 0) continue;
       const buf = this.byId[a - 1]!.buf;
@@ -299,6 +311,7 @@ export class RecordTable {
       const s = off + RECORD_HEADER_BYTES + keyLen;
       cb(buf.latin1Slice(off + RECORD_HEADER_BYTES, s), (buf[s] << 8) | buf[s + 1], buf.subarray(s + SCHEMA_BYTES, s + SCHEMA_BYTES + valLen));
     }
+    return end > this.mask ? -1 : end;
   }
 
   clear(): void {

@@ -128,6 +128,19 @@ export class LocalTable {
   forEach(cb: (key: string, schema: number, value: Buffer) => void): void {
     this.records.forEach(cb);
   }
+  /**
+   * forEach in slices, for tables too large to visit in one turn: visits the records in index
+   * slots [from, from + slots) and returns where the next slice starts (-1: done); begin at 0.
+   * A pass visits every record once only if the table does not change between its slices:
+   * compare `version` before and after, and start over when it moved.
+   */
+  forEachIn(from: number, slots: number, cb: (key: string, schema: number, value: Buffer) => void): number {
+    return this.records.forEachIn(from, slots, cb);
+  }
+  /** Changes with every change of the records (not with compaction). */
+  get version(): number {
+    return this.records.version;
+  }
 }
 
 interface OutboxEntry {

@@ -176,6 +176,45 @@ describe('RecordTable', () => {
     assert.equal(tableDigest(t).sha256, modelDigest(model));
   });
 
+  it('forEachIn visits every live record once over slices, begun while the index grows; version tells a change', async () => {
+    const t = new RecordTable();
+    const model = new Map<string, Buffer>();
+    const b = new RecordBuilder();
+    for (let n = 0; !(t.growing && n > 150_000); n++) {
+      const v = Buffer.from(`w${n}`);
+      b.put(`f${n}`, 1, v);
+      model.set(`f${n}`, v);
+      if (n % 7 === 3) {
+        b.delete(`f${n - 2}`);
+        model.delete(`f${n - 2}`);
+      }
+      if (b.count >= 500) t.append(b.take().records);
+    }
+    assert.ok(t.growing, 'the pass begins while keys are still in the old index');
+    const version = t.version;
+    const seen = new Map<string, Buffer>();
+    let slices = 0;
+    for (let slot = 0; slot >= 0; slices++) {
+      slot = t.forEachIn(slot, 4096, (k, schema, v) => {
+        assert.equal(schema, 1);
+        assert.ok(!seen.has(k), `${k} visited twice`);
+        seen.set(k, Buffer.from(v));
+      });
+      await new Promise((r) => setImmediate(r)); // other work runs between slices
+    }
+    assert.ok(slices > 10, `spread over slices (${slices})`);
+    assert.equal(t.version, version, 'nothing changed during the pass');
+    assert.deepEqual(seen, model);
+    // Any change of the records moves the version; compaction does not.
+    const c = new RecordBuilder();
+    c.delete('f0');
+    t.append(c.take().records);
+    assert.notEqual(t.version, version);
+    const v2 = t.version;
+    t.compact();
+    assert.equal(t.version, v2);
+  });
+
   it('keeps values of other schema versions with their version', () => {
     const t = new RecordTable();
     const b = new RecordBuilder();
