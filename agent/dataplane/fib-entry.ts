@@ -111,6 +111,46 @@ export function parsePrefix(key: string): Prefix {
   return { family: bytes.length === 4 ? 4 : 6, text, bytes: masked, length };
 }
 
+/**
+ * The family of a valid FIB key; throws exactly as parsePrefix does for any other. The write path
+ * checks every key of every FIB batch and needs nothing else: canonical IPv4 prefixes (nearly
+ * all of a full table) are checked here without allocating; anything else goes to parsePrefix.
+ */
+export function prefixFamily(key: string): 4 | 6 {
+  return isCanonicalIpv4Prefix(key) ? 4 : parsePrefix(key).family;
+}
+
+/**
+ * Whether `key` is a.b.c.d/len in parsePrefix's canonical form: decimal octets and length
+ * without leading zeros, length 0..32, no host bits set. False sends it to parsePrefix, which
+ * accepts it or names what is wrong.
+ */
+function isCanonicalIpv4Prefix(key: string): boolean {
+  let i = 0;
+  let addr = 0;
+  for (let part = 0; part < 5; part++) {
+    const start = i;
+    let v = 0;
+    for (; i < key.length && i - start < 4; i++) {
+      const c = key.charCodeAt(i);
+      if (c < 48 || c > 57) break;
+      v = v * 10 + (c - 48);
+    }
+    const digits = i - start;
+    if (digits === 0 || digits > 3 || (digits > 1 && key.charCodeAt(start) === 48)) return false;
+    if (part < 4) {
+      if (v > 255 || key.charCodeAt(i) !== (part < 3 ? 46 : 47)) return false; // '.' or '/'
+      addr = addr * 256 + v;
+      i++;
+    } else {
+      if (v > 32 || i !== key.length) return false;
+      // Host bits: the low 32 - v bits of the address (an unsigned 32-bit number here).
+      return v === 32 || addr % 2 ** (32 - v) === 0;
+    }
+  }
+  return false;
+}
+
 /** Whether `addr` (bytes) lies inside `net`/`len` (bytes of the same family). */
 export function inSubnet(addr: Buffer, netBytes: Buffer, len: number): boolean {
   if (addr.length !== netBytes.length) return false;

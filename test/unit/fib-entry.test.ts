@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import protobuf from 'protobufjs';
-import { addressBytes, addressText, decodeFibEntry, encodeFibEntry, parsePrefix, sameFibEntry } from '../../agent/dataplane/fib-entry';
+import { addressBytes, addressText, decodeFibEntry, encodeFibEntry, parsePrefix, prefixFamily, sameFibEntry } from '../../agent/dataplane/fib-entry';
 import { parseBatchErrors, routeCommand } from '../../agent/dataplane/linux-data-plane';
 import { fibRoutes, trafficTargets } from '../../examples/common/fib-routes';
 
@@ -29,6 +29,51 @@ describe('FIB records', () => {
       ['example.com/24', /not an IPv4 or IPv6 address/],
     ];
     for (const [k, msg] of wrong) assert.throws(() => parsePrefix(k), msg, k);
+  });
+
+  it("prefixFamily (the write path's check) accepts and refuses exactly what parsePrefix does, with its message", () => {
+    const outcome = (f: () => number) => {
+      try {
+        return `family ${f()}`;
+      } catch (e) {
+        return (e as Error).message;
+      }
+    };
+    // Edge cases first, then random spellings near the canonical form.
+    const keys = ['0.0.0.0/0', '255.255.255.255/32', '10.0.0.0/8', '10.0.0.1/8', '10.0.0.0/08', '010.0.0.0/8', '10.0.0.0/33', '10.0.0.0/', '10.0.0/24'];
+    keys.push(
+      '1.2.3.4/32',
+      '128.0.0.0/1',
+      '192.0.2.0/23',
+      '256.0.0.0/8',
+      '10.0.0.0/8x',
+      '10.0.0.0.0/8',
+      '1.2.3.4',
+      '',
+      '/8',
+      '2001:db8::/32',
+      '::/0',
+      '1000.0.0.0/8',
+    );
+    let seed = 7;
+    const rand = (n: number) => (seed = (seed * 1103515245 + 12345) & 0x7fffffff) % n;
+    const pieces = ['0', '00', '1', '10', '127', '192', '255', '256', '999', '01', ''];
+    for (let i = 0; i < 20_000; i++) {
+      const o = () => pieces[rand(pieces.length)];
+      const len = ['0', '1', '8', '16', '23', '24', '25', '31', '32', '33', '08', ''][rand(12)];
+      keys.push(`${o()}.${o()}.${o()}.${o()}/${len}`);
+    }
+    let accepted = 0;
+    for (const k of keys) {
+      const want = outcome(() => parsePrefix(k).family);
+      assert.equal(
+        outcome(() => prefixFamily(k)),
+        want,
+        k,
+      );
+      if (want.startsWith('family')) accepted++;
+    }
+    assert.ok(accepted > 500 && accepted < keys.length - 500, `both outcomes are exercised (${accepted} of ${keys.length} accepted)`);
   });
 
   it('writes addresses as inet_ntop does (the longest run of zero groups becomes ::, the first on a tie)', () => {
