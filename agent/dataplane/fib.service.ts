@@ -400,15 +400,23 @@ export class FibService implements ForwardingSink {
       const changes: RouteChange[] = [];
       const slice = new Slice();
       let visited = 0;
+      // Routes share their value (one FibEntry per next-hop set): each distinct one is decoded
+      // and keyed once, and its entry shared by the changes that need it (read only). Decoding
+      // every route made the garbage that the collector paused for after a switchover.
+      const distinct = new Map<string, { entry: FibEntry; key: string }>();
       for (const [prefix, bytes] of wanted) {
         if (++visited % 256 === 0) await slice.yieldIfDue();
-        const entry = normalize(decodeFibEntry(Buffer.from(bytes, 'latin1')));
+        let v = distinct.get(bytes);
+        if (!v) {
+          const entry = normalize(decodeFibEntry(Buffer.from(bytes, 'latin1')));
+          distinct.set(bytes, (v = { entry, key: nextHopsKey(entry.nextHops) }));
+        }
         const has = held.get(prefix);
         if (has === undefined) {
-          changes.push({ prefix, entry });
+          changes.push({ prefix, entry: v.entry });
           result.added++;
-        } else if (has !== nextHopsKey(entry.nextHops)) {
-          changes.push({ prefix, entry });
+        } else if (has !== v.key) {
+          changes.push({ prefix, entry: v.entry });
           result.replaced++;
         }
       }
