@@ -117,7 +117,9 @@ export function parsePrefix(key: string): Prefix {
  * all of a full table) are checked here without allocating; anything else goes to parsePrefix.
  */
 export function prefixFamily(key: string): 4 | 6 {
-  return isCanonicalIpv4Prefix(key) ? 4 : parsePrefix(key).family;
+  if (isCanonicalIpv4Prefix(key)) return 4;
+  if (isCanonicalIpv6Prefix(key)) return 6;
+  return parsePrefix(key).family;
 }
 
 /**
@@ -149,6 +151,80 @@ function isCanonicalIpv4Prefix(key: string): boolean {
     }
   }
   return false;
+}
+
+/**
+ * Whether `key` is an IPv6 prefix in parsePrefix's canonical form (addressText's: lowercase hex
+ * groups without leading zeros, the longest run of two or more zero groups as "::", the first
+ * on a tie; no dotted quad), length 0..128 without leading zeros, no host bits set. False sends
+ * it to parsePrefix, which accepts it or names what is wrong.
+ */
+function isCanonicalIpv6Prefix(key: string): boolean {
+  const slash = key.indexOf('/');
+  if (slash < 2) return false;
+  const groups: number[] = [];
+  let gap = -1; // index in `groups` where "::" stands
+  let i = 0;
+  if (key.charCodeAt(0) === 58) {
+    if (key.charCodeAt(1) !== 58) return false;
+    gap = 0;
+    i = 2;
+  }
+  while (i < slash) {
+    const start = i;
+    let v = 0;
+    for (; i < slash; i++) {
+      const c = key.charCodeAt(i);
+      const d = c >= 48 && c <= 57 ? c - 48 : c >= 97 && c <= 102 ? c - 87 : -1;
+      if (d < 0) break;
+      v = v * 16 + d;
+    }
+    const digits = i - start;
+    if (digits === 0 || digits > 4 || (digits > 1 && key.charCodeAt(start) === 48)) return false;
+    groups.push(v);
+    if (i === slash) break;
+    if (key.charCodeAt(i) !== 58) return false; // ':'
+    i++;
+    if (key.charCodeAt(i) === 58) {
+      if (gap >= 0) return false;
+      gap = groups.length;
+      i++;
+    } else if (i === slash) return false; // a trailing single ':'
+  }
+  const run = 8 - groups.length; // zero groups the "::" stands for
+  if (gap < 0 ? groups.length !== 8 : run < 2) return false;
+  // "::" must stand for the longest run of zero groups (two or more), the first on a tie; a
+  // zero group next to it would have been part of it (so no run below touches it).
+  if (gap >= 0 && (groups[gap - 1] === 0 || groups[gap] === 0)) return false;
+  for (let g = 0; g < groups.length;) {
+    if (groups[g] !== 0) {
+      g++;
+      continue;
+    }
+    let e = g;
+    while (e < groups.length && groups[e] === 0) e++;
+    const len = e - g;
+    if (len >= 2 && (gap < 0 || len > run || (len === run && e <= gap))) return false;
+    g = e;
+  }
+  // Length, then host bits (each group covers 16 bits of the address).
+  const lenStart = slash + 1;
+  let len = 0;
+  for (i = lenStart; i < key.length; i++) {
+    const c = key.charCodeAt(i);
+    if (c < 48 || c > 57) return false;
+    len = len * 10 + (c - 48);
+  }
+  const lenDigits = key.length - lenStart;
+  if (lenDigits === 0 || lenDigits > 3 || (lenDigits > 1 && key.charCodeAt(lenStart) === 48) || len > 128) return false;
+  const full = gap < 0 ? groups : [...groups.slice(0, gap), ...new Array<number>(run).fill(0), ...groups.slice(gap)];
+  for (let g = 0; g < 8; g++) {
+    const bits = len - g * 16; // prefix bits inside this group
+    if (bits >= 16) continue;
+    const hostMask = bits <= 0 ? 0xffff : 0xffff >> bits;
+    if ((full[g] & hostMask) !== 0) return false;
+  }
+  return true;
 }
 
 /** Whether `addr` (bytes) lies inside `net`/`len` (bytes of the same family). */

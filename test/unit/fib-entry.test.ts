@@ -63,7 +63,43 @@ describe('FIB records', () => {
       const len = ['0', '1', '8', '16', '23', '24', '25', '31', '32', '33', '08', ''][rand(12)];
       keys.push(`${o()}.${o()}.${o()}.${o()}/${len}`);
     }
+    // IPv6: groups near the canonical spelling (zero runs, leading zeros, case), with and
+    // without "::", and lengths that do and do not cover the bits set.
+    keys.push('::/0', '::1/128', '1::/16', '2001:db8::/32', '2001:db8:0:0:1::/80', '2001:db8::1:0:0:1/128', '2001:0:0:1::1/128', '2001:db8:0:1:1:1:1:1/128');
+    keys.push(
+      '1:0:0:1::1:1/128',
+      '1::1:0:0:1:1/128',
+      '2001:DB8::/32',
+      '2001:db8::0/128',
+      '2001:db8:0::/48',
+      '1:0:0:2:0:0:0:3/128',
+      '1:0:0:0:2:0:0:3/128',
+      '1::2:0:0:3/128',
+      '::ffff:1.2.3.4/128',
+    );
+    const groups = ['0', '0', '0', '1', '2', 'a', 'db8', '2001', 'ffff', 'fe80', 'abcd', '00', '01', 'F', '10000', ''];
+    for (let i = 0; i < 20_000; i++) {
+      const n = 2 + rand(7);
+      const g = Array.from({ length: n }, () => groups[rand(groups.length)]);
+      if (rand(3) > 0) g.splice(rand(n + 1), 0, ''); // a "::" somewhere (or a stray ':')
+      let text = g.join(':');
+      if (text.startsWith(':') && !text.startsWith('::')) text = `:${text}`;
+      if (text.endsWith(':') && !text.endsWith('::')) text = `${text}:`;
+      const len = ['0', '1', '16', '32', '48', '63', '64', '65', '96', '112', '127', '128', '128', '128', '129', '064'][rand(16)];
+      keys.push(`${text}/${len}`);
+    }
+    // Canonical addresses (addressText of random groups, zero runs likely), as written and
+    // spelled slightly off: the long form of "::", a leading zero, upper case.
+    for (let i = 0; i < 20_000; i++) {
+      const b = Buffer.alloc(16);
+      for (let g = 0; g < 8; g++) b.writeUInt16BE(rand(3) === 0 ? [1, 0xdb8, 0xfe80, 0x2001, 0xabcd][rand(5)] : 0, g * 2);
+      const canon = addressText(b);
+      const len = [16, 32, 48, 64, 80, 96, 112, 128, 128, 128][rand(10)];
+      const text = [canon, canon.replace('::', ':0:0:'), canon.replace(/:(\w)/, ':0$1'), canon.toUpperCase(), canon, canon][rand(6)];
+      keys.push(`${text}/${len}`);
+    }
     let accepted = 0;
+    let accepted6 = 0;
     for (const k of keys) {
       const want = outcome(() => parsePrefix(k).family);
       assert.equal(
@@ -72,7 +108,9 @@ describe('FIB records', () => {
         k,
       );
       if (want.startsWith('family')) accepted++;
+      if (want === 'family 6') accepted6++;
     }
+    assert.ok(accepted6 > 300, `IPv6 prefixes accepted: ${accepted6}`);
     assert.ok(accepted > 500 && accepted < keys.length - 500, `both outcomes are exercised (${accepted} of ${keys.length} accepted)`);
   });
 
