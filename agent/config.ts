@@ -103,9 +103,11 @@ Other
   --nice N               the agent's CPU priority, -20..19 (default -5). Every acknowledgement
                          and switchover step waits for the agent, and guests under TCG keep the
                          CPUs busy: ahead of them, the agent gets a CPU when it has work. Its VMs,
-                         and the commands it runs, keep the priority it was started with. Lowering
-                         the value needs root (CAP_SYS_NICE); without it the agent says so and
-                         runs at its start priority
+                         and the commands it runs, keep the priority it was started with. Where
+                         the kernel shares the CPU by session (autogroups), the agent's session
+                         gets N too, until the agent stops. Lowering the value needs root
+                         (CAP_SYS_NICE); without it the agent says so and runs at its start
+                         priority. A negative N goes with '=': --nice=-10
   --log-level LEVEL      trace|debug|info|warn|error (env HITLESS_LOG_LEVEL; default info)
   -h, --help             this text
 
