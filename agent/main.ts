@@ -47,7 +47,8 @@ function setSessionPriority(nice: number): number | null {
     return null;
   }
   const m = /nice\s+(-?\d+)/.exec(text);
-  if (!m) return null;
+  // Already there (another agent of this session set it, or an earlier run): nothing to give back.
+  if (!m || Number(m[1]) === nice) return null;
   fs.writeFileSync('/proc/self/autogroup', String(nice));
   return Number(m[1]);
 }
