@@ -5,8 +5,9 @@
  * helper that starts commands and VMs keeps the start priority, and a clean stop gives the
  * session its value back.
  *
- * The agent runs in a session made for the test by a shell that stays in it (so this process's
- * own session is not touched, and the session's value after the stop can still be read). Needs
+ * The agent runs in a session made for the test by a shell that stays in it after the agent
+ * ends (so this process's own session is not touched, and the session's value after the stop
+ * can be read); the test ends the shell. Needs
  * root (a negative nice) and a kernel with autogroups; skipped otherwise.
  */
 import assert from 'node:assert/strict';
@@ -37,7 +38,7 @@ describe('hitlessd --nice: the agent ahead of its VMs', function () {
 
   it("sets its threads and its session to N, leaves its helper at the start priority, and gives the session's value back at a clean stop", async () => {
     const socket = path.join(dir, 'agent.sock');
-    const cmd = `"${process.execPath}" "${AGENT_MAIN}" --state-dir "${dir}" --grpc-socket "${socket}" --nice=-3 & echo "agent $!"; wait`;
+    const cmd = `"${process.execPath}" "${AGENT_MAIN}" --state-dir "${dir}" --grpc-socket "${socket}" --nice=-3 & echo "agent $!"; wait; exec sleep 60`;
     shell = spawn('sh', ['-c', cmd], { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     shell.stdout!.on('data', (d: Buffer) => (out += d.toString()));
