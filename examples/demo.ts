@@ -332,6 +332,13 @@ async function main(): Promise<void> {
     reverse?.kill();
     await bird?.stop();
 
+    // A clean stop, so that the agent gives its session's CPU priority back (hitlessd --nice:
+    // the session may be the operator's shell); SIGKILL if it takes over 10 s.
+    if (agent) {
+      const a = agent;
+      const stopped = await Promise.race([a.stop().then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 10_000).unref())]);
+      if (!stopped) await a.kill9();
+    }
     await stopAllAgents();
     lab?.remove();
     if (values.keep && agent) fs.writeFileSync(path.join(work, 'agent.log'), agent.stderr());
