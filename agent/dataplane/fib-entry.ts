@@ -353,7 +353,12 @@ export const nextHopKey = (h: FibNextHop): string => `${h.gateway}|${h.interface
  * route instead of an object graph, so comparing a big table leaves little for the collector.
  */
 export function nextHopsKey(hops: readonly FibNextHop[]): string {
-  return hops.length === 1 ? nextHopKey(hops[0]) : hops.map(nextHopKey).sort().join(';');
+  return hops.length === 1 ? nextHopKey(hops[0]) : joinNextHopKeys(hops.map(nextHopKey));
+}
+
+/** nextHopsKey from the nextHopKey texts of a set's hops (sorts `keys` in place). */
+export function joinNextHopKeys(keys: string[]): string {
+  return keys.length === 1 ? keys[0] : keys.sort().join(';');
 }
 
 /** Equal next-hop sets (order does not matter: the kernel keeps its own). */

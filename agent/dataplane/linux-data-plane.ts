@@ -19,7 +19,7 @@ import crypto from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { CommandRunner, failureText, hostCommands } from '../host/command-runner';
 import type { ApplyResult, DataPlane, DataPlaneInterface, DataPlaneProbe, InterfaceAddress, RouteChange } from './data-plane';
-import { FibNextHop, addressBytes } from './fib-entry';
+import { FibNextHop, addressBytes, joinNextHopKeys, nextHopKey } from './fib-entry';
 
 /**
  * rtnetlink protocol number of the routes the agent programs (`proto 201` in `ip route`).
@@ -117,7 +117,7 @@ export class LinuxDataPlane implements DataPlane {
     // A multipath route's next hops come on the lines after it: collected, then keyed.
     let current: RouteInProgress = null;
     const done = () => {
-      if (current) out.set(current.prefix, hopsKey(current.hops));
+      if (current) out.set(current.prefix, joinNextHopKeys(current.hops));
       current = null;
     };
     let rest = '';
@@ -228,11 +228,6 @@ const PARSE_SLICE_MS = 4;
 /** A route being read: its prefix and the nextHopKey text of each next hop so far. */
 type RouteInProgress = { prefix: string; hops: string[] } | null;
 
-/** Keys of the next hops read for one route, as nextHopsKey makes them from entries. */
-function hopsKey(hops: string[]): string {
-  return hops.length === 1 ? hops[0] : hops.sort().join(';');
-}
-
 /**
  * One line of `ip route show`: a route ("P via G dev I ...": `done` ends the one before, and it
  * is returned as the current one) or a next hop of the current multipath route
@@ -271,7 +266,7 @@ function skipWord(line: string, i: number): number {
 
 /**
  * The next hop described from `i` on ("via G dev I weight W ...", other words ignored) as
- * nextHopKey text ("G|I|W"), or null without a device.
+ * nextHopKey text, or null without a device.
  */
 function hopKeyAt(line: string, i: number): string | null {
   let gateway = '';
@@ -298,7 +293,8 @@ function hopKeyAt(line: string, i: number): string | null {
       weight = Number(word()) || 1;
     } else i = skipWord(line, i);
   }
-  return device ? `${gateway}|${device}|${weight}` : null;
+  // The same text as the table side's (fib-entry's nextHopKey): the reconciliation compares them.
+  return device ? nextHopKey({ gateway, interface: device, weight }) : null;
 }
 
 /**
