@@ -217,12 +217,14 @@ function isCanonicalIpv6Prefix(key: string): boolean {
   }
   const lenDigits = key.length - lenStart;
   if (lenDigits === 0 || lenDigits > 3 || (lenDigits > 1 && key.charCodeAt(lenStart) === 48) || len > 128) return false;
-  const full = gap < 0 ? groups : [...groups.slice(0, gap), ...new Array<number>(run).fill(0), ...groups.slice(gap)];
   for (let g = 0; g < 8; g++) {
     const bits = len - g * 16; // prefix bits inside this group
     if (bits >= 16) continue;
+    // Group g of the address: an explicit one, or one that "::" stands for (zero).
+    const k = gap < 0 || g < gap ? g : g - run;
+    const value = gap >= 0 && g >= gap && g < gap + run ? 0 : groups[k];
     const hostMask = bits <= 0 ? 0xffff : 0xffff >> bits;
-    if ((full[g] & hostMask) !== 0) return false;
+    if ((value & hostMask) !== 0) return false;
   }
   return true;
 }

@@ -35,6 +35,27 @@ function change(b: RecordBuilder, model: Map<string, Buffer>, rand: () => number
   }
 }
 
+/**
+ * A table caught while its index grows (keys still in the old index), over 150,000 puts in
+ * batches of 500, with the model of what it holds; `deleteSome` deletes every seventh key again.
+ */
+function tableWhileGrowing(deleteSome: boolean): { t: RecordTable; model: Map<string, Buffer> } {
+  const t = new RecordTable();
+  const model = new Map<string, Buffer>();
+  const b = new RecordBuilder();
+  for (let n = 0; !(t.growing && n > 150_000); n++) {
+    const v = Buffer.from(`w${n}`);
+    b.put(`f${n}`, 1, v);
+    model.set(`f${n}`, v);
+    if (deleteSome && n % 7 === 3) {
+      b.delete(`f${n - 2}`);
+      model.delete(`f${n - 2}`);
+    }
+    if (b.count >= 500) t.append(b.take().records);
+  }
+  return { t, model };
+}
+
 function replay(parts: { buf: Buffer; end: number }[]): RecordTable {
   const t = new RecordTable();
   for (const p of parts) t.append(p.buf.subarray(0, p.end));
@@ -158,15 +179,7 @@ describe('RecordTable', () => {
   });
 
   it('forEach and the digest see every key while the index grows', () => {
-    const t = new RecordTable();
-    const model = new Map<string, Buffer>();
-    const b = new RecordBuilder();
-    for (let n = 0; !(t.growing && n > 150_000); n++) {
-      const v = Buffer.from(`w${n}`);
-      b.put(`f${n}`, 1, v);
-      model.set(`f${n}`, v);
-      if (b.count === 500) t.append(b.take().records);
-    }
+    const { t, model } = tableWhileGrowing(false);
     let seen = 0;
     t.forEach((k, _s, v) => {
       assert.deepEqual(v, model.get(k));
@@ -177,19 +190,7 @@ describe('RecordTable', () => {
   });
 
   it('forEachIn visits every live record once over slices, begun while the index grows; version tells a change', async () => {
-    const t = new RecordTable();
-    const model = new Map<string, Buffer>();
-    const b = new RecordBuilder();
-    for (let n = 0; !(t.growing && n > 150_000); n++) {
-      const v = Buffer.from(`w${n}`);
-      b.put(`f${n}`, 1, v);
-      model.set(`f${n}`, v);
-      if (n % 7 === 3) {
-        b.delete(`f${n - 2}`);
-        model.delete(`f${n - 2}`);
-      }
-      if (b.count >= 500) t.append(b.take().records);
-    }
+    const { t, model } = tableWhileGrowing(true);
     assert.ok(t.growing, 'the pass begins while keys are still in the old index');
     const version = t.version;
     const seen = new Map<string, Buffer>();
