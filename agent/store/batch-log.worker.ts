@@ -40,6 +40,12 @@ const bytesOf = (m: Append): Uint8Array => (m.staged ? stagingBytes.subarray(m.s
 const db = new Database(file);
 db.pragma('busy_timeout = 5000');
 db.pragma(`synchronous = ${fsync ? 'FULL' : 'NORMAL'}`);
+// Every connection checkpoints on its own when a commit crosses the WAL threshold (1000 pages by
+// default), inside that commit. Here that held a batch's commit for 8-12 ms every few hundred ms
+// under a steady load (copying the WAL into the database, then an fsync), and every SYNC ack
+// behind it waited; such a checkpoint would also skip the room check a nearly full disk needs.
+// Checkpoints belong to the checkpoint thread alone (wal-checkpoint.worker.ts).
+db.pragma('wal_autocheckpoint = 0');
 const q = {
   append: db.prepare('INSERT INTO ckpt_batches (process, tbl, seq, count, records) VALUES (?, ?, ?, ?, ?)'),
   nextGen: db.prepare('UPDATE ckpt_tables SET next_gen = next_gen + 1 WHERE process = ? AND name = ? RETURNING next_gen - 1 AS g'),

@@ -5,6 +5,7 @@
  * A refusal is provoked for real: a batch whose sequence is already stored breaks the primary key.
  */
 import assert from 'node:assert/strict';
+import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -74,6 +75,32 @@ describe('batch log writer thread', () => {
     // Sent after the refusal was seen: stored again.
     await writer.append('bgp', 'rib', 2, 1, Buffer.from('two'));
     assert.deepEqual(seqs('bgp'), [1, 2]);
+  });
+
+  it('never checkpoints the WAL in its commits: checkpoints are the checkpoint thread’s alone', async () => {
+    // A database of its own without the checkpoint thread, so that only the writer's commits
+    // could copy the WAL into the database file. SQLite's default would do so inside the commit
+    // that takes the WAL past 1000 pages (4 MiB here), holding that commit for milliseconds and
+    // skipping the room check a nearly full disk needs (wal-checkpoint.ts).
+    const own = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-writer-wal-'));
+    const file = path.join(own, 'hitless.db');
+    const plain = new Database(file);
+    plain.pragma('journal_mode = WAL');
+    plain.pragma('wal_autocheckpoint = 0');
+    new SqliteCheckpointStore(plain); // the schema (its own writer thread stays idle; closing the database stops it)
+    const w = new BatchLogWriter(file);
+    try {
+      const dbBytes = fs.statSync(file).size;
+      // 12 MiB in 200 commits of 64 KiB (one batch each: each awaited).
+      for (let seq = 1; seq <= 200; seq++) await w.append('bgp', 'rib', seq, 1, Buffer.alloc(64 * 1024, seq));
+      assert.equal(fs.statSync(file).size, dbBytes, 'no page of the WAL was copied into the database');
+      assert.ok(fs.statSync(`${file}-wal`).size > 12 * 1024 * 1024, 'the batches are in the WAL');
+      assert.equal((plain.prepare('SELECT COUNT(*) AS n FROM ckpt_batches').get() as { n: number }).n, 200);
+    } finally {
+      w.stop();
+      plain.close();
+      fs.rmSync(own, { recursive: true, force: true });
+    }
   });
 
   it('stores batches bigger than its staging memory holds at once, each exactly', async () => {
