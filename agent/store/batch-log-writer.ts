@@ -31,6 +31,12 @@ export class StoreWriteError extends Error {
   }
 }
 
+/**
+ * Bytes written after which the writer thread has the WAL start over (batch-log.worker.ts
+ * restartWal): the WAL file stays about this big under any load and is written again in place.
+ */
+const WAL_RESTART_BYTES = 32 * 1024 * 1024;
+
 /** Bytes of shared memory batches are staged in for the thread (see StagingRing). */
 const STAGING_BYTES = 16 * 1024 * 1024;
 
@@ -103,8 +109,11 @@ export class BatchLogWriter {
   /** Set when the thread is gone: every request from then on fails with it. */
   private dead: Error | null = null;
 
-  constructor(file: string, opts: { fsync?: boolean } = {}) {
-    this.worker = new Worker(path.join(__dirname, 'batch-log.worker.js'), { workerData: { file, fsync: !!opts.fsync, staging: this.ring.buf.buffer } });
+  /** `walRestartBytes`: written bytes after which the thread has the WAL start over (tests make it small). */
+  constructor(file: string, opts: { fsync?: boolean; walRestartBytes?: number } = {}) {
+    this.worker = new Worker(path.join(__dirname, 'batch-log.worker.js'), {
+      workerData: { file, fsync: !!opts.fsync, staging: this.ring.buf.buffer, walRestartBytes: opts.walRestartBytes ?? WAL_RESTART_BYTES },
+    });
     this.worker.unref();
     this.worker.on('message', (r: WriterReply) => {
       for (const d of r.done) this.settle(d.id)?.resolve(d.value);

@@ -1,9 +1,12 @@
 /**
  * Opens the agent's embedded database (SQLite through better-sqlite3) in the state directory.
  *
- * WAL with synchronous=NORMAL: a committed transaction survives a crash of the agent process
- * (the kill -9 case every component must tolerate); with `fsync: true` every commit is also
- * flushed to disk, which additionally survives a power loss at the cost of write latency.
+ * WAL: a committed transaction survives a crash of the agent process (the kill -9 case every
+ * component must tolerate). By default nothing of the batch log and its checkpoints is synced
+ * (the writer and checkpoint threads run synchronous=OFF; this connection's small writes run
+ * NORMAL), so a power loss may lose recent batches and can leave the database damaged. With
+ * `fsync: true` every commit and checkpoint is synced (FULL), which survives a power loss at the
+ * cost of write latency.
  */
 import Database from 'better-sqlite3';
 import fs from 'node:fs';
@@ -32,7 +35,7 @@ export function openDatabase(stateDir: string, opts: { fsync?: boolean; log?: Lo
     throw e;
   }
   const worker = new Worker(path.join(__dirname, 'wal-checkpoint.worker.js'), {
-    workerData: { file, intervalMs: 500, fsync: !!opts.fsync },
+    workerData: { file, intervalMs: 100, fsync: !!opts.fsync },
   });
   worker.unref();
   watchCheckpointWorker(worker, stateDir, opts.log);

@@ -22,7 +22,8 @@ import { freeBytes } from '../common/disk-space';
 export const WRITE_RESERVE_BYTES = 4 * 1024 * 1024;
 
 export type CheckpointOutcome =
-  | { ran: true }
+  /** Ran; `complete` when every frame of the WAL is now in the database (the next write may start the WAL over). */
+  | { ran: true; complete: boolean }
   /** Skipped: the database must grow by `growBytes`, but only `freeBytes` are free. */
   | { ran: false; growBytes: number; freeBytes: number };
 
@@ -39,6 +40,6 @@ export function checkpointIfRoom(db: Database.Database, file: string): Checkpoin
     const free = freeBytes(path.dirname(file));
     if (free < growBytes + WRITE_RESERVE_BYTES) return { ran: false, growBytes, freeBytes: free };
   }
-  db.pragma('wal_checkpoint(PASSIVE)');
-  return { ran: true };
+  const [r] = db.pragma('wal_checkpoint(PASSIVE)') as { busy: number; log: number; checkpointed: number }[];
+  return { ran: true, complete: r.busy === 0 && r.checkpointed === r.log };
 }

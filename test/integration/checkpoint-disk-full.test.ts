@@ -417,7 +417,7 @@ describe('checkpoint: WAL checkpoints when the state disk is nearly full', funct
 
     // With room, the checkpoint runs and copies the whole WAL.
     fs.rmSync(filler);
-    assert.deepEqual(checkpointIfRoom(c, file), { ran: true });
+    assert.deepEqual(checkpointIfRoom(c, file), { ran: true, complete: true });
     const [wal] = w.pragma('wal_checkpoint(PASSIVE)') as { busy: number; log: number; checkpointed: number }[];
     assert.equal(wal.checkpointed, wal.log);
     assert.equal((w.prepare('SELECT COUNT(*) AS n FROM t').get() as { n: number }).n, 33);

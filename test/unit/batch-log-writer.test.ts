@@ -77,30 +77,51 @@ describe('batch log writer thread', () => {
     assert.deepEqual(seqs('bgp'), [1, 2]);
   });
 
-  it('never checkpoints the WAL in its commits: checkpoints are the checkpoint thread’s alone', async () => {
-    // A database of its own without the checkpoint thread, so that only the writer's commits
-    // could copy the WAL into the database file. SQLite's default would do so inside the commit
-    // that takes the WAL past 1000 pages (4 MiB here), holding that commit for milliseconds and
-    // skipping the room check a nearly full disk needs (wal-checkpoint.ts).
+  /**
+   * A database of its own without the checkpoint thread, so that only the writer could copy the
+   * WAL into the database file; 12 MiB written in 200 commits of 64 KiB (each awaited).
+   */
+  async function writeWithoutCheckpointThread(walRestartBytes?: number): Promise<{ dbGrew: boolean; walBytes: number; rows: number }> {
     const own = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-writer-wal-'));
     const file = path.join(own, 'hitless.db');
     const plain = new Database(file);
     plain.pragma('journal_mode = WAL');
     plain.pragma('wal_autocheckpoint = 0');
     new SqliteCheckpointStore(plain); // the schema (its own writer thread stays idle; closing the database stops it)
-    const w = new BatchLogWriter(file);
+    const w = new BatchLogWriter(file, { walRestartBytes });
     try {
       const dbBytes = fs.statSync(file).size;
-      // 12 MiB in 200 commits of 64 KiB (one batch each: each awaited).
       for (let seq = 1; seq <= 200; seq++) await w.append('bgp', 'rib', seq, 1, Buffer.alloc(64 * 1024, seq));
-      assert.equal(fs.statSync(file).size, dbBytes, 'no page of the WAL was copied into the database');
-      assert.ok(fs.statSync(`${file}-wal`).size > 12 * 1024 * 1024, 'the batches are in the WAL');
-      assert.equal((plain.prepare('SELECT COUNT(*) AS n FROM ckpt_batches').get() as { n: number }).n, 200);
+      return {
+        dbGrew: fs.statSync(file).size > dbBytes,
+        walBytes: fs.statSync(`${file}-wal`).size,
+        rows: (plain.prepare('SELECT COUNT(*) AS n FROM ckpt_batches').get() as { n: number }).n,
+      };
     } finally {
       w.stop();
       plain.close();
       fs.rmSync(own, { recursive: true, force: true });
     }
+  }
+
+  it('never checkpoints the WAL inside its commits', async () => {
+    // SQLite's default would, in the commit that takes the WAL past 1000 pages (4 MiB here),
+    // holding that commit (and every SYNC ack behind it) for milliseconds, and skipping the room
+    // check a nearly full disk needs (wal-checkpoint.ts). 12 MiB stay under the default restart
+    // size of 32 MiB, so nothing may be copied.
+    const r = await writeWithoutCheckpointThread();
+    assert.equal(r.dbGrew, false, 'no page of the WAL was copied into the database');
+    assert.ok(r.walBytes > 12 * 1024 * 1024, 'the batches are in the WAL');
+    assert.equal(r.rows, 200);
+  });
+
+  it('has the WAL start over once the restart size was written, so that a steady stream keeps it bounded', async () => {
+    // A checkpoint from another connection never catches up with a steady writer; without this
+    // the WAL grows by everything written (here 12 MiB and more).
+    const r = await writeWithoutCheckpointThread(2 * 1024 * 1024);
+    assert.equal(r.dbGrew, true, 'the WAL was copied into the database');
+    assert.ok(r.walBytes < 4 * 1024 * 1024, `the WAL stayed near 2 MiB (it is ${r.walBytes} bytes)`);
+    assert.equal(r.rows, 200);
   });
 
   it('stores batches bigger than its staging memory holds at once, each exactly', async () => {
