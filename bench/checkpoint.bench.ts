@@ -18,7 +18,7 @@
  * Every line of a load also has `agent_loop_max_ms`: the agent's longest event-loop delay while it
  * ran (from its Prometheus endpoint, 10 ms sampling): a stall there delays every acknowledgement.
  */
-import { ChildProcess, fork } from 'node:child_process';
+import { ChildProcess, execFile, fork } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { startAgent } from '../harness/agent-process';
@@ -102,9 +102,12 @@ function cpuSeconds(pid: number): number {
 /**
  * Waits until the run's processes are idle (together under 5% of a core over 0.5 s; at most 60 s):
  * background work left from one measurement (a compaction, the store catching up) must not be
- * charged to the next one, ours or the peer's.
+ * charged to the next one, ours or the peer's. The kernel's work too: what the store wrote sits
+ * in the page cache until the kernel writes it out ~30 s later (140 MB after the load), which
+ * then lands in whatever measurement runs at that moment; `sync` writes it out first.
  */
 async function quiesce(pids: number[]): Promise<void> {
+  await new Promise<void>((resolve) => execFile('sync', () => resolve()));
   const used = () => pids.reduce((a, p) => a + cpuSeconds(p), 0);
   for (const deadline = Date.now() + 60_000; Date.now() < deadline;) {
     const before = used();
