@@ -111,6 +111,12 @@ function dropReplaced(process: string, table: string, limit: number): number {
 
 /** Bytes of records written since this thread last had the WAL start over (the WAL's growth, roughly). */
 let walWritten = 0;
+/**
+ * `walWritten` at which restartWal tries next: `walRestartBytes`, and after an attempt that could
+ * not finish, another 1/32 of it later, so that a lasting cause (no room on the disk, a reader
+ * holding an old snapshot) does not cost every round a checkpoint attempt.
+ */
+let nextRestartAt = walRestartBytes;
 
 const failure = (e: unknown) => ({ code: String((e as { code?: unknown }).code ?? 'unknown'), message: (e as Error).message });
 
@@ -189,18 +195,20 @@ function flush(): void {
  * between its own transactions copies every frame, and only those the checkpoint thread has not
  * copied yet (that runs every 100 ms). It runs after the round's answers left: only batches that
  * arrive meanwhile wait for it, and there is no lock to wait for (a PASSIVE checkpoint never
- * waits; when the checkpoint thread is copying, this one comes back after the next round). The
- * room check applies as to every checkpoint.
+ * waits; when the checkpoint thread is copying, this one is incomplete and comes back a little
+ * later). The room check applies as to every checkpoint.
  */
 function restartWal(): void {
-  if (walWritten <= walRestartBytes) return;
+  if (walWritten <= nextRestartAt) return;
+  let done = false;
   try {
     const r = checkpointIfRoom(db, file);
-    if (r.ran && r.complete) walWritten = 0;
+    done = r.ran && r.complete;
   } catch {
-    // Busy (the checkpoint thread is copying) or failing (the checkpoint thread reports
-    // failures): tried again after the next round.
+    // Failing (an I/O error, a full disk): the checkpoint thread meets it too and reports it.
   }
+  if (done) walWritten = 0;
+  nextRestartAt = done ? walRestartBytes : walWritten + walRestartBytes / 32;
 }
 
 parentPort!.on('message', (m: WriterRequest | ResumeMessage | 'stop') => {
