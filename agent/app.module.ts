@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { CheckpointService } from './checkpoint/checkpoint.service';
 import { checkpointHandlers } from './checkpoint/checkpoint.grpc';
+import { FrameChannels } from './checkpoint/checkpoint.frames';
 import { BulkServer } from './checkpoint/bulk-server';
 import { AgentConfig } from './config';
 import { Logger } from './common/logger';
@@ -198,12 +199,14 @@ export class AppModule {
         },
         {
           provide: GrpcServer,
-          inject: [CheckpointService],
-          useFactory: (checkpoint: CheckpointService) =>
-            new GrpcServer(
-              [{ name: 'hitless.v1.Checkpoint', guest: true, handlers: (vm) => checkpointHandlers(checkpoint, log.child({ mod: 'grpc' }), vm) }],
+          inject: [CheckpointService, BulkServer],
+          useFactory: (checkpoint: CheckpointService, bulk: BulkServer) => {
+            const channels = new FrameChannels(checkpoint, bulk, log.child({ mod: 'frames' }));
+            return new GrpcServer(
+              [{ name: 'hitless.v1.Checkpoint', guest: true, handlers: (vm) => checkpointHandlers(checkpoint, channels, log.child({ mod: 'grpc' }), vm) }],
               log.child({ mod: 'grpc' }),
-            ),
+            );
+          },
         },
         {
           provide: HOST_PROBE,

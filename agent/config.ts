@@ -76,6 +76,9 @@ Checkpoint limits
   --subscriber-window-bytes N
                          unacknowledged change bytes in flight to one standby before the agent
                          waits for its acks (default ${DEFAULT_CHECKPOINT_OPTIONS.subscriberWindowBytes})
+  --no-frame-channels    answer OpenChannel with UNIMPLEMENTED: processes then send batches, changes
+                         and acks on the gRPC streams (WriteStream, Subscribe, Ack) instead of
+                         frame channels on the bulk socket (default: frame channels on)
 VMs (QEMU; KVM when /dev/kvm works, else TCG)
   --host-reserve-mib N   memory kept free for the host when admitting a VM (default 512)
   --cpu-overcommit N     vCPUs admitted per host CPU (default 4)
@@ -146,6 +149,7 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'sync-timeout-ms': { type: 'string' },
       'command-timeout-ms': { type: 'string' },
       'subscriber-window-bytes': { type: 'string' },
+      'no-frame-channels': { type: 'boolean' },
       'host-reserve-mib': { type: 'string' },
       'cpu-overcommit': { type: 'string' },
       'trust-dir': { type: 'string' },
@@ -234,6 +238,7 @@ export function parseAgentArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       syncTimeoutMs: int('sync-timeout-ms', values['sync-timeout-ms'], d.syncTimeoutMs),
       commandTimeoutMs: int('command-timeout-ms', values['command-timeout-ms'], d.commandTimeoutMs),
       subscriberWindowBytes: int('subscriber-window-bytes', values['subscriber-window-bytes'], d.subscriberWindowBytes),
+      frameChannels: !values['no-frame-channels'],
     },
     vm: {
       hostReserveMiB: nonNegative('host-reserve-mib', values['host-reserve-mib'], 512),

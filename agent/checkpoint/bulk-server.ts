@@ -1,5 +1,6 @@
 /**
- * Raw byte streams for bulk snapshots.
+ * Raw byte streams for bulk snapshots, and the listener of frame channels (checkpoint.frames.ts),
+ * which are redeemed the same way: a one-time token first, then the channel's own bytes.
  *
  * Why not gRPC: moving a full Internet table (1M records, ~120 MB) through grpc-js messages costs
  * more than the whole one-second budget; a plain socket moves it several times faster. gRPC keeps
@@ -33,6 +34,15 @@ interface Ticket {
   onClosed?: () => void;
 }
 
+/**
+ * A frame channel's ticket (checkpoint.frames.ts): the redeemed connection is handed over with
+ * whatever the client sent after its token.
+ */
+interface ChannelTicket {
+  channel: (sock: net.Socket, early: Buffer) => void;
+  timer: NodeJS.Timeout;
+}
+
 export interface BulkServerOptions {
   unixPath?: string;
   tcpHost?: string;
@@ -41,7 +51,7 @@ export interface BulkServerOptions {
 }
 
 export class BulkServer {
-  private readonly tickets = new Map<string, Ticket>();
+  private readonly tickets = new Map<string, Ticket | ChannelTicket>();
   private readonly servers: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
   private readonly extra = new Map<string, net.Server>();
@@ -76,7 +86,7 @@ export class BulkServer {
   async listenUnixExtra(socketPath: string): Promise<void> {
     if (this.extra.has(socketPath)) return;
     fs.rmSync(socketPath, { force: true });
-    const srv = net.createServer((sock) => this.onConnection(sock));
+    const srv = net.createServer({ allowHalfOpen: true }, (sock) => this.onConnection(sock));
     await new Promise<void>((res, rej) => srv.once('error', rej).listen(socketPath, () => res()));
     fs.chmodSync(socketPath, 0o660);
     this.extra.set(socketPath, srv);
@@ -109,10 +119,23 @@ export class BulkServer {
     return token;
   }
 
+  /**
+   * Registers a frame channel; returns the token its client must present. An unredeemed token
+   * expires after the ticket TTL like a snapshot's; nothing else depends on it.
+   */
+  issueChannel(channel: (sock: net.Socket, early: Buffer) => void): Buffer {
+    const token = crypto.randomBytes(16);
+    const key = token.toString('hex');
+    const timer = setTimeout(() => this.tickets.delete(key), this.opts.ticketTtlMs);
+    timer.unref();
+    this.tickets.set(key, { channel, timer });
+    return token;
+  }
+
   async close(): Promise<void> {
     for (const t of this.tickets.values()) {
       clearTimeout(t.timer);
-      t.onClosed?.();
+      if ('producer' in t) t.onClosed?.();
     }
     this.tickets.clear();
     for (const s of this.sockets) s.destroy();
@@ -122,20 +145,24 @@ export class BulkServer {
   }
 
   private makeServer(): net.Server {
-    const srv = net.createServer((sock) => this.onConnection(sock));
+    const srv = net.createServer({ allowHalfOpen: true }, (sock) => this.onConnection(sock));
     this.servers.push(srv);
     return srv;
   }
 
+  /** Half-open connections are kept: see run() and checkpoint.frames.ts. */
   private onConnection(sock: net.Socket): void {
     this.sockets.add(sock);
     sock.on('close', () => this.sockets.delete(sock));
     sock.on('error', () => sock.destroy());
     let got = Buffer.alloc(0);
+    const onEnd = () => sock.destroy(); // shut down before sending its token
+    sock.once('end', onEnd);
     const onData = (d: Buffer) => {
       got = Buffer.concat([got, d]);
       if (got.length < 16) return;
       sock.off('data', onData);
+      sock.off('end', onEnd);
       const key = got.subarray(0, 16).toString('hex');
       const ticket = this.tickets.get(key);
       if (!ticket) {
@@ -145,13 +172,17 @@ export class BulkServer {
       }
       this.tickets.delete(key);
       clearTimeout(ticket.timer);
-      void this.run(sock, ticket);
+      if ('channel' in ticket) ticket.channel(sock, got.subarray(16));
+      else void this.run(sock, ticket);
     };
     sock.on('data', onData);
   }
 
   private async run(sock: net.Socket, ticket: Ticket): Promise<void> {
     sock.setNoDelay(true);
+    // The listener keeps half-open connections (a write channel's client shuts its side down and
+    // still reads its acks); a snapshot reader that shuts its side down is gone.
+    sock.once('end', () => sock.destroy());
     let closed = false;
     // The producer's buffers are let go once both the socket is closed (queued writes point into
     // them until then) and the producer has stopped reading them.

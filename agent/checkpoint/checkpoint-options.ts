@@ -28,6 +28,11 @@ export interface CheckpointOptions {
   compactMinBytes: number;
   /** Unacknowledged change bytes in flight to one subscriber before the agent waits for acks. */
   subscriberWindowBytes: number;
+  /**
+   * OpenChannel serves frame channels (checkpoint.frames.ts); false answers UNIMPLEMENTED, as an
+   * agent from before them did, and clients use the gRPC streams.
+   */
+  frameChannels: boolean;
 }
 
 export const DEFAULT_CHECKPOINT_OPTIONS: CheckpointOptions = {
@@ -38,4 +43,5 @@ export const DEFAULT_CHECKPOINT_OPTIONS: CheckpointOptions = {
   commandTimeoutMs: 5_000,
   compactMinBytes: 256 * 1024 * 1024,
   subscriberWindowBytes: 32 * 1024 * 1024,
+  frameChannels: true,
 };

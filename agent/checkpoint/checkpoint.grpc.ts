@@ -1,6 +1,7 @@
 /**
  * gRPC transport of hitless.v1.Checkpoint: parses calls into CheckpointService operations and maps
- * results and errors back. No domain logic lives here.
+ * results and errors back. No domain logic lives here. OpenChannel hands the change path over to
+ * a frame channel (checkpoint.frames.ts).
  *
  * `peerVm` is the VM a listener belongs to (per-VM guest socket) or null for the host listeners;
  * the service uses it to refuse a process claiming another VM.
@@ -10,9 +11,12 @@ import { HitlessError, invalidArgument } from '../common/errors';
 import { Logger } from '../common/logger';
 import { failStream, toServiceError, unary } from '../grpc/status';
 import { CheckpointService, SessionChannel } from './checkpoint.service';
+import { FrameChannels } from './checkpoint.frames';
 import {
   AckRequest,
   AuditResponse,
+  ChannelRequest,
+  ChannelTicket,
   RoleCommand,
   SessionRequest,
   SessionResponse,
@@ -23,6 +27,7 @@ import {
   WriteAck,
   WriteRequest,
 } from './messages';
+import { WriteStream } from './write-stream';
 
 interface StatusRequest {
   process: string;
@@ -35,7 +40,7 @@ interface SwitchoverRequest {
 /** A process has this long to send Register after opening its Session stream. */
 const REGISTER_DEADLINE_MS = 10_000;
 
-export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: string | null): grpc.UntypedServiceImplementation {
+export function checkpointHandlers(svc: CheckpointService, channels: FrameChannels, log: Logger, peerVm: string | null): grpc.UntypedServiceImplementation {
   const session = (call: grpc.ServerDuplexStream<SessionRequest, SessionResponse>) => {
     let sessionId: string | null = null;
     let ended = false;
@@ -91,49 +96,14 @@ export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: 
   };
 
   const writeStream = (call: grpc.ServerDuplexStream<WriteRequest, WriteAck>) => {
-    // Acks leave in request order: each write's ack waits for the previous one. After a refused
-    // batch the later ones are ignored, but the batches before it were applied and still get
-    // their acks (a SYNC one may be waiting for a standby), ahead of the error: the writer then
-    // knows that exactly its unacknowledged batches are missing, and may resend them (full disk).
-    let chain: Promise<void> = Promise.resolve();
-    let refused = false;
-    let broken = false; // the call itself failed: nothing more goes out on it
-    // A batch the store refused (a full disk) is refused in its place in the order, when its turn
-    // comes; the store refuses what was handed over after it too. `ended`: the error went out.
-    let ended = false;
-    const refuse = (err: unknown) => {
-      if (ended) return;
-      ended = true;
-      if (!broken) failStream(call, err, log, 'WriteStream');
-    };
-    call.on('data', (req: WriteRequest) => {
-      if (refused || broken) return;
-      let pending: Promise<WriteAck>;
-      try {
-        pending = svc.write(req, peerVm);
-      } catch (e) {
-        refused = true;
-        chain = chain.then(() => refuse(e));
-        return;
-      }
-      // Handled here at once: it may be refused before its turn in the chain comes.
-      pending.catch(() => undefined);
-      chain = chain.then(async () => {
-        try {
-          const ack = await pending;
-          if (!broken && !ended) call.write(ack);
-        } catch (e) {
-          refused = true;
-          refuse(e);
-        }
-      });
+    const stream = new WriteStream(svc, peerVm, {
+      ack: (a) => call.write(a),
+      fail: (err) => failStream(call, err, log, 'WriteStream'),
+      end: () => call.end(),
     });
-    call.on('end', () => {
-      void chain.then(() => {
-        if (!refused && !broken && !ended) call.end();
-      });
-    });
-    call.on('error', () => (broken = true));
+    call.on('data', (req: WriteRequest) => stream.request(req));
+    call.on('end', () => stream.end());
+    call.on('error', () => stream.broke());
   };
 
   const subscribe = (call: grpc.ServerWritableStream<SubscribeRequest, SubscribeEvent>) => {
@@ -179,6 +149,7 @@ export function checkpointHandlers(svc: CheckpointService, log: Logger, peerVm: 
     WriteStream: writeStream,
     Subscribe: subscribe,
     Ack: ack,
+    OpenChannel: unary<ChannelRequest, ChannelTicket>(log, 'OpenChannel', (req) => channels.open(req, peerVm)),
     Status: unary<StatusRequest, StatusResponse>(log, 'Status', (req) => ({ processes: svc.status(req.process) })),
     Switchover: unary<SwitchoverRequest, SwitchoverResponse>(log, 'Switchover', (req) => {
       if (peerVm !== null) throw new HitlessError(grpc.status.PERMISSION_DENIED, 'switchover is an operator action; guests may not request it');

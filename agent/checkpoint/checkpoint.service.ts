@@ -129,6 +129,11 @@ export class CheckpointService {
     return this.peers.register(reg, channel, peerVm);
   }
 
+  /** Throws unless `sessionId` is a live session that a connection from `peerVm` may act for. */
+  checkSession(sessionId: string, peerVm: string | null): void {
+    this.peers.check(sessionId, peerVm);
+  }
+
   /** The session stream ended: the process is gone (or will reconnect with a new session). */
   unregister(sessionId: string, reason: string): void {
     this.peers.unregister(sessionId, reason);

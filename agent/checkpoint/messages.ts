@@ -147,6 +147,19 @@ export interface SubscribeEvent {
   msg?: 'snapshot' | 'change' | 'reset' | 'caughtUp';
 }
 
+/** OpenChannel's request: one of the two kinds (see checkpoint.frames.ts). */
+export interface ChannelRequest {
+  write?: { sessionId: string };
+  subscribe?: SubscribeRequest;
+  kind?: 'write' | 'subscribe';
+}
+
+export interface ChannelTicket {
+  unixPath: string;
+  tcpAddress: string;
+  token: Buffer;
+}
+
 export interface AckRequest {
   sessionId: string;
   table: string;

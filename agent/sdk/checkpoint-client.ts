@@ -34,12 +34,14 @@ import {
   SessionRequest,
   SessionResponse,
   SubscribeEvent,
+  SubscribeRequest,
   TableSpec,
   WriteAck,
   WriteRequest,
 } from '../checkpoint/messages';
 import { DEFAULT_LIMITS, RecordBuilder, validateRecords } from '../checkpoint/records';
 import { RecordTable, sharedArenaPool, tableDigest, tableDigestSliced } from '../checkpoint/record-table';
+import { AckSink, ChannelOpener, FrameSubscribeCall, FrameWriteCall, SubscribeCall, WriteCall } from './frame-channel';
 
 /**
  * How long a promoted standby waits for the changes up to the handover sequence to arrive; well
@@ -98,6 +100,12 @@ export interface CheckpointClientOptions {
   bulkAddress?: string;
   /** gRPC client interceptors for every call to the agent (tracing, metrics). */
   interceptors?: grpc.Interceptor[];
+  /**
+   * What carries batches, changes and acks: 'frames' (default), the agent's frame channels
+   * (OpenChannel; falls back to gRPC by itself with an agent that lacks them), or 'grpc', the
+   * WriteStream, Subscribe and Ack streams. Registration and role commands are gRPC either way.
+   */
+  channels?: 'frames' | 'grpc';
 }
 
 /** The client's copy of one table: the same RecordTable the agent uses, plus its sequence. */
@@ -213,16 +221,17 @@ export class CheckpointClient extends EventEmitter {
   private readonly stub: grpc.Client & Record<string, (...args: unknown[]) => unknown>;
   private readonly log: Logger;
   private session: grpc.ClientDuplexStream<SessionRequest, SessionResponse> | null = null;
-  private writeStream: grpc.ClientDuplexStream<WriteRequest, WriteAck> | null = null;
+  private readonly channels: ChannelOpener;
+  private writeStream: WriteCall | null = null;
   /**
    * A standby keeps one idle WriteStream open (it writes nothing on it; the agent checks the
    * role per batch). PROMOTE then only switches to it: creating a call is the costliest part of
    * taking over in a guest under software emulation (first-time code, an HTTP/2 stream to set
    * up), and it is paid while the writers are frozen if it waits for PROMOTE.
    */
-  private spareWriteStream: grpc.ClientDuplexStream<WriteRequest, WriteAck> | null = null;
-  private ackStream: grpc.ClientWritableStream<AckRequest> | null = null;
-  private sub: grpc.ClientReadableStream<SubscribeEvent> | null = null;
+  private spareWriteStream: WriteCall | null = null;
+  private ackStream: AckSink | null = null;
+  private sub: SubscribeCall | null = null;
   private readonly outbox: OutboxEntry[] = [];
   private unfrozenWaiters: (() => void)[] = [];
   private closed = false;
@@ -266,6 +275,7 @@ export class CheckpointClient extends EventEmitter {
       'grpc.max_reconnect_backoff_ms': 1000,
       ...(opts.interceptors ? { interceptors: opts.interceptors } : {}),
     }) as unknown as grpc.Client & Record<string, (...args: unknown[]) => unknown>;
+    this.channels = new ChannelOpener(this.stub, { address: opts.address, bulkAddress: opts.bulkAddress, frames: opts.channels !== 'grpc' });
     this.writeSchema = opts.schema;
     this.readable = new Set([opts.schema, ...(opts.reads ?? [])]);
     for (const k of Object.keys(opts.transforms ?? {})) {
@@ -509,8 +519,9 @@ export class CheckpointClient extends EventEmitter {
    * A WriteStream call whose acks settle the outbox while it is `this.writeStream`. Until then
    * (a spare) it ignores everything; an error on a spare just drops it.
    */
-  private newWriteCall(): grpc.ClientDuplexStream<WriteRequest, WriteAck> {
-    const call = (this.stub.WriteStream as () => grpc.ClientDuplexStream<WriteRequest, WriteAck>)();
+  private newWriteCall(): WriteCall {
+    const grpcCall = () => (this.stub.WriteStream as () => grpc.ClientDuplexStream<WriteRequest, WriteAck>)();
+    const call: WriteCall = this.channels.frames ? new FrameWriteCall(this.channels, this.sessionId, grpcCall) : grpcCall();
     call.on('data', (ack: WriteAck) => {
       if (this.writeStream !== call) return; // demoted: DEMOTE settled the outbox
       const head = this.outbox[0];
@@ -732,14 +743,20 @@ export class CheckpointClient extends EventEmitter {
   // ------------------------------------------------------------------ standby side
 
   private follow(have: Record<string, number> = this.localSeqs()): void {
-    this.ackStream = (this.stub.Ack as (cb: (e: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<AckRequest>)((err) => {
-      if (err && err.code !== grpc.status.CANCELLED && err.code !== grpc.status.UNAVAILABLE) this.emit('error', new CheckpointError(err.code, err.details));
-    });
-    const call = (this.stub.Subscribe as (r: unknown) => grpc.ClientReadableStream<SubscribeEvent>)({
-      sessionId: this.sessionId,
-      have,
-      mode: 'FOLLOW',
-    });
+    const req: SubscribeRequest = { sessionId: this.sessionId, have, mode: 'FOLLOW' };
+    const grpcAcks = () =>
+      (this.stub.Ack as (cb: (e: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<AckRequest>)((err) => {
+        if (err && err.code !== grpc.status.CANCELLED && err.code !== grpc.status.UNAVAILABLE) this.emit('error', new CheckpointError(err.code, err.details));
+      });
+    let call: SubscribeCall;
+    if (this.channels.frames) {
+      const framed = new FrameSubscribeCall(this.channels, req, () => ({ call: this.grpcSubscribe(req), acks: grpcAcks() }));
+      this.ackStream = framed.acks;
+      call = framed;
+    } else {
+      this.ackStream = grpcAcks();
+      call = this.grpcSubscribe(req);
+    }
     this.sub = call;
     this.consume(
       call,
@@ -752,11 +769,10 @@ export class CheckpointClient extends EventEmitter {
   /** Reloads every table from the agent (a restarted active). */
   private recover(): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      const call = (this.stub.Subscribe as (r: unknown) => grpc.ClientReadableStream<SubscribeEvent>)({
-        sessionId: this.sessionId,
-        have: this.localSeqs(),
-        mode: 'RECOVER',
-      });
+      const req: SubscribeRequest = { sessionId: this.sessionId, have: this.localSeqs(), mode: 'RECOVER' };
+      const call: SubscribeCall = this.channels.frames
+        ? new FrameSubscribeCall(this.channels, req, () => ({ call: this.grpcSubscribe(req), acks: { write: () => undefined, end: () => undefined } }))
+        : this.grpcSubscribe(req);
       let done = false;
       this.consume(call, (err) => {
         if (done) return;
@@ -767,8 +783,12 @@ export class CheckpointClient extends EventEmitter {
     });
   }
 
+  private grpcSubscribe(req: SubscribeRequest): grpc.ClientReadableStream<SubscribeEvent> {
+    return (this.stub.Subscribe as (r: SubscribeRequest) => grpc.ClientReadableStream<SubscribeEvent>)(req);
+  }
+
   /** `current`: false once the instance stopped following this call (promoted); its events are dropped. */
-  private consume(call: grpc.ClientReadableStream<SubscribeEvent>, finished: (err: Error | null) => void, current: () => boolean = () => true): void {
+  private consume(call: SubscribeCall, finished: (err: Error | null) => void, current: () => boolean = () => true): void {
     call.on('data', (ev: SubscribeEvent) => {
       if (!current()) return;
       this.queuedEvents++;
@@ -840,14 +860,12 @@ export class CheckpointClient extends EventEmitter {
     t.records.clear();
     t.records.presize(ticket.records);
     return new Promise<void>((resolve, reject) => {
-      // An explicit bulk address wins (guests); otherwise the same kind of transport as the gRPC
-      // channel: a unix-socket client reads the bulk unix socket, a TCP client the TCP one.
-      const viaUnix = !this.opts.bulkAddress && ticket.unixPath !== '' && (this.opts.address.startsWith('unix:') || this.opts.address.startsWith('/'));
-      const tcp = this.opts.bulkAddress ?? ticket.tcpAddress;
-      if (!viaUnix && !tcp) {
-        return reject(new Error('the agent offers the snapshot only on a unix socket; connect over the unix socket or set bulkAddress'));
+      let sock: net.Socket;
+      try {
+        sock = this.channels.connect(ticket.unixPath, ticket.tcpAddress);
+      } catch (e) {
+        return reject(e as Error);
       }
-      const sock = viaUnix ? net.connect(ticket.unixPath) : net.connect(hostPortOf(tcp));
       // Frames are assembled in one reused buffer (no repeated concatenation), then appended to
       // the table as they complete, so applying overlaps with receiving.
       let header = Buffer.alloc(0);
@@ -951,10 +969,4 @@ export class CheckpointClient extends EventEmitter {
     this.session = null;
     this.stub.close();
   }
-}
-
-function hostPortOf(addr: string): net.NetConnectOpts {
-  const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(addr);
-  if (!m) throw new Error(`bad bulk address '${addr}'`);
-  return { host: m[1], port: Number(m[2]) };
 }

@@ -167,67 +167,81 @@ describe('checkpoint: switchover driven by the agent', function () {
     c.close();
   });
 
-  it('a standby takes over on the WriteStream it opened while following, answering PROMOTE before anything else', async () => {
-    const agent = await startAgent();
-    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
-    const opts = { address: agent.socket, process: 'bgp', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'ASYNC' as const }] };
-    const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
-    // What the standby's gRPC calls do, in order, as its own interceptor sees them.
-    const seen: string[] = [];
-    const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY', interceptors: [callRecorder(seen)] });
-    const at = (entry: RegExp, from = 0) => seen.findIndex((e, i) => i >= from && entry.test(e));
-    const ready = (id: string) =>
-      until(`${id} READY`, async () => {
-        const st = await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean }[] }[] }>(c, 'Status', { process: 'bgp' });
-        return st.processes[0].peers.find((p) => p.instanceId === id)?.ready;
-      });
-    try {
-      await a.start();
-      for (let i = 0; i < 5; i++)
-        await a
-          .batch('rib')
-          .put(`10.0.${i}.0/24`, Buffer.from(`nh${i}`))
-          .commit();
-      await b.start();
-      await ready('bgp@vm2');
-      const spare = at(/^start WriteStream#/);
-      assert.ok(spare >= 0, `the standby holds a WriteStream while following: ${seen.join(', ')}`);
-      const spareId = seen[spare].split(' ')[1];
-      assert.equal(at(new RegExp(`^write ${spareId}`)), -1, 'a standby writes nothing on it');
+  // The client logic is one; what the recorder can see differs: gRPC calls, or OpenChannel
+  // requests (a frame channel's traffic is not gRPC).
+  for (const channels of ['grpc', 'frames'] as const) {
+    it(`a standby takes over on the write channel it opened while following, answering PROMOTE before anything else (${channels})`, async () => {
+      const agent = await startAgent();
+      const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+      const opts = {
+        address: agent.socket,
+        process: 'bgp',
+        softwareVersion: '1.0.0',
+        schema: 1,
+        tables: [{ name: 'rib', durability: 'ASYNC' as const }],
+        channels,
+      };
+      const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
+      // What the standby's gRPC calls do, in order, as its own interceptor sees them.
+      const seen: string[] = [];
+      const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY', interceptors: [callRecorder(seen)] });
+      const at = (entry: RegExp, from = 0) => seen.findIndex((e, i) => i >= from && entry.test(e));
+      const writeChannel = channels === 'grpc' ? /^start WriteStream#/ : /^open write channel/;
+      const ready = (id: string) =>
+        until(`${id} READY`, async () => {
+          const st = await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean }[] }[] }>(c, 'Status', { process: 'bgp' });
+          return st.processes[0].peers.find((p) => p.instanceId === id)?.ready;
+        });
+      try {
+        await a.start();
+        for (let i = 0; i < 5; i++)
+          await a
+            .batch('rib')
+            .put(`10.0.${i}.0/24`, Buffer.from(`nh${i}`))
+            .commit();
+        await b.start();
+        await ready('bgp@vm2');
+        const spare = at(writeChannel);
+        assert.ok(spare >= 0, `the standby holds a write channel while following: ${seen.join(', ')}`);
+        const spareId = seen[spare].split(' ').pop();
+        assert.equal(at(new RegExp(`^write ${spareId}`)), -1, 'a standby writes nothing on it');
 
-      await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
-      const promote = at(/^command PROMOTE/);
-      const answered = at(/^result PROMOTE ok/, promote);
-      assert.ok(promote > spare && answered > promote, seen.join(', '));
-      // Between PROMOTE and its answer: no new call and no cancelled subscription (both cost tens
-      // of ms in a slow guest, inside the freeze window). The agent ends the subscription itself.
-      assert.deepEqual(
-        seen.slice(promote + 1, answered).filter((e) => /^(start|cancel) /.test(e)),
-        [],
-      );
-      await until('the agent ended the old subscription', () => at(/^status Subscribe#\d+ OK/) >= 0);
-      assert.equal(at(/^cancel Subscribe#/), -1, seen.join(', '));
+        await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
+        const promote = at(/^command PROMOTE/);
+        const answered = at(/^result PROMOTE ok/, promote);
+        assert.ok(promote > spare && answered > promote, seen.join(', '));
+        // Between PROMOTE and its answer: no new call and no cancelled subscription (both cost tens
+        // of ms in a slow guest, inside the freeze window). The agent ends the subscription itself.
+        assert.deepEqual(
+          seen.slice(promote + 1, answered).filter((e) => /^(start|cancel|open) /.test(e)),
+          [],
+        );
+        if (channels === 'grpc') {
+          await until('the agent ended the old subscription', () => at(/^status Subscribe#\d+ OK/) >= 0);
+          assert.equal(at(/^cancel Subscribe#/), -1, seen.join(', '));
+        }
 
-      // The new active writes on the stream it already had.
-      assert.equal(await b.batch('rib').put('10.9.0.0/16', Buffer.from('nh9')).commit(), 6);
-      assert.ok(at(new RegExp(`^write ${spareId}`)) > answered, seen.join(', '));
-      assert.equal(seen.filter((e) => e.startsWith('start WriteStream#')).length, 1);
+        // The new active writes on the channel it already had.
+        assert.equal(await b.batch('rib').put('10.9.0.0/16', Buffer.from('nh9')).commit(), 6);
+        if (channels === 'grpc') assert.ok(at(new RegExp(`^write ${spareId}`)) > answered, seen.join(', '));
+        assert.equal(seen.filter((e) => writeChannel.test(e)).length, 1, seen.join(', '));
 
-      // Back: demoted, it follows again and opens a fresh spare for the next promotion.
-      await ready('bgp@vm1');
-      await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm1' });
-      const demote = at(/^command DEMOTE/);
-      await until('a new spare WriteStream', () => at(/^start WriteStream#/, demote) > demote);
-      await a.batch('rib').delete('10.0.0.0/24').commit();
-      await until('vm2 follows vm1 again', () => b.table('rib').seq === a.table('rib').seq);
-      assert.deepEqual(b.digest('rib'), a.digest('rib'));
-      assert.equal(b.table('rib').size, 5);
-    } finally {
-      await b.close();
-      await a.close();
-      c.close();
-    }
-  });
+        // Back: demoted, it follows again and opens a fresh spare for the next promotion.
+        await ready('bgp@vm1');
+        await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm1' });
+        const demote = at(/^command DEMOTE/);
+        await until('a new spare write channel', () => at(writeChannel, demote) > demote);
+        await a.batch('rib').delete('10.0.0.0/24').commit();
+        await until('vm2 follows vm1 again', () => b.table('rib').seq === a.table('rib').seq);
+        assert.deepEqual(b.digest('rib'), a.digest('rib'));
+        assert.equal(b.table('rib').size, 5);
+      } finally {
+        await b.close();
+        await a.close();
+        c.close();
+      }
+    });
+  }
 
   it('freezes the active right after its next batch, not in the middle of its work', async () => {
     const agent = await startAgent();
@@ -370,8 +384,9 @@ function callRecorder(log: string[]): grpc.Interceptor {
           },
         });
       },
-      sendMessage(msg: { result?: { commandId: number; ok: boolean } }, next) {
+      sendMessage(msg: { result?: { commandId: number; ok: boolean }; write?: unknown; subscribe?: unknown }, next) {
         if (method === 'Session' && msg?.result) log.push(`result ${kinds.get(Number(msg.result.commandId))} ${msg.result.ok ? 'ok' : 'refused'}`);
+        if (method === 'OpenChannel') log.push(`open ${msg.write ? 'write' : 'subscribe'} channel ${id}`);
         if (method === 'WriteStream') log.push(`write ${id}`);
         next(msg);
       },
