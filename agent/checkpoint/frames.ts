@@ -134,8 +134,11 @@ function readSeq(buf: Buffer, off: number): number {
  * `maxBody` are refused before anything of them is buffered.
  */
 export class FrameReader {
+  /** The start of an incomplete frame, as received (chunks kept, not concatenated, until it is whole). */
   private pending: Buffer[] = [];
   private pendingBytes = 0;
+  /** Bytes the pending frame needs in all (header included); 0 while its header is incomplete. */
+  private need = 0;
 
   constructor(
     private readonly maxBody: number,
@@ -148,38 +151,37 @@ export class FrameReader {
     if (this.pendingBytes > 0) {
       this.pending.push(chunk);
       this.pendingBytes += chunk.length;
-      const need = this.needed();
-      if (need === -1 || this.pendingBytes < need) return;
+      if (this.need === 0) {
+        if (this.pendingBytes < FRAME_HEADER_BYTES) return;
+        // At most 5 chunks hold the header: this copy is small whatever the cut.
+        this.need = this.frameLength(Buffer.concat(this.pending, FRAME_HEADER_BYTES), 0);
+      }
+      if (this.pendingBytes < this.need) return;
       buf = Buffer.concat(this.pending, this.pendingBytes);
       this.pending = [];
       this.pendingBytes = 0;
+      this.need = 0;
     }
     let off = 0;
     while (buf.length - off >= FRAME_HEADER_BYTES) {
-      const len = buf.readUInt32BE(off + 1);
-      if (len > this.maxBody) throw new FrameError(`frame of ${len} bytes exceeds the limit of ${this.maxBody}`);
-      if (buf.length - off - FRAME_HEADER_BYTES < len) break;
+      const whole = this.frameLength(buf, off);
+      if (buf.length - off < whole) break;
       const type = buf[off];
-      const body = buf.subarray(off + FRAME_HEADER_BYTES, off + FRAME_HEADER_BYTES + len);
-      off += FRAME_HEADER_BYTES + len;
+      const body = buf.subarray(off + FRAME_HEADER_BYTES, off + whole);
+      off += whole;
       this.onFrame(type, body);
     }
     if (off < buf.length) {
       const rest = buf.subarray(off);
-      if (rest.length >= FRAME_HEADER_BYTES) {
-        const len = rest.readUInt32BE(1);
-        if (len > this.maxBody) throw new FrameError(`frame of ${len} bytes exceeds the limit of ${this.maxBody}`);
-      }
       this.pending = [rest];
       this.pendingBytes = rest.length;
+      this.need = rest.length >= FRAME_HEADER_BYTES ? this.frameLength(rest, 0) : 0;
     }
   }
 
-  /** Bytes the first pending frame needs in all, or -1 while its header is incomplete. */
-  private needed(): number {
-    if (this.pendingBytes < FRAME_HEADER_BYTES) return -1;
-    const head = this.pending.length === 1 ? this.pending[0] : Buffer.concat(this.pending, Math.min(this.pendingBytes, 64));
-    const len = head.readUInt32BE(1);
+  /** Header and body bytes of the frame whose header starts at `off`; throws when over the limit. */
+  private frameLength(buf: Buffer, off: number): number {
+    const len = buf.readUInt32BE(off + 1);
     if (len > this.maxBody) throw new FrameError(`frame of ${len} bytes exceeds the limit of ${this.maxBody}`);
     return FRAME_HEADER_BYTES + len;
   }
