@@ -3,7 +3,11 @@
  * active that loads and churns the RIB, or a standby that follows it. Timings are taken inside
  * the worker so process start-up is not counted; results go back over IPC.
  */
+import fs from 'node:fs';
+import net from 'node:net';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { encodeBatch, FrameType } from '../agent/checkpoint/frames';
+import { RecordBuilder } from '../agent/checkpoint/records';
 import { sharedArenaPool } from '../agent/checkpoint/record-table';
 import { CheckpointClient } from '../agent/sdk/checkpoint-client';
 import { createRng, generateRib, mutateRoute, RibRoute } from '../examples/bgp-rib/rib-generator';
@@ -18,6 +22,10 @@ type Cmd =
   | { op: 'churnOn'; rate: number }
   | { op: 'loopDelay'; reset: boolean }
   | { op: 'churnOff' }
+  | { op: 'rawPrepare'; records: number; batch: number }
+  | { op: 'rawSend'; path: string }
+  | { op: 'rawListen'; path: string }
+  | { op: 'rawDrain'; bytes: number }
   | { op: 'exit' };
 
 let client: CheckpointClient | null = null;
@@ -36,6 +44,13 @@ if (process.env.BENCH_MEM_TRACE) {
   }, 1000).unref();
 }
 let routes: RibRoute[] = [];
+/** The raw-hop limit (see checkpoint.bench.ts): frames prepared by the sender; the receiver's count. */
+let rawFrames: Buffer[] = [];
+let rawServer: net.Server | null = null;
+let rawReceived = 0;
+let rawFirstByte = 0;
+let rawLastByte = 0;
+let rawWaiter: (() => void) | null = null;
 const send = (m: unknown) => process.send!(m);
 /**
  * A turn for the client's I/O while the harness prepares millions of routes: a process that holds
@@ -227,6 +242,50 @@ process.on('message', async (cmd: Cmd) => {
       churnTimer = null;
       while (client!.inFlight > 0) await new Promise((r) => setTimeout(r, 5));
       send({ ok: true, seq: client!.table('rib').seq });
+    } else if (cmd.op === 'rawPrepare') {
+      // The incremental phase's changes (same generator, same seed), packed as the SDK packs a
+      // batch and framed as WRITE frames: the bytes the active puts on its channel.
+      const rng = createRng(7);
+      rawFrames = [];
+      let bytes = 0;
+      for (let i = 0, seq = 1; i < cmd.records; i += cmd.batch, seq++) {
+        const b = new RecordBuilder();
+        for (let j = i; j < Math.min(cmd.records, i + cmd.batch); j++) {
+          const u = mutateRoute(routes[j % routes.length], rng);
+          b.put(u.key, 1, u.value);
+        }
+        const { records, count } = b.take();
+        const f = encodeBatch(FrameType.WRITE, { table: 'rib', seq, count, records });
+        rawFrames.push(f);
+        bytes += f.length;
+        if (seq % 50 === 0) await yieldTurn();
+      }
+      send({ ok: true, bytes });
+    } else if (cmd.op === 'rawSend') {
+      const sock = net.connect(cmd.path);
+      await new Promise<void>((res, rej) => sock.once('connect', res).once('error', rej));
+      for (const f of rawFrames) if (!sock.write(f)) await new Promise<void>((r) => sock.once('drain', r));
+      await new Promise<void>((r) => sock.end(r));
+      rawFrames = [];
+      send({ ok: true });
+    } else if (cmd.op === 'rawListen') {
+      fs.rmSync(cmd.path, { force: true });
+      rawReceived = 0;
+      rawServer = net.createServer((sock) =>
+        sock.on('data', (d: Buffer) => {
+          if (rawReceived === 0) rawFirstByte = now();
+          rawReceived += d.length;
+          rawLastByte = now();
+          rawWaiter?.();
+        }),
+      );
+      await new Promise<void>((res) => rawServer!.listen(cmd.path, res));
+      send({ ok: true });
+    } else if (cmd.op === 'rawDrain') {
+      while (rawReceived < cmd.bytes) await new Promise<void>((r) => (rawWaiter = r));
+      rawServer?.close();
+      rawServer = null;
+      send({ ok: true, seconds: rawLastByte - rawFirstByte });
     } else if (cmd.op === 'digest') {
       send({ ok: true, ...(await client!.digestInSlices(cmd.table)) });
     } else if (cmd.op === 'exit') {

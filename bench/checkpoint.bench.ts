@@ -6,7 +6,9 @@
  * one JSON line per measurement:
  *   bulk         fresh standby subscribe -> all records applied (snapshot over the bulk socket),
  *                beside a fresh Redis replica's full sync of the same records (peer, ratio);
- *   incremental  sustained records/s from the active's submit to the standby's apply;
+ *   incremental  sustained records/s from the active's submit to the standby's apply, beside the
+ *                limit: the same framed bytes moved once through one raw unix socket between the
+ *                same two processes (limit_records_per_s; ratio = our seconds / the limit's);
  *   sync-ack     SYNC table ack latency p50/p99 at 50k and at 200k records/s offered (after 1 s
  *                unmeasured warm-up at the same rate), each beside Redis at the same rate: 100
  *                SETs then WAIT 1 on a primary with one replica (peer 'redis-wait'). At 200k/s
@@ -20,6 +22,7 @@
  */
 import { ChildProcess, execFile, fork } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { startAgent } from '../harness/agent-process';
 import { generateRib } from '../examples/bgp-rib/rib-generator';
@@ -206,6 +209,15 @@ async function main(): Promise<void> {
       const incLoopMax = await loopMax();
       const d2A = await active.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
       const d2S = await standby.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
+      // The limit beside it: the same changes, framed as the active frames them, moved once from
+      // the active's process to the standby's through one unix socket and nothing else (no
+      // agent, no store, no apply). Timed from the receiver's first byte to its last.
+      const rawPath = path.join(os.tmpdir(), `hitless-bench-raw-${process.pid}.sock`);
+      const prepared = await active.call<{ bytes: number }>({ op: 'rawPrepare', records: RECORDS, batch: BATCH });
+      await standby.call({ op: 'rawListen', path: rawPath });
+      await settle();
+      const [, raw] = await Promise.all([active.call({ op: 'rawSend', path: rawPath }), standby.call({ op: 'rawDrain', bytes: prepared.bytes })]);
+      fs.rmSync(rawPath, { force: true });
       print({
         bench: 'incremental',
         records: RECORDS,
@@ -213,6 +225,11 @@ async function main(): Promise<void> {
         records_per_s: Math.round(RECORDS / incSeconds),
         digest_match: d2A.sha256 === d2S.sha256,
         agent_loop_max_ms: incLoopMax,
+        limit: 'raw-unix-hop',
+        limit_bytes: prepared.bytes,
+        limit_seconds: round(raw.seconds),
+        limit_records_per_s: Math.round(RECORDS / raw.seconds),
+        ratio: round(incSeconds / raw.seconds),
       });
     }
     if (PHASES.has('sync')) {
