@@ -239,10 +239,11 @@ export class AppModule {
               logger: vmLog,
               cpNics,
               channels: {
+                // The bulk socket first: a guest that can register may open frame channels at once.
                 open: async (vm, agentSocket, bulkSocket) => {
+                  await bulk.listenUnixExtra(bulkSocket);
                   await grpc.closeVm(vm);
                   await grpc.listenVm(vm, agentSocket);
-                  await bulk.listenUnixExtra(bulkSocket);
                 },
                 close: async (vm, _agentSocket, bulkSocket) => {
                   await grpc.closeVm(vm);

@@ -17,6 +17,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { Logger } from '../common/logger';
 
 /** Writes the snapshot into the socket; resolves with the number of records sent. */
@@ -85,6 +86,7 @@ export class BulkServer {
    */
   async listenUnixExtra(socketPath: string): Promise<void> {
     if (this.extra.has(socketPath)) return;
+    fs.mkdirSync(path.dirname(socketPath), { recursive: true });
     fs.rmSync(socketPath, { force: true });
     const srv = net.createServer({ allowHalfOpen: true }, (sock) => this.onConnection(sock));
     await new Promise<void>((res, rej) => srv.once('error', rej).listen(socketPath, () => res()));

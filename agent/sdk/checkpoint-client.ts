@@ -332,8 +332,10 @@ export class CheckpointClient extends EventEmitter {
       if (msg.registered) void this.onRegistered(msg.registered);
       else if (msg.command) void this.onCommand(msg.command);
     });
-    call.on('error', (err: grpc.ServiceError) => this.onSessionLost(err));
-    call.on('end', () => this.onSessionLost(null));
+    // Only while it is the current session: a session ended by restartSession() reports its end
+    // after a new one may have started.
+    call.on('error', (err: grpc.ServiceError) => this.session === call && this.onSessionLost(err));
+    call.on('end', () => this.session === call && this.onSessionLost(null));
     call.write({
       register: {
         process: this.opts.process,
@@ -390,6 +392,22 @@ export class CheckpointClient extends EventEmitter {
     this.backoffMs = Math.min(this.backoffMs * 2, 2000);
   }
 
+  /**
+   * A frame channel broke (UNAVAILABLE) while the session stood: the bulk socket can fail on its
+   * own (a guest's relay, a listener not up yet after an agent restart). What the agent received
+   * of that channel is unknown, so the session starts over: the new registration tells which
+   * batches the agent holds (the outbox resends the rest), a standby resumes from what it holds,
+   * and whatever of the old channel the agent still reads belongs to a session that is gone and
+   * is refused. A gRPC stream's UNAVAILABLE is its connection's, so its session is ending anyway.
+   */
+  private restartSession(reason: string): void {
+    const s = this.session;
+    if (!s) return;
+    this.log.warn({ reason }, 'a channel to the agent broke while the session stood; registering again');
+    this.onSessionLost(null);
+    s.cancel();
+  }
+
   private async onRegistered(r: Registered): Promise<void> {
     const wasActive = this.role === 'ACTIVE';
     this.sessionId = r.sessionId;
@@ -414,6 +432,7 @@ export class CheckpointClient extends EventEmitter {
       if (!this.ready) this.settleReady(null);
       this.emit('role', this.role);
     } catch (e) {
+      if (e instanceof CheckpointError && e.code === grpc.status.UNAVAILABLE) return this.restartSession(e.message);
       this.log.error({ err: (e as Error).message }, 'start after registration failed');
       if (!this.ready) this.settleReady(e as Error);
       else this.emit('error', e);
@@ -542,7 +561,8 @@ export class CheckpointClient extends EventEmitter {
       if (this.spareWriteStream === call) this.spareWriteStream = null;
       if (this.writeStream !== call) return;
       this.writeStream = null;
-      if (err.code === grpc.status.CANCELLED || err.code === grpc.status.UNAVAILABLE) return; // session loss handles it
+      if (err.code === grpc.status.CANCELLED) return; // session loss or demotion: handled there
+      if (err.code === grpc.status.UNAVAILABLE) return this.restartSession(err.details);
       if (err.code === grpc.status.RESOURCE_EXHAUSTED) return this.resendLater(err);
       // The agent refused a batch: the local table already holds it, so this instance must not
       // keep writing from a state the agent does not have.
@@ -808,7 +828,8 @@ export class CheckpointClient extends EventEmitter {
     call.on('error', (err: grpc.ServiceError) => {
       if (err.code === grpc.status.CANCELLED) return finished(null);
       finished(new CheckpointError(err.code, err.details));
-      if (this.sub === call && err.code !== grpc.status.UNAVAILABLE) {
+      if (this.sub === call && err.code === grpc.status.UNAVAILABLE) return this.restartSession(err.details);
+      if (this.sub === call) {
         // Dropped by the agent (stalled, snapshot failed): resubscribe from what we hold.
         this.log.warn({ err: err.details }, 'subscription ended by the agent; resubscribing');
         this.sub = null;

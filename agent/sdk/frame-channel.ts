@@ -14,7 +14,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { FrameReader, FrameType, decodeBatch, decodeSeq, decodeStatus, encodeBatch, encodeSeq } from '../checkpoint/frames';
+import { FrameError, FrameReader, FrameType, decodeBatch, decodeSeq, decodeStatus, encodeBatch, encodeSeq } from '../checkpoint/frames';
 import { AckRequest, ChannelRequest, ChannelTicket, SubscribeEvent, SubscribeRequest, WriteAck, WriteRequest } from '../checkpoint/messages';
 import { loadProtos } from '../grpc/proto';
 
@@ -68,6 +68,11 @@ export class ChannelOpener {
   /** Whether new calls go on frame channels (until an agent answered UNIMPLEMENTED). */
   get frames(): boolean {
     return this.supported;
+  }
+
+  /** There is no route to the agent's bulk socket: later calls use gRPC. */
+  noRoute(): void {
+    this.supported = false;
   }
 
   open(req: ChannelRequest, cb: (err: grpc.ServiceError | null, t?: ChannelTicket) => void): void {
@@ -136,8 +141,11 @@ abstract class FrameCall<Out> extends EventEmitter {
       let sock: net.Socket;
       try {
         sock = opener.connect(ticket.unixPath, ticket.tcpAddress);
-      } catch (e) {
-        return this.finish(statusError(grpc.status.UNAVAILABLE, (e as Error).message));
+      } catch {
+        // No way to the bulk socket from here (a TCP client of an agent that has it on a unix
+        // socket only): the gRPC streams need none, and that will not change for this client.
+        opener.noRoute();
+        return this.becomeGrpc();
       }
       this.sock = sock;
       sock.setNoDelay(true);
@@ -151,7 +159,11 @@ abstract class FrameCall<Out> extends EventEmitter {
         try {
           reader.push(d);
         } catch (e) {
-          this.finish(statusError(grpc.status.INTERNAL, `the agent sent a malformed frame: ${(e as Error).message}`));
+          if (!(e instanceof FrameError)) throw e;
+          // Not the agent's refusal (that is a STATUS frame): bytes that are no frames mean the
+          // connection is not what it should be, e.g. a guest's relay writing its own error
+          // text when it could not reach the agent. The channel is broken, not refused.
+          this.finish(statusError(grpc.status.UNAVAILABLE, `the frame channel carried bytes that are not frames (${e.message}); it is dropped`));
         }
       });
       sock.on('error', (e) => this.finish(statusError(grpc.status.UNAVAILABLE, `frame channel to the agent failed: ${e.message}`)));
@@ -255,7 +267,7 @@ export class FrameWriteCall extends FrameCall<WriteRequest> implements WriteCall
       const a = decodeSeq(body);
       this.emit('data', { table: a.table, seq: a.seq } satisfies WriteAck);
     } else if (type === FrameType.STATUS) this.onStatus(body);
-    else this.finish(statusError(grpc.status.INTERNAL, `the agent sent a frame of type ${type} on a write channel`));
+    else throw new FrameError(`a frame of type ${type} on a write channel`);
   }
 }
 
@@ -279,6 +291,14 @@ export class FrameSubscribeCall extends FrameCall<AckRequest> implements Subscri
     });
   }
 
+  private decodeEvent(body: Buffer): SubscribeEvent {
+    try {
+      return this.channels.decode(body);
+    } catch (e) {
+      throw new FrameError(`an EVENT frame that is not a SubscribeEvent (${(e as Error).message})`);
+    }
+  }
+
   protected encode(a: AckRequest): Buffer {
     return encodeSeq(FrameType.ACK, a);
   }
@@ -291,8 +311,8 @@ export class FrameSubscribeCall extends FrameCall<AckRequest> implements Subscri
     if (type === FrameType.CHANGE) {
       const b = decodeBatch(body);
       this.emit('data', { change: b, msg: 'change' } satisfies SubscribeEvent);
-    } else if (type === FrameType.EVENT) this.emit('data', this.channels.decode(body));
+    } else if (type === FrameType.EVENT) this.emit('data', this.decodeEvent(body));
     else if (type === FrameType.STATUS) this.onStatus(body);
-    else this.finish(statusError(grpc.status.INTERNAL, `the agent sent a frame of type ${type} on a subscribe channel`));
+    else throw new FrameError(`a frame of type ${type} on a subscribe channel`);
   }
 }

@@ -318,3 +318,88 @@ describe('checkpoint: an agent with frame channels turned off', function () {
     }
   });
 });
+
+describe('checkpoint: a frame channel that breaks while the session stands', function () {
+  this.timeout(60_000);
+  after(stopAllAgents);
+
+  it('the SDK registers again and resends what the agent lacks: every commit resolves once, the standby ends exact', async () => {
+    // The agent's bulk socket is reached through a relay, as a guest reaches it through QEMU and
+    // socat; the test breaks every relayed connection in the middle of a pipelined load.
+    const agent = await startAgent({ tcp: true });
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    const probe = await registerRaw(c, registration({ instanceId: 'probe@vm0', process: 'probe', vmId: 'vm0', tables: [] }));
+    const { tcpAddress } = await unaryCall<{ tcpAddress: string }>(c, 'OpenChannel', { write: { sessionId: probe.registered.sessionId } });
+    probe.call.end();
+    const [host, port] = [tcpAddress.slice(0, tcpAddress.lastIndexOf(':')), Number(tcpAddress.slice(tcpAddress.lastIndexOf(':') + 1))];
+    const relayed = new Set<net.Socket>();
+    const clientSides = new Set<net.Socket>();
+    const relay = net.createServer((down) => {
+      clientSides.add(down);
+      down.on('close', () => clientSides.delete(down));
+      const up = net.connect({ host, port });
+      for (const [a, b] of [
+        [down, up],
+        [up, down],
+      ]) {
+        relayed.add(a);
+        a.pipe(b);
+        a.on('error', () => b.destroy());
+        a.on('close', () => (relayed.delete(a), b.destroy()));
+      }
+    });
+    await new Promise<void>((r) => relay.listen(0, '127.0.0.1', r));
+    const bulkAddress = `127.0.0.1:${(relay.address() as net.AddressInfo).port}`;
+    const opts = {
+      address: agent.socket,
+      bulkAddress,
+      process: 'bgp',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [{ name: 'rib', durability: 'ASYNC' as const }],
+    };
+    const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
+    const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' });
+    const restarts: string[] = [];
+    a.on('disconnected', () => restarts.push('active'));
+    b.on('disconnected', () => restarts.push('standby'));
+    try {
+      await a.start();
+      await b.start();
+      const commits: Promise<number>[] = [];
+      for (let i = 0; i < 400; i++) {
+        const batch = a.batch('rib');
+        for (let j = 0; j < 50; j++) batch.put(`10.${i >> 8}.${i & 255}.${j}/32`, Buffer.from(`nh-${i}-${j}`));
+        commits.push(batch.commit());
+        if (i === 150) {
+          // Wait until some of it is across, then break both channels mid-stream.
+          await until('batches flowing', () => b.table('rib').seq > 20);
+          assert.ok(relayed.size >= 4, `the active's and the standby's channels are relayed (${relayed.size} sockets)`);
+          // Half of the clients first read what a relay writes when it cannot reach the agent
+          // (socat's error line, as a guest reads it through QEMU): text that is no frame.
+          let i = 0;
+          for (const s of clientSides) if (i++ % 2 === 0) s.write('2026/11/29 10:26:49 socat[77] E connect(5, AF=1 "bulk.sock", 11): Connection refused\n');
+          await new Promise((r) => setTimeout(r, 50));
+          for (const s of relayed) s.destroy();
+        }
+      }
+      const seqs = await Promise.all(commits);
+      assert.deepEqual(
+        seqs,
+        seqs.map((_s, i) => i + 1),
+        'every batch resolved with its own sequence',
+      );
+      assert.ok(restarts.includes('active') && restarts.includes('standby'), `both registered again: ${restarts.join(', ')}`);
+      await until('the standby holds everything', () => b.table('rib').seq === 400);
+      assert.deepEqual(b.digest('rib'), a.digest('rib'));
+      const st = await unaryCall<{ processes: { tables: { seq: number; records: number }[] }[] }>(c, 'Status', { process: 'bgp' });
+      assert.deepEqual({ seq: st.processes[0].tables[0].seq, records: st.processes[0].tables[0].records }, { seq: 400, records: 20_000 });
+    } finally {
+      await b.close();
+      await a.close();
+      relay.close();
+      for (const s of relayed) s.destroy();
+      c.close();
+    }
+  });
+});
