@@ -5,7 +5,8 @@
  * standby's received state live in one place the daemon reads from. What it does:
  * - registers on a Session stream and follows the agent's role commands (promote, demote, freeze,
  *   unfreeze);
- * - active: packs batches, applies them locally, sends them pipelined on a WriteStream with
+ * - active: packs batches, applies them locally, sends them pipelined on a write channel (a frame
+ *   channel on the agent's bulk socket, or gRPC WriteStream; see frame-channel.ts) with
  *   contiguous sequences, and resolves each when the agent acknowledges it; keeps unacknowledged
  *   batches in an outbox and resends them after a reconnect, so nothing is lost;
  * - restarted active: reloads its tables from the agent (Subscribe RECOVER) before writing;
@@ -224,10 +225,11 @@ export class CheckpointClient extends EventEmitter {
   private readonly channels: ChannelOpener;
   private writeStream: WriteCall | null = null;
   /**
-   * A standby keeps one idle WriteStream open (it writes nothing on it; the agent checks the
-   * role per batch). PROMOTE then only switches to it: creating a call is the costliest part of
-   * taking over in a guest under software emulation (first-time code, an HTTP/2 stream to set
-   * up), and it is paid while the writers are frozen if it waits for PROMOTE.
+   * A standby keeps one idle write channel open (it writes nothing on it; the agent checks the
+   * role per batch). PROMOTE then only switches to it: opening one is the costliest part of
+   * taking over in a guest under software emulation (first-time code, a connection through
+   * QEMU's relay or an HTTP/2 stream to set up), and it is paid while the writers are frozen if
+   * it waits for PROMOTE.
    */
   private spareWriteStream: WriteCall | null = null;
   private ackStream: AckSink | null = null;

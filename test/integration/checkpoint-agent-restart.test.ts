@@ -102,6 +102,8 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
       vmId: 'vm2',
       role: 'STANDBY',
       interceptors: [newCtl.interceptor()],
+      // dropWrites swallows WriteStream messages: this client writes on gRPC, not a frame channel.
+      channels: 'grpc',
     });
     try {
       await a.start();
@@ -193,8 +195,8 @@ describe('checkpoint: restarts in the middle of an upgrade (agent, processes)', 
 
 /**
  * Test-side control of one SDK client's gRPC calls: drop role commands of some kinds (replaced by
- * an empty message, which the SDK ignores), swallow outgoing batches, and hold new Session calls
- * until released.
+ * an empty message, which the SDK ignores), swallow outgoing batches (WriteStream: a client with
+ * channels 'grpc'), and hold new Session calls until released.
  */
 class CallControl {
   readonly dropCommands = new Set<string>();

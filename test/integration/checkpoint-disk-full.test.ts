@@ -144,7 +144,16 @@ describe("checkpoint: the agent's state disk gets full", function () {
     };
     const active = new CheckpointClient({ ...common, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
     const acks = new AckGate();
-    const standby = new CheckpointClient({ ...common, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY', interceptors: [acks.interceptor()] });
+    // The gate is a gRPC interceptor: this standby acknowledges on the gRPC Ack stream (the
+    // active writes on a frame channel, the SDK's default).
+    const standby = new CheckpointClient({
+      ...common,
+      instanceId: 'bgp@vm2',
+      vmId: 'vm2',
+      role: 'STANDBY',
+      interceptors: [acks.interceptor()],
+      channels: 'grpc',
+    });
     clients.push(active, standby);
     const errors: Error[] = [];
     const fullEvents: CheckpointError[] = [];
