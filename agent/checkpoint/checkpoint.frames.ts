@@ -17,7 +17,7 @@ import { loadProtos } from '../grpc/proto';
 import { toServiceError } from '../grpc/status';
 import { BulkServer } from './bulk-server';
 import { CheckpointService } from './checkpoint.service';
-import { FrameError, FrameReader, FrameType, decodeBatch, decodeSeq, encodeBatch, encodeEvent, encodeSeq, encodeStatus } from './frames';
+import { FrameError, FrameReader, FrameType, batchHeader, decodeBatch, decodeSeq, encodeEvent, encodeSeq, encodeStatus, writeFrame } from './frames';
 import { ChannelRequest, ChannelTicket, SubscribeEvent, SubscribeRequest } from './messages';
 import { SubscriberStream, Subscription } from './subscription';
 import { WriteStream } from './write-stream';
@@ -123,7 +123,8 @@ export class FrameChannels {
     const stream: SubscriberStream = {
       write: (ev) => {
         if (ended) return true;
-        return sock.write(ev.change ? encodeBatch(FrameType.CHANGE, ev.change) : encodeEvent(this.encodeEvent(ev)));
+        if (ev.change) return writeFrame(sock, [batchHeader(FrameType.CHANGE, ev.change), ev.change.records]);
+        return sock.write(encodeEvent(this.encodeEvent(ev)));
       },
       onDrain: (cb) => sock.on('drain', cb),
       end: () => {

@@ -50,19 +50,39 @@ export interface SeqFrame {
   seq: number;
 }
 
-/** WRITE or CHANGE: header, sequence, count, table and the records in one buffer (one syscall). */
-export function encodeBatch(type: FrameType.WRITE | FrameType.CHANGE, b: BatchFrame): Buffer {
+/**
+ * WRITE or CHANGE without its records: the frame header, sequence, count and table. The records
+ * follow as they are (see writeFrame), so a batch is never copied to be framed.
+ */
+export function batchHeader(type: FrameType.WRITE | FrameType.CHANGE, b: BatchFrame): Buffer {
   const tableLen = Buffer.byteLength(b.table);
-  const bodyLen = 8 + 4 + 2 + tableLen + b.records.length;
-  const out = Buffer.allocUnsafe(FRAME_HEADER_BYTES + bodyLen);
+  const out = Buffer.allocUnsafe(19 + tableLen);
   out[0] = type;
-  out.writeUInt32BE(bodyLen, 1);
+  out.writeUInt32BE(8 + 4 + 2 + tableLen + b.records.length, 1);
   writeSeq(out, 5, b.seq);
   out.writeUInt32BE(b.count, 13);
   out.writeUInt16BE(tableLen, 17);
   out.write(b.table, 19, 'utf8');
-  b.records.copy(out, 19 + tableLen);
   return out;
+}
+
+/** WRITE or CHANGE as one buffer (tests, tools): batchHeader followed by the records. */
+export function encodeBatch(type: FrameType.WRITE | FrameType.CHANGE, b: BatchFrame): Buffer {
+  return Buffer.concat([batchHeader(type, b), b.records]);
+}
+
+/**
+ * Writes a frame given as parts (a batch's header and its records) in one go: corked, so the
+ * socket hands both to the kernel in one writev. Returns what the last write() returned (false:
+ * wait for 'drain').
+ */
+export function writeFrame(sock: { cork(): void; uncork(): void; write(b: Buffer): boolean }, parts: Buffer | Buffer[]): boolean {
+  if (!Array.isArray(parts)) return sock.write(parts);
+  sock.cork();
+  let ok = true;
+  for (const p of parts) ok = sock.write(p);
+  sock.uncork();
+  return ok;
 }
 
 export function decodeBatch(body: Buffer): BatchFrame {

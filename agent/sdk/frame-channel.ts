@@ -14,7 +14,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { FrameError, FrameReader, FrameType, decodeBatch, decodeSeq, decodeStatus, encodeBatch, encodeSeq } from '../checkpoint/frames';
+import { FrameError, FrameReader, FrameType, batchHeader, decodeBatch, decodeSeq, decodeStatus, encodeSeq, writeFrame } from '../checkpoint/frames';
 import { AckRequest, ChannelRequest, ChannelTicket, SubscribeEvent, SubscribeRequest, WriteAck, WriteRequest } from '../checkpoint/messages';
 import { loadProtos } from '../grpc/proto';
 
@@ -150,7 +150,7 @@ abstract class FrameCall<Out> extends EventEmitter {
       this.sock = sock;
       sock.setNoDelay(true);
       sock.write(ticket.token);
-      for (const m of this.unsent.splice(0)) sock.write(this.encode(m));
+      for (const m of this.unsent.splice(0)) writeFrame(sock, this.encode(m));
       if (this.ending) sock.end();
       if (this.paused) sock.pause();
       const reader = new FrameReader(MAX_FRAME_BODY, (type, body) => this.onFrame(type, body));
@@ -171,8 +171,8 @@ abstract class FrameCall<Out> extends EventEmitter {
     });
   }
 
-  /** The frame for one message the client sends. */
-  protected abstract encode(m: Out): Buffer;
+  /** The frame for one message the client sends, whole or as parts (see writeFrame). */
+  protected abstract encode(m: Out): Buffer | Buffer[];
   /** The same message through the gRPC call (or its companion stream) after a fallback. */
   protected abstract sendGrpc(m: Out): void;
   /** A frame from the agent; STATUS goes to onStatus. */
@@ -187,7 +187,7 @@ abstract class FrameCall<Out> extends EventEmitter {
     if (this.grpcCall) return this.sendGrpc(m);
     if (this.finished || this.ending) return;
     if (!this.opened) this.unsent.push(m);
-    else this.sock?.write(this.encode(m));
+    else if (this.sock) writeFrame(this.sock, this.encode(m));
   }
 
   end(): void {
@@ -254,8 +254,8 @@ export class FrameWriteCall extends FrameCall<WriteRequest> implements WriteCall
     return true;
   }
 
-  protected encode(req: WriteRequest): Buffer {
-    return encodeBatch(FrameType.WRITE, req);
+  protected encode(req: WriteRequest): Buffer[] {
+    return [batchHeader(FrameType.WRITE, req), req.records];
   }
 
   protected sendGrpc(req: WriteRequest): void {
