@@ -10,7 +10,19 @@ import path from 'node:path';
 
 const RUNS = Number(process.env.RUNS ?? 5);
 /** Fields whose per-run values are printed beside the median. */
-const SPREAD = ['seconds', 'records_per_s', 'p99_ms', 'peer_p99_ms', 'peer_seconds', 'ratio', 'ratio_p99', 'rss_mb', 'freeze_ms_median'];
+const SPREAD = [
+  'seconds',
+  'records_per_s',
+  'p99_ms',
+  'peer_p99_ms',
+  'peer_seconds',
+  'ratio',
+  'ratio_p99',
+  'rss_mb',
+  'freeze_ms_median',
+  'achieved_records_per_s',
+  'peer_achieved_records_per_s',
+];
 
 function runOnce(i: number): Promise<Record<string, unknown>[]> {
   return new Promise((resolve, reject) => {
@@ -54,6 +66,12 @@ async function main(): Promise<void> {
   for (const lines of byKey.values()) {
     const out: Record<string, unknown> = { bench: lines[0].bench, runs: lines.length };
     for (const [f, v] of Object.entries(lines[0])) {
+      if (typeof v === 'boolean') {
+        // A flag (kept_up): true only when it held in every run, with each run's value.
+        out[f] = lines.every((l) => l[f] === true);
+        out[`${f}_runs`] = lines.map((l) => l[f]);
+        continue;
+      }
       if (typeof v !== 'number') continue;
       const xs = lines.map((l) => l[f]).filter((x): x is number => typeof x === 'number');
       out[f] = Math.round(median(xs) * 1000) / 1000;

@@ -170,6 +170,7 @@ process.on('message', async (cmd: Cmd) => {
       (globalThis as { gc?: () => void }).gc?.();
       loop.reset(); // event-loop delay from here on is what the measured batches could meet
       const t0 = now();
+      let lastAck = 0;
       const measuredFromEpochMs = Date.now() + warmup * 1000;
       for (let i = 0; now() - t0 < warmup + cmd.seconds && i < total; i++) {
         const due = t0 + (i * interval) / 1000;
@@ -182,7 +183,8 @@ process.on('message', async (cmd: Cmd) => {
         b.commit().then(
           () => {
             if (measured) {
-              const l = (now() - s) * 1000;
+              lastAck = now();
+              const l = (lastAck - s) * 1000;
               lat.push(l);
               if (l > 5) spikes.push([Math.round((s - t0 - warmup) * 1000), Math.round(l)]);
             }
@@ -194,8 +196,13 @@ process.on('message', async (cmd: Cmd) => {
           },
         );
       }
+      // Batches offered and not acknowledged when the last was offered: a few when the path keeps
+      // up with the offered rate, a growing queue when it does not (then the latencies are
+      // queueing, and `achieved` says what rate it did sustain).
+      const backlogEnd = outstanding;
       if (outstanding > 0) await new Promise<void>((r) => (allAcked = r));
       if (failure) throw failure;
+      const achieved = lastAck > t0 + warmup ? (lat.length * cmd.batch) / (lastAck - t0 - warmup) : 0;
       lat.sort((a, b) => a - b);
       const q = (p: number) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))];
       send({
@@ -207,6 +214,8 @@ process.on('message', async (cmd: Cmd) => {
         p99: q(0.99),
         max: lat[lat.length - 1],
         spikes: spikes.slice(0, 60),
+        achieved,
+        backlogEnd,
         measuredFromEpochMs,
       });
     } else if (cmd.op === 'waitSeq') {

@@ -10,7 +10,11 @@
  *                limit: the same framed bytes moved once through one raw unix socket between the
  *                same two processes (limit_records_per_s; ratio = our seconds / the limit's);
  *   sync-ack     SYNC table ack latency p50/p99 at 50k and at 200k records/s offered (after 1 s
- *                unmeasured warm-up at the same rate), each beside Redis at the same rate: 100
+ *                unmeasured warm-up at the same rate), with the rate sustained
+ *                (achieved_records_per_s, up to the last ack), the batches still unacknowledged
+ *                when the last was offered (backlog_end_batches: a few when it keeps up, a queue
+ *                when it does not, and then the latencies are queueing) and kept_up (achieved
+ *                >= 95% of offered), the same for the peer, each beside Redis at the same rate: 100
  *                SETs then WAIT 1 on a primary with one replica (peer 'redis-wait'). At 200k/s
  *                neither keeps up on 2 cores, and the peer's writer is this benchmark's one-thread
  *                RESP client: its figure there is bound by that client, not by Redis;
@@ -265,12 +269,18 @@ async function main(): Promise<void> {
           p50_ms: round(lat.p50),
           p99_ms: round(lat.p99),
           max_ms: round(lat.max),
+          achieved_records_per_s: Math.round(lat.achieved),
+          backlog_end_batches: lat.backlogEnd,
+          kept_up: lat.achieved >= 0.95 * rate,
           agent_loop_max_ms: syncLoopMax,
           peer: 'redis-wait',
           peer_p50_ms: round(peer.p50Ms),
           peer_p99_ms: round(peer.p99Ms),
           peer_max_ms: round(peer.maxMs),
           peer_unreplicated: peer.unreplicated,
+          peer_achieved_records_per_s: Math.round(peer.achievedRecordsPerS),
+          peer_backlog_end_batches: peer.backlogEnd,
+          peer_kept_up: peer.achievedRecordsPerS >= 0.95 * rate,
           ratio_p99: round(lat.p99 / peer.p99Ms),
         });
         if (process.env.BENCH_DEBUG)

@@ -36,6 +36,10 @@ export interface RedisWaitResult {
   maxMs: number;
   /** Rounds whose WAIT reported fewer than one replica (timed out): 0 when the replica kept up. */
   unreplicated: number;
+  /** Records acknowledged in the measured window per second, up to the last acknowledgement. */
+  achievedRecordsPerS: number;
+  /** Rounds sent and not acknowledged when the last was sent (a growing queue: not keeping up). */
+  backlogEnd: number;
 }
 
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? 0;
@@ -67,6 +71,8 @@ export async function measureRedisWait(o: RedisWaitOptions): Promise<RedisWaitRe
     const lat: number[] = [];
     let unreplicated = 0;
     const pending: Promise<void>[] = [];
+    let outstanding = 0;
+    let lastAck = 0;
     const t0 = performance.now();
     for (let i = 0; i < total; i++) {
       const wait = t0 + i * interval - performance.now();
@@ -74,16 +80,21 @@ export async function measureRedisWait(o: RedisWaitOptions): Promise<RedisWaitRe
       const s = performance.now();
       const measured = s - t0 >= o.warmup * 1000;
       pc.writePipelined(rounds[i], o.batch);
+      outstanding++;
       pending.push(
         pc.command('WAIT', 1, 1000).then((n) => {
+          outstanding--;
           if (!measured) return;
-          lat.push(performance.now() - s);
+          lastAck = performance.now();
+          lat.push(lastAck - s);
           if (Number(n) < 1) unreplicated++;
         }),
       );
     }
+    const backlogEnd = outstanding;
     await Promise.all(pending);
     lat.sort((a, b) => a - b);
+    const window = (lastAck - t0) / 1000 - o.warmup;
     return {
       rounds: lat.length,
       records: lat.length * o.batch,
@@ -91,6 +102,8 @@ export async function measureRedisWait(o: RedisWaitOptions): Promise<RedisWaitRe
       p99Ms: percentile(lat, 99),
       maxMs: lat[lat.length - 1] ?? 0,
       unreplicated,
+      achievedRecordsPerS: window > 0 ? (lat.length * o.batch) / window : 0,
+      backlogEnd,
     };
   } finally {
     for (const x of started) x.client.close();
