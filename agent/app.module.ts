@@ -202,10 +202,13 @@ export class AppModule {
           inject: [CheckpointService, BulkServer],
           useFactory: (checkpoint: CheckpointService, bulk: BulkServer) => {
             const channels = new FrameChannels(checkpoint, bulk, log.child({ mod: 'frames' }));
-            return new GrpcServer(
+            const server = new GrpcServer(
               [{ name: 'hitless.v1.Checkpoint', guest: true, handlers: (vm) => checkpointHandlers(checkpoint, channels, log.child({ mod: 'grpc' }), vm) }],
               log.child({ mod: 'grpc' }),
             );
+            // Ended frame channels are counted with the calls (server.onCall is wired with the metrics).
+            channels.onEnd = (method, code) => server.onCall?.(method, code);
+            return server;
           },
         },
         {

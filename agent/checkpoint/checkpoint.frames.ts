@@ -35,6 +35,11 @@ const LINGER_MS = 5_000;
 
 export class FrameChannels {
   private readonly encodeEvent: (ev: SubscribeEvent) => Buffer;
+  /**
+   * Told of every channel the agent ends, as the gRPC server tells of every finished call (the
+   * metrics count both): `method` is /hitless.v1.Checkpoint/OpenChannel/write or .../subscribe.
+   */
+  onEnd: ((method: string, code: string) => void) | null = null;
 
   constructor(
     private readonly svc: CheckpointService,
@@ -178,7 +183,9 @@ export class FrameChannels {
   private endChannel(sock: net.Socket, err: unknown, method: 'WriteStream' | 'Subscribe', session: string): void {
     if (sock.destroyed || sock.writableEnded) return;
     const st = err === null ? { code: grpc.status.OK, details: '' } : toServiceError(err, this.log, method);
-    if (st.code) this.log.info({ channel: method, session, code: grpc.status[st.code], details: st.details }, 'frame channel failed');
+    const codeName = grpc.status[st.code ?? grpc.status.UNKNOWN] ?? String(st.code);
+    if (st.code) this.log.info({ channel: method, session, code: codeName, details: st.details }, 'frame channel failed');
+    this.onEnd?.(`/hitless.v1.Checkpoint/OpenChannel/${method === 'WriteStream' ? 'write' : 'subscribe'}`, codeName);
     sock.end(encodeStatus(st.code ?? grpc.status.UNKNOWN, st.details ?? ''));
     setTimeout(() => sock.destroy(), LINGER_MS).unref();
   }
