@@ -59,6 +59,17 @@ const send = (m: unknown) => process.send!(m);
 const yieldTurn = () => new Promise<void>((r) => setImmediate(r));
 const now = () => Number(process.hrtime.bigint()) / 1e9;
 
+/** The incremental phase's changes: the same generator and seed every time it is asked. */
+async function churnUpdates(records: number): Promise<RibRoute[]> {
+  const rng = createRng(7);
+  const updates: RibRoute[] = [];
+  for (let i = 0; i < records; i++) {
+    updates.push(mutateRoute(routes[i % routes.length], rng));
+    if (i % 50_000 === 0) await yieldTurn();
+  }
+  return updates;
+}
+
 async function pipelined(
   total: number,
   batch: number,
@@ -113,12 +124,7 @@ process.on('message', async (cmd: Cmd) => {
       });
       send({ ok: true, seconds: now() - t1, generateSeconds: gen, seq: client!.table('rib').seq });
     } else if (cmd.op === 'churn') {
-      const rng = createRng(7);
-      const updates: RibRoute[] = [];
-      for (let i = 0; i < cmd.records; i++) {
-        updates.push(mutateRoute(routes[i % routes.length], rng));
-        if (i % 50_000 === 0) await yieldTurn();
-      }
+      const updates = await churnUpdates(cmd.records);
       const t0 = now();
       await pipelined(updates.length, cmd.batch, cmd.window, (b, i, n) => {
         for (let j = i; j < i + n; j++) b.put(updates[j].key, updates[j].value);
@@ -252,17 +258,14 @@ process.on('message', async (cmd: Cmd) => {
       while (client!.inFlight > 0) await new Promise((r) => setTimeout(r, 5));
       send({ ok: true, seq: client!.table('rib').seq });
     } else if (cmd.op === 'rawPrepare') {
-      // The incremental phase's changes (same generator, same seed), packed as the SDK packs a
-      // batch and framed as WRITE frames: the bytes the active puts on its channel.
-      const rng = createRng(7);
+      // The incremental phase's changes, packed as the SDK packs a batch and framed as WRITE
+      // frames: the bytes the active puts on its channel.
+      const updates = await churnUpdates(cmd.records);
       rawFrames = [];
       let bytes = 0;
       for (let i = 0, seq = 1; i < cmd.records; i += cmd.batch, seq++) {
         const b = new RecordBuilder();
-        for (let j = i; j < Math.min(cmd.records, i + cmd.batch); j++) {
-          const u = mutateRoute(routes[j % routes.length], rng);
-          b.put(u.key, 1, u.value);
-        }
+        for (let j = i; j < Math.min(cmd.records, i + cmd.batch); j++) b.put(updates[j].key, 1, updates[j].value);
         const { records, count } = b.take();
         const f = encodeBatch(FrameType.WRITE, { table: 'rib', seq, count, records });
         rawFrames.push(f);

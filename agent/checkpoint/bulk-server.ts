@@ -110,15 +110,10 @@ export class BulkServer {
    * was never redeemed): the owner may then reuse them.
    */
   issue(producer: BulkProducer, onDone: (err: Error | null, records: number) => void, onClosed?: () => void): Buffer {
-    const token = crypto.randomBytes(16);
-    const key = token.toString('hex');
-    const timer = setTimeout(() => {
-      this.tickets.delete(key);
+    return this.addTicket({ producer, onDone, onClosed }, () => {
       onDone(new Error(`bulk snapshot ticket not redeemed within ${this.opts.ticketTtlMs} ms`), 0);
       onClosed?.();
-    }, this.opts.ticketTtlMs);
-    this.tickets.set(key, { producer, timer, onDone, onClosed });
-    return token;
+    });
   }
 
   /**
@@ -126,11 +121,18 @@ export class BulkServer {
    * expires after the ticket TTL like a snapshot's; nothing else depends on it.
    */
   issueChannel(channel: (sock: net.Socket, early: Buffer) => void): Buffer {
+    return this.addTicket({ channel }, () => undefined);
+  }
+
+  /** A fresh one-time token for `ticket`, forgotten (and `expired` run) after the ticket TTL. */
+  private addTicket(ticket: Omit<Ticket, 'timer'> | Omit<ChannelTicket, 'timer'>, expired: () => void): Buffer {
     const token = crypto.randomBytes(16);
     const key = token.toString('hex');
-    const timer = setTimeout(() => this.tickets.delete(key), this.opts.ticketTtlMs);
-    timer.unref();
-    this.tickets.set(key, { channel, timer });
+    const timer = setTimeout(() => {
+      this.tickets.delete(key);
+      expired();
+    }, this.opts.ticketTtlMs);
+    this.tickets.set(key, { ...ticket, timer } as Ticket | ChannelTicket);
     return token;
   }
 

@@ -37,7 +37,7 @@ import {
 import { CheckpointObserver, NO_CHECKPOINT_OBSERVER } from './checkpoint-observer';
 import { CheckpointOptions, DEFAULT_CHECKPOINT_OPTIONS } from './checkpoint-options';
 import { Compactor } from './compaction';
-import { CheckpointState, PeerSession, ProcessGroup, SessionChannel, durabilityName, groupOf, kindName } from './process-group';
+import { CheckpointState, PeerSession, ProcessGroup, SessionChannel, durabilityName, groupOf, kindName, sessionFor } from './process-group';
 import { ForwardingSink, NO_FORWARDING_SINK } from './forwarding-sink';
 import { Replication } from './replication';
 import { RoleChanges, SwitchoverHooks } from './role-changes';
@@ -131,7 +131,7 @@ export class CheckpointService {
 
   /** Throws unless `sessionId` is a live session that a connection from `peerVm` may act for. */
   checkSession(sessionId: string, peerVm: string | null): void {
-    this.peers.check(sessionId, peerVm);
+    sessionFor(this.st, sessionId, peerVm);
   }
 
   /** The session stream ended: the process is gone (or will reconnect with a new session). */

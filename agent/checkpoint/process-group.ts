@@ -4,7 +4,7 @@
  * instance, and CheckpointState, what the service's parts (write path, SYNC acks, role changes,
  * compaction) share. Only these parts change it, on the agent's one event loop.
  */
-import { HitlessError } from '../common/errors';
+import { HitlessError, failedPrecondition, permissionDenied } from '../common/errors';
 import { Logger } from '../common/logger';
 import { CheckpointStore } from '../store/checkpoint-store';
 import { CheckpointObserver } from './checkpoint-observer';
@@ -128,6 +128,19 @@ export interface CheckpointState {
   observer: CheckpointObserver;
   /** Where FIB tables go (the data plane); set once at wiring, a no-op until then. */
   forwarding: ForwardingSink;
+}
+
+/**
+ * The live session `sessionId`, which a connection from `peerVm` (null: host-local, any VM) may
+ * act for; FAILED_PRECONDITION when there is none, PERMISSION_DENIED when it is another VM's.
+ */
+export function sessionFor(st: Pick<CheckpointState, 'sessions'>, sessionId: string, peerVm: string | null): PeerSession {
+  const s = st.sessions.get(sessionId);
+  if (!s) throw failedPrecondition(`unknown session '${sessionId}': register on the Session stream first and use the session_id it returns`);
+  if (peerVm !== null && s.reg.vmId !== peerVm) {
+    throw permissionDenied(`session '${sessionId}' belongs to VM '${s.reg.vmId}', not to this connection's VM '${peerVm}'`);
+  }
+  return s;
 }
 
 /** The group of process `name`, made on first mention. */

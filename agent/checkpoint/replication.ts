@@ -3,11 +3,11 @@
  * the log no longer reaches back far enough, then the batches as they are applied), acknowledges
  * what it applied, and is READY once it caught up with the active.
  */
-import { failedPrecondition, invalidArgument, notFound, outOfRange, permissionDenied } from '../common/errors';
+import { failedPrecondition, invalidArgument, notFound, outOfRange } from '../common/errors';
 import { BulkServer } from './bulk-server';
 import { SNAPSHOT_FRAME_BYTES } from './checkpoint-options';
 import { AckRequest, SubscribeEvent, SubscribeRequest } from './messages';
-import { CheckpointState, PeerSession, ProcessGroup, groupOf } from './process-group';
+import { CheckpointState, PeerSession, ProcessGroup, groupOf, sessionFor } from './process-group';
 import { snapshotFrames } from './record-table';
 import { SnapshotProgress, SubscriberStream, Subscription, SubscriptionHost } from './subscription';
 import { standbyApplied } from './sync-acks';
@@ -19,9 +19,7 @@ export class Replication {
   ) {}
 
   subscribe(req: SubscribeRequest, stream: SubscriberStream, peerVm: string | null): Subscription {
-    const s = this.st.sessions.get(req.sessionId);
-    if (!s) throw failedPrecondition(`unknown session '${req.sessionId}': register on the Session stream first`);
-    if (peerVm !== null && s.reg.vmId !== peerVm) throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}'`);
+    const s = sessionFor(this.st, req.sessionId, peerVm);
     const mode = req.mode === 'RECOVER' ? 'RECOVER' : 'FOLLOW';
     if (mode === 'FOLLOW' && s.role !== 'STANDBY') {
       throw failedPrecondition(`'${s.reg.instanceId}' is ${s.role}; only standbys follow changes (an active recovers with mode RECOVER)`);
@@ -102,9 +100,7 @@ export class Replication {
   }
 
   ack(req: AckRequest, peerVm: string | null): void {
-    const s = this.st.sessions.get(req.sessionId);
-    if (!s) throw failedPrecondition(`unknown session '${req.sessionId}'`);
-    if (peerVm !== null && s.reg.vmId !== peerVm) throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}'`);
+    const s = sessionFor(this.st, req.sessionId, peerVm);
     const g = groupOf(this.st, s.reg.process);
     const t = g.tables.get(req.table);
     if (!t) throw notFound(`unknown table '${req.table}' for process '${s.reg.process}'`);

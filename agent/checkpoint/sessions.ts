@@ -101,15 +101,6 @@ export class Sessions {
     };
   }
 
-  /** Throws unless `sessionId` is a live session that a connection from `peerVm` may act for. */
-  check(sessionId: string, peerVm: string | null): void {
-    const s = this.st.sessions.get(sessionId);
-    if (!s) throw failedPrecondition(`unknown session '${sessionId}': register on the Session stream first and use the session_id it returns`);
-    if (peerVm !== null && s.reg.vmId !== peerVm) {
-      throw permissionDenied(`session '${sessionId}' belongs to VM '${s.reg.vmId}', not to this connection's VM '${peerVm}'`);
-    }
-  }
-
   /** The session stream ended: the process is gone (or will reconnect with a new session). */
   unregister(sessionId: string, reason: string): void {
     const s = this.st.sessions.get(sessionId);

@@ -8,10 +8,10 @@
  *   changes nothing.
  * - Per table the sequence grows by exactly one per batch; batches are applied in that order.
  */
-import { alreadyExists, failedPrecondition, invalidArgument, notFound, outOfRange, permissionDenied } from '../common/errors';
+import { alreadyExists, failedPrecondition, invalidArgument, notFound, outOfRange } from '../common/errors';
 import { Compactor } from './compaction';
 import { Durability, TableKind, WriteAck, WriteRequest } from './messages';
-import { CheckpointState, GroupTable, ProcessGroup, groupOf } from './process-group';
+import { CheckpointState, GroupTable, ProcessGroup, groupOf, sessionFor } from './process-group';
 import { RecordFormatError, validateRecords } from './records';
 import { syncAck } from './sync-acks';
 import { TableReplica } from './table-replica';
@@ -56,10 +56,7 @@ export class WritePath {
    */
   write(req: WriteRequest, peerVm: string | null): Promise<WriteAck> {
     const received = performance.now();
-    const s = this.st.sessions.get(req.sessionId);
-    if (!s) throw failedPrecondition(`unknown session '${req.sessionId}': register on the Session stream first and use the session_id it returns`);
-    if (peerVm !== null && s.reg.vmId !== peerVm)
-      throw permissionDenied(`session '${req.sessionId}' belongs to VM '${s.reg.vmId}', not to this connection's VM '${peerVm}'`);
+    const s = sessionFor(this.st, req.sessionId, peerVm);
     const g = groupOf(this.st, s.reg.process);
     if (s.role !== 'ACTIVE' || g.active !== s) {
       throw failedPrecondition(`'${s.reg.instanceId}' is ${s.role} for process '${s.reg.process}'; only the active instance writes`);

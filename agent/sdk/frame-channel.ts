@@ -128,7 +128,7 @@ abstract class FrameCall<Out> extends EventEmitter {
   protected grpcCall: (WriteCall & SubscribeCall) | null = null;
 
   constructor(
-    opener: ChannelOpener,
+    protected readonly opener: ChannelOpener,
     req: ChannelRequest,
     private readonly fallback: () => WriteCall | SubscribeCall,
   ) {
@@ -279,12 +279,8 @@ export class FrameSubscribeCall extends FrameCall<AckRequest> implements Subscri
   private grpcAcks: AckSink | null = null;
   readonly acks: AckSink = { write: (a) => this.sendMessage(a), end: () => this.grpcAcks?.end() };
 
-  constructor(
-    private readonly channels: ChannelOpener,
-    req: SubscribeRequest,
-    fallback: () => { call: SubscribeCall; acks: AckSink },
-  ) {
-    super(channels, { subscribe: req }, () => {
+  constructor(opener: ChannelOpener, req: SubscribeRequest, fallback: () => { call: SubscribeCall; acks: AckSink }) {
+    super(opener, { subscribe: req }, () => {
       const f = fallback();
       this.grpcAcks = f.acks;
       return f.call;
@@ -293,7 +289,7 @@ export class FrameSubscribeCall extends FrameCall<AckRequest> implements Subscri
 
   private decodeEvent(body: Buffer): SubscribeEvent {
     try {
-      return this.channels.decode(body);
+      return this.opener.decode(body);
     } catch (e) {
       throw new FrameError(`an EVENT frame that is not a SubscribeEvent (${(e as Error).message})`);
     }

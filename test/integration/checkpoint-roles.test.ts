@@ -204,7 +204,8 @@ describe('checkpoint: switchover driven by the agent', function () {
         const spare = at(writeChannel);
         assert.ok(spare >= 0, `the standby holds a write channel while following: ${seen.join(', ')}`);
         const spareId = seen[spare].split(' ').pop();
-        assert.equal(at(new RegExp(`^write ${spareId}`)), -1, 'a standby writes nothing on it');
+        // What a frame channel carries is not gRPC: only the gRPC run sees the writes on it.
+        if (channels === 'grpc') assert.equal(at(new RegExp(`^write ${spareId}`)), -1, 'a standby writes nothing on it');
 
         await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
         const promote = at(/^command PROMOTE/);
