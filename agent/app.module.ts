@@ -12,7 +12,7 @@ import { FrameChannels } from './checkpoint/checkpoint.frames';
 import { BulkServer } from './checkpoint/bulk-server';
 import { AgentConfig } from './config';
 import { Logger } from './common/logger';
-import { Db, openDatabase } from './store/database';
+import { closeDatabase, Db, openDatabase } from './store/database';
 import { SqliteCheckpointStore } from './store/checkpoint-store';
 import { GrpcServer } from './grpc/grpc-server';
 import { HostProbe, SystemInformationHostProbe } from './host/host-probe';
@@ -143,7 +143,7 @@ export class AgentLifecycle implements OnApplicationBootstrap, OnApplicationShut
     await this.grpc.close();
     await this.metrics.close();
     await this.bulk.close();
-    this.db.close();
+    await closeDatabase(this.db);
   }
 }
 

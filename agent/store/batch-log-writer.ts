@@ -20,6 +20,7 @@
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { ResumeMessage, WriterReply, WriterRequest } from './batch-log.worker';
+import { stopWhenAsked } from './database';
 
 /** An error from the writer thread: SQLite's error code and message, as a caller on this thread would see them. */
 export class StoreWriteError extends Error {
@@ -99,6 +100,7 @@ type Request = WithoutId<WriterRequest>;
 
 export class BatchLogWriter {
   private readonly worker: Worker;
+  private readonly stopThread: () => Promise<void>;
   private nextId = 1;
   /** `batchOf`: the process of a batch (refusals of batches are resumed per process); `span`: its bytes in the ring. */
   private readonly pending = new Map<
@@ -115,6 +117,7 @@ export class BatchLogWriter {
       workerData: { file, fsync: !!opts.fsync, staging: this.ring.buf.buffer, walRestartBytes: opts.walRestartBytes ?? WAL_RESTART_BYTES },
     });
     this.worker.unref();
+    this.stopThread = stopWhenAsked(this.worker);
     this.worker.on('message', (r: WriterReply) => {
       for (const d of r.done) this.settle(d.id)?.resolve(d.value);
       const refused = new Set<string>();
@@ -165,8 +168,9 @@ export class BatchLogWriter {
   }
 
   /** Ends the thread after the requests it holds; those not answered by then are not acknowledged. */
-  stop(): void {
-    if (!this.dead) this.worker.postMessage('stop');
+  /** Stops the thread once it has stored what it was given; resolves when it has exited. */
+  stop(): Promise<void> {
+    return this.stopThread();
   }
 
   private request(req: Request, batchOf: string | null, transfer: ArrayBuffer[], span: [number, number, boolean] | null = null): Promise<number> {

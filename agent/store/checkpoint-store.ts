@@ -12,7 +12,7 @@
 import path from 'node:path';
 import { isDiskFull } from '../common/errors';
 import { BatchLogWriter } from './batch-log-writer';
-import { Db, storeWrite } from './database';
+import { Db, onDatabaseClose, storeWrite } from './database';
 
 /** What a compaction refused for lack of space is followed by: the log still holds everything. */
 const COMPACT_LATER = 'the agent compacts the log again later; the log still holds every batch';
@@ -122,11 +122,7 @@ export class SqliteCheckpointStore implements CheckpointStore {
       ),
     };
     this.writer = new BatchLogWriter(db.name, { fsync: db.pragma('synchronous', { simple: true }) === 2 });
-    const close = db.close.bind(db);
-    db.close = () => {
-      this.writer.stop();
-      return close();
-    };
+    onDatabaseClose(db, () => this.writer.stop());
     // Snapshots left half-written by a crash are never current; drop them. On a full disk they
     // stay (the next compaction's commit drops them too): the agent must still start and serve.
     try {

@@ -39,12 +39,55 @@ export function openDatabase(stateDir: string, opts: { fsync?: boolean; log?: Lo
   });
   worker.unref();
   watchCheckpointWorker(worker, stateDir, opts.log);
-  const close = db.close.bind(db);
-  db.close = () => {
-    worker.postMessage('stop');
-    return close();
-  };
+  const stop = stopWhenAsked(worker);
+  onDatabaseClose(db, stop);
   return db;
+}
+
+/** What must stop before a database's own connection closes: its threads, newest first. */
+const closers = new WeakMap<Db, Array<() => Promise<void>>>();
+
+/**
+ * Registers a thread (or anything else holding its own connection to the database file) that
+ * `closeDatabase` stops first. Threads registered later stop earlier: a writer thread flushes
+ * before the checkpoint thread it relies on goes away.
+ */
+export function onDatabaseClose(db: Db, stop: () => Promise<void>): void {
+  const list = closers.get(db) ?? [];
+  list.unshift(stop);
+  closers.set(db, list);
+}
+
+/**
+ * Closes the database: its threads first, each awaited until it has exited (their connections
+ * are closed then, and nothing touches the state directory any more), then this connection.
+ * `db.close()` alone would leave the threads closing their connections afterwards, which may
+ * still create or delete the WAL and its index in the directory.
+ */
+export async function closeDatabase(db: Db): Promise<void> {
+  const list = closers.get(db) ?? [];
+  closers.delete(db);
+  for (const stop of list) await stop();
+  if (db.open) db.close();
+}
+
+/**
+ * How a worker thread of the store is stopped: posts 'stop' (the thread finishes what it holds,
+ * closes its connection and exits) and resolves once the thread has exited; at once when it
+ * already had. Every call after the first gets the same promise.
+ */
+export function stopWhenAsked(worker: Worker): () => Promise<void> {
+  let exited = false;
+  const gone = new Promise<void>((resolve) => worker.once('exit', () => resolve()));
+  void gone.then(() => (exited = true));
+  let asked: Promise<void> | null = null;
+  return () => {
+    if (!asked) {
+      if (!exited) worker.postMessage('stop');
+      asked = gone;
+    }
+    return asked;
+  };
 }
 
 /**

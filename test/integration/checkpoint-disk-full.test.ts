@@ -20,7 +20,7 @@ import { HitlessError } from '../../agent/common/errors';
 import { silentLogger } from '../../agent/common/logger';
 import { CheckpointClient, CheckpointError } from '../../agent/sdk/checkpoint-client';
 import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
-import { Db, openDatabase } from '../../agent/store/database';
+import { closeDatabase, Db, openDatabase } from '../../agent/store/database';
 import { freeBytes } from '../../agent/common/disk-space';
 import { checkpointIfRoom } from '../../agent/store/wal-checkpoint';
 import { AgentHandle, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
@@ -327,8 +327,8 @@ describe('checkpoint: compaction when the state disk is full', function () {
     disk = mountTmpfs('compactfull', '8m');
   });
 
-  after(() => {
-    db?.close();
+  after(async () => {
+    if (db) await closeDatabase(db);
     disk?.remove();
   });
 

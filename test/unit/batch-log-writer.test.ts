@@ -9,7 +9,7 @@ import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Db, openDatabase } from '../../agent/store/database';
+import { closeDatabase, Db, openDatabase } from '../../agent/store/database';
 import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
 import { BatchLogWriter, StagingRing, StoreWriteError } from '../../agent/store/batch-log-writer';
 
@@ -25,9 +25,9 @@ describe('batch log writer thread', () => {
     writer = new BatchLogWriter(db.name);
   });
 
-  afterEach(() => {
-    writer.stop();
-    db.close();
+  afterEach(async () => {
+    await writer.stop();
+    await closeDatabase(db);
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
@@ -87,7 +87,7 @@ describe('batch log writer thread', () => {
     const plain = new Database(file);
     plain.pragma('journal_mode = WAL');
     plain.pragma('wal_autocheckpoint = 0');
-    new SqliteCheckpointStore(plain); // the schema (its own writer thread stays idle; closing the database stops it)
+    new SqliteCheckpointStore(plain); // the schema (its own writer thread stays idle; closeDatabase stops it)
     const w = new BatchLogWriter(file, { walRestartBytes });
     try {
       const dbBytes = fs.statSync(file).size;
@@ -98,8 +98,8 @@ describe('batch log writer thread', () => {
         rows: (plain.prepare('SELECT COUNT(*) AS n FROM ckpt_batches').get() as { n: number }).n,
       };
     } finally {
-      w.stop();
-      plain.close();
+      await w.stop();
+      await closeDatabase(plain);
       fs.rmSync(own, { recursive: true, force: true });
     }
   }

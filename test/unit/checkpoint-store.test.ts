@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Db, openDatabase } from '../../agent/store/database';
+import { closeDatabase, Db, openDatabase } from '../../agent/store/database';
 import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { TableReplica } from '../../agent/checkpoint/table-replica';
@@ -26,8 +26,8 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
     db = openDatabase(dir);
   });
 
-  afterEach(() => {
-    db.close();
+  afterEach(async () => {
+    await closeDatabase(db);
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
@@ -78,7 +78,7 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
     );
 
     // "Killed" here: a restart opens the same files and rebuilds the same table.
-    db.close();
+    await closeDatabase(db);
     db = openDatabase(dir);
     const again = new SqliteCheckpointStore(db);
     const rebuilt = rebuild(again);

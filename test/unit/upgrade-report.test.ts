@@ -15,7 +15,7 @@ import path from 'node:path';
 import { silentLogger } from '../../agent/common/logger';
 import { diskFull, notFound } from '../../agent/common/errors';
 import { ProcessStatus } from '../../agent/checkpoint/messages';
-import { openDatabase, Db } from '../../agent/store/database';
+import { closeDatabase, openDatabase, Db } from '../../agent/store/database';
 import { auditRecord } from '../../agent/upgrade/audit-record';
 import { LagRecorder } from '../../agent/upgrade/lag-recorder';
 import { SqliteUpgradeStore, UpgradeRecord } from '../../agent/upgrade/upgrade-store';
@@ -69,8 +69,8 @@ describe('upgrade report', function () {
     store = new SqliteUpgradeStore(db);
   });
 
-  afterEach(() => {
-    db.close();
+  afterEach(async () => {
+    await closeDatabase(db);
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
@@ -109,7 +109,7 @@ describe('upgrade report', function () {
     );
   });
 
-  it('keeps lag samples and audits per upgrade, in order, across a reopen of the database', () => {
+  it('keeps lag samples and audits per upgrade, in order, across a reopen of the database', async () => {
     store.create(record('u-20261128080000-aaaa'), 'load');
     store.create({ ...record('u-20261128090000-bbbb'), startedAt: Date.now() + 1 }, 'load');
     store.addLagSamples('u-20261128080000-aaaa', [
@@ -127,7 +127,7 @@ describe('upgrade report', function () {
       consistent: true,
       detail: '',
     });
-    db.close();
+    await closeDatabase(db);
     db = openDatabase(dir);
     store = new SqliteUpgradeStore(db);
     assert.deepEqual(

@@ -16,7 +16,7 @@ import { RecordBuilder } from '../../agent/checkpoint/records';
 import { HitlessError } from '../../agent/common/errors';
 import { silentLogger } from '../../agent/common/logger';
 import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
-import { Db, openDatabase } from '../../agent/store/database';
+import { closeDatabase, Db, openDatabase } from '../../agent/store/database';
 
 describe('write path: a batch resent while its first copy is being stored', () => {
   let dir = '';
@@ -29,8 +29,8 @@ describe('write path: a batch resent while its first copy is being stored', () =
     svc = new CheckpointService(new SqliteCheckpointStore(db), {} as BulkServer, silentLogger);
   });
 
-  afterEach(() => {
-    db.close();
+  afterEach(async () => {
+    await closeDatabase(db);
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
