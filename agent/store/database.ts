@@ -83,7 +83,13 @@ export function stopWhenAsked(worker: Worker): () => Promise<void> {
   let asked: Promise<void> | null = null;
   return () => {
     if (!asked) {
-      if (!exited) worker.postMessage('stop');
+      if (!exited) {
+        // The thread is unref'd so that it never keeps the agent alive by itself; awaiting its
+        // exit must, or the process would end with the awaiting code (the rest of a shutdown)
+        // never run.
+        worker.ref();
+        worker.postMessage('stop');
+      }
       asked = gone;
     }
     return asked;

@@ -2,9 +2,11 @@
  * Closing the embedded database (real SQLite in a temporary directory): the store's threads hold
  * connections of their own, and a close that returned before they had exited left them creating
  * the WAL and its index in a directory already being removed (rmdir failed with ENOTEMPTY), or
- * failing to open a database that was gone.
+ * failing to open a database that was gone. Awaiting the close must also keep the process alive:
+ * the threads never do by themselves, and the agent's shutdown has work after the close.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -32,6 +34,23 @@ describe('embedded database: closing', () => {
       } finally {
         fs.rmSync(dir, { recursive: true, force: true });
       }
+    }
+  });
+
+  it('keeps the process alive until its threads have exited, so the code after the close runs (a separate process)', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-close-'));
+    try {
+      // Nothing else holds this process's event loop open: the threads are unref'd.
+      const script = `
+        const { openDatabase, closeDatabase } = require(${JSON.stringify(require.resolve('../../agent/store/database'))});
+        const { SqliteCheckpointStore } = require(${JSON.stringify(require.resolve('../../agent/store/checkpoint-store'))});
+        const db = openDatabase(${JSON.stringify(dir)});
+        new SqliteCheckpointStore(db);
+        closeDatabase(db).then(() => process.stdout.write('after the close'));`;
+      const out = execFileSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 30_000 });
+      assert.equal(out, 'after the close');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
     }
   });
 
