@@ -7,8 +7,11 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
+import Database from 'better-sqlite3';
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { loadProtos } from '../../agent/grpc/proto';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { SubscribeEvent } from '../../agent/checkpoint/messages';
@@ -87,10 +90,11 @@ class RawChannel {
     });
   }
 
-  static async open(c: AnyClient, req: Record<string, unknown>): Promise<RawChannel> {
+  /** `allowHalfOpen`: this side stays open after the agent ended its side (a client that never closes). */
+  static async open(c: AnyClient, req: Record<string, unknown>, allowHalfOpen = false): Promise<RawChannel> {
     const t = await unaryCall<{ unixPath: string; token: Buffer }>(c, 'OpenChannel', req);
     assert.equal(t.token.length, 16);
-    const sock = net.connect(t.unixPath);
+    const sock = net.connect({ path: t.unixPath, allowHalfOpen });
     await new Promise<void>((res, rej) => sock.once('connect', res).once('error', rej));
     sock.write(t.token);
     return new RawChannel(sock);
@@ -281,6 +285,69 @@ describe('checkpoint: frame channels, as a daemon in another language speaks the
     assert.equal(f.type, EVENT);
     assert.deepEqual(decodeEvent(f.body).caughtUp?.tableSeqs, { rib: seq });
     assert.deepEqual(await ch.status(), { code: 0, message: '' });
+  });
+
+  it('a write channel stops reading once 32 MiB of its batches wait for the store, and acknowledges every one in order once the store takes them', async () => {
+    const b = new RecordBuilder();
+    for (let i = 0; i < 1000; i++) b.put(`big.${i}`, 1, Buffer.alloc(1000, i));
+    const big = b.take(); // about 1 MiB
+    const n = 48;
+    // Another connection holds the database's write lock: the agent's writer thread waits for it
+    // (its busy timeout is 5 s; the lock is held for well under that), so nothing is acknowledged.
+    const lock = new Database(path.join(agent.stateDir, 'hitless.db'));
+    lock.exec('BEGIN IMMEDIATE');
+    const ch = await RawChannel.open(c, { write: { sessionId: active } });
+    const first = seq + 1;
+    // Frames go out one at a time, each once the kernel took the one before (a write completes
+    // only then): `taken` says how far the agent has read, give or take the socket's buffers.
+    let taken = 0;
+    let sending: Promise<void> = Promise.resolve();
+    try {
+      sending = (async () => {
+        for (let i = 0; i < n; i++) {
+          const f = frame(WRITE, batchBody('rib', first + i, big.records, big.count));
+          await new Promise<void>((res, rej) => ch.sock.write(f, (e) => (e ? rej(e) : res())));
+          taken++;
+        }
+      })();
+      sending.catch(() => undefined);
+      // The agent takes batches until 32 MiB wait for an ack, then leaves the rest unread.
+      await until('the agent read 32 MiB of batches', () => taken >= 32);
+      await sleep(500); // without the pause the agent would take the other 16 MiB in a few ms
+      assert.ok(taken < n && taken <= 36, `the agent stopped reading (${taken} of ${n} batches of 1 MiB taken)`);
+    } finally {
+      lock.exec('ROLLBACK');
+      lock.close();
+    }
+    await sending;
+    seq += n;
+    for (let s = first; s <= seq; s++) {
+      const f = await ch.next();
+      assert.equal(f.type, WRITE_ACK);
+      assert.equal(seqOf(f), s);
+    }
+    ch.sock.end();
+    assert.deepEqual(await ch.status(), { code: 0, message: '' });
+    assert.equal((await table()).seq, seq);
+  });
+
+  it('closes a channel whose client never shuts its side down, some seconds after the last STATUS', async () => {
+    const ch = await RawChannel.open(c, { write: { sessionId: active } }, true);
+    ch.send(frame(9, Buffer.alloc(1)));
+    const f = await ch.next();
+    assert.equal(f.type, STATUS);
+    assert.equal(statusOf(f).code, grpc.status.INVALID_ARGUMENT);
+    // This side never ends or destroys the socket: only the agent can close it. A closed peer
+    // shows on the next write (EPIPE), so a byte goes out now and then; the agent ignores them.
+    await until(
+      'the agent closed the socket',
+      () => {
+        if (!ch.closed) ch.sock.write(Buffer.alloc(1));
+        return ch.closed;
+      },
+      20_000,
+      200,
+    );
   });
 });
 
