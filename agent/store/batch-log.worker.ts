@@ -12,6 +12,7 @@
  */
 import Database from 'better-sqlite3';
 import { parentPort, workerData } from 'node:worker_threads';
+import { BUSY_TIMEOUT_MS } from './busy-timeout';
 import { checkpointIfRoom } from './wal-checkpoint';
 
 export type WriterRequest =
@@ -39,7 +40,7 @@ const { file, fsync, staging, walRestartBytes } = workerData as { file: string; 
 const stagingBytes = Buffer.from(staging);
 const bytesOf = (m: Append): Uint8Array => (m.staged ? stagingBytes.subarray(m.staged[0], m.staged[0] + m.staged[1]) : m.records!);
 const db = new Database(file);
-db.pragma('busy_timeout = 5000');
+db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
 // Without --fsync nothing is synced, as on the checkpoint thread: in WAL mode a commit is never
 // synced below FULL anyway, and NORMAL would add an fsync of the WAL each time the WAL starts over
 // (restartWal), measured as 20-40 ms stalls of the batches behind it. A crash of the agent loses

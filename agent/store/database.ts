@@ -12,8 +12,9 @@ import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { diskFull, isDiskFull } from '../common/errors';
+import { diskFull, isDiskFull, unavailable } from '../common/errors';
 import { Logger } from '../common/logger';
+import { BUSY_TIMEOUT_MS } from './busy-timeout';
 import type { CheckpointWorkerReport } from './wal-checkpoint.worker';
 
 export type Db = Database.Database;
@@ -28,7 +29,7 @@ export function openDatabase(stateDir: string, opts: { fsync?: boolean; log?: Lo
     db.pragma(`synchronous = ${opts.fsync ? 'FULL' : 'NORMAL'}`);
     // Checkpoints run on a worker thread (see wal-checkpoint.worker.ts), never inside a commit.
     db.pragma('wal_autocheckpoint = 0');
-    db.pragma('busy_timeout = 5000');
+    db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
   } catch (e) {
     // A fresh WAL and its index need room before the first read.
     if (isDiskFull(e, stateDir)) throw diskFull(stateDir, 'start the agent again; nothing stored was changed');
@@ -119,9 +120,11 @@ function watchCheckpointWorker(worker: Worker, stateDir: string, log: Logger | u
 
 /**
  * Runs a write of the store; a full state disk becomes a RESOURCE_EXHAUSTED error saying what
- * happens once there is room (`then`). SQLite rolled the statement or transaction back by then,
- * so nothing of it is stored. A write that finishes later (the store's writer thread) is given as
- * its promise, and is translated the same way when it is refused.
+ * happens once there is room (`then`), and a database that another connection kept locked past
+ * the busy timeout an UNAVAILABLE one (the writer tries again: the SDK registers again and
+ * resends). SQLite rolled the statement or transaction back by then, so nothing of it is stored.
+ * A write that finishes later (the store's writer thread) is given as its promise, and is
+ * translated the same way when it is refused.
  */
 export function storeWrite<T>(db: Db, then: string | (() => string), fn: () => T): T;
 export function storeWrite<T>(db: Db, then: string | (() => string), pending: Promise<T>): Promise<T>;
@@ -129,6 +132,11 @@ export function storeWrite<T>(db: Db, then: string | (() => string), work: (() =
   const translate = (e: unknown) => {
     const dir = path.dirname(db.name);
     if (isDiskFull(e, dir)) return diskFull(dir, typeof then === 'string' ? then : then());
+    if (isBusy(e)) {
+      return unavailable(
+        `the agent's state database (${db.name}) stayed locked by another connection for ${BUSY_TIMEOUT_MS / 1000} s; is a program other than the agent writing to it? Then ${typeof then === 'string' ? then : then()}`,
+      );
+    }
     return e;
   };
   if (work instanceof Promise) {
@@ -141,4 +149,10 @@ export function storeWrite<T>(db: Db, then: string | (() => string), work: (() =
   } catch (e) {
     throw translate(e);
   }
+}
+
+/** SQLITE_BUSY and its extended codes: the write lock or a snapshot stayed taken past the busy timeout. */
+function isBusy(e: unknown): boolean {
+  const code = (e as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && code.startsWith('SQLITE_BUSY');
 }
