@@ -9,6 +9,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
 import Database from 'better-sqlite3';
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -361,6 +362,7 @@ describe('checkpoint: an agent with frame channels turned off', function () {
     const opts = { address: agent.socket, process: 'bgp', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'SYNC' as const }] };
     const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
     const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' });
+    b.on('error', (e: Error) => console.log('DEBUG b error', e.message));
     try {
       await a.start();
       await expectStatus(unaryCall(c, 'OpenChannel', { write: { sessionId: a.sessionId } }), grpc.status.UNIMPLEMENTED, /--no-frame-channels.*WriteStream/);
@@ -468,5 +470,83 @@ describe('checkpoint: a frame channel that breaks while the session stands', fun
       for (const s of relayed) s.destroy();
       c.close();
     }
+  });
+});
+
+describe('checkpoint: an SDK client with no route to the bulk socket', function () {
+  this.timeout(60_000);
+  after(stopAllAgents);
+
+  it('uses the gRPC streams when it reaches the agent over TCP and the bulk socket is on a unix socket only', async () => {
+    // The agent listens on its unix socket only (no --grpc-tcp, so no TCP bulk socket); the
+    // clients reach its gRPC through a TCP forwarder, as through a port forward.
+    const agent = await startAgent({ args: ['--metrics', '127.0.0.1:0'] });
+    const pipes = new Set<net.Socket>();
+    const forward = net.createServer((down) => {
+      const up = net.connect(agent.socket);
+      for (const [x, y] of [
+        [down, up],
+        [up, down],
+      ]) {
+        pipes.add(x);
+        x.pipe(y);
+        x.on('error', () => y.destroy());
+        x.on('close', () => (pipes.delete(x), y.destroy()));
+      }
+    });
+    await new Promise<void>((r) => forward.listen(0, '127.0.0.1', r));
+    const opts = {
+      address: `127.0.0.1:${(forward.address() as net.AddressInfo).port}`,
+      process: 'bgp',
+      softwareVersion: '1.0.0',
+      schema: 1,
+      tables: [{ name: 'rib', durability: 'SYNC' as const }],
+    };
+    const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
+    const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' });
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    try {
+      await a.start();
+      await b.start();
+      // Following before the first batch: a table with records would come as a bulk snapshot,
+      // which has no gRPC twin (such a standby needs a route to the bulk socket, or bulkAddress).
+      await until('the standby follows', async () => {
+        const st = await unaryCall<{ processes: { peers: { instanceId: string; ready: boolean }[] }[] }>(c, 'Status', { process: 'bgp' });
+        return st.processes[0].peers.find((p) => p.instanceId === 'bgp@vm2')?.ready === true;
+      });
+      for (let i = 1; i <= 20; i++) {
+        const batch = a.batch('rib');
+        for (let j = 0; j < 10; j++) batch.put(`10.${i}.${j}.0/24`, Buffer.from(`nh-${i}-${j}`));
+        assert.equal(await batch.commit(), i);
+      }
+      await until('the standby holds everything', () => b.table('rib').seq === 20);
+      assert.deepEqual(b.digest('rib'), a.digest('rib'));
+    } finally {
+      await b.close();
+      await a.close();
+      c.close();
+      forward.close();
+      for (const s of pipes) s.destroy();
+    }
+    // The channels fell back: the streams were gRPC calls, and no frame channel was redeemed.
+    const body = await new Promise<string>((resolve, reject) => {
+      http
+        .get(`http://${agent.ready.metrics as string}/metrics`, (res) => {
+          let text = '';
+          res.on('data', (d) => (text += d));
+          res.on('end', () => resolve(text));
+        })
+        .on('error', reject);
+    });
+    const calls = body.split('\n').filter((l) => l.startsWith('hitless_grpc_calls_total{'));
+    assert.ok(
+      calls.some((l) => l.includes('method="/hitless.v1.Checkpoint/WriteStream"')),
+      `WriteStream was called: ${calls.join('; ')}`,
+    );
+    assert.ok(
+      calls.some((l) => l.includes('method="/hitless.v1.Checkpoint/Subscribe"')),
+      `Subscribe was called: ${calls.join('; ')}`,
+    );
+    assert.ok(!calls.some((l) => l.includes('/OpenChannel/')), `no frame channel was served: ${calls.join('; ')}`);
   });
 });
