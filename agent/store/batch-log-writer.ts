@@ -167,8 +167,10 @@ export class BatchLogWriter {
     return this.pending.size;
   }
 
-  /** Ends the thread after the requests it holds; those not answered by then are not acknowledged. */
-  /** Stops the thread once it has stored what it was given; resolves when it has exited. */
+  /**
+   * Ends the thread after the requests it holds (those not answered by then are not
+   * acknowledged); resolves once it has exited.
+   */
   stop(): Promise<void> {
     return this.stopThread();
   }

@@ -151,7 +151,7 @@ export function storeWrite<T>(db: Db, then: string | (() => string), work: (() =
   }
 }
 
-/** SQLITE_BUSY and its extended codes: the write lock or a snapshot stayed taken past the busy timeout. */
+/** SQLITE_BUSY and its extended codes: another connection's lock, held past the busy timeout. */
 function isBusy(e: unknown): boolean {
   const code = (e as { code?: unknown } | null)?.code;
   return typeof code === 'string' && code.startsWith('SQLITE_BUSY');
