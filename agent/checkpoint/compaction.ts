@@ -5,6 +5,7 @@
  * what the new snapshot replaced is then removed a few rows per transaction.
  */
 import { HitlessError } from '../common/errors';
+import { WRITER_STOPPED } from '../store/batch-log-writer';
 import { STORE_CHUNK_BYTES } from './checkpoint-options';
 import { CheckpointState } from './process-group';
 import { snapshotFrames } from './record-table';
@@ -35,6 +36,12 @@ export class Compactor {
     this.compacting.add(key);
     void this.compact(process, r)
       .catch((e) => {
+        // Cut short by the agent stopping: the unfinished generation is never current, and the
+        // next start drops it.
+        if ((e as { code?: unknown }).code === WRITER_STOPPED) {
+          this.st.log.info({ process, table: r.name }, 'store compaction stopped with the agent; the log keeps everything');
+          return;
+        }
         // A HitlessError (a full disk) explains itself and what to do; anything else is a bug.
         this.st.log[e instanceof HitlessError ? 'warn' : 'error'](
           { process, table: r.name, err: (e as Error).message },

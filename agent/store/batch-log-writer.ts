@@ -22,6 +22,9 @@ import { Worker } from 'node:worker_threads';
 import type { ResumeMessage, WriterReply, WriterRequest } from './batch-log.worker';
 import { stopWhenAsked } from './database';
 
+/** The code of what was handed to the writer thread after stop(): not stored, the agent is stopping. */
+export const WRITER_STOPPED = 'WRITER_STOPPED';
+
 /** An error from the writer thread: SQLite's error code and message, as a caller on this thread would see them. */
 export class StoreWriteError extends Error {
   constructor(
@@ -101,6 +104,7 @@ type Request = WithoutId<WriterRequest>;
 export class BatchLogWriter {
   private readonly worker: Worker;
   private readonly stopThread: () => Promise<void>;
+  private stopping = false;
   private nextId = 1;
   /** `batchOf`: the process of a batch (refusals of batches are resumed per process); `span`: its bytes in the ring. */
   private readonly pending = new Map<
@@ -131,7 +135,11 @@ export class BatchLogWriter {
       for (const process of refused) this.worker.postMessage({ resume: process } satisfies ResumeMessage);
     });
     const gone = (why: string) => {
-      this.dead ??= new StoreWriteError('WRITER_GONE', `the store's writer thread ${why}; restart the agent`);
+      // Asked to stop (the agent stops): what was handed over after that is not stored, as a
+      // write that was never made; only a thread that ended by itself calls for a restart.
+      this.dead ??= this.stopping
+        ? new StoreWriteError(WRITER_STOPPED, "the agent is stopping: the store's writer thread ended before this write")
+        : new StoreWriteError('WRITER_GONE', `the store's writer thread ${why}; restart the agent`);
       for (const p of this.pending.values()) {
         if (p.span) this.ring.release(p.span);
         p.reject(this.dead);
@@ -172,6 +180,7 @@ export class BatchLogWriter {
    * acknowledged); resolves once it has exited.
    */
   stop(): Promise<void> {
+    this.stopping = true;
     return this.stopThread();
   }
 

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { closeDatabase, Db, openDatabase } from '../../agent/store/database';
 import { SqliteCheckpointStore } from '../../agent/store/checkpoint-store';
-import { BatchLogWriter, StagingRing, StoreWriteError } from '../../agent/store/batch-log-writer';
+import { BatchLogWriter, StagingRing, StoreWriteError, WRITER_STOPPED } from '../../agent/store/batch-log-writer';
 
 describe('batch log writer thread', () => {
   let dir = '';
@@ -54,6 +54,20 @@ describe('batch log writer thread', () => {
     const row = db.prepare('SELECT count, records FROM ckpt_batches WHERE process = ? AND seq = 7').get('bgp') as { count: number; records: Buffer };
     assert.deepEqual(row.records, Buffer.alloc(107, 7));
     assert.equal(writer.inFlight, 0);
+  });
+
+  it('on stop stores what it was given before, and refuses what comes after as not stored because the agent stops', async () => {
+    const before = writer.append('bgp', 'rib', 1, 1, Buffer.from('before'));
+    const stopped = writer.stop();
+    const after = writer.append('bgp', 'rib', 2, 1, Buffer.from('after'));
+    await before;
+    await assert.rejects(after, (e: StoreWriteError) => {
+      assert.equal(e.code, WRITER_STOPPED);
+      assert.match(e.message, /the agent is stopping: the store's writer thread ended before this write/);
+      return true;
+    });
+    await stopped;
+    assert.deepEqual(db.prepare('SELECT seq FROM ckpt_batches ORDER BY seq').all(), [{ seq: 1 }]);
   });
 
   it("refuses the batches of a process behind a refused one until the refusal was seen, and only that process's", async () => {
