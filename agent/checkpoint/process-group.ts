@@ -79,7 +79,30 @@ export class ProcessGroup {
   readonly syncWaits = new Map<string, SyncWait[]>();
   /** Re-checked after every standby ack and every applied batch (switchover and audit waits). */
   progressWaiters: (() => void)[] = [];
-  switching = false;
+  private roleChange = false;
+  private quietWaiters: (() => void)[] = [];
+
+  /** A role change (switchover, failover, audit) is in progress; at most one at a time. */
+  get switching(): boolean {
+    return this.roleChange;
+  }
+
+  set switching(v: boolean) {
+    this.roleChange = v;
+    if (v) return;
+    const waiters = this.quietWaiters;
+    this.quietWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  /**
+   * Settles once no role change is in progress. Background store work (compaction) waits for it
+   * between its writes, so that the batches a freeze waits for are not queued on the store's
+   * writer thread behind snapshot chunks and the WAL restarts they bring.
+   */
+  whenQuiet(): Promise<void> {
+    return this.roleChange ? new Promise((resolve) => this.quietWaiters.push(resolve)) : Promise.resolve();
+  }
 
   constructor(readonly name: string) {}
 

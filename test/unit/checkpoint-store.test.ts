@@ -16,6 +16,10 @@ import { snapshotFrames } from '../../agent/checkpoint/record-table';
 import { CheckpointService } from '../../agent/checkpoint/checkpoint.service';
 import type { BulkServer } from '../../agent/checkpoint/bulk-server';
 import { silentLogger } from '../../agent/common/logger';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Compactor } from '../../agent/checkpoint/compaction';
+import { ProcessGroup } from '../../agent/checkpoint/process-group';
+import { DEFAULT_CHECKPOINT_OPTIONS } from '../../agent/checkpoint/checkpoint-options';
 
 describe('checkpoint store: snapshots replace the log, and the replaced rows go in pieces', () => {
   let dir = '';
@@ -125,6 +129,25 @@ describe('checkpoint store: snapshots replace the log, and the replaced rows go 
     while ((await store.dropReplaced('bgp', 'rib', 64)) > 0);
     assert.deepEqual(db.prepare('SELECT COUNT(*) AS n FROM ckpt_batches').get(), { n: 0 });
     assert.deepEqual([rebuild(store).records], [r.records]);
+  });
+
+  it('waits while a role change of the process is in progress, and goes on once it is over', async () => {
+    const store = new SqliteCheckpointStore(db);
+    store.upsertTable('bgp', 'rib', 1);
+    const r = new TableReplica('bgp', 'rib');
+    await append(store, r, 1, 30);
+    const g = new ProcessGroup('bgp');
+    g.switching = true; // a switchover's freeze must not wait behind snapshot chunks
+    const compactor = new Compactor({ store, log: silentLogger, opts: DEFAULT_CHECKPOINT_OPTIONS, groups: new Map([['bgp', g]]) });
+    let done = false;
+    const compaction = compactor.compact('bgp', r).then(() => (done = true));
+    await sleep(100); // a compaction that did not wait writes its generation in a few ms
+    assert.equal(done, false);
+    assert.deepEqual(db.prepare('SELECT COUNT(*) AS n FROM ckpt_snapshots').get(), { n: 0 }, 'no chunk written during the role change');
+    g.switching = false;
+    await compaction;
+    assert.equal(store.listTables()[0].snapSeq, 30);
+    assert.deepEqual([rebuild(store).seq, rebuild(store).records], [30, r.records]);
   });
 });
 
