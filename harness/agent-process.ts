@@ -108,3 +108,11 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
 export async function stopAllAgents(): Promise<void> {
   await Promise.all([...running].map((h) => h.kill9()));
 }
+
+/** The agent's Prometheus text from its --metrics listener (`address` as in its ready line). */
+export async function scrapeMetrics(address: string): Promise<string> {
+  const res = await fetch(`http://${address}/metrics`);
+  const body = await res.text();
+  if (res.status !== 200) throw new Error(`HTTP ${res.status}: ${body}`);
+  return body;
+}

@@ -47,6 +47,8 @@ export function openDatabase(stateDir: string, opts: { fsync?: boolean; log?: Lo
 
 /** What must stop before a database's own connection closes: its threads, newest first. */
 const closers = new WeakMap<Db, Array<() => Promise<void>>>();
+/** A close under way: a second closeDatabase() waits for it instead of closing early. */
+const closing = new WeakMap<Db, Promise<void>>();
 
 /**
  * Registers a thread (or anything else holding its own connection to the database file) that
@@ -65,11 +67,16 @@ export function onDatabaseClose(db: Db, stop: () => Promise<void>): void {
  * `db.close()` alone would leave the threads closing their connections afterwards, which may
  * still create or delete the WAL and its index in the directory.
  */
-export async function closeDatabase(db: Db): Promise<void> {
-  const list = closers.get(db) ?? [];
-  closers.delete(db);
-  for (const stop of list) await stop();
-  if (db.open) db.close();
+export function closeDatabase(db: Db): Promise<void> {
+  let done = closing.get(db);
+  if (!done) {
+    done = (async () => {
+      for (const stop of closers.get(db) ?? []) await stop();
+      if (db.open) db.close();
+    })();
+    closing.set(db, done);
+  }
+  return done;
 }
 
 /**
@@ -131,10 +138,11 @@ export function storeWrite<T>(db: Db, then: string | (() => string), pending: Pr
 export function storeWrite<T>(db: Db, then: string | (() => string), work: (() => T) | Promise<T>): T | Promise<T> {
   const translate = (e: unknown) => {
     const dir = path.dirname(db.name);
-    if (isDiskFull(e, dir)) return diskFull(dir, typeof then === 'string' ? then : then());
+    const next = () => (typeof then === 'string' ? then : then());
+    if (isDiskFull(e, dir)) return diskFull(dir, next());
     if (isBusy(e)) {
       return unavailable(
-        `the agent's state database (${db.name}) stayed locked by another connection for ${BUSY_TIMEOUT_MS / 1000} s; is a program other than the agent writing to it? Then ${typeof then === 'string' ? then : then()}`,
+        `the agent's state database (${db.name}) stayed locked by another connection for ${BUSY_TIMEOUT_MS / 1000} s; is a program other than the agent writing to it? Then ${next()}`,
       );
     }
     return e;

@@ -9,7 +9,6 @@ import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
 import Database from 'better-sqlite3';
 import assert from 'node:assert/strict';
-import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -17,7 +16,7 @@ import { loadProtos } from '../../agent/grpc/proto';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { SubscribeEvent } from '../../agent/checkpoint/messages';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
-import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
+import { AgentHandle, scrapeMetrics, startAgent, stopAllAgents } from '../../harness/agent-process';
 import { AnyClient, expectStatus, rawClient, registerRaw, registration, unaryCall } from '../../harness/grpc-client';
 import { until } from '../../harness/wait';
 
@@ -65,6 +64,40 @@ function records(n: number, tag: string): { records: Buffer; count: number } {
   const b = new RecordBuilder();
   for (let i = 0; i < n; i++) b.put(`${tag}.${i}`, 1, Buffer.from(`${tag}-value-${i}`));
   return b.take();
+}
+
+/**
+ * A TCP listener on loopback relaying each connection, both ways, to the socket `connectUp` makes
+ * (a guest's QEMU/socat relay, a port forward). `sockets`: both ends of every relayed connection;
+ * `clientSides`: the ends facing the clients. close() stops it and drops every connection.
+ */
+async function tcpRelay(connectUp: () => net.Socket): Promise<{ address: string; sockets: Set<net.Socket>; clientSides: Set<net.Socket>; close(): void }> {
+  const sockets = new Set<net.Socket>();
+  const clientSides = new Set<net.Socket>();
+  const server = net.createServer((down) => {
+    clientSides.add(down);
+    down.on('close', () => clientSides.delete(down));
+    const up = connectUp();
+    for (const [a, b] of [
+      [down, up],
+      [up, down],
+    ]) {
+      sockets.add(a);
+      a.pipe(b);
+      a.on('error', () => b.destroy());
+      a.on('close', () => (sockets.delete(a), b.destroy()));
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    address: `127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    sockets,
+    clientSides,
+    close: () => {
+      server.close();
+      for (const s of sockets) s.destroy();
+    },
+  };
 }
 
 /** One redeemed channel: frames received in order, and whether the agent closed it. */
@@ -401,24 +434,9 @@ describe('checkpoint: a frame channel that breaks while the session stands', fun
     const { tcpAddress } = await unaryCall<{ tcpAddress: string }>(c, 'OpenChannel', { write: { sessionId: probe.registered.sessionId } });
     probe.call.end();
     const [host, port] = [tcpAddress.slice(0, tcpAddress.lastIndexOf(':')), Number(tcpAddress.slice(tcpAddress.lastIndexOf(':') + 1))];
-    const relayed = new Set<net.Socket>();
-    const clientSides = new Set<net.Socket>();
-    const relay = net.createServer((down) => {
-      clientSides.add(down);
-      down.on('close', () => clientSides.delete(down));
-      const up = net.connect({ host, port });
-      for (const [a, b] of [
-        [down, up],
-        [up, down],
-      ]) {
-        relayed.add(a);
-        a.pipe(b);
-        a.on('error', () => b.destroy());
-        a.on('close', () => (relayed.delete(a), b.destroy()));
-      }
-    });
-    await new Promise<void>((r) => relay.listen(0, '127.0.0.1', r));
-    const bulkAddress = `127.0.0.1:${(relay.address() as net.AddressInfo).port}`;
+    const relay = await tcpRelay(() => net.connect({ host, port }));
+    const relayed = relay.sockets;
+    const bulkAddress = relay.address;
     const opts = {
       address: agent.socket,
       bulkAddress,
@@ -447,7 +465,8 @@ describe('checkpoint: a frame channel that breaks while the session stands', fun
           // Half of the clients first read what a relay writes when it cannot reach the agent
           // (socat's error line, as a guest reads it through QEMU): text that is no frame.
           let i = 0;
-          for (const s of clientSides) if (i++ % 2 === 0) s.write('2026/11/29 10:26:49 socat[77] E connect(5, AF=1 "bulk.sock", 11): Connection refused\n');
+          for (const s of relay.clientSides)
+            if (i++ % 2 === 0) s.write('2026/11/29 10:26:49 socat[77] E connect(5, AF=1 "bulk.sock", 11): Connection refused\n');
           await new Promise((r) => setTimeout(r, 50));
           for (const s of relayed) s.destroy();
         }
@@ -467,7 +486,6 @@ describe('checkpoint: a frame channel that breaks while the session stands', fun
       await b.close();
       await a.close();
       relay.close();
-      for (const s of relayed) s.destroy();
       c.close();
     }
   });
@@ -481,22 +499,9 @@ describe('checkpoint: an SDK client with no route to the bulk socket', function 
     // The agent listens on its unix socket only (no --grpc-tcp, so no TCP bulk socket); the
     // clients reach its gRPC through a TCP forwarder, as through a port forward.
     const agent = await startAgent({ args: ['--metrics', '127.0.0.1:0'] });
-    const pipes = new Set<net.Socket>();
-    const forward = net.createServer((down) => {
-      const up = net.connect(agent.socket);
-      for (const [x, y] of [
-        [down, up],
-        [up, down],
-      ]) {
-        pipes.add(x);
-        x.pipe(y);
-        x.on('error', () => y.destroy());
-        x.on('close', () => (pipes.delete(x), y.destroy()));
-      }
-    });
-    await new Promise<void>((r) => forward.listen(0, '127.0.0.1', r));
+    const forward = await tcpRelay(() => net.connect(agent.socket));
     const opts = {
-      address: `127.0.0.1:${(forward.address() as net.AddressInfo).port}`,
+      address: forward.address,
       process: 'bgp',
       softwareVersion: '1.0.0',
       schema: 1,
@@ -526,18 +531,9 @@ describe('checkpoint: an SDK client with no route to the bulk socket', function 
       await a.close();
       c.close();
       forward.close();
-      for (const s of pipes) s.destroy();
     }
     // The channels fell back: the streams were gRPC calls, and no frame channel was redeemed.
-    const body = await new Promise<string>((resolve, reject) => {
-      http
-        .get(`http://${agent.ready.metrics as string}/metrics`, (res) => {
-          let text = '';
-          res.on('data', (d) => (text += d));
-          res.on('end', () => resolve(text));
-        })
-        .on('error', reject);
-    });
+    const body = await scrapeMetrics(agent.ready.metrics as string);
     const calls = body.split('\n').filter((l) => l.startsWith('hitless_grpc_calls_total{'));
     assert.ok(
       calls.some((l) => l.includes('method="/hitless.v1.Checkpoint/WriteStream"')),

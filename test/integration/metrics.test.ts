@@ -5,26 +5,13 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { Metrics } from '../../agent/metrics/metrics';
 import { silentLogger } from '../../agent/common/logger';
 import { until } from '../../harness/wait';
-import { startAgent, stopAllAgents } from '../../harness/agent-process';
+import { scrapeMetrics, startAgent, stopAllAgents } from '../../harness/agent-process';
 import { startDaemon, stopAllDaemons } from '../../harness/daemon-process';
 import { rawClient, unaryCall } from '../../harness/grpc-client';
-
-function scrape(address: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    http
-      .get(`http://${address}/metrics`, (res) => {
-        let body = '';
-        res.on('data', (d) => (body += d));
-        res.on('end', () => (res.statusCode === 200 ? resolve(body) : reject(new Error(`HTTP ${res.statusCode}: ${body}`))));
-      })
-      .on('error', reject);
-  });
-}
 
 const declared = (body: string, family: string) => body.includes(`# TYPE ${family} `);
 
@@ -55,7 +42,7 @@ describe('metrics: Prometheus endpoint', function () {
     c.close();
     const rib = st.processes[0].tables.find((t) => t.name === 'rib')!;
     assert.equal(rib.records, 3000);
-    const body = await scrape(address);
+    const body = await scrapeMetrics(address);
     assert.match(body, /# TYPE hitless_checkpoint_records gauge/);
     assert.equal(sample(body, 'hitless_checkpoint_records', 'process="bgp",table="rib"'), 3000);
     assert.equal(sample(body, 'hitless_checkpoint_bytes', 'process="bgp",table="rib"'), rib.bytes);
@@ -66,7 +53,7 @@ describe('metrics: Prometheus endpoint', function () {
     await active.stop();
     await until(
       'the ended write channel is counted',
-      async () => (sample(await scrape(address), 'hitless_grpc_calls_total', 'method="/hitless.v1.Checkpoint/OpenChannel/write",code="OK"') ?? 0) >= 1,
+      async () => (sample(await scrapeMetrics(address), 'hitless_grpc_calls_total', 'method="/hitless.v1.Checkpoint/OpenChannel/write",code="OK"') ?? 0) >= 1,
     );
   });
 
@@ -94,7 +81,7 @@ describe('metrics: Prometheus endpoint', function () {
     await unaryCall(c, 'Switchover', { process: 'bgp', toInstanceId: 'bgp@vm2' });
     await unaryCall(c, 'Status', { process: 'nothing' }).catch(() => undefined); // an error for the error panel
     c.close();
-    const body = await scrape(address);
+    const body = await scrapeMetrics(address);
 
     // Families with a sample after this workload; the VM and upgrade-duration families need VMs
     // and an upgrade (the VM tests), here they must at least be declared.

@@ -54,12 +54,16 @@ describe('embedded database: closing', () => {
     }
   });
 
-  it('may be asked twice', async () => {
+  it('may be asked twice: the second close returns only when the first is done, never earlier', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-close-'));
     try {
       const db = openDatabase(dir);
       new SqliteCheckpointStore(db);
-      await Promise.all([closeDatabase(db), closeDatabase(db)]);
+      const order: string[] = [];
+      await Promise.all([closeDatabase(db).then(() => order.push('first')), closeDatabase(db).then(() => order.push('second'))]);
+      // A second close that did not wait would close the connection while the threads still ran,
+      // and return before the first.
+      assert.deepEqual(order, ['first', 'second']);
       assert.equal(db.open, false);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
