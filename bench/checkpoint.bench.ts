@@ -21,8 +21,8 @@
  *   agent-rss    the agent's resident memory holding the table;
  *   switchover   write-freeze window when the standby takes over the 1M-record table while the
  *                active changes 20k records/s (agent-side: FREEZE sent -> PROMOTE acknowledged).
- * Every line of a load also has `agent_loop_max_ms`: the agent's longest event-loop delay while it
- * ran (from its Prometheus endpoint, 10 ms sampling): a stall there delays every acknowledgement.
+ * Every line of a load also has `agent_loop_max_ms`: the agent's longest event-loop stall while it
+ * ran (from its Prometheus endpoint, 1 ms sampling): a stall there delays every acknowledgement.
  */
 import { ChildProcess, execFile, fork } from 'node:child_process';
 import fs from 'node:fs';
@@ -126,14 +126,15 @@ async function quiesce(pids: number[]): Promise<void> {
 const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringify(o) + '\n');
 
 /**
- * The agent's longest event-loop delay since the previous call, ms: its Prometheus endpoint's
- * nodejs_eventloop_lag_max_seconds, whose histogram every scrape resets (10 ms sampling). Call it
- * before a phase to start the window, after it to read the phase's figure.
+ * The agent's longest event-loop stall since the previous call, ms: its Prometheus endpoint's
+ * nodejs_eventloop_lag_max_seconds (the longest time between two fires of a 1 ms timer; every
+ * scrape resets it) less that 1 ms interval, as the upgrade phases' figure (LoopStallWatch) counts.
+ * Call it before a phase to start the window, after it to read the phase's figure.
  */
 async function agentLoopMaxMs(metrics: string): Promise<number> {
   const res = await fetch(`http://${metrics}/metrics`);
   const m = /^nodejs_eventloop_lag_max_seconds\S* ([\d.e+-]+)$/m.exec(await res.text());
-  return m ? Math.round(Number(m[1]) * 1e4) / 10 : -1;
+  return m ? Math.max(0, Math.round((Number(m[1]) * 1e3 - 1) * 10) / 10) : -1;
 }
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
