@@ -48,15 +48,16 @@ const COMPACT_SLICE_RECORDS = 2048;
  * per insert finishes in time; the background turns usually finish it much sooner.
  */
 const MIGRATE_PER_INSERT = 4;
-/** Old index slots moved per background event-loop turn (a few ms at most). */
-const MIGRATE_PER_TURN = 32768;
 /**
- * Bytes of the next index's arrays touched per background turn before it is used. Fresh arrays
- * are zero pages the kernel maps on first write; inserts and moves write them at random places,
- * so without this the first appends after a doubling took 30-40 ms each in page faults (an 8M
- * slot index is 96 MB). Touched in order, 4 MiB cost about 2 ms.
+ * Longest a background turn of the index growth (paging in the next index, moving old slots) may
+ * hold the event loop, ms. Work is counted in time, not bytes or slots: a page fault costs 1-3 us
+ * on a quiet host and 10 us or more while other processes fault in memory too, and moving a slot
+ * costs what its cache misses cost.
  */
-const PREFAULT_BYTES_PER_TURN = 4 * 1024 * 1024;
+const GROWTH_TURN_MS = 2;
+/** Old index slots moved, or index bytes paged in, between two looks at the clock. */
+const MIGRATE_PER_CHECK = 2048;
+const PREFAULT_BYTES_PER_CHECK = 256 * 1024;
 /** Marks a moved slot of the old index: its key lives in the current index now. */
 const TOMBSTONE = -1;
 
@@ -202,7 +203,7 @@ export class RecordTable {
   private migrateScheduled = false;
   /**
    * The arrays of the next, doubled index, made at load 0.5 and paged in a slice per turn until
-   * the doubling (load 0.6) takes them; `touched` counts bytes of each array paged in.
+   * the doubling (load 0.6) takes them; `touched` counts the slots of each array paged in.
    */
   private nextIndex: { arena: Int32Array<ArrayBuffer>; off: Int32Array<ArrayBuffer>; hash: Uint32Array<ArrayBuffer>; touched: number } | null = null;
   /** Live records. */
@@ -628,20 +629,30 @@ export class RecordTable {
     this.scheduleMigration();
   }
 
-  /** Makes the next index's arrays now and pages them in a slice per turn (PREFAULT_BYTES_PER_TURN). */
+  /**
+   * Makes the next index's arrays now and pages them in, in turns of GROWTH_TURN_MS. Fresh arrays
+   * are zero pages the kernel maps on first write; inserts and moves write them at random places,
+   * so without this the first appends after a doubling took 30-40 ms each in page faults (an 8M
+   * slot index is 96 MB). A doubling that comes before all pages are in takes the arrays as they are.
+   */
   private prepareGrowth(): void {
     const cap = (this.mask + 1) * 2;
     const next = (this.nextIndex = { arena: new Int32Array(cap), off: new Int32Array(cap), hash: new Uint32Array(cap), touched: 0 });
+    const perCheck = PREFAULT_BYTES_PER_CHECK / 4 / 3;
     const step = () => {
       if (this.nextIndex !== next) return; // taken by a doubling, or dropped by a CLEAR
-      const from = next.touched / 4;
-      const to = Math.min(cap, from + PREFAULT_BYTES_PER_TURN / 4 / 3);
-      // Writing zeros where there are zeros changes nothing but makes the pages resident.
-      next.arena.fill(0, from, to);
-      next.off.fill(0, from, to);
-      next.hash.fill(0, from, to);
-      next.touched = to * 4;
-      if (to < cap) setImmediate(step);
+      const until = performance.now() + GROWTH_TURN_MS;
+      let from = next.touched;
+      do {
+        const to = Math.min(cap, from + perCheck);
+        // Writing zeros where there are zeros changes nothing but makes the pages resident.
+        next.arena.fill(0, from, to);
+        next.off.fill(0, from, to);
+        next.hash.fill(0, from, to);
+        from = to;
+      } while (from < cap && performance.now() < until);
+      next.touched = from;
+      if (from < cap) setImmediate(step);
     };
     setImmediate(step);
   }
@@ -669,8 +680,11 @@ export class RecordTable {
     this.migrateScheduled = true;
     setImmediate(() => {
       this.migrateScheduled = false;
-      if (!this.old) return;
-      this.migrate(MIGRATE_PER_TURN);
+      const until = performance.now() + GROWTH_TURN_MS;
+      while (this.old) {
+        this.migrate(MIGRATE_PER_CHECK);
+        if (performance.now() >= until) break;
+      }
       if (this.old) this.scheduleMigration();
     });
   }
