@@ -41,6 +41,9 @@ export class StoreWriteError extends Error {
  */
 const WAL_RESTART_BYTES = 32 * 1024 * 1024;
 
+/** The longest the agent's event loop is held settling the thread's answers in one turn, ms (see drain). */
+const SETTLE_SLICE_MS = 4;
+
 /** Bytes of shared memory batches are staged in for the thread (see StagingRing). */
 const STAGING_BYTES = 16 * 1024 * 1024;
 
@@ -112,6 +115,9 @@ export class BatchLogWriter {
     { batchOf: string | null; span: [number, number, boolean] | null; resolve: (v: number) => void; reject: (e: Error) => void }
   >();
   private readonly ring = new StagingRing();
+  /** The thread's answers not settled yet, oldest first; `next`: the first of its `done` left. */
+  private readonly replies: { reply: WriterReply; next: number }[] = [];
+  private draining = false;
   /** Set when the thread is gone: every request from then on fails with it. */
   private dead: Error | null = null;
 
@@ -123,18 +129,12 @@ export class BatchLogWriter {
     this.worker.unref();
     this.stopThread = stopWhenAsked(this.worker);
     this.worker.on('message', (r: WriterReply) => {
-      for (const d of r.done) this.settle(d.id)?.resolve(d.value);
-      const refused = new Set<string>();
-      for (const f of r.failed) {
-        const p = this.settle(f.id);
-        if (p?.batchOf) refused.add(p.batchOf);
-        p?.reject(new StoreWriteError(f.code, f.message));
-      }
-      // The rejections' handlers run before anything else here (the tables' next expected batches
-      // went back): whatever comes after this is sent knowing of the refusal, and is tried again.
-      for (const process of refused) this.worker.postMessage({ resume: process } satisfies ResumeMessage);
+      this.replies.push({ reply: r, next: 0 });
+      if (!this.draining) void this.drain();
     });
     const gone = (why: string) => {
+      // What the thread answered before it went is settled as it answered, not refused.
+      this.drain(Infinity).catch(() => undefined);
       // Asked to stop (the agent stops): what was handed over after that is not stored, as a
       // write that was never made; only a thread that ended by itself calls for a restart.
       this.dead ??= this.stopping
@@ -194,6 +194,52 @@ export class BatchLogWriter {
       this.pending.set(id, { batchOf, span, resolve, reject });
       this.worker.postMessage({ ...req, id } as WriterRequest, transfer);
     });
+  }
+
+  /**
+   * Settles the thread's answers in the order they came, in slices of about `sliceMs` of the
+   * event loop. One answer can commit dozens of batches, and each resolution runs its batch's
+   * application (the replica, the subscribers, the acknowledgement): all of them in one turn held
+   * the agent's loop for 20-30 ms under a sustained load. Settling later is what a slower commit
+   * would look like: order and outcomes are the same. With `Infinity` it settles everything now,
+   * synchronously (the thread is gone).
+   */
+  private async drain(sliceMs = SETTLE_SLICE_MS): Promise<void> {
+    if (this.draining && sliceMs !== Infinity) return;
+    this.draining = true;
+    try {
+      let until = performance.now() + sliceMs;
+      while (this.replies.length > 0) {
+        const q = this.replies[0];
+        const r = q.reply;
+        if (q.next < r.done.length) {
+          const d = r.done[q.next++];
+          this.settle(d.id)?.resolve(d.value);
+          if (sliceMs === Infinity) continue;
+          // Lets the batch's application run (its reactions, queued by the resolution), so the
+          // clock below counts it; past the slice, the rest waits for the next turn.
+          await null;
+          if (performance.now() >= until) {
+            await new Promise((resolve) => setImmediate(resolve));
+            until = performance.now() + sliceMs;
+          }
+          continue;
+        }
+        this.replies.shift();
+        const refused = new Set<string>();
+        for (const f of r.failed) {
+          const p = this.settle(f.id);
+          if (p?.batchOf) refused.add(p.batchOf);
+          p?.reject(new StoreWriteError(f.code, f.message));
+        }
+        // The rejections' handlers run before anything else here (the tables' next expected
+        // batches went back): whatever comes after this is sent knowing of the refusal, and is
+        // tried again.
+        for (const process of refused) this.worker.postMessage({ resume: process } satisfies ResumeMessage);
+      }
+    } finally {
+      this.draining = false;
+    }
   }
 
   private settle(id: number) {
