@@ -28,7 +28,7 @@ import { ChildProcess, execFile, fork } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { startAgent } from '../harness/agent-process';
+import { scrapeMetrics, startAgent } from '../harness/agent-process';
 import { generateRib } from '../examples/bgp-rib/rib-generator';
 import { measureRedisReplicaFullSync } from './peers/redis-replica';
 import { measureRedisWait } from './peers/redis-wait';
@@ -132,8 +132,7 @@ const print = (o: Record<string, unknown>) => process.stdout.write(JSON.stringif
  * Call it before a phase to start the window, after it to read the phase's figure.
  */
 async function agentLoopMaxMs(metrics: string): Promise<number> {
-  const res = await fetch(`http://${metrics}/metrics`);
-  const m = /^nodejs_eventloop_lag_max_seconds\S* ([\d.e+-]+)$/m.exec(await res.text());
+  const m = /^nodejs_eventloop_lag_max_seconds\S* ([\d.e+-]+)$/m.exec(await scrapeMetrics(metrics));
   return m ? Math.max(0, Math.round((Number(m[1]) * 1e3 - 1) * 10) / 10) : -1;
 }
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;

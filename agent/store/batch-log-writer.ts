@@ -41,7 +41,7 @@ export class StoreWriteError extends Error {
  */
 const WAL_RESTART_BYTES = 32 * 1024 * 1024;
 
-/** The longest the agent's event loop is held settling the thread's answers in one turn, ms (see drain). */
+/** The longest the agent's event loop is held settling the thread's answers in one go, ms (see drain). */
 const SETTLE_SLICE_MS = 4;
 
 /** Bytes of shared memory batches are staged in for the thread (see StagingRing). */
@@ -134,7 +134,7 @@ export class BatchLogWriter {
     });
     const gone = (why: string) => {
       // What the thread answered before it went is settled as it answered, not refused.
-      this.drain(Infinity).catch(() => undefined);
+      while (this.settleNext());
       // Asked to stop (the agent stops): what was handed over after that is not stored, as a
       // write that was never made; only a thread that ended by itself calls for a restart.
       this.dead ??= this.stopping
@@ -197,49 +197,54 @@ export class BatchLogWriter {
   }
 
   /**
-   * Settles the thread's answers in the order they came, in slices of about `sliceMs` of the
+   * Settles the thread's answers in the order they came, in slices of SETTLE_SLICE_MS of the
    * event loop. One answer can commit dozens of batches, and each resolution runs its batch's
    * application (the replica, the subscribers, the acknowledgement): all of them in one turn held
    * the agent's loop for 20-30 ms under a sustained load. Settling later is what a slower commit
-   * would look like: order and outcomes are the same. With `Infinity` it settles everything now,
-   * synchronously (the thread is gone).
+   * would look like: order and outcomes are the same.
    */
-  private async drain(sliceMs = SETTLE_SLICE_MS): Promise<void> {
-    if (this.draining && sliceMs !== Infinity) return;
+  private async drain(): Promise<void> {
+    if (this.draining) return;
     this.draining = true;
     try {
-      let until = performance.now() + sliceMs;
-      while (this.replies.length > 0) {
-        const q = this.replies[0];
-        const r = q.reply;
-        if (q.next < r.done.length) {
-          const d = r.done[q.next++];
-          this.settle(d.id)?.resolve(d.value);
-          if (sliceMs === Infinity) continue;
-          // Lets the batch's application run (its reactions, queued by the resolution), so the
-          // clock below counts it; past the slice, the rest waits for the next turn.
-          await null;
-          if (performance.now() >= until) {
-            await new Promise((resolve) => setImmediate(resolve));
-            until = performance.now() + sliceMs;
-          }
-          continue;
+      let until = performance.now() + SETTLE_SLICE_MS;
+      while (this.settleNext()) {
+        // Lets what was settled run (its reactions are queued by now), so the clock counts it;
+        // past the slice, the rest waits for the next turn.
+        await null;
+        if (performance.now() >= until) {
+          await new Promise((resolve) => setImmediate(resolve));
+          until = performance.now() + SETTLE_SLICE_MS;
         }
-        this.replies.shift();
-        const refused = new Set<string>();
-        for (const f of r.failed) {
-          const p = this.settle(f.id);
-          if (p?.batchOf) refused.add(p.batchOf);
-          p?.reject(new StoreWriteError(f.code, f.message));
-        }
-        // The rejections' handlers run before anything else here (the tables' next expected
-        // batches went back): whatever comes after this is sent knowing of the refusal, and is
-        // tried again.
-        for (const process of refused) this.worker.postMessage({ resume: process } satisfies ResumeMessage);
       }
     } finally {
       this.draining = false;
     }
+  }
+
+  /**
+   * Settles the oldest answer not settled yet: one committed request, or, once an answer's
+   * commits are settled, its refusals. False when there is nothing left.
+   */
+  private settleNext(): boolean {
+    const q = this.replies[0];
+    if (!q) return false;
+    if (q.next < q.reply.done.length) {
+      const d = q.reply.done[q.next++];
+      this.settle(d.id)?.resolve(d.value);
+      return true;
+    }
+    this.replies.shift();
+    const refused = new Set<string>();
+    for (const f of q.reply.failed) {
+      const p = this.settle(f.id);
+      if (p?.batchOf) refused.add(p.batchOf);
+      p?.reject(new StoreWriteError(f.code, f.message));
+    }
+    // The rejections' handlers run before anything else here (the tables' next expected batches
+    // went back): whatever comes after this is sent knowing of the refusal, and is tried again.
+    for (const process of refused) this.worker.postMessage({ resume: process } satisfies ResumeMessage);
+    return true;
   }
 
   private settle(id: number) {

@@ -67,6 +67,18 @@ function records(n: number, tag: string): { records: Buffer; count: number } {
 }
 
 /**
+ * The SDK clients of process 'bgp' with one table 'rib': the active bgp@vm1 and the standby
+ * bgp@vm2, reaching the agent at `conn.address` (and its bulk socket at `conn.bulkAddress`, if given).
+ */
+function activeAndStandby(conn: { address: string; bulkAddress?: string }, durability: 'SYNC' | 'ASYNC'): [CheckpointClient, CheckpointClient] {
+  const opts = { ...conn, process: 'bgp', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability }] };
+  return [
+    new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' }),
+    new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' }),
+  ];
+}
+
+/**
  * A TCP listener on loopback relaying each connection, both ways, to the socket `connectUp` makes
  * (a guest's QEMU/socat relay, a port forward). `sockets`: both ends of every relayed connection;
  * `clientSides`: the ends facing the clients. close() stops it and drops every connection.
@@ -392,10 +404,7 @@ describe('checkpoint: an agent with frame channels turned off', function () {
   it('answers OpenChannel with UNIMPLEMENTED, and SDK clients fall back to the gRPC streams and replicate exactly', async () => {
     const agent = await startAgent({ args: ['--no-frame-channels'] });
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
-    const opts = { address: agent.socket, process: 'bgp', softwareVersion: '1.0.0', schema: 1, tables: [{ name: 'rib', durability: 'SYNC' as const }] };
-    const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
-    const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' });
-    b.on('error', (e: Error) => console.log('DEBUG b error', e.message));
+    const [a, b] = activeAndStandby({ address: agent.socket }, 'SYNC');
     try {
       await a.start();
       await expectStatus(unaryCall(c, 'OpenChannel', { write: { sessionId: a.sessionId } }), grpc.status.UNIMPLEMENTED, /--no-frame-channels.*WriteStream/);
@@ -437,16 +446,7 @@ describe('checkpoint: a frame channel that breaks while the session stands', fun
     const relay = await tcpRelay(() => net.connect({ host, port }));
     const relayed = relay.sockets;
     const bulkAddress = relay.address;
-    const opts = {
-      address: agent.socket,
-      bulkAddress,
-      process: 'bgp',
-      softwareVersion: '1.0.0',
-      schema: 1,
-      tables: [{ name: 'rib', durability: 'ASYNC' as const }],
-    };
-    const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
-    const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' });
+    const [a, b] = activeAndStandby({ address: agent.socket, bulkAddress }, 'ASYNC');
     const restarts: string[] = [];
     a.on('disconnected', () => restarts.push('active'));
     b.on('disconnected', () => restarts.push('standby'));
@@ -500,15 +500,7 @@ describe('checkpoint: an SDK client with no route to the bulk socket', function 
     // clients reach its gRPC through a TCP forwarder, as through a port forward.
     const agent = await startAgent({ args: ['--metrics', '127.0.0.1:0'] });
     const forward = await tcpRelay(() => net.connect(agent.socket));
-    const opts = {
-      address: forward.address,
-      process: 'bgp',
-      softwareVersion: '1.0.0',
-      schema: 1,
-      tables: [{ name: 'rib', durability: 'SYNC' as const }],
-    };
-    const a = new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' });
-    const b = new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' });
+    const [a, b] = activeAndStandby({ address: forward.address }, 'SYNC');
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
     try {
       await a.start();
