@@ -94,6 +94,10 @@ async function pipelined(
   while (inflight > 0) await new Promise<void>((r) => (wake = r));
 }
 
+// The benchmark went (it failed, or its reader closed its stdout): nothing will ask this process
+// to exit, so it does so itself.
+process.on('disconnect', () => process.exit(0));
+
 process.on('message', async (cmd: Cmd) => {
   try {
     if (cmd.op === 'start') {

@@ -29,9 +29,37 @@ export interface AgentHandle {
 const running = new Set<AgentHandle>();
 export const AGENT_MAIN = path.resolve(__dirname, '../agent/main.js');
 
+/** Directories tempDir() made and removeTempDirs() has not removed yet. */
+const madeDirs = new Set<string>();
+
+/** A new directory under the system's temporary one; removeTempDirs() removes it. */
 export function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `hitless-${prefix}-`));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `hitless-${prefix}-`));
+  madeDirs.add(dir);
+  return dir;
 }
+
+/**
+ * Removes every directory tempDir() made (agents' state directories among them: a 1M-record
+ * benchmark leaves ~240 MB). Call it once nothing runs in them any more: the test run's root
+ * `afterAll` (test/helpers/root-hooks.ts) after stopAllAgents(), a benchmark's end.
+ */
+export function removeTempDirs(): void {
+  for (const dir of madeDirs) fs.rmSync(dir, { recursive: true, force: true });
+  madeDirs.clear();
+}
+
+// A run that ends without its cleanup (an uncaught error, EPIPE on stdout when the reader went,
+// a signal: harness/interrupt-cleanup.ts exits after ending the agents) must not leave agents or
+// their directories behind. Both steps are synchronous, so they can happen on 'exit'.
+process.on('exit', () => {
+  for (const h of running) h.proc.kill('SIGKILL');
+  try {
+    removeTempDirs();
+  } catch {
+    // An agent killed just now may still be writing in its directory: left for the OS's cleanup.
+  }
+});
 
 export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?: string[]; nodeArgs?: string[] } = {}): Promise<AgentHandle> {
   const stateDir = opts.stateDir ?? tempDir('agent');
