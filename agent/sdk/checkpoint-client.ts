@@ -56,6 +56,13 @@ const FOLLOW_END_GRACE_MS = 5_000;
 const WRITE_RETRY_MIN_MS = 100;
 const WRITE_RETRY_MAX_MS = 2_000;
 /**
+ * A standby whose subscription ended (the agent dropped it, or a snapshot could not be loaded)
+ * follows again after this, doubling while it keeps failing (a bulk socket it has no route to
+ * fails every time) up to the max; reset once a subscription caught up.
+ */
+const FOLLOW_RETRY_MIN_MS = 200;
+const FOLLOW_RETRY_MAX_MS = 30_000;
+/**
  * Largest packed batch the client sends: the gRPC limit on both ends is 8 MiB per message. A
  * larger one would be refused by gRPC itself with RESOURCE_EXHAUSTED, which here means "retry
  * later", so it is refused before it touches the local table.
@@ -251,6 +258,7 @@ export class CheckpointClient extends EventEmitter {
   private pendingAcks = new Map<string, number>();
   private ackScheduled = false;
   private queuedEvents = 0;
+  private followRetryMs = FOLLOW_RETRY_MIN_MS;
 
   constructor(readonly opts: CheckpointClientOptions) {
     super();
@@ -809,19 +817,40 @@ export class CheckpointClient extends EventEmitter {
     return (this.stub.Subscribe as (r: SubscribeRequest) => grpc.ClientReadableStream<SubscribeEvent>)(req);
   }
 
-  /** `current`: false once the instance stopped following this call (promoted); its events are dropped. */
+  /**
+   * Applies a subscription's events in order. `current`: false once the instance stopped following
+   * this call (promoted); its events are dropped. `finished` gets the first failure to apply an
+   * event (a recovery fails with it instead of leaving a partial table) or null when the call
+   * caught up or ended.
+   */
   private consume(call: SubscribeCall, finished: (err: Error | null) => void, current: () => boolean = () => true): void {
+    // Set once an event could not be applied: the events queued behind it would be applied on top
+    // of a table that lacks it, so they are dropped, and a follower subscribes again.
+    let failed = false;
     call.on('data', (ev: SubscribeEvent) => {
       if (!current()) return;
       this.queuedEvents++;
       if (this.queuedEvents > 2048) call.pause();
       this.eventChain = this.eventChain.then(async () => {
-        try {
-          await this.applyEvent(ev);
-        } catch (e) {
-          this.log.error({ err: (e as Error).message }, 'applying a subscription event failed; resubscribing');
-          call.cancel();
-          this.emit('error', e);
+        if (!failed) {
+          try {
+            await this.applyEvent(ev);
+            if (ev.caughtUp && this.sub === call) this.followRetryMs = FOLLOW_RETRY_MIN_MS;
+          } catch (e) {
+            failed = true;
+            const following = this.sub === call;
+            this.log.error(
+              { err: (e as Error).message, retryMs: following ? this.followRetryMs : undefined },
+              following ? 'applying a subscription event failed; subscribing again from what this instance holds' : 'applying a subscription event failed',
+            );
+            finished(e as Error);
+            call.cancel();
+            // A recovery's failure is its caller's to report (registration fails with it).
+            if (following) {
+              this.followAgain();
+              this.emit('error', e);
+            }
+          }
         }
         if (--this.queuedEvents < 512 && call.isPaused()) call.resume();
         if (ev.caughtUp) finished(null);
@@ -833,12 +862,19 @@ export class CheckpointClient extends EventEmitter {
       if (this.sub === call && err.code === grpc.status.UNAVAILABLE) return this.restartSession(err.details);
       if (this.sub === call) {
         // Dropped by the agent (stalled, snapshot failed): resubscribe from what we hold.
-        this.log.warn({ err: err.details }, 'subscription ended by the agent; resubscribing');
-        this.sub = null;
-        setTimeout(() => this.role === 'STANDBY' && this.connected && this.follow(), 200);
+        this.log.warn({ err: err.details, retryMs: this.followRetryMs }, 'subscription ended by the agent; resubscribing');
+        this.followAgain();
       }
     });
     call.on('end', () => void this.eventChain.then(() => finished(null)));
+  }
+
+  /** Stops following the current subscription and follows again after the retry delay (which then doubles). */
+  private followAgain(): void {
+    this.sub = null;
+    const delay = this.followRetryMs;
+    this.followRetryMs = Math.min(this.followRetryMs * 2, FOLLOW_RETRY_MAX_MS);
+    setTimeout(() => this.role === 'STANDBY' && this.connected && !this.sub && this.follow(), delay).unref();
   }
 
   private async applyEvent(ev: SubscribeEvent): Promise<void> {

@@ -1,0 +1,130 @@
+/**
+ * A bulk snapshot that cannot be loaded (its connection to the agent's bulk socket breaks): a
+ * standby subscribes again and ends up holding everything; an active recovering its tables does
+ * not start writing on a partial table. Real agent, real SDK clients, real sockets; the break is
+ * a TCP relay in front of the bulk socket that drops the first connection it accepts, as a
+ * guest's relay does when it restarts.
+ */
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { CheckpointClient, CheckpointClientOptions } from '../../agent/sdk/checkpoint-client';
+import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
+import { until } from '../../harness/wait';
+
+/** A loopback TCP relay to `upPath` (a unix socket) that drops its first `drop` connections at once. */
+async function droppingRelay(upPath: string, drop: number): Promise<{ address: string; accepted: () => number; close(): void }> {
+  const sockets = new Set<net.Socket>();
+  let accepted = 0;
+  const server = net.createServer((down) => {
+    accepted++;
+    if (accepted <= drop) return down.destroy();
+    const up = net.connect(upPath);
+    for (const [a, b] of [
+      [down, up],
+      [up, down],
+    ]) {
+      sockets.add(a);
+      a.pipe(b);
+      a.on('error', () => b.destroy());
+      a.on('close', () => (sockets.delete(a), b.destroy()));
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    address: `127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    accepted: () => accepted,
+    close: () => {
+      server.close();
+      for (const s of sockets) s.destroy();
+    },
+  };
+}
+
+/** A client of process 'bgp' (one SYNC table 'rib'); `channels: 'grpc'` so the bulk socket carries only snapshots. */
+function client(agent: AgentHandle, instance: 'vm1' | 'vm2', role: 'ACTIVE' | 'STANDBY', extra: Partial<CheckpointClientOptions> = {}): CheckpointClient {
+  return new CheckpointClient({
+    address: agent.socket,
+    process: 'bgp',
+    instanceId: `bgp@${instance}`,
+    vmId: instance,
+    role,
+    softwareVersion: '1.0.0',
+    schema: 1,
+    tables: [{ name: 'rib', durability: 'SYNC' }],
+    channels: 'grpc',
+    ...extra,
+  });
+}
+
+async function writeBatches(c: CheckpointClient, from: number, to: number): Promise<void> {
+  for (let i = from; i <= to; i++) {
+    const b = c.batch('rib');
+    for (let j = 0; j < 10; j++) b.put(`10.${i}.${j}.0/24`, Buffer.from(`nh-${i}-${j}`));
+    assert.equal(await b.commit(), i);
+  }
+}
+
+describe('checkpoint: a bulk snapshot whose connection breaks', function () {
+  this.timeout(60_000);
+  const open: CheckpointClient[] = [];
+  const relays: { close(): void }[] = [];
+
+  afterEach(async () => {
+    for (const c of open.splice(0)) await c.close();
+    for (const r of relays.splice(0)) r.close();
+    await stopAllAgents();
+  });
+
+  it('a standby subscribes again and then holds every change', async () => {
+    const agent = await startAgent();
+    const relay = await droppingRelay(`${agent.socket}.bulk`, 1);
+    relays.push(relay);
+    const a = client(agent, 'vm1', 'ACTIVE');
+    open.push(a);
+    await a.start();
+    // Records in the table before the standby comes: it starts from a bulk snapshot.
+    await writeBatches(a, 1, 3);
+    const b = client(agent, 'vm2', 'STANDBY', { bulkAddress: relay.address });
+    open.push(b);
+    const errors: Error[] = [];
+    b.on('error', (e: Error) => errors.push(e));
+    await b.start();
+    await until('the standby loaded the snapshot on a second subscription', () => b.table('rib').seq === 3);
+    assert.equal(relay.accepted(), 2, 'one snapshot connection dropped, one served');
+    assert.equal(errors.length, 1, `one error reported: ${errors.map((e) => e.message).join('; ')}`);
+    assert.match(errors[0].message, /bulk snapshot/);
+    // It follows: later changes reach it, and it holds what the active holds.
+    await writeBatches(a, 4, 5);
+    await until('the standby applied the later changes', () => b.table('rib').seq === 5);
+    assert.deepEqual(b.digest('rib'), a.digest('rib'));
+    assert.equal(b.table('rib').records.size, 50);
+  });
+
+  it('an active recovering its table fails to start instead of writing on a partial table', async () => {
+    const agent = await startAgent();
+    const relay = await droppingRelay(`${agent.socket}.bulk`, 1);
+    relays.push(relay);
+    const first = client(agent, 'vm1', 'ACTIVE');
+    await first.start();
+    await writeBatches(first, 1, 3);
+    const digest = first.digest('rib');
+    await first.close();
+
+    // The same instance comes back with nothing (a restarted process): it must recover the table
+    // from the agent before writing, and that snapshot's connection breaks.
+    const again = client(agent, 'vm1', 'ACTIVE', { bulkAddress: relay.address });
+    open.push(again);
+    await assert.rejects(again.start(), /bulk snapshot/);
+    assert.equal(relay.accepted(), 1);
+    await again.close();
+    open.splice(open.indexOf(again), 1);
+
+    // Nothing acknowledged was lost: the next start recovers the whole table and writes on.
+    const third = client(agent, 'vm1', 'ACTIVE', { bulkAddress: relay.address });
+    open.push(third);
+    await third.start();
+    assert.equal(third.table('rib').seq, 3);
+    assert.deepEqual(third.digest('rib'), digest);
+    await writeBatches(third, 4, 4);
+  });
+});
