@@ -50,10 +50,15 @@ export function removeTempDirs(): void {
 }
 
 // A run that ends without its cleanup (an uncaught error, EPIPE on stdout when the reader went,
-// a signal: harness/interrupt-cleanup.ts exits after ending the agents) must not leave agents or
-// their directories behind. Both steps are synchronous, so they can happen on 'exit'.
+// a signal: harness/interrupt-cleanup.ts exits after ending the agents) must not leave agents,
+// their guests or their directories behind. Every step is synchronous, so it can run on 'exit'.
 process.on('exit', () => {
-  for (const h of running) h.proc.kill('SIGKILL');
+  const reaper = new QemuReaper();
+  for (const h of running) {
+    h.proc.kill('SIGKILL');
+    reaper.trackStateDir(h.stateDir);
+  }
+  reaper.reap();
   try {
     removeTempDirs();
   } catch {
