@@ -29,6 +29,17 @@ export interface AgentHandle {
 const running = new Set<AgentHandle>();
 export const AGENT_MAIN = path.resolve(__dirname, '../agent/main.js');
 
+/**
+ * The Node flags hitlessd runs with: those on its first line (`#!/usr/bin/env -S node FLAGS`),
+ * which scripts/install.sh's wrapper uses too. An agent started here runs as it does installed.
+ */
+export function agentNodeFlags(main = AGENT_MAIN): string[] {
+  const first = fs.readFileSync(main, 'utf8').split('\n', 1)[0];
+  const m = /^#!\/usr\/bin\/env -S node((?: +-[^ ]+)*) *$/.exec(first);
+  if (!m) throw new Error(`${main} does not start with '#!/usr/bin/env -S node FLAGS' (found '${first}')`);
+  return m[1].split(' ').filter(Boolean);
+}
+
 /** Directories tempDir() made and removeTempDirs() has not removed yet. */
 const madeDirs = new Set<string>();
 
@@ -70,6 +81,7 @@ export async function startAgent(opts: { stateDir?: string; tcp?: boolean; args?
   const stateDir = opts.stateDir ?? tempDir('agent');
   const socket = path.join(stateDir, 'agent.sock');
   const args = [
+    ...agentNodeFlags(),
     ...(opts.nodeArgs ?? []),
     AGENT_MAIN,
     '--state-dir',

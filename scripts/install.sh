@@ -56,11 +56,13 @@ mkdir -p "$prefix/node_modules" && cp -a node_modules/. "$prefix/node_modules/"
 node=$(command -v node)
 for cmd in hitlessd:agent/main.js issu:agent/cli/issu.js; do
   name=${cmd%%:*} file=${cmd#*:}
+  # The Node flags on the program's first line (#!/usr/bin/env -S node FLAGS), as when run directly.
+  flags=$(sed -n '1s|^#!/usr/bin/env -S node||p' "dist/$file")
   cat > "$bindir/$name" <<WRAPPER
 #!/bin/sh
 # Installed by hitless scripts/install.sh.
 export HITLESS_GRPC_SOCKET="\${HITLESS_GRPC_SOCKET:-/run/hitless/agent.sock}"
-exec $node $prefix/dist/$file "\$@"
+exec $node$flags $prefix/dist/$file "\$@"
 WRAPPER
   chmod 0755 "$bindir/$name"
 done

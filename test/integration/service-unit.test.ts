@@ -10,7 +10,7 @@ import { ChildProcess, execFile, execFileSync, spawn } from 'node:child_process'
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { tempDir } from '../../harness/agent-process';
+import { agentNodeFlags, tempDir } from '../../harness/agent-process';
 
 const run = promisify(execFile);
 const REPO = path.resolve(__dirname, '../../..');
@@ -96,6 +96,11 @@ describe('running as a service: install script and systemd unit', function () {
     const { stdout } = await waiting;
     assert.match(stdout, /The agent at unix:.*agent\.sock answers/);
     assert.equal(fs.statSync(`${runDir}/agent.sock`).mode & 0o777, 0o660);
+    // The installed agent runs with the Node flags on hitlessd's first line, as the tests' agents do.
+    const argv = fs.readFileSync(`/proc/${agent.pid}/cmdline`, 'utf8').split('\0');
+    const flags = agentNodeFlags();
+    assert.ok(flags.length > 0, 'hitlessd names its Node flags on its first line');
+    for (const f of flags) assert.ok(argv.includes(f), `installed hitlessd runs with ${f}: ${argv.join(' ')}`);
 
     // The installed issu finds the agent through HITLESS_GRPC_SOCKET (its default otherwise is
     // the unit's /run/hitless/agent.sock).
