@@ -105,10 +105,12 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
     const relay = await droppingRelay(`${agent.socket}.bulk`, 1);
     relays.push(relay);
     const first = client(agent, 'vm1', 'ACTIVE');
+    open.push(first);
     await first.start();
     await writeBatches(first, 1, 3);
     const digest = first.digest('rib');
     await first.close();
+    open.splice(open.indexOf(first), 1);
 
     // The same instance comes back with nothing (a restarted process): it must recover the table
     // from the agent before writing, and that snapshot's connection breaks.
