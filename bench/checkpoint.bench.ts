@@ -28,7 +28,7 @@ import { ChildProcess, execFile, fork } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { removeTempDirs, scrapeMetrics, startAgent } from '../harness/agent-process';
+import { keepTempDir, removeTempDirs, scrapeMetrics, startAgent } from '../harness/agent-process';
 import { generateRib } from '../examples/bgp-rib/rib-generator';
 import { measureRedisReplicaFullSync } from './peers/redis-replica';
 import { measureRedisWait } from './peers/redis-wait';
@@ -349,8 +349,11 @@ async function main(): Promise<void> {
     // BENCH_AGENT_LOG=FILE keeps the agent's whole log (with BENCH_DEBUG: debug level) for diagnosis.
     if (process.env.BENCH_AGENT_LOG) fs.writeFileSync(process.env.BENCH_AGENT_LOG, agent.stderr() + agent.stdout());
     // The agent's state directory (its database holds the whole table) unless asked to keep it.
-    if (!process.env.BENCH_KEEP_STATE) removeTempDirs();
-    else process.stderr.write(`agent state kept in ${agent.stateDir}\n`);
+    if (process.env.BENCH_KEEP_STATE) {
+      keepTempDir(agent.stateDir);
+      process.stderr.write(`agent state kept in ${agent.stateDir}\n`);
+    }
+    removeTempDirs();
   }
 }
 

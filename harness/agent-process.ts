@@ -29,15 +29,19 @@ export interface AgentHandle {
 const running = new Set<AgentHandle>();
 export const AGENT_MAIN = path.resolve(__dirname, '../agent/main.js');
 
+let nodeFlags: string[] | null = null;
+
 /**
  * The Node flags hitlessd runs with: those on its first line (`#!/usr/bin/env -S node FLAGS`),
  * which scripts/install.sh's wrapper uses too. An agent started here runs as it does installed.
+ * Read once per process.
  */
-export function agentNodeFlags(main = AGENT_MAIN): string[] {
-  const first = fs.readFileSync(main, 'utf8').split('\n', 1)[0];
+export function agentNodeFlags(): string[] {
+  if (nodeFlags) return nodeFlags;
+  const first = fs.readFileSync(AGENT_MAIN, 'utf8').split('\n', 1)[0];
   const m = /^#!\/usr\/bin\/env -S node((?: +-[^ ]+)*) *$/.exec(first);
-  if (!m) throw new Error(`${main} does not start with '#!/usr/bin/env -S node FLAGS' (found '${first}')`);
-  return m[1].split(' ').filter(Boolean);
+  if (!m) throw new Error(`${AGENT_MAIN} does not start with '#!/usr/bin/env -S node FLAGS' (found '${first}')`);
+  return (nodeFlags = m[1].split(' ').filter(Boolean));
 }
 
 /** Directories tempDir() made and removeTempDirs() has not removed yet. */
@@ -58,6 +62,11 @@ export function tempDir(prefix: string): string {
 export function removeTempDirs(): void {
   for (const dir of madeDirs) fs.rmSync(dir, { recursive: true, force: true });
   madeDirs.clear();
+}
+
+/** Leaves `dir` (made by tempDir()) in place when the others are removed: to be looked at after the run. */
+export function keepTempDir(dir: string): void {
+  madeDirs.delete(dir);
 }
 
 // A run that ends without its cleanup (an uncaught error, EPIPE on stdout when the reader went,

@@ -832,25 +832,12 @@ export class CheckpointClient extends EventEmitter {
       this.queuedEvents++;
       if (this.queuedEvents > 2048) call.pause();
       this.eventChain = this.eventChain.then(async () => {
-        if (!failed) {
-          try {
-            await this.applyEvent(ev);
-            if (ev.caughtUp && this.sub === call) this.followRetryMs = FOLLOW_RETRY_MIN_MS;
-          } catch (e) {
-            failed = true;
-            const following = this.sub === call;
-            this.log.error(
-              { err: (e as Error).message, retryMs: following ? this.followRetryMs : undefined },
-              following ? 'applying a subscription event failed; subscribing again from what this instance holds' : 'applying a subscription event failed',
-            );
-            finished(e as Error);
-            call.cancel();
-            // A recovery's failure is its caller's to report (registration fails with it).
-            if (following) {
-              this.followAgain();
-              this.emit('error', e);
-            }
-          }
+        try {
+          if (!failed) await this.applyEvent(ev);
+          if (ev.caughtUp && this.sub === call) this.followRetryMs = FOLLOW_RETRY_MIN_MS;
+        } catch (e) {
+          failed = true;
+          this.eventFailed(call, e as Error, finished);
         }
         if (--this.queuedEvents < 512 && call.isPaused()) call.resume();
         if (ev.caughtUp) finished(null);
@@ -867,6 +854,23 @@ export class CheckpointClient extends EventEmitter {
       }
     });
     call.on('end', () => void this.eventChain.then(() => finished(null)));
+  }
+
+  /**
+   * An event of `call` could not be applied: the call ends, a recovery fails with the error (its
+   * caller reports it: registration fails), a follower reports it and subscribes again.
+   */
+  private eventFailed(call: SubscribeCall, e: Error, finished: (err: Error | null) => void): void {
+    const following = this.sub === call;
+    this.log.error(
+      { err: e.message, retryMs: following ? this.followRetryMs : undefined },
+      following ? 'applying a subscription event failed; subscribing again from what this instance holds' : 'applying a subscription event failed',
+    );
+    finished(e);
+    call.cancel();
+    if (!following) return;
+    this.followAgain();
+    this.emit('error', e);
   }
 
   /** Stops following the current subscription and follows again after the retry delay (which then doubles). */

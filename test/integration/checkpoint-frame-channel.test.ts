@@ -18,6 +18,7 @@ import { SubscribeEvent } from '../../agent/checkpoint/messages';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import { AgentHandle, scrapeMetrics, startAgent, stopAllAgents } from '../../harness/agent-process';
 import { AnyClient, expectStatus, rawClient, registerRaw, registration, unaryCall } from '../../harness/grpc-client';
+import { tcpRelay } from '../../harness/tcp-relay';
 import { until } from '../../harness/wait';
 
 const WRITE = 1;
@@ -76,40 +77,6 @@ function activeAndStandby(conn: { address: string; bulkAddress?: string }, durab
     new CheckpointClient({ ...opts, instanceId: 'bgp@vm1', vmId: 'vm1', role: 'ACTIVE' }),
     new CheckpointClient({ ...opts, instanceId: 'bgp@vm2', vmId: 'vm2', role: 'STANDBY' }),
   ];
-}
-
-/**
- * A TCP listener on loopback relaying each connection, both ways, to the socket `connectUp` makes
- * (a guest's QEMU/socat relay, a port forward). `sockets`: both ends of every relayed connection;
- * `clientSides`: the ends facing the clients. close() stops it and drops every connection.
- */
-async function tcpRelay(connectUp: () => net.Socket): Promise<{ address: string; sockets: Set<net.Socket>; clientSides: Set<net.Socket>; close(): void }> {
-  const sockets = new Set<net.Socket>();
-  const clientSides = new Set<net.Socket>();
-  const server = net.createServer((down) => {
-    clientSides.add(down);
-    down.on('close', () => clientSides.delete(down));
-    const up = connectUp();
-    for (const [a, b] of [
-      [down, up],
-      [up, down],
-    ]) {
-      sockets.add(a);
-      a.pipe(b);
-      a.on('error', () => b.destroy());
-      a.on('close', () => (sockets.delete(a), b.destroy()));
-    }
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    address: `127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    sockets,
-    clientSides,
-    close: () => {
-      server.close();
-      for (const s of sockets) s.destroy();
-    },
-  };
 }
 
 /** One redeemed channel: frames received in order, and whether the agent closed it. */

@@ -9,36 +9,8 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { CheckpointClient, CheckpointClientOptions } from '../../agent/sdk/checkpoint-client';
 import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
+import { TcpRelay, tcpRelay } from '../../harness/tcp-relay';
 import { until } from '../../harness/wait';
-
-/** A loopback TCP relay to `upPath` (a unix socket) that drops its first `drop` connections at once. */
-async function droppingRelay(upPath: string, drop: number): Promise<{ address: string; accepted: () => number; close(): void }> {
-  const sockets = new Set<net.Socket>();
-  let accepted = 0;
-  const server = net.createServer((down) => {
-    accepted++;
-    if (accepted <= drop) return down.destroy();
-    const up = net.connect(upPath);
-    for (const [a, b] of [
-      [down, up],
-      [up, down],
-    ]) {
-      sockets.add(a);
-      a.pipe(b);
-      a.on('error', () => b.destroy());
-      a.on('close', () => (sockets.delete(a), b.destroy()));
-    }
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    address: `127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    accepted: () => accepted,
-    close: () => {
-      server.close();
-      for (const s of sockets) s.destroy();
-    },
-  };
-}
 
 /** A client of process 'bgp' (one SYNC table 'rib'); `channels: 'grpc'` so the bulk socket carries only snapshots. */
 function client(agent: AgentHandle, instance: 'vm1' | 'vm2', role: 'ACTIVE' | 'STANDBY', extra: Partial<CheckpointClientOptions> = {}): CheckpointClient {
@@ -67,7 +39,7 @@ async function writeBatches(c: CheckpointClient, from: number, to: number): Prom
 describe('checkpoint: a bulk snapshot whose connection breaks', function () {
   this.timeout(60_000);
   const open: CheckpointClient[] = [];
-  const relays: { close(): void }[] = [];
+  const relays: TcpRelay[] = [];
 
   afterEach(async () => {
     for (const c of open.splice(0)) await c.close();
@@ -75,10 +47,16 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
     await stopAllAgents();
   });
 
-  it('a standby subscribes again and then holds every change', async () => {
+  /** An agent, and a relay to its bulk socket that drops the first connection. */
+  async function agentAndBreakingRelay(): Promise<[AgentHandle, TcpRelay]> {
     const agent = await startAgent();
-    const relay = await droppingRelay(`${agent.socket}.bulk`, 1);
+    const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { drop: 1 });
     relays.push(relay);
+    return [agent, relay];
+  }
+
+  it('a standby subscribes again and then holds every change', async () => {
+    const [agent, relay] = await agentAndBreakingRelay();
     const a = client(agent, 'vm1', 'ACTIVE');
     open.push(a);
     await a.start();
@@ -101,9 +79,7 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
   });
 
   it('an active recovering its table fails to start instead of writing on a partial table', async () => {
-    const agent = await startAgent();
-    const relay = await droppingRelay(`${agent.socket}.bulk`, 1);
-    relays.push(relay);
+    const [agent, relay] = await agentAndBreakingRelay();
     const first = client(agent, 'vm1', 'ACTIVE');
     open.push(first);
     await first.start();

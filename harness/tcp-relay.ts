@@ -1,0 +1,51 @@
+/**
+ * A TCP listener on loopback relaying each connection, both ways, to the socket `connectUp`
+ * makes: a guest's QEMU/socat relay, a port forward, in tests. `drop`: that many first
+ * connections are closed as soon as they are accepted (a relay that restarts).
+ */
+import net from 'node:net';
+
+export interface TcpRelay {
+  /** host:port to connect to. */
+  address: string;
+  /** Both ends of every relayed connection. */
+  sockets: Set<net.Socket>;
+  /** The ends facing the clients. */
+  clientSides: Set<net.Socket>;
+  /** Connections accepted so far, dropped ones included. */
+  accepted(): number;
+  /** Stops listening and drops every connection. */
+  close(): void;
+}
+
+export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: number } = {}): Promise<TcpRelay> {
+  const sockets = new Set<net.Socket>();
+  const clientSides = new Set<net.Socket>();
+  let accepted = 0;
+  const server = net.createServer((down) => {
+    if (++accepted <= (opts.drop ?? 0)) return down.destroy();
+    clientSides.add(down);
+    down.on('close', () => clientSides.delete(down));
+    const up = connectUp();
+    for (const [a, b] of [
+      [down, up],
+      [up, down],
+    ]) {
+      sockets.add(a);
+      a.pipe(b);
+      a.on('error', () => b.destroy());
+      a.on('close', () => (sockets.delete(a), b.destroy()));
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    address: `127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    sockets,
+    clientSides,
+    accepted: () => accepted,
+    close: () => {
+      server.close();
+      for (const s of sockets) s.destroy();
+    },
+  };
+}
