@@ -14,6 +14,9 @@ export interface TcpRelay {
   clientSides: Set<net.Socket>;
   /** Connections accepted so far, dropped ones included. */
   accepted(): number;
+  /** A partition: drops every connection, and closes new ones as soon as they are accepted, until heal(). */
+  cut(): void;
+  heal(): void;
   /** Stops listening and drops every connection. */
   close(): void;
 }
@@ -22,8 +25,9 @@ export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: numbe
   const sockets = new Set<net.Socket>();
   const clientSides = new Set<net.Socket>();
   let accepted = 0;
+  let isCut = false;
   const server = net.createServer((down) => {
-    if (++accepted <= (opts.drop ?? 0)) return down.destroy();
+    if (++accepted <= (opts.drop ?? 0) || isCut) return down.destroy();
     clientSides.add(down);
     down.on('close', () => clientSides.delete(down));
     const up = connectUp();
@@ -43,6 +47,13 @@ export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: numbe
     sockets,
     clientSides,
     accepted: () => accepted,
+    cut: () => {
+      isCut = true;
+      for (const s of sockets) s.destroy();
+    },
+    heal: () => {
+      isCut = false;
+    },
     close: () => {
       server.close();
       for (const s of sockets) s.destroy();

@@ -280,7 +280,9 @@ export class Subscription {
         for (const [table, c] of this.cursors) {
           if (this.blocked || this.closed) break;
           const seq = this.limitOf(table);
-          if (c.sent >= seq || this.mode === 'RECOVER') continue;
+          // RECOVER reads the log too: an active that is behind (another instance wrote while it
+          // was cut off) gets the batches after what it holds, as a follower would.
+          if (c.sent >= seq) continue;
           const batches = this.host.readLog(table, c.sent, Math.min(64, seq - c.sent));
           if (batches === null || batches.length === 0 || batches[0].seq !== c.sent + 1) {
             this.snapshot(table); // the log no longer reaches back: start over from a snapshot

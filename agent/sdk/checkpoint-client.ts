@@ -63,6 +63,14 @@ const WRITE_RETRY_MAX_MS = 2_000;
 const FOLLOW_RETRY_MIN_MS = 200;
 const FOLLOW_RETRY_MAX_MS = 30_000;
 /**
+ * A running instance whose start after a new registration failed (an active that must reload
+ * its tables, and the snapshot could not be loaded) registers again after this, doubling while
+ * it keeps failing, up to the max; reset once a start succeeded. Not while start() is pending:
+ * that failure goes to its caller.
+ */
+const RESTART_RETRY_MIN_MS = 200;
+const RESTART_RETRY_MAX_MS = 30_000;
+/**
  * Largest packed batch the client sends: the gRPC limit on both ends is 8 MiB per message. A
  * larger one would be refused by gRPC itself with RESOURCE_EXHAUSTED, which here means "retry
  * later", so it is refused before it touches the local table.
@@ -259,6 +267,7 @@ export class CheckpointClient extends EventEmitter {
   private ackScheduled = false;
   private queuedEvents = 0;
   private followRetryMs = FOLLOW_RETRY_MIN_MS;
+  private restartRetryMs = RESTART_RETRY_MIN_MS;
 
   constructor(readonly opts: CheckpointClientOptions) {
     super();
@@ -439,14 +448,31 @@ export class CheckpointClient extends EventEmitter {
       } else {
         this.follow();
       }
+      this.restartRetryMs = RESTART_RETRY_MIN_MS;
       if (!this.ready) this.settleReady(null);
       this.emit('role', this.role);
     } catch (e) {
       if (e instanceof CheckpointError && e.code === grpc.status.UNAVAILABLE) return this.restartSession(e.message);
-      this.log.error({ err: (e as Error).message }, 'start after registration failed');
-      if (!this.ready) this.settleReady(e as Error);
-      else this.emit('error', e);
+      this.log.error({ err: (e as Error).message, retryMs: this.ready ? this.restartRetryMs : undefined }, 'start after registration failed');
+      if (!this.ready) return this.settleReady(e as Error);
+      this.emit('error', e);
+      this.registerAgainLater();
     }
+  }
+
+  /**
+   * A running instance could not start in the role it registered for: it must not stay
+   * registered without writing (an active's commits would wait for a write stream that never
+   * opens) or following. Its session ends, and it registers again after the retry delay, which
+   * doubles while it keeps failing.
+   */
+  private registerAgainLater(): void {
+    const s = this.session;
+    if (!s) return;
+    this.backoffMs = this.restartRetryMs; // onSessionLost waits this long before registering
+    this.restartRetryMs = Math.min(this.restartRetryMs * 2, RESTART_RETRY_MAX_MS);
+    this.onSessionLost(null);
+    s.cancel();
   }
 
   // ------------------------------------------------------------------ active side

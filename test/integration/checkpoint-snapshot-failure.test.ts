@@ -1,19 +1,27 @@
 /**
  * A bulk snapshot that cannot be loaded (its connection to the agent's bulk socket breaks): a
  * standby subscribes again and ends up holding everything; an active recovering its tables does
- * not start writing on a partial table. Real agent, real SDK clients, real sockets; the break is
- * a TCP relay in front of the bulk socket that drops the first connection it accepts, as a
- * guest's relay does when it restarts.
+ * not start writing on a partial table; a running active that is behind the agent (another
+ * instance wrote while it was cut off) reloads what it lacks, and registers again until it can. Real agent, real SDK clients, real sockets; the break is a TCP relay in
+ * front of the bulk socket that drops the first connection it accepts, as a guest's relay does
+ * when it restarts.
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { CheckpointClient, CheckpointClientOptions } from '../../agent/sdk/checkpoint-client';
+import type { StatusResponse } from '../../agent/checkpoint/messages';
 import { AgentHandle, startAgent, stopAllAgents } from '../../harness/agent-process';
+import { rawClient, unaryCall } from '../../harness/grpc-client';
 import { TcpRelay, tcpRelay } from '../../harness/tcp-relay';
 import { until } from '../../harness/wait';
 
 /** A client of process 'bgp' (one SYNC table 'rib'); `channels: 'grpc'` so the bulk socket carries only snapshots. */
-function client(agent: AgentHandle, instance: 'vm1' | 'vm2', role: 'ACTIVE' | 'STANDBY', extra: Partial<CheckpointClientOptions> = {}): CheckpointClient {
+function client(
+  agent: AgentHandle,
+  instance: 'vm1' | 'vm2' | 'vm3',
+  role: 'ACTIVE' | 'STANDBY',
+  extra: Partial<CheckpointClientOptions> = {},
+): CheckpointClient {
   return new CheckpointClient({
     address: agent.socket,
     process: 'bgp',
@@ -104,5 +112,72 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
     assert.equal(third.table('rib').seq, 3);
     assert.deepEqual(third.digest('rib'), digest);
     await writeBatches(third, 4, 4);
+  });
+
+  /**
+   * An active reaching the agent through a relay that can be cut (a partition of its VM), and a
+   * bulk socket relay that drops its first connection.
+   */
+  async function activeBehindRelays(): Promise<{ agent: AgentHandle; first: CheckpointClient; link: TcpRelay; bulkRelay: TcpRelay; errors: Error[] }> {
+    const [agent, bulkRelay] = await agentAndBreakingRelay();
+    const link = await tcpRelay(() => net.connect(agent.socket));
+    relays.push(link);
+    const first = client(agent, 'vm1', 'ACTIVE', { address: link.address, bulkAddress: bulkRelay.address });
+    open.push(first);
+    const errors: Error[] = [];
+    first.on('error', (e: Error) => errors.push(e));
+    await first.start();
+    return { agent, first, link, bulkRelay, errors };
+  }
+
+  /**
+   * Cuts `link`: the agent ends the session behind it, and another instance takes the active role
+   * and writes batches `from`..`to`. The instance cut off, still running, is then behind the agent.
+   * Returns the table's digest as the other instance left it.
+   */
+  async function writeWhileCutOff(agent: AgentHandle, link: TcpRelay, from: number, to: number): Promise<ReturnType<CheckpointClient['digest']>> {
+    link.cut();
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    try {
+      const peers = async () => (await unaryCall<StatusResponse>(c, 'Status', { process: 'bgp' })).processes[0]?.peers ?? [];
+      await until('the agent ended the session of the instance cut off', async () => (await peers()).every((p) => p.instanceId !== 'bgp@vm1'));
+    } finally {
+      c.close();
+    }
+    const other = client(agent, 'vm3', 'ACTIVE');
+    open.push(other);
+    await other.start();
+    await writeBatches(other, from, to);
+    const digest = other.digest('rib');
+    await other.close();
+    open.splice(open.indexOf(other), 1);
+    return digest;
+  }
+
+  it('a running active that is behind loads the batches it lacks from the log before it writes again', async () => {
+    const { agent, first, link, bulkRelay, errors } = await activeBehindRelays();
+    await writeBatches(first, 1, 3);
+    const digest = await writeWhileCutOff(agent, link, 4, 5);
+    link.heal();
+    await until('the first active loaded batches 4 and 5', () => first.table('rib').seq === 5);
+    assert.deepEqual(first.digest('rib'), digest);
+    assert.equal(bulkRelay.accepted(), 0, 'from the log: no snapshot');
+    await writeBatches(first, 6, 7);
+    assert.equal(first.table('rib').records.size, 70);
+    assert.deepEqual(errors, []);
+  });
+
+  it('a running active that must reload its table, and cannot, registers again until it can', async () => {
+    // It holds nothing of the table, so it reloads it from a bulk snapshot, whose first connection breaks.
+    const { agent, first, link, bulkRelay, errors } = await activeBehindRelays();
+    const digest = await writeWhileCutOff(agent, link, 1, 2);
+    link.heal();
+    await until('the first active loaded the table on a second registration', () => first.table('rib').seq === 2);
+    assert.deepEqual(first.digest('rib'), digest);
+    assert.equal(bulkRelay.accepted(), 2, 'one snapshot connection dropped, one served');
+    assert.equal(errors.length, 1, `one error reported: ${errors.map((e) => e.message).join('; ')}`);
+    assert.match(errors[0].message, /bulk snapshot/);
+    await writeBatches(first, 3, 4);
+    assert.equal(first.table('rib').records.size, 40);
   });
 });
