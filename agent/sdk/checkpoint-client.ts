@@ -440,8 +440,8 @@ export class CheckpointClient extends EventEmitter {
     this.emit('registered', r);
     try {
       if (r.role === 'ACTIVE') {
-        const behind = Object.entries(r.tableSeqs).some(([t, s]) => s > this.table(t).seq);
-        if (behind) await this.recover();
+        const behind = Object.entries(r.tableSeqs).filter(([t, s]) => s > this.table(t).seq);
+        if (behind.length) await this.recover(this.supersededBy(Object.fromEntries(behind)));
         this.openWriteStream(r.tableSeqs);
       } else if (wasActive) {
         this.rejoinAsStandby();
@@ -822,10 +822,41 @@ export class CheckpointClient extends EventEmitter {
     setImmediate(() => this.prepareSpareWriteStream());
   }
 
-  /** Reloads every table from the agent (a restarted active). */
-  private recover(): Promise<void> {
+  /**
+   * The agent holds more of these tables (name -> its sequence) than this instance, which wrote
+   * everything it holds: another instance wrote them while this one was cut off. Batches of them
+   * still in the outbox may have been stored or may have been overtaken, and the local table holds
+   * them either way, so they are rejected (write the change again) and those tables are reloaded
+   * whole. Returns what to recover from: per table, what this instance holds that the agent has.
+   */
+  private supersededBy(agentSeqs: Record<string, number>): Record<string, number> {
+    const have = this.localSeqs();
+    const kept: OutboxEntry[] = [];
+    for (const e of this.outbox.splice(0)) {
+      const t = e.req.table;
+      if (!(t in agentSeqs)) {
+        kept.push(e);
+        continue;
+      }
+      have[t] = 0;
+      e.reject(
+        new CheckpointError(
+          grpc.status.ABORTED,
+          `another instance wrote table '${t}' (to batch ${agentSeqs[t]}) while this one was cut off from the agent; batch ${e.req.seq} was not acknowledged and may be lost: write the change again`,
+        ),
+      );
+    }
+    this.outbox.push(...kept);
+    // A restarted instance holds nothing yet: it is behind, not superseded.
+    const held = Object.keys(agentSeqs).filter((t) => this.table(t).seq > 0);
+    if (held.length) this.log.warn({ tables: held, agentSeqs }, 'another instance wrote while this one was cut off; loading what it wrote');
+    return have;
+  }
+
+  /** Reloads the tables from the agent, after what `have` says this instance holds (a restarted or superseded active). */
+  private recover(have: Record<string, number> = this.localSeqs()): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      const req: SubscribeRequest = { sessionId: this.sessionId, have: this.localSeqs(), mode: 'RECOVER' };
+      const req: SubscribeRequest = { sessionId: this.sessionId, have, mode: 'RECOVER' };
       const call: SubscribeCall = this.channels.frames
         ? new FrameSubscribeCall(this.channels, req, () => ({ call: this.grpcSubscribe(req), acks: { write: () => undefined, end: () => undefined } }))
         : this.grpcSubscribe(req);
@@ -947,6 +978,9 @@ export class CheckpointClient extends EventEmitter {
   private loadSnapshot(ticket: BulkTicket): Promise<void> {
     const t = this.table(ticket.table);
     t.records.clear();
+    // The table holds nothing now: if the load fails, the next subscription must not resume from
+    // the sequence it had (it would apply later batches to an empty table).
+    t.seq = 0;
     t.records.presize(ticket.records);
     return new Promise<void>((resolve, reject) => {
       let sock: net.Socket;

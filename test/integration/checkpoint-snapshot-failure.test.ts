@@ -180,4 +180,27 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
     await writeBatches(first, 3, 4);
     assert.equal(first.table('rib').records.size, 40);
   });
+  it('a running active that another instance overtook while it was cut off rejects what it wrote meanwhile and reloads the table', async () => {
+    const { agent, first, link, bulkRelay, errors } = await activeBehindRelays();
+    await writeBatches(first, 1, 3);
+    // Cut off, it goes on writing: batch 4 of its own, which the agent never receives.
+    link.cut();
+    const b = first.batch('rib');
+    b.put('10.99.0.0/24', Buffer.from('written while cut off'));
+    const cutOffWrite = b.commit();
+    cutOffWrite.catch(() => undefined); // asserted below
+    const digest = await writeWhileCutOff(agent, link, 4, 5);
+    link.heal();
+    // The agent's batch 4 is the other instance's: this one's is rejected, not acknowledged as 4.
+    await assert.rejects(cutOffWrite, /another instance wrote table 'rib' \(to batch 5\) while this one was cut off .*write the change again/);
+    // It reloads the whole table (it held a batch the agent does not have); the first snapshot
+    // connection breaks, and the reload after registering again must not resume from batch 4.
+    await until('the first active reloaded the table', () => first.table('rib').seq === 5);
+    assert.deepEqual(first.digest('rib'), digest);
+    assert.equal(first.table('rib').get('10.99.0.0/24'), undefined);
+    assert.equal(bulkRelay.accepted(), 2, 'one snapshot connection dropped, one served');
+    assert.equal(errors.length, 1, `one error reported: ${errors.map((e) => e.message).join('; ')}`);
+    await writeBatches(first, 6, 7);
+    assert.equal(first.table('rib').records.size, 70);
+  });
 });
