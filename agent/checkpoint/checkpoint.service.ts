@@ -111,6 +111,7 @@ export class CheckpointService {
         }
       }
       replica.accepted = replica.seq;
+      replica.lastWriter = replica.handedWriter = t.lastWriter;
       replica.table.forEach((_k, schema) => replica.schemas.add(schema));
       g.tables.set(t.name, { replica, durability: durabilityName(t.durability), kind: kindName(t.kind) });
       if (t.kind === 1) this.st.forwarding.claim(t.process, t.name, replica);

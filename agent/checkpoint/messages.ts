@@ -85,6 +85,8 @@ export interface Registered {
   tableSeqs: Record<string, number>;
   activeSchema: number;
   writeSchema: number;
+  /** Per table, the instance that wrote its last batch ('' unknown); absent from an older agent. */
+  tableWriters?: Record<string, string>;
 }
 
 export interface RoleCommand {

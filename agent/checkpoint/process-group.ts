@@ -111,6 +111,13 @@ export class ProcessGroup {
   }
 
   /** Every table's current sequence. */
+  /** Per table, the instance that wrote its last applied batch ('' when not known). */
+  tableWriters(): Record<string, string> {
+    const out: Record<string, string> = {};
+    for (const [n, t] of this.tables) out[n] = t.replica.lastWriter;
+    return out;
+  }
+
   tableSeqs(): Record<string, number> {
     const out: Record<string, number> = {};
     for (const [n, t] of this.tables) out[n] = t.replica.seq;

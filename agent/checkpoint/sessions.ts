@@ -96,6 +96,7 @@ export class Sessions {
       sessionId: session.id,
       role: session.role,
       tableSeqs: g.tableSeqs(),
+      tableWriters: g.tableWriters(),
       activeSchema: g.active ? g.active.writeSchema : 0,
       writeSchema,
     };

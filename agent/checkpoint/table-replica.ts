@@ -16,6 +16,13 @@ export class TableReplica {
   seq = 0;
   /** The last batch handed to the store: the next write must be accepted + 1. */
   accepted = 0;
+  /**
+   * The instance that wrote the last applied batch ('' when not known), and the one that wrote the
+   * last batch handed to the store: the store records a change of writer with the batch that
+   * makes it, in the same transaction (see WritePath.write).
+   */
+  lastWriter = '';
+  handedWriter = '';
   /** Schema versions of values possibly present (grows; used for compatibility checks). */
   readonly schemas = new Set<number>();
   /**

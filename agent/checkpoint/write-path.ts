@@ -111,16 +111,22 @@ export class WritePath {
     // store answers in the order batches were handed over, so they are applied in sequence.
     r.accepted = req.seq;
     const schemas = summary.schemas;
-    const applied = this.st.store.appendBatch(g.name, req.table, req.seq, req.records, req.count).then(
+    // Who wrote the table's last batch goes into the store with the first batch of a new writer.
+    const writer = s.reg.instanceId;
+    const newWriter = r.handedWriter !== writer ? writer : undefined;
+    r.handedWriter = writer;
+    const applied = this.st.store.appendBatch(g.name, req.table, req.seq, req.records, req.count, newWriter).then(
       () => {
         r.inFlight.delete(req.seq);
+        r.lastWriter = writer;
         this.applyStored(g, t, req, schemas);
       },
       (e: unknown) => {
         // Refused (a full disk): this batch and the later ones handed over are not stored, and
-        // the writer sends them again from here.
+        // the writer sends them again from here. (Batches before it were answered first.)
         r.inFlight.delete(req.seq);
         if (r.accepted >= req.seq) r.accepted = req.seq - 1;
+        r.handedWriter = r.lastWriter;
         throw e;
       },
     );

@@ -440,8 +440,8 @@ export class CheckpointClient extends EventEmitter {
     this.emit('registered', r);
     try {
       if (r.role === 'ACTIVE') {
-        const behind = Object.entries(r.tableSeqs).filter(([t, s]) => s > this.table(t).seq);
-        if (behind.length) await this.recover(this.supersededBy(Object.fromEntries(behind)));
+        const behind = this.tablesToReload(r);
+        if (Object.keys(behind).length) await this.recover(this.supersededBy(behind));
         this.openWriteStream(r.tableSeqs);
       } else if (wasActive) {
         this.rejoinAsStandby();
@@ -823,8 +823,25 @@ export class CheckpointClient extends EventEmitter {
   }
 
   /**
-   * The agent holds more of these tables (name -> its sequence) than this instance, which wrote
-   * everything it holds: another instance wrote them while this one was cut off. Batches of them
+   * Tables (name -> the agent's sequence) an active registering again must load before it writes:
+   * those the agent holds more of than this instance (it restarted, or another instance wrote
+   * while it was cut off), and those whose last batch another instance wrote at or after the first
+   * batch this one still waits to see acknowledged (overtaken: that batch is not the table's).
+   */
+  private tablesToReload(r: Registered): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const [t, seq] of Object.entries(r.tableSeqs)) {
+      const writer = r.tableWriters?.[t] ?? '';
+      const firstUnacked = this.outbox.find((e) => e.req.table === t)?.req.seq;
+      const overtaken = writer !== '' && writer !== this.opts.instanceId && firstUnacked !== undefined && seq >= firstUnacked;
+      if (seq > this.table(t).seq || overtaken) out[t] = seq;
+    }
+    return out;
+  }
+
+  /**
+   * The agent holds tables (name -> its sequence) that this instance must load (tablesToReload):
+   * another instance may have written them while this one was cut off. Batches of them
    * still in the outbox may have been stored or may have been overtaken, and the local table holds
    * them either way, so they are rejected (write the change again) and those tables are reloaded
    * whole. Returns what to recover from: per table, what this instance holds that the agent has.

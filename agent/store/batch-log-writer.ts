@@ -151,14 +151,15 @@ export class BatchLogWriter {
   }
 
   /** Stores one batch; resolves once it is committed, rejects (StoreWriteError) when it was not stored. */
-  append(process: string, table: string, seq: number, count: number, records: Buffer): Promise<void> {
+  append(process: string, table: string, seq: number, count: number, records: Buffer, writer?: string): Promise<void> {
     // A copy of exactly these bytes: `records` is usually a view into a larger buffer (the received
     // message), which posting the view would clone whole. In the ring when it has room (the thread
     // reads it in place), else a buffer of its own moved to the thread.
     const span = this.ring.stage(records);
-    if (span) return this.request({ op: 'append', process, table, seq, count, staged: [span[0], records.length] }, process, [], span).then(() => undefined);
+    if (span)
+      return this.request({ op: 'append', process, table, seq, count, writer, staged: [span[0], records.length] }, process, [], span).then(() => undefined);
     const own = new Uint8Array(records);
-    return this.request({ op: 'append', process, table, seq, count, records: own }, process, [own.buffer]).then(() => undefined);
+    return this.request({ op: 'append', process, table, seq, count, writer, records: own }, process, [own.buffer]).then(() => undefined);
   }
 
   /**

@@ -17,7 +17,8 @@ import { checkpointIfRoom } from './wal-checkpoint';
 
 export type WriterRequest =
   // An append's bytes: `records` of its own, or `staged` [offset, length] in the staging ring.
-  | { id: number; op: 'append'; process: string; table: string; seq: number; count: number; records?: Uint8Array; staged?: [number, number] }
+  // `writer`: the table's last writer becomes this instance id, with this batch.
+  | { id: number; op: 'append'; process: string; table: string; seq: number; count: number; writer?: string; records?: Uint8Array; staged?: [number, number] }
   | { id: number; op: 'beginSnapshot'; process: string; table: string }
   | { id: number; op: 'writeChunk'; process: string; table: string; gen: number; chunk: number; records: Uint8Array }
   | { id: number; op: 'commitSnapshot'; process: string; table: string; gen: number; seq: number }
@@ -55,6 +56,7 @@ db.pragma(`synchronous = ${fsync ? 'FULL' : 'OFF'}`);
 db.pragma('wal_autocheckpoint = 0');
 const q = {
   append: db.prepare('INSERT INTO ckpt_batches (process, tbl, seq, count, records) VALUES (?, ?, ?, ?, ?)'),
+  setWriter: db.prepare('UPDATE ckpt_tables SET last_writer = ? WHERE process = ? AND name = ?'),
   nextGen: db.prepare('UPDATE ckpt_tables SET next_gen = next_gen + 1 WHERE process = ? AND name = ? RETURNING next_gen - 1 AS g'),
   writeChunk: db.prepare('INSERT INTO ckpt_snapshots (process, tbl, gen, chunk, records) VALUES (?, ?, ?, ?, ?)'),
   setSnap: db.prepare('UPDATE ckpt_tables SET snap_seq = ?, snap_gen = ? WHERE process = ? AND name = ?'),
@@ -71,9 +73,15 @@ const q = {
   dropBatches: db.prepare('DELETE FROM ckpt_batches WHERE process = ? AND tbl = ? AND seq >= ? AND seq < ? AND seq <= ?'),
 };
 type Append = Extract<WriterRequest, { op: 'append' }>;
+function storeBatch(m: Append): void {
+  q.append.run(m.process, m.table, m.seq, m.count, bytesOf(m));
+  if (m.writer !== undefined) q.setWriter.run(m.writer, m.process, m.table);
+}
 const appendAll = db.transaction((group: Append[]) => {
-  for (const m of group) q.append.run(m.process, m.table, m.seq, m.count, bytesOf(m));
+  for (const m of group) storeBatch(m);
 });
+/** One batch in its own transaction: the batch and its writer change are stored together or not at all. */
+const appendOne = db.transaction(storeBatch);
 
 /** Runs one compaction request; returns its number (a generation, rows removed) or 0. */
 function run(m: Exclude<WriterRequest, Append>): number {
@@ -147,7 +155,7 @@ function appendRun(run: Append[], reply: WriterReply): void {
         continue;
       }
       try {
-        q.append.run(m.process, m.table, m.seq, m.count, bytesOf(m));
+        appendOne(m);
         reply.done.push({ id: m.id, value: 0 });
       } catch (e) {
         const err = failure(e);

@@ -26,6 +26,8 @@ export interface StoredTable {
   /** Sequence of the current snapshot generation (0 = none). */
   snapSeq: number;
   snapGen: number;
+  /** Instance id that wrote the last batch ('' when not known). */
+  lastWriter: string;
 }
 
 export interface StoredBatch {
@@ -41,8 +43,9 @@ export interface CheckpointStore {
   /**
    * Stores a batch; resolves once it is committed. Batches are stored in call order; when one is
    * refused, so are the batches of its process handed over before the refusal was seen.
+   * `writer`: the table's last writer becomes this instance id, in the batch's transaction.
    */
-  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): Promise<void>;
+  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number, writer?: string): Promise<void>;
   /** Batches with seq > after, ascending, at most `limit`. */
   readBatches(process: string, table: string, after: number, limit: number): StoredBatch[];
   /** Lowest sequence still replayable from the log: batches after it are all present. */
@@ -104,8 +107,10 @@ export class SqliteCheckpointStore implements CheckpointStore {
     // Stores written before table kinds existed: every table there is opaque (kind 0).
     const cols = db.prepare('PRAGMA table_info(ckpt_tables)').all() as { name: string }[];
     if (!cols.some((c) => c.name === 'kind')) db.exec('ALTER TABLE ckpt_tables ADD COLUMN kind INTEGER NOT NULL DEFAULT 0');
+    // And before the last writer was recorded: not known ('').
+    if (!cols.some((c) => c.name === 'last_writer')) db.exec("ALTER TABLE ckpt_tables ADD COLUMN last_writer TEXT NOT NULL DEFAULT ''");
     this.stmts = {
-      list: db.prepare('SELECT process, name, durability, kind, snap_seq AS snapSeq, snap_gen AS snapGen FROM ckpt_tables'),
+      list: db.prepare('SELECT process, name, durability, kind, snap_seq AS snapSeq, snap_gen AS snapGen, last_writer AS lastWriter FROM ckpt_tables'),
       upsert: db.prepare(
         `INSERT INTO ckpt_tables (process, name, durability, kind) VALUES (?, ?, ?, ?)
          ON CONFLICT (process, name) DO UPDATE SET durability = excluded.durability, kind = excluded.kind`,
@@ -145,14 +150,14 @@ export class SqliteCheckpointStore implements CheckpointStore {
     );
   }
 
-  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number): Promise<void> {
+  appendBatch(process: string, table: string, seq: number, records: Buffer, count: number, writer?: string): Promise<void> {
     // Counted when handed over, and taken back if refused. (Counted after the insert, an uncached
     // total, right after a compaction, already held this batch and counted it twice. Batches in
     // flight when a compaction resets the count are missed by the recount: the total only
     // decides when to compact, and is low by a few batches at most.)
     const k = `${process}\u0000${table}`;
     this.logBytes.set(k, this.logBytesSinceSnapshot(process, table) + records.length);
-    const stored = this.writer.append(process, table, seq, count, records).catch((e: unknown) => {
+    const stored = this.writer.append(process, table, seq, count, records, writer).catch((e: unknown) => {
       const b = this.logBytes.get(k);
       if (b !== undefined) this.logBytes.set(k, b - records.length);
       throw e;

@@ -180,27 +180,57 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
     await writeBatches(first, 3, 4);
     assert.equal(first.table('rib').records.size, 40);
   });
-  it('a running active that another instance overtook while it was cut off rejects what it wrote meanwhile and reloads the table', async () => {
-    const { agent, first, link, bulkRelay, errors } = await activeBehindRelays();
-    await writeBatches(first, 1, 3);
-    // Cut off, it goes on writing: batch 4 of its own, which the agent never receives.
-    link.cut();
-    const b = first.batch('rib');
-    b.put('10.99.0.0/24', Buffer.from('written while cut off'));
-    const cutOffWrite = b.commit();
-    cutOffWrite.catch(() => undefined); // asserted below
-    const digest = await writeWhileCutOff(agent, link, 4, 5);
-    link.heal();
-    // The agent's batch 4 is the other instance's: this one's is rejected, not acknowledged as 4.
-    await assert.rejects(cutOffWrite, /another instance wrote table 'rib' \(to batch 5\) while this one was cut off .*write the change again/);
-    // It reloads the whole table (it held a batch the agent does not have); the first snapshot
-    // connection breaks, and the reload after registering again must not resume from batch 4.
-    await until('the first active reloaded the table', () => first.table('rib').seq === 5);
-    assert.deepEqual(first.digest('rib'), digest);
-    assert.equal(first.table('rib').get('10.99.0.0/24'), undefined);
-    assert.equal(bulkRelay.accepted(), 2, 'one snapshot connection dropped, one served');
-    assert.equal(errors.length, 1, `one error reported: ${errors.map((e) => e.message).join('; ')}`);
-    await writeBatches(first, 6, 7);
-    assert.equal(first.table('rib').records.size, 70);
-  });
+  // Overtaken while cut off: the other instance wrote more batches than this one kept
+  // unacknowledged (the agent is ahead of it), or fewer (the agent's sequence alone does not show
+  // it; the store must tell who wrote last, also after the agent restarted).
+  for (const [otherWrites, restart, ahead] of [
+    [3, false, 'the agent is ahead of it'],
+    [1, false, 'the agent is not ahead of it'],
+    [1, true, 'the agent is not ahead of it, and restarted meanwhile'],
+  ] as const) {
+    it(`a running active overtaken while it was cut off rejects what it wrote meanwhile and reloads the table (${ahead})`, async () => {
+      const setup = await activeBehindRelays();
+      const { first, link, bulkRelay, errors } = setup;
+      let agent = setup.agent;
+      await writeBatches(first, 1, 3);
+      // Cut off, it goes on writing: batches 4 and 5 of its own, which the agent never receives.
+      link.cut();
+      const cutOffWrites = [4, 5].map((i) => {
+        const b = first.batch('rib');
+        b.put(`10.99.${i}.0/24`, Buffer.from('written while cut off'));
+        const p = b.commit();
+        p.catch(() => undefined); // asserted below
+        return p;
+      });
+      const last = 3 + otherWrites;
+      const digest = await writeWhileCutOff(agent, link, 4, last);
+      if (restart) {
+        // On the same state directory: the same socket paths the relays forward to.
+        await agent.kill9();
+        agent = await startAgent({ stateDir: agent.stateDir });
+      }
+      link.heal();
+      // The agent's batches from 4 on are the other instance's: this one's are rejected, not
+      // acknowledged as those, nor stored after them.
+      for (const p of cutOffWrites) {
+        await assert.rejects(p, new RegExp(`another instance wrote table 'rib' \\(to batch ${last}\\) while this one was cut off .*write the change again`));
+      }
+      // It reloads the whole table (it held batches the agent does not have); the first snapshot
+      // connection breaks, and the reload after registering again must not resume from batch 5.
+      await until('the first active reloaded the table', () => first.table('rib').seq === last && bulkRelay.accepted() === 2);
+      assert.deepEqual(first.digest('rib'), digest);
+      assert.equal(first.table('rib').get('10.99.4.0/24'), undefined);
+      assert.equal(errors.length, 1, `one error reported: ${errors.map((e) => e.message).join('; ')}`);
+      await writeBatches(first, last + 1, last + 2);
+      assert.equal(first.table('rib').records.size, (last + 2) * 10);
+      // And the agent holds what the active holds.
+      const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+      try {
+        const status = await unaryCall<StatusResponse>(c, 'Status', { process: 'bgp' });
+        assert.equal(status.processes[0].tables[0].seq, last + 2);
+      } finally {
+        c.close();
+      }
+    });
+  }
 });

@@ -155,3 +155,52 @@ function* snapshotFramesOf(snap: ReturnType<TableReplica['snapshot']>): Iterable
   // Small chunks, so that a generation has many rows to drop.
   for (const f of snapshotFrames(snap, 2048)) yield f.records;
 }
+
+describe('checkpoint store: which instance wrote a table last', () => {
+  let dir = '';
+  let db: Db | null = null;
+
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hitless-store-'));
+  });
+
+  afterEach(async () => {
+    if (db) await closeDatabase(db);
+    db = null;
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function batch(store: SqliteCheckpointStore, seq: number, writer?: string): Promise<void> {
+    const b = new RecordBuilder();
+    b.put(`10.${seq}.0.0/16`, 1, Buffer.from(`nh-${seq}`));
+    const { records, count } = b.take();
+    await store.appendBatch('bgp', 'rib', seq, records, count, writer);
+  }
+
+  it('starts unknown on a store from before it was recorded, changes with the batch that names a new writer, and survives a restart', async () => {
+    db = openDatabase(dir);
+    // The table as an agent from before the column created it, with a batch in it.
+    db.exec(`CREATE TABLE ckpt_tables (process TEXT NOT NULL, name TEXT NOT NULL, durability INTEGER NOT NULL,
+      snap_seq INTEGER NOT NULL DEFAULT 0, snap_gen INTEGER NOT NULL DEFAULT 0, next_gen INTEGER NOT NULL DEFAULT 1,
+      kind INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (process, name));
+      INSERT INTO ckpt_tables (process, name, durability) VALUES ('bgp', 'rib', 1);`);
+    let store = new SqliteCheckpointStore(db);
+    assert.equal(store.listTables()[0].lastWriter, '');
+    await batch(store, 1, 'bgp@vm1');
+    await batch(store, 2); // the same writer: not named again
+    assert.equal(store.listTables()[0].lastWriter, 'bgp@vm1');
+    await batch(store, 3, 'bgp@vm3');
+    assert.equal(store.listTables()[0].lastWriter, 'bgp@vm3');
+    await closeDatabase(db);
+    db = openDatabase(dir);
+    store = new SqliteCheckpointStore(db);
+    assert.deepEqual(
+      store.listTables().map((t) => [t.name, t.lastWriter]),
+      [['rib', 'bgp@vm3']],
+    );
+    assert.deepEqual(
+      store.readBatches('bgp', 'rib', 0, 10).map((b) => b.seq),
+      [1, 2, 3],
+    );
+  });
+});
