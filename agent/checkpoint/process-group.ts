@@ -110,7 +110,6 @@ export class ProcessGroup {
     return [...this.sessions].filter((s) => s.role === 'STANDBY');
   }
 
-  /** Every table's current sequence. */
   /** Per table, the instance that wrote its last applied batch ('' when not known). */
   tableWriters(): Record<string, string> {
     const out: Record<string, string> = {};
@@ -118,6 +117,7 @@ export class ProcessGroup {
     return out;
   }
 
+  /** Every table's current sequence. */
   tableSeqs(): Record<string, number> {
     const out: Record<string, number> = {};
     for (const [n, t] of this.tables) out[n] = t.replica.seq;
