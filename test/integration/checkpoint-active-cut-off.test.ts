@@ -9,7 +9,7 @@
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import type { StatusResponse } from '../../agent/checkpoint/messages';
+import type { AuditResponse, StatusResponse } from '../../agent/checkpoint/messages';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import { AgentHandle, startAgent } from '../../harness/agent-process';
 import { rawClient, unaryCall } from '../../harness/grpc-client';
@@ -131,11 +131,15 @@ describe('checkpoint: an active cut off from the agent while another instance wr
       assert.equal(errors.length, 1, `one error reported: ${errors.map((e) => e.message).join('; ')}`);
       await writeBatches(first, last + 1, last + 2);
       assert.equal(first.table('rib').records.size, (last + 2) * 10);
-      // And the agent holds what the active holds.
+      // And the agent holds what the active holds (an audit compares their digests).
       const c = rawClient('hitless.v1.Checkpoint', agent.socket);
       try {
-        const status = await unaryCall<StatusResponse>(c, 'Status', { process: 'bgp' });
-        assert.equal(status.processes[0].tables[0].seq, last + 2);
+        const audit = await unaryCall<AuditResponse>(c, 'Audit', { process: 'bgp' });
+        assert.ok(audit.consistent, audit.detail);
+        assert.deepEqual(
+          audit.agent.map((d) => [d.table, d.seq, d.records]),
+          [['rib', last + 2, (last + 2) * 10]],
+        );
       } finally {
         c.close();
       }
