@@ -75,6 +75,30 @@ describe('checkpoint: an active cut off from the agent while another instance wr
     assert.deepEqual(errors, []);
   });
 
+  it('the same on frame channels (the SDK default): the logged batches come on the recovery channel', async () => {
+    const agent = await startAgent();
+    // Frame channels go to the bulk socket; this relay to it drops nothing, and counts.
+    const bulk = await tcpRelay(() => net.connect(`${agent.socket}.bulk`));
+    relays.push(bulk);
+    const link = await tcpRelay(() => net.connect(agent.socket));
+    relays.push(link);
+    const first = bgpClient(agent, 'vm1', 'ACTIVE', { address: link.address, bulkAddress: bulk.address, channels: 'frames' });
+    open.push(first);
+    const errors: Error[] = [];
+    first.on('error', (e: Error) => errors.push(e));
+    await first.start();
+    await writeBatches(first, 1, 3);
+    const before = bulk.accepted();
+    assert.ok(before >= 1, 'the active writes on a frame channel');
+    const digest = await writeWhileCutOff(agent, link, 4, 5);
+    link.heal();
+    await until('the first active loaded batches 4 and 5', () => first.table('rib').seq === 5);
+    assert.deepEqual(first.digest('rib'), digest);
+    assert.ok(bulk.accepted() - before >= 2, `a recovery channel and a new write channel (${bulk.accepted() - before} connections)`);
+    await writeBatches(first, 6, 7);
+    assert.deepEqual(errors, []);
+  });
+
   it('a running active that must reload its table, and cannot, registers again until it can', async () => {
     // It holds nothing of the table, so it reloads it from a bulk snapshot, whose first connection breaks.
     const { agent, first, link, bulkRelay, errors } = await activeBehindRelays();
