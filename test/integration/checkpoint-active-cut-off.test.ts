@@ -94,8 +94,9 @@ describe('checkpoint: an active cut off from the agent while another instance wr
     link.heal();
     await until('the first active loaded batches 4 and 5', () => first.table('rib').seq === 5);
     assert.deepEqual(first.digest('rib'), digest);
-    assert.ok(bulk.accepted() - before >= 2, `a recovery channel and a new write channel (${bulk.accepted() - before} connections)`);
     await writeBatches(first, 6, 7);
+    // Counted once it wrote again: the table is loaded before the write channel opens.
+    assert.ok(bulk.accepted() - before >= 2, `a recovery channel and a new write channel (${bulk.accepted() - before} connections)`);
     assert.deepEqual(errors, []);
   });
 
