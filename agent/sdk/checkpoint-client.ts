@@ -440,8 +440,8 @@ export class CheckpointClient extends EventEmitter {
     this.emit('registered', r);
     try {
       if (r.role === 'ACTIVE') {
-        const behind = this.tablesToReload(r);
-        if (Object.keys(behind).length) await this.recover(this.supersededBy(behind));
+        const reload = this.tablesToReload(r);
+        if (Object.keys(reload).length) await this.recover(this.supersededBy(reload));
         this.openWriteStream(r.tableSeqs);
       } else if (wasActive) {
         this.rejoinAsStandby();
@@ -784,16 +784,40 @@ export class CheckpointClient extends EventEmitter {
    * some is taken again whole from the agent; the others resume from the log.
    */
   private rejoinAsStandby(): void {
-    const unacked = new Set(this.outbox.map((e) => e.req.table));
     const err = new CheckpointError(
       grpc.status.ABORTED,
       'the agent restarted before acknowledging this batch and another instance is active now; the change may be lost, write it again through the active',
     );
-    for (const e of this.outbox.splice(0)) e.reject(err);
+    const unacked = this.rejectOutbox(null, () => err);
     this.log.warn({ tables: [...unacked] }, 'another instance is active after the agent restarted; following it as a standby');
+    this.follow(this.seqsToReloadFrom(unacked));
+  }
+
+  /**
+   * Rejects the outbox's batches of `tables` (every table: null) with `err`: the agent may not
+   * hold them, and the application writes those changes again. Returns the tables they were
+   * for, whose local copies hold changes the agent may not have.
+   */
+  private rejectOutbox(tables: Set<string> | null, err: (e: OutboxEntry) => CheckpointError): Set<string> {
+    const rejected = new Set<string>();
+    const kept: OutboxEntry[] = [];
+    for (const e of this.outbox.splice(0)) {
+      if (tables && !tables.has(e.req.table)) {
+        kept.push(e);
+        continue;
+      }
+      rejected.add(e.req.table);
+      e.reject(err(e));
+    }
+    this.outbox.push(...kept);
+    return rejected;
+  }
+
+  /** What to subscribe from: what this instance holds, except `reload`, taken again whole (0). */
+  private seqsToReloadFrom(reload: Set<string>): Record<string, number> {
     const have = this.localSeqs();
-    for (const t of unacked) have[t] = 0;
-    this.follow(have);
+    for (const t of reload) have[t] = 0;
+    return have;
   }
 
   // ------------------------------------------------------------------ standby side
@@ -847,31 +871,22 @@ export class CheckpointClient extends EventEmitter {
    * whole. Returns what to recover from: per table, what this instance holds that the agent has.
    */
   private supersededBy(agentSeqs: Record<string, number>): Record<string, number> {
-    const have = this.localSeqs();
-    const kept: OutboxEntry[] = [];
-    for (const e of this.outbox.splice(0)) {
-      const t = e.req.table;
-      if (!(t in agentSeqs)) {
-        kept.push(e);
-        continue;
-      }
-      have[t] = 0;
-      e.reject(
+    const rejected = this.rejectOutbox(
+      new Set(Object.keys(agentSeqs)),
+      (e) =>
         new CheckpointError(
           grpc.status.ABORTED,
-          `another instance wrote table '${t}' (to batch ${agentSeqs[t]}) while this one was cut off from the agent; batch ${e.req.seq} was not acknowledged and may be lost: write the change again`,
+          `another instance wrote table '${e.req.table}' (to batch ${agentSeqs[e.req.table]}) while this one was cut off from the agent; batch ${e.req.seq} was not acknowledged and may be lost: write the change again`,
         ),
-      );
-    }
-    this.outbox.push(...kept);
+    );
     // A restarted instance holds nothing yet: it is behind, not superseded.
     const held = Object.keys(agentSeqs).filter((t) => this.table(t).seq > 0);
     if (held.length) this.log.warn({ tables: held, agentSeqs }, 'another instance wrote while this one was cut off; loading what it wrote');
-    return have;
+    return this.seqsToReloadFrom(rejected);
   }
 
-  /** Reloads the tables from the agent, after what `have` says this instance holds (a restarted or superseded active). */
-  private recover(have: Record<string, number> = this.localSeqs()): Promise<void> {
+  /** Reloads tables from the agent, after what `have` says this instance holds (a restarted or superseded active). */
+  private recover(have: Record<string, number>): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       const req: SubscribeRequest = { sessionId: this.sessionId, have, mode: 'RECOVER' };
       const call: SubscribeCall = this.channels.frames

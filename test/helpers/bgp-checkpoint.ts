@@ -1,6 +1,6 @@
 /**
- * Clients of one process 'bgp' (one SYNC table 'rib') and a relay that breaks the first bulk
- * snapshot connection, for the tests of broken connections to the agent.
+ * Clients of one process 'bgp' (one SYNC table 'rib') and a relay to the agent's bulk socket
+ * that can break connections, for the tests of broken connections to the agent.
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
@@ -38,10 +38,13 @@ export async function writeBatches(c: CheckpointClient, from: number, to: number
   }
 }
 
-/** An agent, and a relay to its bulk socket that drops the first connection (the caller closes it). */
-export async function agentAndBreakingRelay(): Promise<[AgentHandle, TcpRelay]> {
+/**
+ * An agent, and a relay to its bulk socket (the caller closes it) that drops its first `drop`
+ * connections, as a guest's relay does when it restarts.
+ */
+export async function agentAndBulkRelay(drop = 0): Promise<[AgentHandle, TcpRelay]> {
   const agent = await startAgent();
-  const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { drop: 1 });
+  const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { drop });
   return [agent, relay];
 }
 

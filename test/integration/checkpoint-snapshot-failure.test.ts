@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import type { AgentHandle } from '../../harness/agent-process';
 import { TcpRelay } from '../../harness/tcp-relay';
 import { until } from '../../harness/wait';
-import { agentAndBreakingRelay, bgpClient, closedAfterEach, writeBatches } from '../helpers/bgp-checkpoint';
+import { agentAndBulkRelay, bgpClient, closedAfterEach, writeBatches } from '../helpers/bgp-checkpoint';
 
 describe('checkpoint: a bulk snapshot whose connection breaks', function () {
   this.timeout(60_000);
@@ -17,7 +17,7 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
 
   /** An agent, and a relay to its bulk socket that drops the first connection. */
   async function agentAndRelay(): Promise<[AgentHandle, TcpRelay]> {
-    const [agent, relay] = await agentAndBreakingRelay();
+    const [agent, relay] = await agentAndBulkRelay(1);
     relays.push(relay);
     return [agent, relay];
   }
