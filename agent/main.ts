@@ -15,6 +15,7 @@
 import 'reflect-metadata';
 import fs from 'node:fs';
 import os from 'node:os';
+import { INestApplicationContext } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { AgentLifecycle, AppModule } from './app.module';
 import { HITLESSD_HELP, parseAgentArgs } from './config';
@@ -110,17 +111,18 @@ async function main(): Promise<void> {
       'the agent could not raise its CPU priority (needs root or CAP_SYS_NICE); it runs at its start priority, and busy guests may delay it. Run it as root, or pass --nice to say which priority it should have',
     );
   }
-  const app = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false, abortOnError: false });
-  await app.init();
-  process.stdout.write(JSON.stringify(app.get(AgentLifecycle).readyInfo) + '\n');
-  // Own signal handling rather than Nest's shutdown hooks, which re-raise the signal: a clean
-  // stop must exit 0 so service managers do not count it as a failure.
-  let stopping = false;
-  const stop = (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, 'stopping');
-    app.close().then(
+  // The signal handlers go in before anything can see the agent: until a process installs one, a
+  // SIGTERM ends it at once (the kernel's default action), without closing the store or giving
+  // the session its priority back. Installed after the ready line, a stop sent by whoever read
+  // that line could arrive first (1 start in 10 on an idle 2-core host, 1 in 2 under load).
+  // A stop asked for while the agent is starting waits for the start to finish, then closes it
+  // without printing the ready line; a second one ends it at once (a start that hangs).
+  // Own handling rather than Nest's shutdown hooks, which re-raise the signal: a clean stop must
+  // exit 0 so service managers do not count it as a failure.
+  let app: INestApplicationContext | null = null;
+  let stopSignal: string | null = null;
+  const close = (ctx: INestApplicationContext) =>
+    ctx.close().then(
       () => {
         restoreSessionPriority(sessionNiceWas);
         process.exit(0);
@@ -131,9 +133,32 @@ async function main(): Promise<void> {
         process.exit(1);
       },
     );
+  const stop = (signal: string) => {
+    if (stopSignal) {
+      if (app) return; // closing already
+      log.warn({ signal }, 'stopped again before the start finished: exiting now, without closing the store (it recovers on the next start)');
+      restoreSessionPriority(sessionNiceWas);
+      process.exit(1);
+    }
+    stopSignal = signal;
+    log.info({ signal, starting: app === null }, 'stopping');
+    if (app) void close(app);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  try {
+    const ctx = await NestFactory.createApplicationContext(AppModule.forConfig(config, log), { logger: false, abortOnError: false });
+    await ctx.init();
+    app = ctx;
+  } catch (e) {
+    restoreSessionPriority(sessionNiceWas);
+    throw e;
+  }
+  if (stopSignal) {
+    void close(app);
+    return;
+  }
+  process.stdout.write(JSON.stringify(app.get(AgentLifecycle).readyInfo) + '\n');
 }
 
 main().catch((e) => {

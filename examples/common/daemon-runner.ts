@@ -280,7 +280,21 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   }
   const digest = () => out({ event: 'digest', process: model.process, table: model.table, role: client.role, acked, failed, ...client.digest(model.table) });
 
+  // Handlers before the first line a supervisor reads: until a process installs one, these
+  // signals end it at once (the kernel's default action), SIGUSR1 included.
+  process.on('SIGUSR1', digest);
+  let stopping = false;
+  const shutdown = async () => {
+    stopping = true;
+    setChurn(0);
+    bgp?.stop();
+    await client.close();
+    process.exit(0);
+  };
+  process.on('SIGTERM', shutdown);
+  process.on('SIGINT', shutdown);
   await client.start().catch((e) => {
+    if (stopping) return new Promise<never>(() => undefined); // the shutdown exits
     out({ event: 'fatal', message: e.message, code: e.code });
     process.exit(3);
   });
@@ -303,7 +317,6 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
   setChurn(Number(values.churn));
   bgp?.onRole(client.role);
 
-  process.on('SIGUSR1', digest);
   const loopStatsS = Number(values['loop-stats']);
   if (loopStatsS > 0) {
     // How late this process runs its callbacks: role commands wait that long before they are
@@ -316,14 +329,6 @@ export async function runDaemon(model: TableModel, argv = process.argv.slice(2))
       h.reset();
     }, loopStatsS * 1000).unref();
   }
-  const shutdown = async () => {
-    setChurn(0);
-    bgp?.stop();
-    await client.close();
-    process.exit(0);
-  };
-  process.on('SIGTERM', shutdown);
-  process.on('SIGINT', shutdown);
   const rl = readline.createInterface({ input: process.stdin });
   rl.on('line', async (line) => {
     const [cmd, arg] = line.trim().split(/\s+/);

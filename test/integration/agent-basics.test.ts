@@ -5,12 +5,12 @@
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { ChildProcess, execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
-import { AGENT_MAIN, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
+import { AGENT_MAIN, agentNodeFlags, startAgent, stopAllAgents, tempDir } from '../../harness/agent-process';
 import { rawClient } from '../../harness/grpc-client';
 import { until } from '../../harness/wait';
 
@@ -102,6 +102,42 @@ describe('agent: process, listeners and standard services', function () {
     const st = JSON.parse(stdout);
     assert.equal(st.processes[0].tables[0].records, 1);
     assert.equal(st.processes[0].tables[0].seq, 1);
+  });
+
+  it('ends cleanly (exit 0) on a SIGTERM sent the moment its ready line is read, several agents starting at once', async function () {
+    // A stop that arrives before the agent installs its handlers ends it with the kernel's
+    // default action, without closing its store. The window sits right at the ready line, so each
+    // agent here is stopped from the same callback that reads it; four start together on the
+    // two cores, so that an agent is often descheduled right after writing the line (alone, 1
+    // start in 10 lost the race; four at once, about 1 in 2).
+    this.timeout(120_000);
+    const started = new Set<ChildProcess>();
+    const once = async (): Promise<string> => {
+      const dir = tempDir('stop-at-ready');
+      const proc = spawn(process.execPath, [...agentNodeFlags(), AGENT_MAIN, '--state-dir', dir, '--grpc-socket', path.join(dir, 'agent.sock')], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      started.add(proc);
+      let out = '';
+      let err = '';
+      proc.stdout!.on('data', (d: Buffer) => {
+        out += d.toString();
+        if (/"event":"ready"/.test(out) && proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
+      });
+      proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+      const end = await new Promise<string>((resolve) => proc.once('exit', (code, signal) => resolve(signal ?? `exit ${code}`)));
+      assert.match(out, /"event":"ready"/, `the agent started; stderr: ${err.slice(-2000)}`);
+      if (end === 'exit 0') assert.match(err, /"msg":"stopping"/, 'the stop is logged');
+      return end;
+    };
+    try {
+      for (let round = 0; round < 3; round++) {
+        const ends = await Promise.all([once(), once(), once(), once()]);
+        assert.deepEqual(ends, ['exit 0', 'exit 0', 'exit 0', 'exit 0'], `round ${round + 1}: how each agent ended`);
+      }
+    } finally {
+      for (const p of started) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
+    }
   });
 
   it('issu reports an unreachable agent with exit status 3 and what to do', async () => {
