@@ -20,11 +20,17 @@ import net from 'node:net';
 import path from 'node:path';
 import { Logger } from '../common/logger';
 
+/** Snapshot frames (up to ~1 MiB each) a connection holds that the kernel has not taken yet, at most. */
+const FRAMES_QUEUED = 2;
+
 /** Writes the snapshot into the socket; resolves with the number of records sent. */
 export type BulkProducer = (out: BulkWriter) => Promise<number>;
 
 export interface BulkWriter {
-  /** Sends one frame; resolves when the socket can take more. Rejects if the reader went away. */
+  /**
+   * Sends one frame; resolves when the socket can take more (fewer than FRAMES_QUEUED frames
+   * wait in it). Rejects if the reader went away or stopped reading.
+   */
   frame(records: Buffer, count: number): Promise<void>;
 }
 
@@ -202,21 +208,14 @@ export class BulkServer {
       closed = true;
       letGoIfDone();
     });
-    const waitDrain = () =>
+    /** Settles when `written` does; fails when the reader takes nothing for stallTimeoutMs. */
+    const orStall = (written: Promise<void>) =>
       new Promise<void>((res, rej) => {
-        const timer = setTimeout(() => {
-          cleanup();
-          rej(new Error(`snapshot reader stopped reading for ${this.opts.stallTimeoutMs} ms`));
-        }, this.opts.stallTimeoutMs);
-        const onDrain = () => (cleanup(), res());
-        const onClose = () => (cleanup(), rej(new Error('snapshot reader disconnected')));
-        const cleanup = () => {
-          clearTimeout(timer);
-          sock.off('drain', onDrain);
-          sock.off('close', onClose);
-        };
-        sock.on('drain', onDrain);
-        sock.on('close', onClose);
+        const timer = setTimeout(() => rej(new Error(`snapshot reader stopped reading for ${this.opts.stallTimeoutMs} ms`)), this.opts.stallTimeoutMs);
+        written.then(
+          () => (clearTimeout(timer), res()),
+          () => (clearTimeout(timer), rej(new Error('snapshot reader disconnected'))),
+        );
       });
     const header = (len: number, count: number) => {
       const h = Buffer.allocUnsafe(8);
@@ -224,11 +223,20 @@ export class BulkServer {
       h.writeUInt32BE(count, 4);
       return h;
     };
+    // Frames handed to the socket and not yet taken by the kernel, oldest first. The producer
+    // waits only when FRAMES_QUEUED are, so the socket always holds the next frame when the
+    // kernel takes more. Waiting for the queue to empty (the 'drain' event) left the socket with
+    // nothing to write until this thread woke up and made the next frame, and the reader, which
+    // empties the kernel's buffer (~200 KiB) in under a millisecond, waited for it.
+    const queued: Promise<void>[] = [];
     const writer: BulkWriter = {
       frame: async (records, count) => {
         if (closed) throw new Error('snapshot reader disconnected');
         sock.write(header(records.length, count));
-        if (!sock.write(records)) await waitDrain();
+        const written = new Promise<void>((res, rej) => sock.write(records, (err) => (err ? rej(err) : res())));
+        written.catch(() => undefined); // awaited below, or the connection failed and run() ends on close
+        queued.push(written);
+        if (queued.length >= FRAMES_QUEUED) await orStall(queued.shift()!);
       },
     };
     try {

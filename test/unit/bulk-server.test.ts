@@ -96,6 +96,38 @@ describe('BulkServer: when a transfer lets go of its buffers', () => {
     assert.deepEqual(events, ['done:error', 'closed']);
   });
 
+  it('a reader that stops reading: the producer waits, onDone says so after the stall timeout, then onClosed once', async () => {
+    const payload = Buffer.alloc(1024 * 1024, 3);
+    const events: string[] = [];
+    let framesHanded = 0;
+    let sock: net.Socket | null = null;
+    await new Promise<void>((resolve) => {
+      const token = server.issue(
+        async (out) => {
+          for (let i = 0; i < 64; i++) {
+            await out.frame(payload, 1);
+            framesHanded++;
+          }
+          return 64;
+        },
+        (err) => events.push(err ? `done:${err.message}` : 'done'),
+        () => {
+          events.push('closed');
+          resolve();
+        },
+      );
+      sock = net.connect(server.unixPath, () => {
+        sock!.write(token);
+        sock!.pause(); // reads nothing, stays connected
+      });
+      sock.on('error', () => undefined);
+    });
+    sock!.destroy();
+    assert.deepEqual(events, ['done:snapshot reader stopped reading for 2000 ms', 'closed']);
+    // The socket buffers hold a few hundred KiB: the producer stopped within a few frames.
+    assert.ok(framesHanded < 8, `the producer waited for the reader (${framesHanded} frames handed over)`);
+  });
+
   it('a ticket never redeemed: onDone says so when it expires, then onClosed once; the producer never ran', async () => {
     const events: string[] = [];
     let ran = false;
