@@ -1021,15 +1021,21 @@ export class CheckpointClient extends EventEmitter {
       } catch (e) {
         return reject(e as Error);
       }
-      // Frames are assembled in one reused buffer (no repeated concatenation), then appended to
-      // the table as they complete, so applying overlaps with receiving.
+      // Each frame is read straight into the room the table reserved for it at the end of its
+      // log, and applied as it completes, so applying overlaps with receiving and the table's
+      // bytes are copied once (from the socket's buffers), not twice.
       let header = Buffer.alloc(0);
       let frame: Buffer | null = null;
-      let frameBuf: Buffer | null = null;
       let frameCount = 0;
       let filled = 0;
       let received = 0;
       let done = false;
+      let failed = false;
+      const fail = (e: Error) => {
+        failed = true;
+        sock.destroy();
+        reject(e);
+      };
       sock.on('connect', () => sock.write(ticket.token));
       sock.on('data', (d: Buffer) => {
         let off = 0;
@@ -1045,15 +1051,11 @@ export class CheckpointClient extends EventEmitter {
             if (len === 0) {
               done = true;
               if (frameCount !== received || received !== ticket.records) {
-                sock.destroy();
-                reject(new Error(`snapshot of '${ticket.table}' ended after ${received} records, expected ${ticket.records}`));
+                fail(new Error(`snapshot of '${ticket.table}' ended after ${received} records, expected ${ticket.records}`));
               }
               return;
             }
-            // One buffer for every frame (append() copies out of it): a fresh 1 MiB buffer per
-            // frame is new memory each time, whose page faults cost more than the copy.
-            if (!frameBuf || frameBuf.length < len) frameBuf = Buffer.allocUnsafeSlow(len);
-            frame = frameBuf.subarray(0, len);
+            frame = t.records.reserveAppend(len);
             filled = 0;
           }
           const n = Math.min(frame.length - filled, d.length - off);
@@ -1061,15 +1063,21 @@ export class CheckpointClient extends EventEmitter {
           filled += n;
           off += n;
           if (filled === frame.length) {
-            t.append(frame);
+            try {
+              t.records.appendReserved(frame.length);
+            } catch (e) {
+              done = true;
+              return fail(new Error(`applying the snapshot of '${ticket.table}' failed: ${(e as Error).message}`));
+            }
             received += frameCount;
             frame = null;
           }
         }
       });
-      sock.on('error', (e) => reject(new Error(`bulk snapshot connection failed: ${e.message}`)));
+      sock.on('error', (e) => fail(new Error(`bulk snapshot connection failed: ${e.message}`)));
       sock.on('close', () => {
-        if (!done) return reject(new Error(`bulk snapshot of '${ticket.table}' closed after ${received} of ${ticket.records} records`));
+        if (!done) return fail(new Error(`bulk snapshot of '${ticket.table}' closed after ${received} of ${ticket.records} records`));
+        if (failed) return; // the table keeps sequence 0: the next subscription loads it again
         t.seq = ticket.seq;
         resolve();
       });

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { ArenaPool, RecordTable, tableDigest, tableDigestSliced } from '../../agent/checkpoint/record-table';
 import { RecordBuilder } from '../../agent/checkpoint/records';
+import { until } from '../../harness/wait';
 
 function rng(seed: number): () => number {
   let a = seed;
@@ -136,6 +137,48 @@ describe('RecordTable', () => {
     assert.equal(tableDigest(t).sha256, modelDigest(model));
     assert.equal(tableDigest(replay(t.snapshot(0).parts)).sha256, modelDigest(model));
     for (const s of snaps) assert.equal(tableDigest(replay(s.parts)).sha256, s.digest, 'snapshot taken during compaction');
+  });
+
+  it('a reserved append is filled in place over several turns while compaction waits, and a change in between cancels it', async () => {
+    const rand = rng(11);
+    const t = new RecordTable();
+    t.compactMinBytes = 256 * 1024;
+    const model = new Map<string, Buffer>();
+    const b = new RecordBuilder();
+    let filledWhileCompacting = 0;
+    for (let round = 0; round < 300; round++) {
+      for (let i = 0; i < 100; i++) change(b, model, rand, `r${Math.floor(rand() * 20000)}`, 0.9, () => Buffer.from(`${round}:${i}:${'y'.repeat(40)}`));
+      const batch = b.take().records;
+      // Written a part per event-loop turn, as a frame arrives from a socket; compaction slices
+      // get those turns, and would copy live records over the room if they wrote meanwhile.
+      const room = t.reserveAppend(batch.length);
+      if (t.compacting) filledWhileCompacting++;
+      for (let at = 0; at < batch.length; at += 1000) {
+        batch.copy(room, at, at, Math.min(at + 1000, batch.length));
+        await new Promise((r) => setImmediate(r));
+      }
+      t.appendReserved(batch.length);
+    }
+    assert.ok(filledWhileCompacting > 0, 'reservations were filled while a compaction was under way');
+    while (t.compacting) await new Promise((r) => setImmediate(r));
+    assert.equal(t.size, model.size);
+    assert.equal(tableDigest(t).sha256, modelDigest(model));
+    assert.equal(tableDigest(replay(t.snapshot(0).parts)).sha256, modelDigest(model), 'the log replays to the table');
+
+    // A change in between cancels the reservation: its bytes never become records.
+    const put = (k: string) => {
+      const one = new RecordBuilder();
+      one.put(k, 1, Buffer.from('v'));
+      return one.take().records;
+    };
+    for (const other of [() => t.append(put('other')), () => t.clear()]) {
+      const before = t.size;
+      put('lost').copy(t.reserveAppend(put('lost').length));
+      other();
+      assert.throws(() => t.appendReserved(put('lost').length), /without a reservation/);
+      assert.equal(t.get('lost'), undefined);
+      assert.ok(t.size <= before + 1);
+    }
   });
 
   it('grows its index a slice at a time: keys stay readable, updatable and deletable while they move', async () => {
@@ -385,6 +428,38 @@ describe('ArenaPool', () => {
     for (let round = 400; round < 500; round++) churn(other, modelO, rand, round, 1500);
     assert.equal(tableDigest(a).sha256, modelDigest(modelA));
     assert.equal(tableDigest(other).sha256, modelDigest(modelO));
+  });
+
+  it('with warmAhead, keeps arenas ready that a thread of their own made, once a table grew or a big load was announced', async () => {
+    const pool = new ArenaPool(ARENA, 64 * ARENA, 2);
+    const t = new RecordTable({ pool });
+    const b = new RecordBuilder();
+    const model = new Map<string, Buffer>();
+    const write = (from: number, to: number) => {
+      for (let i = from; i < to; i++) {
+        const v = Buffer.alloc(200, i & 0xff);
+        b.put(`w${i}`, 1, v);
+        model.set(`w${i}`, v);
+        if (b.bytes > ARENA / 4) t.append(b.take().records);
+      }
+      if (b.count) t.append(b.take().records);
+    };
+    write(0, 600); // ~130 KB: two or three arenas, fewer than a warmer waits for
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(pool.warmed + pool.freeBytes, 0, 'a small table starts no warmer');
+    write(600, 1500); // past four arenas: the warmer starts
+    await until('two warm arenas arrived', () => pool.freeBytes === 2 * ARENA, 10_000);
+    write(1500, 3000); // takes the two warm ones first; the warmer makes two more
+    await until('the warmer kept two ready', () => pool.freeBytes === 2 * ARENA, 10_000);
+    assert.ok(pool.warmed >= 4, `arenas made by the warmer: ${pool.warmed}`);
+    for (const [k, v] of model) assert.deepEqual(t.get(k)?.value, v);
+    assert.equal(tableDigest(t).sha256, modelDigest(model));
+
+    // A presize for a big load starts warming before the table holds anything.
+    const other = new ArenaPool(ARENA, 64 * ARENA, 2);
+    new RecordTable({ pool: other }).presize(1_000_000);
+    await until('warm arenas for the announced load', () => other.freeBytes === 2 * ARENA, 10_000);
+    assert.equal(other.allocated, 0);
   });
 
   it("CLEAR returns a table's arenas; oversize batches and arenas beyond the cap are not kept", () => {
