@@ -131,8 +131,13 @@ export class ArenaPool {
   constructor(
     readonly arenaBytes = ARENA_BYTES,
     readonly maxFreeBytes = POOL_MAX_FREE_BYTES,
-    readonly warmAhead = 0,
+    private warmAhead = 0,
   ) {}
+
+  /** Changes `warmAhead` (see the constructor) from the next arena taken on; 0 stops asking. */
+  setWarmAhead(n: number): void {
+    this.warmAhead = n;
+  }
 
   /** An arena of at least `bytes` (an oversize batch gets its own ordinary buffer, never pooled). */
   take(bytes: number): Buffer {
