@@ -21,7 +21,7 @@ import { AgentLifecycle, AppModule } from './app.module';
 import { HITLESSD_HELP, parseAgentArgs } from './config';
 import { createLogger } from './common/logger';
 import { hostCommands } from './host/command-runner';
-import { sharedArenaPool } from './checkpoint/record-table';
+import { sharedArenaPool } from './checkpoint/arena-pool';
 
 /** Sets the priority of every thread of this process (Linux: setpriority() takes one thread id). */
 function setProcessPriority(nice: number): void {

@@ -8,7 +8,7 @@ import net from 'node:net';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { encodeBatch, FrameType } from '../agent/checkpoint/frames';
 import { RecordBuilder } from '../agent/checkpoint/records';
-import { sharedArenaPool } from '../agent/checkpoint/record-table';
+import { sharedArenaPool } from '../agent/checkpoint/arena-pool';
 import { CheckpointClient } from '../agent/sdk/checkpoint-client';
 import { createRng, generateRib, mutateRoute, RibRoute } from '../examples/bgp-rib/rib-generator';
 

@@ -8,7 +8,8 @@
  * a snapshot taken at `seq` S is exactly the table as of S (see RecordTable: the log is append-only
  * and snapshots reference its prefix).
  */
-import { LogSnapshot, RecordTable, sharedArenaPool } from './record-table';
+import { sharedArenaPool } from './arena-pool';
+import { LogSnapshot, RecordTable } from './record-table';
 
 export class TableReplica {
   // Pooled arenas: nothing in the agent keeps a value view past the call that read it.

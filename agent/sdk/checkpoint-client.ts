@@ -41,7 +41,8 @@ import {
   WriteRequest,
 } from '../checkpoint/messages';
 import { DEFAULT_LIMITS, RecordBuilder, validateRecords } from '../checkpoint/records';
-import { RecordTable, sharedArenaPool, tableDigest, tableDigestSliced } from '../checkpoint/record-table';
+import { sharedArenaPool } from '../checkpoint/arena-pool';
+import { RecordTable, tableDigest, tableDigestSliced } from '../checkpoint/record-table';
 import { AckSink, ChannelOpener, FrameSubscribeCall, FrameWriteCall, SubscribeCall, WriteCall } from './frame-channel';
 
 /**

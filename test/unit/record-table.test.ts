@@ -4,7 +4,8 @@
  */
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { ArenaPool, RecordTable, tableDigest, tableDigestSliced } from '../../agent/checkpoint/record-table';
+import { ArenaPool } from '../../agent/checkpoint/arena-pool';
+import { RecordTable, tableDigest, tableDigestSliced } from '../../agent/checkpoint/record-table';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { until } from '../../harness/wait';
 
