@@ -6,14 +6,9 @@ export const ARENA_BYTES = 8 * 1024 * 1024;
 /** Retired arenas a pool keeps for reuse at most (beyond this they are left to the collector). */
 const POOL_MAX_FREE_BYTES = 256 * 1024 * 1024;
 /**
- * Arenas a process makes itself before the shared pool starts a warmer thread (ArenaWarmer): a
- * process whose tables stay under 32 MB never starts one.
- */
-const WARM_AFTER = 4;
-/**
- * Paged-in arenas the shared pool keeps ready from then on. A bulk load fills one 8 MiB arena in
- * 25-30 ms and the warmer makes one in about 5 ms, so two keep ahead of it; they cost 16 MB of
- * memory that is used as soon as the table grows again.
+ * Paged-in arenas the shared pool keeps ready once a large load was announced. A bulk load fills
+ * one 8 MiB arena in 25-30 ms and the warmer makes one in about 5 ms, so two keep ahead of it;
+ * they cost 16 MB of memory that is used as soon as the table grows again.
  */
 const WARM_AHEAD = 2;
 
@@ -42,12 +37,16 @@ export class ArenaPool {
   private warmer: ArenaWarmer | null = null;
   /** Arenas asked of the warmer and not arrived yet. */
   private warming = 0;
+  /** Set by warmNow(): from then on take() keeps `warmAhead` arenas ready. */
   private warmStarted = false;
 
   /**
-   * `warmAhead`: once a process has made WARM_AFTER arenas (its tables hold tens of MB, and more
-   * may be coming), keep this many free arenas ready, made and paged in by a thread of their own
-   * (ArenaWarmer), so that filling them costs no page faults on the event loop. 0: never.
+   * `warmAhead`: once a large load is announced (warmNow(); RecordTable.presize() for a bulk
+   * snapshot of 200k records or more), keep this many free arenas ready, made and paged in by a
+   * thread of their own (ArenaWarmer), so that filling them costs no page faults on the event
+   * loop. Only then: the thread and its paged-in spares are worth their memory where tens of MB
+   * arrive at once, not in a process whose tables grow a batch at a time (a guest of 256 MB runs
+   * several such processes). 0: never.
    */
   constructor(
     readonly arenaBytes = ARENA_BYTES,
@@ -84,7 +83,7 @@ export class ArenaPool {
     return this.free.length * this.arenaBytes;
   }
 
-  /** A large load is coming: warm from now on, without waiting for WARM_AFTER arenas. */
+  /** A large load is coming: keep `warmAhead` arenas ready from now on. */
   warmNow(): void {
     this.warmStarted = true;
     this.keepAhead();
@@ -92,9 +91,7 @@ export class ArenaPool {
 
   /** Asks the warmer for what `warmAhead` lacks (free arenas and those on their way count). */
   private keepAhead(): void {
-    if (this.warmAhead === 0) return;
-    if (!this.warmStarted && this.allocated + this.warmed < WARM_AFTER) return;
-    this.warmStarted = true;
+    if (this.warmAhead === 0 || !this.warmStarted) return;
     const want = this.warmAhead - this.free.length - this.warming;
     if (want <= 0) return;
     this.warmer ??= new ArenaWarmer(

@@ -347,7 +347,7 @@ export class RecordTable {
    * Sizes the index of an empty table for `records` keys at once (a bulk snapshot says how many
    * it brings): no doubling, rehash or migration while they arrive. Load stays under 0.5, so no
    * next index is prepared either. Does nothing to a table that holds records. Enough records
-   * to fill several arenas start the pool's warmer now, not after the first arenas.
+   * to fill several arenas start the pool's warmer (see ArenaPool's warmAhead).
    */
   presize(records: number): void {
     if (this.size > 0 || this.old) return;
