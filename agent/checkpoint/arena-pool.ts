@@ -1,4 +1,5 @@
 /** ArenaPool: the arenas of RecordTables (record-table.ts), pooled per process. */
+import os from 'node:os';
 import { ArenaWarmer } from './arena-warmer';
 
 /** Bytes of a pooled arena. */
@@ -11,6 +12,19 @@ const POOL_MAX_FREE_BYTES = 256 * 1024 * 1024;
  * they cost 16 MB of memory that is used as soon as the table grows again.
  */
 const WARM_AHEAD = 2;
+/**
+ * Warming also needs a second CPU and this much memory on the machine. In a guest with one vCPU
+ * and 256 MB under software emulation, the thread's start and its paged-in spares took the CPU
+ * and memory the routing processes needed: a daemon that had loaded a 200k-record snapshot
+ * answered FREEZE after 0.8-5 s and later lost its session (VM tests, twice in a row).
+ */
+const WARM_MIN_CPUS = 2;
+const WARM_MIN_MEMORY_BYTES = 2 * 1024 ** 3;
+let warmingAffordable: boolean | null = null;
+function canWarm(): boolean {
+  warmingAffordable ??= os.availableParallelism() >= WARM_MIN_CPUS && os.totalmem() >= WARM_MIN_MEMORY_BYTES;
+  return warmingAffordable;
+}
 
 /**
  * Where a table's arenas come from, and where retired ones wait to be written again.
@@ -44,9 +58,9 @@ export class ArenaPool {
    * `warmAhead`: once a large load is announced (warmNow(); RecordTable.presize() for a bulk
    * snapshot of 200k records or more), keep this many free arenas ready, made and paged in by a
    * thread of their own (ArenaWarmer), so that filling them costs no page faults on the event
-   * loop. Only then: the thread and its paged-in spares are worth their memory where tens of MB
-   * arrive at once, not in a process whose tables grow a batch at a time (a guest of 256 MB runs
-   * several such processes). 0: never.
+   * loop. Only then, and only with a second CPU and 2 GiB of memory (WARM_MIN_CPUS): the thread
+   * and its paged-in spares are worth their memory where tens of MB arrive at once on a machine
+   * that has room for them, not in a process whose tables grow a batch at a time. 0: never.
    */
   constructor(
     readonly arenaBytes = ARENA_BYTES,
@@ -91,7 +105,7 @@ export class ArenaPool {
 
   /** Asks the warmer for what `warmAhead` lacks (free arenas and those on their way count). */
   private keepAhead(): void {
-    if (this.warmAhead === 0 || !this.warmStarted) return;
+    if (this.warmAhead === 0 || !this.warmStarted || !canWarm()) return;
     const want = this.warmAhead - this.free.length - this.warming;
     if (want <= 0) return;
     this.warmer ??= new ArenaWarmer(

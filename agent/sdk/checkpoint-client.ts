@@ -1056,7 +1056,12 @@ export class CheckpointClient extends EventEmitter {
               }
               return;
             }
-            frame = t.records.reserveAppend(len);
+            try {
+              frame = t.records.reserveAppend(len);
+            } catch (e) {
+              done = true; // a length no buffer can take (RangeError): nothing sane follows
+              return fail(new Error(`snapshot of '${ticket.table}' sent a frame of ${len} bytes: ${(e as Error).message}`));
+            }
             filled = 0;
           }
           const n = Math.min(frame.length - filled, d.length - off);
