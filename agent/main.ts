@@ -21,7 +21,6 @@ import { AgentLifecycle, AppModule } from './app.module';
 import { HITLESSD_HELP, parseAgentArgs } from './config';
 import { createLogger } from './common/logger';
 import { hostCommands } from './host/command-runner';
-import { sharedArenaPool } from './checkpoint/arena-pool';
 
 /** Sets the priority of every thread of this process (Linux: setpriority() takes one thread id). */
 function setProcessPriority(nice: number): void {
@@ -105,11 +104,6 @@ async function main(): Promise<void> {
   // The helper that starts the agent's commands, forked while the agent is still small (why:
   // host/command-runner.ts).
   hostCommands.start(startNice);
-  // No spare paged-in arenas in the agent (see ArenaPool's warmAhead): they and the thread that
-  // makes them added ~30 MB to its RSS (349 against 319 MB holding 1M records, 5 runs), and its
-  // table load, which fills arenas a batch at a time, was not measurably faster. A standby's SDK,
-  // which fills a whole table at once from a bulk snapshot, keeps them.
-  sharedArenaPool.setWarmAhead(0);
   const log = createLogger(config.logLevel);
   if (niceRefused) {
     log.warn(
