@@ -16,7 +16,7 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { FrameError, FrameReader, FrameType, batchHeader, decodeBatch, decodeSeq, decodeStatus, encodeSeq, writeFrame } from '../checkpoint/frames';
 import { AckRequest, ChannelRequest, ChannelTicket, SubscribeEvent, SubscribeRequest, WriteAck, WriteRequest } from '../checkpoint/messages';
-import { loadProtos } from '../grpc/proto';
+import { loadCheckpointProto } from '../grpc/proto';
 
 /** What the client needs of a write call, gRPC or frames. */
 export interface WriteCall extends EventEmitter {
@@ -61,7 +61,7 @@ export class ChannelOpener {
     private readonly opts: ChannelOpenerOptions,
   ) {
     this.supported = opts.frames;
-    const methods = loadProtos().def['hitless.v1.Checkpoint'] as ServiceDefinition;
+    const methods = loadCheckpointProto().def['hitless.v1.Checkpoint'] as ServiceDefinition;
     this.decodeEvent = methods.Subscribe.responseDeserialize as (b: Buffer) => SubscribeEvent;
   }
 
@@ -83,8 +83,8 @@ export class ChannelOpener {
   }
 
   /** A connection to the agent's bulk socket: see bulkSocket(). */
-  connect(unixPath: string, tcpAddress: string): net.Socket {
-    return bulkSocket(this.opts.address, this.opts.bulkAddress, unixPath, tcpAddress);
+  connect(unixPath: string, tcpAddress: string, onread?: net.OnReadOpts): net.Socket {
+    return bulkSocket(this.opts.address, this.opts.bulkAddress, unixPath, tcpAddress, onread);
   }
 
   decode(body: Buffer): SubscribeEvent {
@@ -96,15 +96,16 @@ export class ChannelOpener {
  * A connection to the agent's bulk socket (snapshots and frame channels). An explicit bulk
  * address wins (guests); otherwise the same kind of transport as the gRPC channel: a unix-socket
  * client uses the unix socket, a TCP client the TCP one. Throws when there is none to use.
+ * `onread`: the socket reads into the caller's buffers (Node's net onread; no 'data' events).
  */
-export function bulkSocket(clientAddress: string, bulkAddress: string | undefined, unixPath: string, tcpAddress: string): net.Socket {
+export function bulkSocket(clientAddress: string, bulkAddress: string | undefined, unixPath: string, tcpAddress: string, onread?: net.OnReadOpts): net.Socket {
   const viaUnix = !bulkAddress && unixPath !== '' && (clientAddress.startsWith('unix:') || clientAddress.startsWith('/'));
   const tcp = bulkAddress ?? tcpAddress;
-  if (viaUnix) return net.connect(unixPath);
+  if (viaUnix) return net.connect({ path: unixPath, onread });
   if (!tcp) throw new Error('the agent offers its bulk socket only on a unix socket; connect over the unix socket or set bulkAddress');
   const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(tcp);
   if (!m) throw new Error(`bad bulk address '${tcp}'`);
-  return net.connect({ host: m[1], port: Number(m[2]) });
+  return net.connect({ host: m[1], port: Number(m[2]), onread });
 }
 
 function statusError(code: number, details: string): grpc.ServiceError {
