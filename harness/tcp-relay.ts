@@ -1,7 +1,9 @@
 /**
  * A TCP listener on loopback relaying each connection, both ways, to the socket `connectUp`
  * makes: a guest's QEMU/socat relay, a port forward, in tests. `drop`: that many first
- * connections are closed as soon as they are accepted (a relay that restarts).
+ * connections are closed as soon as they are accepted (a relay that restarts). `pieces`: what
+ * comes from upstream goes on in writes of these sizes (cycled), one per event-loop turn, so a
+ * client reads its frames and their headers cut at every offset.
  */
 import net from 'node:net';
 
@@ -21,7 +23,7 @@ export interface TcpRelay {
   close(): void;
 }
 
-export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: number } = {}): Promise<TcpRelay> {
+export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: number; pieces?: number[] } = {}): Promise<TcpRelay> {
   const sockets = new Set<net.Socket>();
   const clientSides = new Set<net.Socket>();
   let accepted = 0;
@@ -36,9 +38,15 @@ export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: numbe
       [up, down],
     ]) {
       sockets.add(a);
-      a.pipe(b);
       a.on('error', () => b.destroy());
-      a.on('close', () => (sockets.delete(a), b.destroy()));
+      if (a === up && opts.pieces) {
+        // The client gets what came before the agent closed, then the close.
+        inPieces(up, down, opts.pieces);
+        a.on('close', () => sockets.delete(a));
+      } else {
+        a.pipe(b);
+        a.on('close', () => (sockets.delete(a), b.destroy()));
+      }
     }
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
@@ -59,4 +67,38 @@ export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: numbe
       for (const s of sockets) s.destroy();
     },
   };
+}
+
+/**
+ * Relays `from` to `to` in writes of `sizes` bytes (cycled), one write per event-loop turn; once
+ * `from` closed and everything went on, `to` ends (and is destroyed when `from` failed).
+ */
+function inPieces(from: net.Socket, to: net.Socket, sizes: number[]): void {
+  let queued = Buffer.alloc(0);
+  let turn = 0;
+  let writing = false;
+  let closed = false;
+  const next = () => {
+    if (to.destroyed) return;
+    if (queued.length === 0) {
+      writing = false;
+      if (closed) to.end();
+      return;
+    }
+    const n = Math.min(queued.length, sizes[turn++ % sizes.length]);
+    to.write(queued.subarray(0, n));
+    queued = queued.subarray(n);
+    setImmediate(next);
+  };
+  from.on('data', (d: Buffer) => {
+    queued = Buffer.concat([queued, d]);
+    if (!writing) {
+      writing = true;
+      next();
+    }
+  });
+  from.on('close', () => {
+    closed = true;
+    if (!writing) to.end();
+  });
 }

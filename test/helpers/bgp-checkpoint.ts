@@ -40,11 +40,11 @@ export async function writeBatches(c: CheckpointClient, from: number, to: number
 
 /**
  * An agent, and a relay to its bulk socket (the caller closes it) that drops its first `drop`
- * connections, as a guest's relay does when it restarts.
+ * connections, as a guest's relay does when it restarts; `pieces`: see tcpRelay.
  */
-export async function agentAndBulkRelay(drop = 0): Promise<[AgentHandle, TcpRelay]> {
+export async function agentAndBulkRelay(drop = 0, pieces?: number[]): Promise<[AgentHandle, TcpRelay]> {
   const agent = await startAgent();
-  const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { drop });
+  const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { drop, pieces });
   return [agent, relay];
 }
 
