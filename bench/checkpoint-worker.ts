@@ -229,9 +229,24 @@ process.on('message', async (cmd: Cmd) => {
         measuredFromEpochMs,
       });
     } else if (cmd.op === 'waitSeq') {
+      // Woken by the client's events, not by polling every turn: a loop of setImmediate kept
+      // this process spinning on one of the two cores while the agent and the load needed them.
       const t0 = now();
-      const t = client!.table(cmd.table);
-      while (t.seq < cmd.seq) await yieldTurn();
+      const c = client!;
+      const t = c.table(cmd.table);
+      if (t.seq < cmd.seq) {
+        await new Promise<void>((resolve) => {
+          const check = () => {
+            if (t.seq < cmd.seq) return;
+            c.off('snapshot', check).off('change', check);
+            clearInterval(safety);
+            resolve();
+          };
+          c.on('snapshot', check).on('change', check);
+          // A sequence set without an event (a reset) is seen within 50 ms.
+          const safety = setInterval(check, 50);
+        });
+      }
       send({ ok: true, seconds: now() - t0 });
     } else if (cmd.op === 'loopDelay') {
       // Event-loop delay of this process (ms): a stall here is latency every peer sees.
