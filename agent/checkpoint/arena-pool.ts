@@ -21,7 +21,8 @@ const WARM_AHEAD = 2;
 const WARM_MIN_CPUS = 2;
 const WARM_MIN_MEMORY_BYTES = 2 * 1024 ** 3;
 let warmingAffordable: boolean | null = null;
-function canWarm(): boolean {
+/** Whether this machine warms arenas at all (see ArenaPool). */
+export function canWarm(): boolean {
   warmingAffordable ??= os.availableParallelism() >= WARM_MIN_CPUS && os.totalmem() >= WARM_MIN_MEMORY_BYTES;
   return warmingAffordable;
 }

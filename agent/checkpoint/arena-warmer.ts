@@ -51,8 +51,6 @@ export class ArenaWarmer {
         this.failed = true;
         return false;
       }
-      // Never what keeps a process running; a thread that goes away ends warming, nothing else.
-      this.worker.unref();
       this.worker.on('message', (sab: SharedArrayBuffer) => this.onArena(Buffer.from(sab)));
       const gone = () => {
         if (this.failed) return;
@@ -62,6 +60,10 @@ export class ArenaWarmer {
       };
       this.worker.on('error', gone);
       this.worker.on('exit', gone);
+      // Never what keeps a process running; a thread that goes away ends warming, nothing else.
+      // After the listeners: a 'message' listener added later refs the thread's port again, and a
+      // process that had warmed then never exited on its own.
+      this.worker.unref();
     }
     this.worker.postMessage({ bytes: this.arenaBytes, count });
     return true;

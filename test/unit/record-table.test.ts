@@ -3,8 +3,10 @@
  * snapshots that must replay to exactly the table as of their sequence.
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import crypto from 'node:crypto';
-import { ArenaPool } from '../../agent/checkpoint/arena-pool';
+import path from 'node:path';
+import { ArenaPool, canWarm } from '../../agent/checkpoint/arena-pool';
 import { RecordTable, tableDigest, tableDigestSliced } from '../../agent/checkpoint/record-table';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { until } from '../../harness/wait';
@@ -459,6 +461,24 @@ describe('ArenaPool', () => {
     await until('the warmer kept two ready', () => pool.freeBytes === 2 * ARENA && pool.warmed === 4, 10_000);
     for (const [k, v] of model) assert.deepEqual(t.get(k)?.value, v);
     assert.equal(tableDigest(t).sha256, modelDigest(model));
+  });
+
+  it('a process whose pool warmed arenas still exits on its own (the thread never keeps it running)', async () => {
+    // A routing process that loaded a big snapshot and then closed everything must end by itself.
+    const code = `
+      const { ArenaPool } = require(${JSON.stringify(path.join(__dirname, '../../agent/checkpoint/arena-pool.js'))});
+      const pool = new ArenaPool(1 << 20, 64 << 20, 2);
+      pool.warmNow();
+      const t = setInterval(() => { if (pool.warmed + pool.freeBytes > 0) { clearInterval(t); console.log('warmed', pool.warmed); } }, 5);
+    `;
+    const r = await new Promise<{ code: number | null; signal: string | null; out: string }>((resolve) => {
+      const child = execFile(process.execPath, ['-e', code], { timeout: 20_000, killSignal: 'SIGKILL' }, () => undefined);
+      let out = '';
+      child.stdout!.on('data', (d: Buffer) => (out += d));
+      child.on('exit', (c, s) => resolve({ code: c, signal: s, out }));
+    });
+    if (canWarm()) assert.match(r.out, /warmed [12]/, 'the warmer made arenas first');
+    assert.deepEqual([r.code, r.signal], [0, null], `exited by itself (output: ${r.out.trim()})`);
   });
 
   it("CLEAR returns a table's arenas; oversize batches and arenas beyond the cap are not kept", () => {
