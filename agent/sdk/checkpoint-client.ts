@@ -1008,13 +1008,14 @@ export class CheckpointClient extends EventEmitter {
     });
   }
 
-  private loadSnapshot(ticket: BulkTicket): Promise<void> {
+  private async loadSnapshot(ticket: BulkTicket): Promise<void> {
     const t = this.table(ticket.table);
     t.records.clear();
     // The table holds nothing now: if the load fails, the next subscription must not resume from
     // the sequence it had (it would apply later batches to an empty table).
     t.seq = 0;
-    t.records.presize(ticket.records);
+    // Sized and paged in before the first byte is asked for (see RecordTable.presize).
+    await t.records.presize(ticket.records);
     return new Promise<void>((resolve, reject) => {
       // The socket reads straight into the table: each frame's header into `header`, its records
       // into the room the table reserved for them at the end of its log (Node's onread: the

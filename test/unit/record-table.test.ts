@@ -184,6 +184,32 @@ describe('RecordTable', () => {
     }
   });
 
+  it('presize pages its index in a slice per turn, and a table changed meanwhile keeps every record', async () => {
+    // Records arrive before the paging is done: the paging must stop, not zero their slots.
+    const t = new RecordTable();
+    const paged = t.presize(1_000_000);
+    const b = new RecordBuilder();
+    const model = new Map<string, Buffer>();
+    for (let i = 0; i < 5000; i++) {
+      const v = Buffer.alloc(20, i & 0xff);
+      b.put(`p${i}`, 1, v);
+      model.set(`p${i}`, v);
+    }
+    t.append(b.take().records);
+    await paged;
+    await new Promise((r) => setImmediate(r)); // a further turn: nothing is still paging
+    assert.equal(t.size, 5000);
+    for (const [k, v] of model) assert.deepEqual(t.get(k)?.value, v, k);
+    assert.equal(tableDigest(t).sha256, modelDigest(model));
+    // Unchanged, it resolves once the whole index is paged in; the table then takes its load.
+    const u = new RecordTable();
+    await u.presize(1_000_000);
+    assert.equal(u.slots, 1 << 21);
+    b.put('after', 1, Buffer.from('x'));
+    u.append(b.take().records);
+    assert.deepEqual(u.get('after')?.value, Buffer.from('x'));
+  });
+
   it('grows its index a slice at a time: keys stay readable, updatable and deletable while they move', async () => {
     const rand = rng(99);
     const t = new RecordTable();
