@@ -353,8 +353,8 @@ export class RecordTable {
    * write per page in order; a load that waits for it takes no page faults on the index. Its
    * inserts land on random pages, and touch() reads a slot before index() writes it, so a fresh
    * page took two faults (the zero page, then its copy): with 1M records (24 MB of index) the
-   * first 1 MiB frame took 35-60 ms and ~12,300 faults, paged in first ~10 ms (and ~14 ms of
-   * paging, in slices). Paging stops early, harmlessly, once the table changes.
+   * first 1 MiB frame took 35-60 ms and ~12,300 faults; after ~14 ms of paging (in slices) it
+   * takes ~8-10 ms. Paging stops early, harmlessly, once the table changes.
    */
   presize(records: number): Promise<void> {
     if (this.size > 0 || this.old) return Promise.resolve();

@@ -62,8 +62,9 @@ export function loadProtos(): { def: protoLoader.PackageDefinition; pkg: grpc.Gr
 let checkpointOnly: { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } | null = null;
 
 /**
- * The checkpoint contract alone: all a routing process's SDK speaks. Loading it took ~25 ms at a process's start, every proto ~65 ms; a
- * standby's first subscribe waits for it. The whole set when it is loaded already.
+ * The checkpoint contract alone: all a routing process's SDK speaks. Loading it took ~25 ms at a
+ * process's start, every proto ~65 ms, and a standby's first subscribe waits for it. Returns the
+ * whole set when that is loaded already.
  */
 export function loadCheckpointProto(): { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } {
   if (cached) return cached;
