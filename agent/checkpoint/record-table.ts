@@ -368,20 +368,13 @@ export class RecordTable {
     const hash = (this.slotHash = new Uint32Array(cap));
     this.mask = cap - 1;
     const version = this.version;
-    const perCheck = PREFAULT_BYTES_PER_CHECK / 4 / 3;
     let from = 0;
     return new Promise<void>((resolve) => {
       const step = () => {
-        // Zeros go only where nothing was written: the same arrays, and no change since.
-        if (this.slotArena !== arena || this.version !== version || this.logRecords > 0) return resolve();
-        const until = performance.now() + GROWTH_TURN_MS;
-        do {
-          const to = Math.min(cap, from + perCheck);
-          arena.fill(0, from, to);
-          off.fill(0, from, to);
-          hash.fill(0, from, to);
-          from = to;
-        } while (from < cap && performance.now() < until);
+        // Zeros go only where nothing was written: the same arrays, and no change since (every
+        // write to the index comes with an append or a clear, which bump the version).
+        if (this.slotArena !== arena || this.version !== version) return resolve();
+        from = pageInSlice(arena, off, hash, from);
         if (from < cap) setImmediate(step);
         else resolve();
       };
@@ -693,21 +686,10 @@ export class RecordTable {
   private prepareGrowth(): void {
     const cap = (this.mask + 1) * 2;
     const next = (this.nextIndex = { arena: new Int32Array(cap), off: new Int32Array(cap), hash: new Uint32Array(cap), touched: 0 });
-    const perCheck = PREFAULT_BYTES_PER_CHECK / 4 / 3;
     const step = () => {
       if (this.nextIndex !== next) return; // taken by a doubling, or dropped by a CLEAR
-      const until = performance.now() + GROWTH_TURN_MS;
-      let from = next.touched;
-      do {
-        const to = Math.min(cap, from + perCheck);
-        // Writing zeros where there are zeros changes nothing but makes the pages resident.
-        next.arena.fill(0, from, to);
-        next.off.fill(0, from, to);
-        next.hash.fill(0, from, to);
-        from = to;
-      } while (from < cap && performance.now() < until);
-      next.touched = from;
-      if (from < cap) setImmediate(step);
+      next.touched = pageInSlice(next.arena, next.off, next.hash, next.touched);
+      if (next.touched < cap) setImmediate(step);
     };
     setImmediate(step);
   }
@@ -743,6 +725,25 @@ export class RecordTable {
       if (this.old) this.scheduleMigration();
     });
   }
+}
+
+/**
+ * Pages in the slots of an index's three arrays from `from` on, for up to GROWTH_TURN_MS; returns
+ * where it stopped. It writes zeros, which change nothing where nothing was written but make the
+ * pages resident: callers page in only arrays no record was indexed in since they were made.
+ */
+function pageInSlice(arena: Int32Array, off: Int32Array, hash: Uint32Array, from: number): number {
+  const cap = arena.length;
+  const perCheck = PREFAULT_BYTES_PER_CHECK / 4 / 3;
+  const until = performance.now() + GROWTH_TURN_MS;
+  do {
+    const to = Math.min(cap, from + perCheck);
+    arena.fill(0, from, to);
+    off.fill(0, from, to);
+    hash.fill(0, from, to);
+    from = to;
+  } while (from < cap && performance.now() < until);
+  return from;
 }
 
 /**

@@ -39,9 +39,12 @@ export const PROTO_FILES = [
   'github.com/openconfig/gnoi/system/system.proto',
 ];
 
-let cached: { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } | null = null;
+/** Loaded contracts: their definitions, and the package tree grpc-js made of them. */
+export type LoadedProtos = { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject };
 
-export function loadProtos(): { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } {
+let cached: LoadedProtos | null = null;
+
+export function loadProtos(): LoadedProtos {
   if (cached) return cached;
   const dir = protoDir();
   const files = PROTO_FILES.filter((f) => fs.existsSync(path.join(dir, f)));
@@ -59,14 +62,14 @@ export function loadProtos(): { def: protoLoader.PackageDefinition; pkg: grpc.Gr
   return cached;
 }
 
-let checkpointOnly: { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } | null = null;
+let checkpointOnly: LoadedProtos | null = null;
 
 /**
  * The checkpoint contract alone: all a routing process's SDK speaks. Loading it took ~25 ms at a
  * process's start, every proto ~65 ms, and a standby's first subscribe waits for it. Returns the
  * whole set when that is loaded already.
  */
-export function loadCheckpointProto(): { def: protoLoader.PackageDefinition; pkg: grpc.GrpcObject } {
+export function loadCheckpointProto(): LoadedProtos {
   if (cached) return cached;
   if (!checkpointOnly) {
     const def = protoLoader.loadSync([CHECKPOINT_PROTO], { ...LOADER_OPTIONS, includeDirs: [protoDir()] });
@@ -83,8 +86,9 @@ export function serviceDef(pkg: grpc.GrpcObject, fqName: string): grpc.ServiceDe
   return ctor.service;
 }
 
-export function clientCtor(fqName: string): grpc.ServiceClientConstructor {
-  const { pkg } = fqName === 'hitless.v1.Checkpoint' ? loadCheckpointProto() : loadProtos();
+/** A service's client class, from `loaded` (every contract unless told otherwise). */
+export function clientCtor(fqName: string, loaded: LoadedProtos = loadProtos()): grpc.ServiceClientConstructor {
+  const { pkg } = loaded;
   let node: unknown = pkg;
   for (const part of fqName.split('.')) node = (node as Record<string, unknown>)[part];
   return node as grpc.ServiceClientConstructor;

@@ -22,7 +22,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { clientCtor } from '../grpc/proto';
+import { clientCtor, loadCheckpointProto } from '../grpc/proto';
 import { Logger, silentLogger } from '../common/logger';
 import {
   AckRequest,
@@ -274,7 +274,7 @@ export class CheckpointClient extends EventEmitter {
     super();
     this.log = opts.logger ?? silentLogger;
     const address = opts.address.startsWith('/') ? `unix:${opts.address}` : opts.address;
-    const Ctor = clientCtor('hitless.v1.Checkpoint');
+    const Ctor = clientCtor('hitless.v1.Checkpoint', loadCheckpointProto());
     this.stub = new Ctor(address, grpc.credentials.createInsecure(), {
       'grpc.max_receive_message_length': 8 * 1024 * 1024,
       'grpc.max_send_message_length': 8 * 1024 * 1024,

@@ -480,7 +480,7 @@ describe('ArenaPool', () => {
 
     // A presize for a big load starts warming before the table holds anything.
     const loading = new RecordTable({ pool });
-    loading.presize(1_000_000);
+    void loading.presize(1_000_000);
     await until('two warm arenas for the announced load', () => pool.freeBytes === 2 * ARENA, 10_000);
     assert.equal(pool.warmed, 2, 'made by the warmer');
     write(1500, 3000); // takes the two warm ones first; the warmer makes two more
