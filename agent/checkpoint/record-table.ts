@@ -172,6 +172,8 @@ export class RecordTable {
   private cursor = 0;
   /** Arena id of a pending reserveAppend(), else -1. */
   private reserved = -1;
+  /** Where in its arena the pending reservation's bytes begin. */
+  private reservedAt = 0;
   private compactScheduled = false;
   /** arena id + 1 per slot; 0 = empty. */
   private slotArena = new Int32Array(MIN_CAPACITY);
@@ -222,7 +224,22 @@ export class RecordTable {
   reserveAppend(bytes: number): Buffer {
     const arena = this.byId[this.reserve(bytes)]!;
     this.reserved = arena.id;
+    this.reservedAt = arena.used;
     return arena.buf.subarray(arena.used, arena.used + bytes);
+  }
+
+  /**
+   * Applies the whole records among the first `written` bytes of the pending reservation that no
+   * earlier call applied, and keeps the reservation open for the rest. A standby applies a
+   * snapshot frame as its bytes arrive, a read at a time, rather than a whole frame (~8,000
+   * records, 10-50 ms with the CPUs busy) in the one turn that completes it. A CLEAR, and
+   * whatever follows it, waits for appendReserved().
+   */
+  appendReservedPart(written: number): void {
+    const arena = this.reserved >= 0 ? this.byId[this.reserved] : undefined;
+    if (!arena) throw new Error('RecordTable: appendReservedPart() without a reservation (the table changed since reserveAppend())');
+    this.version++;
+    this.indexWhole(arena, this.reservedAt + written);
   }
 
   /** Applies the `bytes` written in place since reserveAppend(bytes) (validated packed records). */
@@ -231,32 +248,47 @@ export class RecordTable {
     this.reserved = -1;
     if (!arena) throw new Error('RecordTable: appendReserved() without a reservation (the table changed since reserveAppend())');
     this.version++;
+    const end = this.reservedAt + bytes;
+    this.indexWhole(arena, end);
+    if (arena.used < end) {
+      const off = arena.used;
+      if (arena.buf[off] !== OP_CLEAR)
+        throw new Error(`RecordTable: a record at byte ${off - this.reservedAt} runs past the end of the ${bytes} bytes applied`);
+      // A CLEAR: everything before is void; start a new log with the rest of this batch.
+      const rest = Buffer.from(arena.buf.subarray(off + RECORD_HEADER_BYTES, end));
+      this.reset();
+      this.append(rest);
+      return;
+    }
+    if (this.autoCompact && this.needsCompaction()) this.startCompaction();
+  }
+
+  /**
+   * Indexes the whole records in `arena` from its end of log (`used`) up to byte `limit`, in
+   * groups (see touch), and makes them part of the log. Stops before a CLEAR, and before a record
+   * that `limit` cuts (its bytes are still arriving).
+   */
+  private indexWhole(arena: Arena, limit: number): void {
     const buf = arena.buf;
-    const end = arena.used + bytes;
-    let off = arena.used;
-    while (off < end) {
+    const from = arena.used;
+    let off = from;
+    for (;;) {
       let n = 0;
-      for (; n < APPEND_GROUP && off < end && buf[off] !== OP_CLEAR; n++) {
+      for (; n < APPEND_GROUP && off + RECORD_HEADER_BYTES <= limit && buf[off] !== OP_CLEAR; n++) {
+        const len = recordLength(buf, off);
+        if (off + len > limit) break;
         groupOff[n] = off;
         groupHash[n] = hashKey(buf, off + RECORD_HEADER_BYTES, (buf[off + 1] << 8) | buf[off + 2]);
-        off += recordLength(buf, off);
+        off += len;
       }
+      if (n === 0) break;
       this.touch(n);
       for (let k = 0; k < n; k++) this.index(arena.id, buf, groupOff[k], groupHash[k]);
       arena.records += n;
       this.logRecords += n;
-      if (n === 0) {
-        // A CLEAR: everything before is void; start a new log with the rest of this batch.
-        const rest = Buffer.from(buf.subarray(off + RECORD_HEADER_BYTES, end));
-        arena.used = off; // the bytes after `off` are not part of this (abandoned) log
-        this.reset();
-        this.append(rest);
-        return;
-      }
     }
-    this.logBytes += bytes;
-    arena.used = end;
-    if (this.autoCompact && this.needsCompaction()) this.startCompaction();
+    this.logBytes += off - from;
+    arena.used = off;
   }
 
   /**

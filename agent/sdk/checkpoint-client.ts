@@ -78,6 +78,15 @@ const RESTART_RETRY_MAX_MS = 30_000;
  */
 const MAX_SEND_BATCH_BYTES = 8 * 1024 * 1024 - 1024;
 
+/**
+ * Most bytes of a bulk snapshot one socket read takes, and so most records one turn of the event
+ * loop applies: 128 KiB is ~1,000 records of a full table, 1-2 ms. Applied whole, in the read
+ * that completed it, a 1 MiB frame (~8,000 records) held the loop for 10-50 ms with the CPUs busy.
+ */
+const SNAPSHOT_READ_BYTES = 128 * 1024;
+/** Most bytes of a bulk snapshot read in one turn of the event loop (see loadSnapshot). */
+const SNAPSHOT_TURN_BYTES = 4 * SNAPSHOT_READ_BYTES;
+
 /** Converts a value from one schema version to another (e.g. 1 -> 2 when reading old records). */
 export type Transform = (value: Buffer) => Buffer;
 
@@ -1021,7 +1030,8 @@ export class CheckpointClient extends EventEmitter {
       // into the room the table reserved for them at the end of its log (Node's onread: the
       // kernel copies there, with no buffer of the socket's own in between, which cost a copy of
       // the whole table and ~2,000 64 KiB allocations per million records for the GC to find).
-      // A frame is applied as it completes, so applying overlaps with receiving.
+      // Records are applied as they arrive, one read (at most SNAPSHOT_READ_BYTES) at a time: no
+      // turn of the event loop applies more than that, and applying overlaps with receiving.
       const header = Buffer.alloc(8);
       let headerFilled = 0;
       let frame: Buffer | null = null;
@@ -1030,20 +1040,22 @@ export class CheckpointClient extends EventEmitter {
       let received = 0;
       let done = false;
       let failed = false;
+      /** Bytes read since the socket last paused (see the read callback). */
+      let sinceTurn = 0;
       const fail = (e: Error) => {
         failed = true;
         sock.destroy();
         reject(e);
       };
       /** Where the next read goes: the rest of the frame being filled, else of the next header. */
-      const nextRoom = (): Buffer => (frame ? frame.subarray(filled) : header.subarray(headerFilled));
+      const nextRoom = (): Buffer => (frame ? frame.subarray(filled, Math.min(frame.length, filled + SNAPSHOT_READ_BYTES)) : header.subarray(headerFilled));
       /** `n` bytes arrived in nextRoom(). */
       const arrived = (n: number): void => {
         if (done) return; // bytes after the end frame: nothing sane sends them; close decides
         if (frame) {
           filled += n;
-          if (filled < frame.length) return;
           try {
+            if (filled < frame.length) return t.records.appendReservedPart(filled);
             t.records.appendReserved(frame.length);
           } catch (e) {
             done = true;
@@ -1079,7 +1091,16 @@ export class CheckpointClient extends EventEmitter {
           buffer: nextRoom,
           callback: (n) => {
             arrived(n);
-            return true;
+            // libuv reads on while the kernel has more (up to 32 reads in one go): past
+            // SNAPSHOT_TURN_BYTES the socket pauses until the next turn, so timers and other
+            // sockets get theirs (false pauses it).
+            sinceTurn += n;
+            if (sinceTurn < SNAPSHOT_TURN_BYTES) return true;
+            sinceTurn = 0;
+            setImmediate(() => {
+              if (!sock.destroyed) sock.resume();
+            });
+            return false;
           },
         });
       } catch (e) {
