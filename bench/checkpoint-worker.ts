@@ -20,6 +20,7 @@ type Cmd =
   | { op: 'waitSeq'; table: string; seq: number }
   | { op: 'digest'; table: string }
   | { op: 'churnOn'; rate: number }
+  | { op: 'churnPrepare'; records: number }
   | { op: 'loopDelay'; reset: boolean }
   | { op: 'churnOff' }
   | { op: 'rawPrepare'; records: number; batch: number }
@@ -43,7 +44,52 @@ if (process.env.BENCH_MEM_TRACE) {
     );
   }, 1000).unref();
 }
+/**
+ * What this process's main thread did while its event loop was late. The loop's delay above counts
+ * wall time, which on two busy cores includes time the thread waited for a CPU (the agent and the
+ * other process had both). A 1 ms timer here also reads how long the thread has waited runnable
+ * for a CPU (/proc/self/schedstat's second field, ns, counted as each wait ends, so it is exact
+ * whenever this thread runs), so that for every gap between two fires the time the thread spent
+ * otherwise (running, or in the kernel on its behalf) is known: `busyMaxMs`, the longest of
+ * those, is how long the process held its own loop. (The first field, time on a CPU, is not
+ * current for a running thread: it is brought up to date only at scheduler ticks and switches.)
+ * BENCH_STALL_TRACE=MS prints every gap longer than MS on stderr with its start and end on the
+ * monotonic clock (µs, as a --cpu-prof profile's timestamps), to find in a profile what ran.
+ */
+const schedstat = fs.openSync('/proc/self/schedstat', 'r');
+const schedBuf = Buffer.alloc(64);
+const runnableNs = (): number => {
+  const n = fs.readSync(schedstat, schedBuf, 0, schedBuf.length, 0);
+  return Number(schedBuf.toString('latin1', 0, n).split(' ')[1]);
+};
+const stallTrace = Number(process.env.BENCH_STALL_TRACE ?? 0);
+let busyMaxMs = 0;
+let lastTick = process.hrtime.bigint();
+let lastRunnable = runnableNs();
+/** Starts a new window: what came before (a stall under way included) is not counted. */
+const resetBusy = () => {
+  busyMaxMs = 0;
+  lastTick = process.hrtime.bigint();
+  lastRunnable = runnableNs();
+};
+setInterval(() => {
+  const t = process.hrtime.bigint();
+  const runnable = runnableNs();
+  const gapMs = Number(t - lastTick) / 1e6;
+  const waitedMs = (runnable - lastRunnable) / 1e6;
+  // Less the timer's own 1 ms: a loop that keeps up shows ~0.
+  const busyMs = Math.max(0, gapMs - waitedMs - 1);
+  if (busyMs > busyMaxMs) busyMaxMs = busyMs;
+  if (stallTrace && gapMs > stallTrace)
+    process.stderr.write(
+      `stall ${process.pid} ${client?.role ?? '-'} ${gapMs.toFixed(1)} ms (waiting for a CPU ${waitedMs.toFixed(1)} ms) from ${lastTick / 1000n} to ${t / 1000n} us\n`,
+    );
+  lastTick = t;
+  lastRunnable = runnable;
+}, 1).unref();
 let routes: RibRoute[] = [];
+/** The incremental phase's changes, made by churnPrepare ahead of the phase. */
+let prepared: RibRoute[] = [];
 /** The raw-hop limit (see checkpoint.bench.ts): frames prepared by the sender; the receiver's count. */
 let rawFrames: Buffer[] = [];
 let rawServer: net.Server | null = null;
@@ -89,6 +135,10 @@ async function pipelined(
       inflight--;
       wake?.();
     });
+    // One batch per turn, as a daemon builds its changes between its other work: acks come in
+    // bursts, and refilling the window in one go built up to 16 batches (16,000 records) in one
+    // turn of this process's loop, which was the harness's stall, not the SDK's.
+    await yieldTurn();
     while (inflight >= window) await new Promise<void>((r) => (wake = r));
   }
   while (inflight > 0) await new Promise<void>((r) => (wake = r));
@@ -115,6 +165,10 @@ process.on('message', async (cmd: Cmd) => {
         ],
         role: cmd.role,
       });
+      // From here on the event-loop figure is the SDK at work (register, load, follow), not this
+      // process starting up: constructing the client loads checkpoint.proto (~25 ms, once).
+      loop.reset();
+      resetBusy();
       await client.start();
       send({ ok: true, seconds: now() - t0 });
     } else if (cmd.op === 'load') {
@@ -127,8 +181,14 @@ process.on('message', async (cmd: Cmd) => {
         for (let j = i; j < i + n; j++) b.put(routes[j].key, routes[j].value);
       });
       send({ ok: true, seconds: now() - t1, generateSeconds: gen, seq: client!.table('rib').seq });
+    } else if (cmd.op === 'churnPrepare') {
+      // Generated before the phase's window: making a million route objects is the harness's
+      // work, not the SDK's, and must not be counted as this process's event-loop stall.
+      prepared = await churnUpdates(cmd.records);
+      send({ ok: true });
     } else if (cmd.op === 'churn') {
-      const updates = await churnUpdates(cmd.records);
+      const updates = prepared.length ? prepared : await churnUpdates(cmd.records);
+      prepared = [];
       const t0 = now();
       await pipelined(updates.length, cmd.batch, cmd.window, (b, i, n) => {
         for (let j = i; j < i + n; j++) b.put(updates[j].key, updates[j].value);
@@ -179,6 +239,7 @@ process.on('message', async (cmd: Cmd) => {
       };
       (globalThis as { gc?: () => void }).gc?.();
       loop.reset(); // event-loop delay from here on is what the measured batches could meet
+      resetBusy();
       const t0 = now();
       let lastAck = 0;
       const measuredFromEpochMs = Date.now() + warmup * 1000;
@@ -250,18 +311,26 @@ process.on('message', async (cmd: Cmd) => {
       send({ ok: true, seconds: now() - t0 });
     } else if (cmd.op === 'loopDelay') {
       // Event-loop delay of this process (ms): a stall here is latency every peer sees.
-      const r = { ok: true, p99: loop.percentile(99) / 1e6, max: loop.max / 1e6 };
-      if (cmd.reset) loop.reset();
+      const r = { ok: true, p99: loop.percentile(99) / 1e6, max: loop.max / 1e6, busyMax: busyMaxMs };
+      if (cmd.reset) {
+        loop.reset();
+        resetBusy();
+      }
       send(r);
     } else if (cmd.op === 'churnOn') {
       // Background load while a switchover happens: a batch every 10 ms while this is the active.
       const rng = createRng(23);
       const per = Math.max(1, Math.round(cmd.rate / 100));
       if (routes.length === 0) {
-        // A standby never generated the table: take keys and values from what it replicated.
-        client!.table('rib').forEach((key, _schema, value) => {
-          if (routes.length < 50_000) routes.push({ key, value: Buffer.from(value) });
-        });
+        // A standby never generated the table: take keys and values from what it replicated, a
+        // slice per turn until it has enough (all at once held this process's loop for ~100 ms,
+        // which would count as a stall of the SDK).
+        const t = client!.table('rib');
+        for (let at = 0; at >= 0 && routes.length < 50_000; await yieldTurn()) {
+          at = t.forEachIn(at, 4096, (key, _schema, value) => {
+            if (routes.length < 50_000) routes.push({ key, value: Buffer.from(value) });
+          });
+        }
       }
       let k = 0;
       churnTimer = setInterval(() => {

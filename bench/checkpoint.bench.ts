@@ -19,10 +19,18 @@
  *                neither keeps up on 2 cores, and the peer's writer is this benchmark's one-thread
  *                RESP client: its figure there is bound by that client, not by Redis;
  *   agent-rss    the agent's resident memory holding the table;
+ *   audit        an Audit of the process (every table digested at one frozen moment by the agent
+ *                and by both instances, in slices): its time and whether the digests agree;
  *   switchover   write-freeze window when the standby takes over the 1M-record table while the
  *                active changes 20k records/s (agent-side: FREEZE sent -> PROMOTE acknowledged).
  * Every line of a load also has `agent_loop_max_ms`: the agent's longest event-loop stall while it
  * ran (from its Prometheus endpoint, 1 ms sampling): a stall there delays every acknowledgement.
+ * From the bulk phase on, lines also have `process_loop_max_ms`: the same for the routing
+ * processes (the active and the standby worker, the longer of the two), whose SDK applies
+ * snapshots and changes and computes digests on their event loops; and `process_busy_max_ms`,
+ * the longest such stall less the time the process's main thread waited for a CPU meanwhile (from
+ * /proc/self/schedstat). Where the cores are saturated (bulk, incremental) a stall is mostly that
+ * waiting; the busy figure is the work that held the loop.
  */
 import { ChildProcess, execFile, fork } from 'node:child_process';
 import fs from 'node:fs';
@@ -46,7 +54,7 @@ const AGENT_NODE_FLAGS = (process.env.BENCH_AGENT_NODE_FLAGS ?? '').split(' ').f
  */
 /** Offered rates of the sync-ack phase, records/s (BENCH_SYNC_RATES=200000 for one). */
 const SYNC_RATES = (process.env.BENCH_SYNC_RATES ?? '50000,200000').split(',').map(Number);
-const PHASES = new Set((process.env.BENCH_PHASES ?? 'bulk,incremental,sync,switchover').split(','));
+const PHASES = new Set((process.env.BENCH_PHASES ?? 'bulk,incremental,sync,audit,switchover').split(','));
 
 interface Worker {
   proc: ChildProcess;
@@ -164,18 +172,49 @@ async function main(): Promise<void> {
     // Bulk: a fresh standby (process already running) subscribes; time until it holds everything.
     const standby = worker();
     workers.push(standby);
+    /**
+     * Routing processes `ws` since their previous call (the longer of them), ms: `wall`, their
+     * longest event-loop stall as loopMax counts the agent's (each worker samples its loop every
+     * 1 ms); `busy`, the longest stall less the time their main thread waited for a CPU in it
+     * (which two busy cores make long). Call it before a phase to start the window, after it to
+     * read the phase's figures.
+     */
+    const processLoops = async (ws = [active, standby]): Promise<{ wall: number; busy: number }> => {
+      let wall = 0;
+      let busy = 0;
+      for (const w of ws) {
+        const r = await w.call<{ max: number; busyMax: number }>({ op: 'loopDelay', reset: true });
+        if (process.env.BENCH_DEBUG) process.stderr.write(`worker ${w.proc.pid}: event-loop max ${round(r.max - 1, 1)} ms, busy ${round(r.busyMax, 1)} ms\n`);
+        wall = Math.max(wall, r.max - 1);
+        busy = Math.max(busy, r.busyMax);
+      }
+      return { wall: round(Math.max(0, wall), 1), busy: round(busy, 1) };
+    };
+    const maxLoops = (a: { wall: number; busy: number }, b: { wall: number; busy: number }) => ({
+      wall: Math.max(a.wall, b.wall),
+      busy: Math.max(a.busy, b.busy),
+    });
     const bulkSamples: number[] = [];
+    let bulkProcessLoops = { wall: 0, busy: 0 };
     await settle();
     await loopMax();
+    await processLoops();
     for (let i = 0; i < (PHASES.has('bulk') ? 3 : 1); i++) {
       const sb = i === 0 ? standby : worker();
-      if (i > 0) workers.push(sb);
+      if (i > 0) {
+        workers.push(sb);
+        await processLoops([sb]); // from here: its start (loading modules) is not the load
+      }
       const st = await sb.call({ op: 'start', role: 'STANDBY', socket: agent.socket, instance: `bgp-s${i}` });
       const w = await sb.call({ op: 'waitSeq', table: 'rib', seq: load.seq });
       bulkSamples.push(st.seconds + w.seconds);
-      if (i > 0) await sb.call({ op: 'exit' });
+      if (i > 0) {
+        bulkProcessLoops = maxLoops(bulkProcessLoops, await processLoops([sb]));
+        await sb.call({ op: 'exit' });
+      }
     }
     const bulkLoopMax = await loopMax();
+    bulkProcessLoops = maxLoops(bulkProcessLoops, await processLoops());
     bulkSamples.sort((a, b) => a - b);
     const bulk = bulkSamples[1];
     const dA = await active.call<{ sha256: string; records: number }>({ op: 'digest', table: 'rib' });
@@ -200,17 +239,22 @@ async function main(): Promise<void> {
         peer_samples: redis.map((x) => round(x)),
         ratio: round(bulk / redis[1]),
         agent_loop_max_ms: bulkLoopMax,
+        process_loop_max_ms: bulkProcessLoops.wall,
+        process_busy_max_ms: bulkProcessLoops.busy,
       });
 
     if (PHASES.has('incremental')) {
       // Incremental: churn the table while the standby follows; time until the standby applied the last.
+      await active.call({ op: 'churnPrepare', records: RECORDS });
       await settle();
       await loopMax();
+      await processLoops();
       const churn = active.call({ op: 'churn', records: RECORDS, batch: BATCH, window: 16 });
       const done = await churn;
       const t = await standby.call({ op: 'waitSeq', table: 'rib', seq: done.seq });
       const incSeconds = done.seconds + t.seconds;
       const incLoopMax = await loopMax();
+      const incProcessLoops = await processLoops();
       const d2A = await active.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
       const d2S = await standby.call<{ sha256: string }>({ op: 'digest', table: 'rib' });
       // The limit beside it: the same changes, framed as the active frames them, moved once from
@@ -229,6 +273,8 @@ async function main(): Promise<void> {
         records_per_s: Math.round(RECORDS / incSeconds),
         digest_match: d2A.sha256 === d2S.sha256,
         agent_loop_max_ms: incLoopMax,
+        process_loop_max_ms: incProcessLoops.wall,
+        process_busy_max_ms: incProcessLoops.busy,
         limit: 'raw-unix-hop',
         limit_bytes: prepared.bytes,
         limit_seconds: round(raw.seconds),
@@ -273,6 +319,8 @@ async function main(): Promise<void> {
           backlog_end_batches: lat.backlogEnd,
           kept_up: lat.achieved >= 0.95 * rate,
           agent_loop_max_ms: syncLoopMax,
+          process_loop_max_ms: round(Math.max(0, loopA.max - 1, loopS.max - 1), 1),
+          process_busy_max_ms: round(Math.max(loopA.busyMax, loopS.busyMax), 1),
           peer: 'redis-wait',
           peer_p50_ms: round(peer.p50Ms),
           peer_p99_ms: round(peer.p99Ms),
@@ -305,12 +353,38 @@ async function main(): Promise<void> {
     }
     print({ bench: 'agent-rss-end', records: RECORDS, seconds: 0, rss_mb: round(rssBytes(agent.pid) / 2 ** 20, 1) });
 
+    if (PHASES.has('audit')) {
+      // An Audit while nothing writes: the agent and both instances digest every table of the
+      // process (the agent's replica of the load's table and the sync phase's), in slices.
+      const ck = rawClient('hitless.v1.Checkpoint', agent.socket);
+      try {
+        await settle();
+        await loopMax();
+        await processLoops();
+        const t0 = performance.now();
+        const r = await unaryCall<{ consistent: boolean; agent: { table: string; records: string }[] }>(ck, 'Audit', { process: 'bgp' });
+        const seconds = (performance.now() - t0) / 1000;
+        print({
+          bench: 'audit',
+          records: r.agent.reduce((a, d) => a + Number(d.records), 0),
+          seconds: round(seconds),
+          tables: r.agent.length,
+          consistent: r.consistent,
+          agent_loop_max_ms: await loopMax(),
+          ...(await processLoops().then((l) => ({ process_loop_max_ms: l.wall, process_busy_max_ms: l.busy }))),
+        });
+      } finally {
+        ck.close();
+      }
+    }
+
     if (PHASES.has('switchover')) {
       // Switchover under load, there and back, three times each way: the freeze window.
       const ck = rawClient('hitless.v1.Checkpoint', agent.socket);
       const freezes: number[] = [];
       await settle();
       await loopMax();
+      await processLoops();
       try {
         await active.call({ op: 'churnOn', rate: 20_000 });
         await standby.call({ op: 'churnOn', rate: 20_000 }); // runs only while it is the active
@@ -334,6 +408,7 @@ async function main(): Promise<void> {
         freeze_ms_max: round(freezes[freezes.length - 1]),
         samples_ms: freezes.map((x) => round(x)),
         agent_loop_max_ms: await loopMax(),
+        ...(await processLoops().then((l) => ({ process_loop_max_ms: l.wall, process_busy_max_ms: l.busy }))),
       });
     }
   } finally {
