@@ -282,17 +282,28 @@ export class RoleChanges {
       if (active) await this.freeze(g, active, 'audit');
       const seqs = g.tableSeqs();
       for (const s of g.standbys()) if (s.inSync) await this.waitAcked(g, s, seqs, this.st.opts.commandTimeoutMs);
-      // Sliced: a big table must not stall the agent's event loop (acks of other processes).
-      const agent: TableDigest[] = [];
-      for (const [table, t] of g.tables) {
-        const d = await tableDigestSliced(t.replica.table);
-        agent.push({ table, seq: t.replica.seq, ...d }); // read on resuming: the digested state's sequence
-      }
-      const peers: PeerDigests[] = [];
-      for (const s of g.sessions) {
+      // Nothing changes now, so the agent and every instance digest at the same time: the active
+      // stays frozen for the longest digest, not for their sum (one after the other, a 1M-record
+      // table kept it frozen for ~14 s). Sliced: a big table must not stall the agent's event
+      // loop (acks of other processes). All are awaited before an error is thrown, so that no
+      // digest is still running once the active writes again.
+      const agentDigests = (async () => {
+        const out: TableDigest[] = [];
+        for (const [table, t] of g.tables) {
+          const d = await tableDigestSliced(t.replica.table);
+          out.push({ table, seq: t.replica.seq, ...d }); // read on resuming: the digested state's sequence
+        }
+        return out;
+      })();
+      const reports = [...g.sessions].map(async (s): Promise<PeerDigests> => {
         const r = await this.command(s, 'REPORT', { reason: 'audit' });
-        peers.push({ instanceId: s.reg.instanceId, vmId: s.reg.vmId, role: s.role, digests: r.digests });
-      }
+        return { instanceId: s.reg.instanceId, vmId: s.reg.vmId, role: s.role, digests: r.digests };
+      });
+      const settled = await Promise.allSettled([agentDigests, ...reports]);
+      const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
+      const agent = await agentDigests;
+      const peers = await Promise.all(reports);
       const problems: string[] = [];
       for (const a of agent) {
         for (const p of peers) {

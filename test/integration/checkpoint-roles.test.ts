@@ -4,6 +4,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import { CheckpointClient } from '../../agent/sdk/checkpoint-client';
 import { RecordBuilder } from '../../agent/checkpoint/records';
 import { startAgent, stopAllAgents } from '../../harness/agent-process';
@@ -294,6 +295,45 @@ describe('checkpoint: switchover driven by the agent', function () {
     } finally {
       await standby.close();
       act.call.end();
+      c.close();
+    }
+  });
+
+  it('an audit asks every instance for its digests at the same time, and unfreezes the active once all answered', async function () {
+    // One after the other, the first instance below would never answer (it waits for the other
+    // to be asked too), and the audit would fail after the 60 s REPORT timeout.
+    this.timeout(90_000);
+    const agent = await startAgent();
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    const act = await registerRaw(c, registration());
+    const sb = await registerRaw(c, registration({ instanceId: 'bgp@vm2', vmId: 'vm2', wantedRole: 'STANDBY' }));
+    const empty = { table: 'rib', seq: 0, records: 0, sha256: crypto.createHash('sha256').digest('hex') };
+    const asked: { call: typeof act.call; commandId: number }[] = [];
+    const log: string[] = [];
+    for (const [who, s] of [
+      ['active', act],
+      ['standby', sb],
+    ] as const) {
+      s.call.on('data', (m) => {
+        const cmd = m.command as { commandId: number; kind: string } | undefined;
+        if (!cmd) return;
+        log.push(`${who} ${cmd.kind}`);
+        if (cmd.kind !== 'REPORT') return s.call.write({ result: { commandId: cmd.commandId, ok: true, tableSeqs: { rib: 0 } } });
+        // Answered only once both were asked.
+        asked.push({ call: s.call, commandId: cmd.commandId });
+        if (asked.length === 2) for (const a of asked) a.call.write({ result: { commandId: a.commandId, ok: true, tableSeqs: { rib: 0 }, digests: [empty] } });
+      });
+    }
+    try {
+      const r = await unaryCall<{ consistent: boolean; detail: string; peers: unknown[] }>(c, 'Audit', { process: 'bgp' });
+      assert.ok(r.consistent, r.detail);
+      assert.equal(r.peers.length, 2);
+      await until('the active unfrozen', () => log.includes('active UNFREEZE'));
+      assert.deepEqual(log.slice(0, 1), ['active FREEZE']);
+      assert.ok(log.indexOf('active UNFREEZE') > log.lastIndexOf('standby REPORT'), log.join(', '));
+    } finally {
+      act.call.end();
+      sb.call.end();
       c.close();
     }
   });
