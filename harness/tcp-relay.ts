@@ -3,7 +3,9 @@
  * makes: a guest's QEMU/socat relay, a port forward, in tests. `drop`: that many first
  * connections are closed as soon as they are accepted (a relay that restarts). `pieces`: what
  * comes from upstream goes on in writes of these sizes (cycled), one per event-loop turn, so a
- * client reads its frames and their headers cut at every offset.
+ * client reads its frames and their headers cut at every offset. `delayMs`: each connection is
+ * relayed upstream only this long after it was accepted (what the client sends waits), as a
+ * slow guest's relay.
  */
 import net from 'node:net';
 
@@ -23,7 +25,7 @@ export interface TcpRelay {
   close(): void;
 }
 
-export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: number; pieces?: number[] } = {}): Promise<TcpRelay> {
+export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: number; pieces?: number[]; delayMs?: number } = {}): Promise<TcpRelay> {
   const sockets = new Set<net.Socket>();
   const clientSides = new Set<net.Socket>();
   let accepted = 0;
@@ -32,22 +34,30 @@ export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: numbe
     if (++accepted <= (opts.drop ?? 0) || isCut) return down.destroy();
     clientSides.add(down);
     down.on('close', () => clientSides.delete(down));
-    const up = connectUp();
-    for (const [a, b] of [
-      [down, up],
-      [up, down],
-    ]) {
-      sockets.add(a);
-      a.on('error', () => b.destroy());
-      if (a === up && opts.pieces) {
-        // The client gets what came before the agent closed, then the close.
-        inPieces(up, down, opts.pieces);
-        a.on('close', () => sockets.delete(a));
-      } else {
-        a.pipe(b);
-        a.on('close', () => (sockets.delete(a), b.destroy()));
+    const relay = () => {
+      const up = connectUp();
+      for (const [a, b] of [
+        [down, up],
+        [up, down],
+      ]) {
+        sockets.add(a);
+        a.on('error', () => b.destroy());
+        if (a === up && opts.pieces) {
+          // The client gets what came before the agent closed, then the close.
+          inPieces(up, down, opts.pieces);
+          a.on('close', () => sockets.delete(a));
+        } else {
+          a.pipe(b);
+          a.on('close', () => (sockets.delete(a), b.destroy()));
+        }
       }
-    }
+    };
+    if (!opts.delayMs) return relay();
+    sockets.add(down);
+    down.pause(); // what the client sends meanwhile waits in its socket (pipe() resumes it)
+    setTimeout(() => {
+      if (!down.destroyed) relay();
+    }, opts.delayMs);
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   return {

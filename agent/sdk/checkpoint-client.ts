@@ -273,6 +273,11 @@ export class CheckpointClient extends EventEmitter {
   private ready = false;
   /** Serializes subscription events: a snapshot must be applied before the changes after it. */
   private eventChain: Promise<void> = Promise.resolve();
+  /**
+   * Settles once a registered active has reloaded its tables from the agent (or failed to): until
+   * then its tables are not its state, and a REPORT waits for it.
+   */
+  private recovered: Promise<void> = Promise.resolve();
   private pendingAcks = new Map<string, number>();
   private ackScheduled = false;
   private queuedEvents = 0;
@@ -451,7 +456,11 @@ export class CheckpointClient extends EventEmitter {
     try {
       if (r.role === 'ACTIVE') {
         const reload = this.tablesToReload(r);
-        if (Object.keys(reload).length) await this.recover(this.supersededBy(reload));
+        if (Object.keys(reload).length) {
+          const recovery = this.recover(this.supersededBy(reload));
+          this.recovered = recovery.catch(() => undefined);
+          await recovery;
+        }
         this.openWriteStream(r.tableSeqs);
       } else if (wasActive) {
         this.rejoinAsStandby();
@@ -689,7 +698,11 @@ export class CheckpointClient extends EventEmitter {
           break;
         case 'REPORT': {
           // A standby reports what it applied, not what is queued; the digests run on the event
-          // chain so no change is applied to a table while its digest is computed in slices.
+          // chain so no change is applied to a table while its digest is computed in slices. An
+          // active that is still reloading its tables (it registered moments ago) reports them
+          // once reloaded: an audit asks at once, and empty tables would read as lost ones. (It
+          // joins the chain only then: the reload's own events are applied on the chain.)
+          await this.recovered;
           const report = this.eventChain.then(() => this.digestAll());
           this.eventChain = report.then(
             () => undefined,

@@ -7,8 +7,12 @@
  * of 1 byte to 64 KiB loads exactly.
  */
 import assert from 'node:assert/strict';
+import type { AuditResponse } from '../../agent/checkpoint/messages';
 import type { AgentHandle } from '../../harness/agent-process';
-import { TcpRelay } from '../../harness/tcp-relay';
+import { rawClient, unaryCall } from '../../harness/grpc-client';
+import net from 'node:net';
+import { startAgent } from '../../harness/agent-process';
+import { TcpRelay, tcpRelay } from '../../harness/tcp-relay';
 import { until } from '../../harness/wait';
 import { agentAndBulkRelay, bgpClient, closedAfterEach, writeBatches } from '../helpers/bgp-checkpoint';
 
@@ -110,5 +114,44 @@ describe('checkpoint: a bulk snapshot that arrives in pieces of every size', fun
     await writeBatches(a, 16, 18);
     await until('the standby applied the later changes', () => b.table('rib').seq === 18);
     assert.deepEqual(b.digest('rib'), a.digest('rib'));
+  });
+
+  it('an audit right after an active restarts compares the table it reloads, not the empty one it started with', async () => {
+    // Every bulk-socket connection (its frame channels, the snapshot) is relayed 300 ms late, as
+    // by a slow guest: the audit's REPORT reaches the process before the reload's first event.
+    const agent = await startAgent();
+    const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { delayMs: 300 });
+    relays.push(relay);
+    const first = bgpClient(agent, 'vm1', 'ACTIVE');
+    open.push(first);
+    await first.start();
+    const value = Buffer.alloc(100, 7);
+    for (let i = 1; i <= 15; i++) {
+      const b = first.batch('rib');
+      for (let j = 0; j < 1000; j++) b.put(`10.${i}.${j >> 8}.${j & 255}/32`, value);
+      await b.commit();
+    }
+    const digest = first.digest('rib');
+    await first.close();
+    open.splice(open.indexOf(first), 1);
+
+    // The process restarts with nothing and reloads 15,000 records through the relay; the audit
+    // is asked for as soon as it is registered, while it is still reloading.
+    // On frame channels its reload's subscription is late too, not only the snapshot.
+    const again = bgpClient(agent, 'vm1', 'ACTIVE', { bulkAddress: relay.address, channels: 'frames' });
+    open.push(again);
+    const c = rawClient('hitless.v1.Checkpoint', agent.socket);
+    try {
+      const audit = new Promise<AuditResponse>((resolve, reject) =>
+        again.once('registered', () => unaryCall<AuditResponse>(c, 'Audit', { process: 'bgp' }).then(resolve, reject)),
+      );
+      await again.start();
+      const r = await audit;
+      assert.ok(r.consistent, r.detail);
+      const rib = r.peers[0].digests.find((d) => d.table === 'rib')!;
+      assert.deepEqual([rib.seq, rib.records, rib.sha256], [15, 15_000, digest.sha256]);
+    } finally {
+      c.close();
+    }
   });
 });
