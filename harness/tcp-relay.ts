@@ -54,6 +54,7 @@ export async function tcpRelay(connectUp: () => net.Socket, opts: { drop?: numbe
     };
     if (!opts.delayMs) return relay();
     sockets.add(down);
+    down.once('close', () => sockets.delete(down));
     down.pause(); // what the client sends meanwhile waits in its socket (pipe() resumes it)
     setTimeout(() => {
       if (!down.destroyed) relay();

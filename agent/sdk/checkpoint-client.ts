@@ -1043,8 +1043,8 @@ export class CheckpointClient extends EventEmitter {
       // into the room the table reserved for them at the end of its log (Node's onread: the
       // kernel copies there, with no buffer of the socket's own in between, which cost a copy of
       // the whole table and ~2,000 64 KiB allocations per million records for the GC to find).
-      // Records are applied as they arrive, one read (at most SNAPSHOT_READ_BYTES) at a time: no
-      // turn of the event loop applies more than that, and applying overlaps with receiving.
+      // Records are applied as they arrive, a read of at most SNAPSHOT_READ_BYTES at a time and
+      // at most SNAPSHOT_TURN_BYTES in one turn of the event loop; applying overlaps receiving.
       const header = Buffer.alloc(8);
       let headerFilled = 0;
       let frame: Buffer | null = null;
