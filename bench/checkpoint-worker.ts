@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs';
 import net from 'node:net';
-import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { createHistogram } from 'node:perf_hooks';
 import { encodeBatch, FrameType } from '../agent/checkpoint/frames';
 import { RecordBuilder } from '../agent/checkpoint/records';
 import { sharedArenaPool } from '../agent/checkpoint/arena-pool';
@@ -31,8 +31,6 @@ type Cmd =
 
 let client: CheckpointClient | null = null;
 let churnTimer: NodeJS.Timeout | null = null;
-const loop = monitorEventLoopDelay({ resolution: 1 });
-loop.enable();
 // BENCH_MEM_TRACE=1: this process's memory every second on stderr (RSS, V8 heap, ArrayBuffers,
 // the arena pool), to find what grows when a run runs out of memory.
 if (process.env.BENCH_MEM_TRACE) {
@@ -45,14 +43,13 @@ if (process.env.BENCH_MEM_TRACE) {
   }, 1000).unref();
 }
 /**
- * What this process's main thread did while its event loop was late. The loop's delay above counts
- * wall time, which on two busy cores includes time the thread waited for a CPU (the agent and the
- * other process had both). A 1 ms timer here also reads how long the thread has waited runnable
- * for a CPU (/proc/self/schedstat's second field, ns, counted as each wait ends, so it is exact
- * whenever this thread runs), so that for every gap between two fires the time the thread spent
- * otherwise (running, or in the kernel on its behalf) is known: `busyMaxMs`, the longest of
- * those, is how long the process held its own loop. (The first field, time on a CPU, is not
- * current for a running thread: it is brought up to date only at scheduler ticks and switches.)
+ * This process's event loop, from one 1 ms timer: `gaps` holds the time between its fires (ns; a
+ * loop that keeps up shows ~1 ms, a stall its length), and `busyMaxMs` the longest gap less the
+ * time the main thread waited for a CPU in it, less the timer's 1 ms. On two busy cores a stall
+ * is mostly that waiting (the agent and the other process had both CPUs); the rest is the work
+ * that held this loop. The waiting is /proc/self/schedstat's second field (ns, counted as each
+ * wait ends, so exact whenever this thread runs; the first field, time on a CPU, is brought up
+ * to date only at scheduler ticks and switches, so it is not current for a running thread).
  * BENCH_STALL_TRACE=MS prints every gap longer than MS on stderr with its start and end on the
  * monotonic clock (µs, as a --cpu-prof profile's timestamps), to find in a profile what ran.
  */
@@ -63,11 +60,13 @@ const runnableNs = (): number => {
   return Number(schedBuf.toString('latin1', 0, n).split(' ')[1]);
 };
 const stallTrace = Number(process.env.BENCH_STALL_TRACE ?? 0);
+const gaps = createHistogram();
 let busyMaxMs = 0;
 let lastTick = process.hrtime.bigint();
 let lastRunnable = runnableNs();
 /** Starts a new window: what came before (a stall under way included) is not counted. */
-const resetBusy = () => {
+const resetLoop = () => {
+  gaps.reset();
   busyMaxMs = 0;
   lastTick = process.hrtime.bigint();
   lastRunnable = runnableNs();
@@ -75,11 +74,11 @@ const resetBusy = () => {
 setInterval(() => {
   const t = process.hrtime.bigint();
   const runnable = runnableNs();
-  const gapMs = Number(t - lastTick) / 1e6;
+  const gapNs = t - lastTick;
+  const gapMs = Number(gapNs) / 1e6;
   const waitedMs = (runnable - lastRunnable) / 1e6;
-  // Less the timer's own 1 ms: a loop that keeps up shows ~0.
-  const busyMs = Math.max(0, gapMs - waitedMs - 1);
-  if (busyMs > busyMaxMs) busyMaxMs = busyMs;
+  gaps.record(gapNs > 0n ? gapNs : 1n);
+  busyMaxMs = Math.max(busyMaxMs, gapMs - waitedMs - 1);
   if (stallTrace && gapMs > stallTrace)
     process.stderr.write(
       `stall ${process.pid} ${client?.role ?? '-'} ${gapMs.toFixed(1)} ms (waiting for a CPU ${waitedMs.toFixed(1)} ms) from ${lastTick / 1000n} to ${t / 1000n} us\n`,
@@ -167,8 +166,7 @@ process.on('message', async (cmd: Cmd) => {
       });
       // From here on the event-loop figure is the SDK at work (register, load, follow), not this
       // process starting up: constructing the client loads checkpoint.proto (~25 ms, once).
-      loop.reset();
-      resetBusy();
+      resetLoop();
       await client.start();
       send({ ok: true, seconds: now() - t0 });
     } else if (cmd.op === 'load') {
@@ -238,8 +236,7 @@ process.on('message', async (cmd: Cmd) => {
         return b;
       };
       (globalThis as { gc?: () => void }).gc?.();
-      loop.reset(); // event-loop delay from here on is what the measured batches could meet
-      resetBusy();
+      resetLoop(); // event-loop delay from here on is what the measured batches could meet
       const t0 = now();
       let lastAck = 0;
       const measuredFromEpochMs = Date.now() + warmup * 1000;
@@ -311,11 +308,8 @@ process.on('message', async (cmd: Cmd) => {
       send({ ok: true, seconds: now() - t0 });
     } else if (cmd.op === 'loopDelay') {
       // Event-loop delay of this process (ms): a stall here is latency every peer sees.
-      const r = { ok: true, p99: loop.percentile(99) / 1e6, max: loop.max / 1e6, busyMax: busyMaxMs };
-      if (cmd.reset) {
-        loop.reset();
-        resetBusy();
-      }
+      const r = { ok: true, p99: gaps.count ? gaps.percentile(99) / 1e6 : 0, max: gaps.count ? gaps.max / 1e6 : 0, busyMax: busyMaxMs };
+      if (cmd.reset) resetLoop();
       send(r);
     } else if (cmd.op === 'churnOn') {
       // Background load while a switchover happens: a batch every 10 ms while this is the active.

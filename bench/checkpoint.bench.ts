@@ -145,6 +145,13 @@ async function agentLoopMaxMs(metrics: string): Promise<number> {
 }
 const round = (x: number, d = 3) => Math.round(x * 10 ** d) / 10 ** d;
 
+/** A line's event-loop figures for the routing processes (see the header and processLoops). */
+type ProcessLoops = { process_loop_max_ms: number; process_busy_max_ms: number };
+const maxLoops = (a: ProcessLoops, b: ProcessLoops): ProcessLoops => ({
+  process_loop_max_ms: Math.max(a.process_loop_max_ms, b.process_loop_max_ms),
+  process_busy_max_ms: Math.max(a.process_busy_max_ms, b.process_busy_max_ms),
+});
+
 async function main(): Promise<void> {
   const agent = await startAgent({
     nodeArgs: [...NODE_FLAGS, ...AGENT_NODE_FLAGS, ...(process.env.BENCH_TRACE_GC ? ['--trace-gc'] : [])],
@@ -173,29 +180,26 @@ async function main(): Promise<void> {
     const standby = worker();
     workers.push(standby);
     /**
-     * Routing processes `ws` since their previous call (the longer of them), ms: `wall`, their
-     * longest event-loop stall as loopMax counts the agent's (each worker samples its loop every
-     * 1 ms); `busy`, the longest stall less the time their main thread waited for a CPU in it
+     * The fields of a line for routing processes `ws` since their previous call (the longer of
+     * them), ms: their longest event-loop stall as loopMax counts the agent's (each worker samples
+     * its loop every 1 ms), and that stall less the time their main thread waited for a CPU in it
      * (which two busy cores make long). Call it before a phase to start the window, after it to
      * read the phase's figures.
      */
-    const processLoops = async (ws = [active, standby]): Promise<{ wall: number; busy: number }> => {
+    const processLoops = async (ws = [active, standby]): Promise<ProcessLoops> => {
       let wall = 0;
       let busy = 0;
       for (const w of ws) {
-        const r = await w.call<{ max: number; busyMax: number }>({ op: 'loopDelay', reset: true });
-        if (process.env.BENCH_DEBUG) process.stderr.write(`worker ${w.proc.pid}: event-loop max ${round(r.max - 1, 1)} ms, busy ${round(r.busyMax, 1)} ms\n`);
+        const r = await w.call<{ p99: number; max: number; busyMax: number }>({ op: 'loopDelay', reset: true });
+        if (process.env.BENCH_DEBUG)
+          process.stderr.write(`worker ${w.proc.pid}: event-loop p99 ${round(r.p99 - 1, 1)} max ${round(r.max - 1, 1)} ms, busy ${round(r.busyMax, 1)} ms\n`);
         wall = Math.max(wall, r.max - 1);
         busy = Math.max(busy, r.busyMax);
       }
-      return { wall: round(Math.max(0, wall), 1), busy: round(busy, 1) };
+      return { process_loop_max_ms: round(Math.max(0, wall), 1), process_busy_max_ms: round(busy, 1) };
     };
-    const maxLoops = (a: { wall: number; busy: number }, b: { wall: number; busy: number }) => ({
-      wall: Math.max(a.wall, b.wall),
-      busy: Math.max(a.busy, b.busy),
-    });
     const bulkSamples: number[] = [];
-    let bulkProcessLoops = { wall: 0, busy: 0 };
+    let bulkProcessLoops: ProcessLoops = { process_loop_max_ms: 0, process_busy_max_ms: 0 };
     await settle();
     await loopMax();
     await processLoops();
@@ -239,8 +243,7 @@ async function main(): Promise<void> {
         peer_samples: redis.map((x) => round(x)),
         ratio: round(bulk / redis[1]),
         agent_loop_max_ms: bulkLoopMax,
-        process_loop_max_ms: bulkProcessLoops.wall,
-        process_busy_max_ms: bulkProcessLoops.busy,
+        ...bulkProcessLoops,
       });
 
     if (PHASES.has('incremental')) {
@@ -273,8 +276,7 @@ async function main(): Promise<void> {
         records_per_s: Math.round(RECORDS / incSeconds),
         digest_match: d2A.sha256 === d2S.sha256,
         agent_loop_max_ms: incLoopMax,
-        process_loop_max_ms: incProcessLoops.wall,
-        process_busy_max_ms: incProcessLoops.busy,
+        ...incProcessLoops,
         limit: 'raw-unix-hop',
         limit_bytes: prepared.bytes,
         limit_seconds: round(raw.seconds),
@@ -292,18 +294,12 @@ async function main(): Promise<void> {
         peerValues.push(r.value);
       }
       for (const rate of SYNC_RATES) {
-        await active.call({ op: 'loopDelay', reset: true });
-        await standby.call({ op: 'loopDelay', reset: true });
         await settle();
         await loopMax();
+        await processLoops();
         const lat = await active.call({ op: 'syncLatency', rate, batch: 100, seconds: 5, warmup: 1 });
         const syncLoopMax = await loopMax();
-        const loopA = await active.call({ op: 'loopDelay', reset: false });
-        const loopS = await standby.call({ op: 'loopDelay', reset: false });
-        if (process.env.BENCH_DEBUG)
-          process.stderr.write(
-            `event-loop delay during sync-ack at ${rate}/s (ms): active p99 ${round(loopA.p99)} max ${round(loopA.max)}; standby p99 ${round(loopS.p99)} max ${round(loopS.max)}\n`,
-          );
+        const syncProcessLoops = await processLoops();
         await settle();
         const peer = await measureRedisWait({ rate, batch: 100, seconds: 5, warmup: 1, keys: peerKeys, values: peerValues });
         print({
@@ -319,8 +315,7 @@ async function main(): Promise<void> {
           backlog_end_batches: lat.backlogEnd,
           kept_up: lat.achieved >= 0.95 * rate,
           agent_loop_max_ms: syncLoopMax,
-          process_loop_max_ms: round(Math.max(0, loopA.max - 1, loopS.max - 1), 1),
-          process_busy_max_ms: round(Math.max(loopA.busyMax, loopS.busyMax), 1),
+          ...syncProcessLoops,
           peer: 'redis-wait',
           peer_p50_ms: round(peer.p50Ms),
           peer_p99_ms: round(peer.p99Ms),
@@ -371,7 +366,7 @@ async function main(): Promise<void> {
           tables: r.agent.length,
           consistent: r.consistent,
           agent_loop_max_ms: await loopMax(),
-          ...(await processLoops().then((l) => ({ process_loop_max_ms: l.wall, process_busy_max_ms: l.busy }))),
+          ...(await processLoops()),
         });
       } finally {
         ck.close();
@@ -408,7 +403,7 @@ async function main(): Promise<void> {
         freeze_ms_max: round(freezes[freezes.length - 1]),
         samples_ms: freezes.map((x) => round(x)),
         agent_loop_max_ms: await loopMax(),
-        ...(await processLoops().then((l) => ({ process_loop_max_ms: l.wall, process_busy_max_ms: l.busy }))),
+        ...(await processLoops()),
       });
     }
   } finally {

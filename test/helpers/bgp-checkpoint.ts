@@ -39,13 +39,23 @@ export async function writeBatches(c: CheckpointClient, from: number, to: number
 }
 
 /**
- * An agent, and a relay to its bulk socket (the caller closes it) that drops its first `drop`
- * connections, as a guest's relay does when it restarts; `pieces`: see tcpRelay.
+ * An agent, and a relay to its bulk socket (the caller closes it): `drop` its first connections,
+ * as a guest's relay does when it restarts; `pieces`, `delayMs`: see tcpRelay.
  */
-export async function agentAndBulkRelay(drop = 0, pieces?: number[]): Promise<[AgentHandle, TcpRelay]> {
+export async function agentAndBulkRelay(opts: { drop?: number; pieces?: number[]; delayMs?: number } = {}): Promise<[AgentHandle, TcpRelay]> {
   const agent = await startAgent();
-  const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { drop, pieces });
+  const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), opts);
   return [agent, relay];
+}
+
+/** Batches `from`..`to` of 1,000 records of 100 bytes each (~120 KB a batch): a table big enough to take several snapshot frames. */
+export async function writeBigBatches(c: CheckpointClient, from: number, to: number): Promise<void> {
+  const value = Buffer.alloc(100, 7);
+  for (let i = from; i <= to; i++) {
+    const b = c.batch('rib');
+    for (let j = 0; j < 1000; j++) b.put(`10.${i}.${j >> 8}.${j & 255}/32`, value);
+    assert.equal(await b.commit(), i);
+  }
 }
 
 /**

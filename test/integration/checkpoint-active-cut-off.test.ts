@@ -30,7 +30,7 @@ describe('checkpoint: an active cut off from the agent while another instance wr
   async function activeBehindRelays(
     channels: 'grpc' | 'frames' = 'grpc',
   ): Promise<{ agent: AgentHandle; first: CheckpointClient; link: TcpRelay; bulkRelay: TcpRelay; errors: Error[] }> {
-    const [agent, bulkRelay] = await agentAndBulkRelay(channels === 'grpc' ? 1 : 0);
+    const [agent, bulkRelay] = await agentAndBulkRelay({ drop: channels === 'grpc' ? 1 : 0 });
     relays.push(bulkRelay);
     const link = await tcpRelay(() => net.connect(agent.socket));
     relays.push(link);

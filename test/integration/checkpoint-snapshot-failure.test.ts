@@ -10,11 +10,9 @@ import assert from 'node:assert/strict';
 import type { AuditResponse } from '../../agent/checkpoint/messages';
 import type { AgentHandle } from '../../harness/agent-process';
 import { rawClient, unaryCall } from '../../harness/grpc-client';
-import net from 'node:net';
-import { startAgent } from '../../harness/agent-process';
-import { TcpRelay, tcpRelay } from '../../harness/tcp-relay';
+import { TcpRelay } from '../../harness/tcp-relay';
 import { until } from '../../harness/wait';
-import { agentAndBulkRelay, bgpClient, closedAfterEach, writeBatches } from '../helpers/bgp-checkpoint';
+import { agentAndBulkRelay, bgpClient, closedAfterEach, writeBatches, writeBigBatches } from '../helpers/bgp-checkpoint';
 
 describe('checkpoint: a bulk snapshot whose connection breaks', function () {
   this.timeout(60_000);
@@ -22,7 +20,7 @@ describe('checkpoint: a bulk snapshot whose connection breaks', function () {
 
   /** An agent, and a relay to its bulk socket that drops the first connection. */
   async function agentAndRelay(): Promise<[AgentHandle, TcpRelay]> {
-    const [agent, relay] = await agentAndBulkRelay(1);
+    const [agent, relay] = await agentAndBulkRelay({ drop: 1 });
     relays.push(relay);
     return [agent, relay];
   }
@@ -87,18 +85,13 @@ describe('checkpoint: a bulk snapshot that arrives in pieces of every size', fun
     // Bytes from the agent reach the standby in writes of 1 to 65,537 bytes: its snapshot's
     // 8-byte frame headers and its frames are cut at many offsets, and so are the frames of its
     // subscribe channel (the relay carries every bulk-socket connection).
-    const [agent, relay] = await agentAndBulkRelay(0, [1, 2, 9, 4093, 7, 30_000, 3, 8, 65_537, 5]);
+    const [agent, relay] = await agentAndBulkRelay({ pieces: [1, 2, 9, 4093, 7, 30_000, 3, 8, 65_537, 5] });
     relays.push(relay);
     const a = bgpClient(agent, 'vm1', 'ACTIVE');
     open.push(a);
     await a.start();
     // 1.5 MB of records: two snapshot frames (of at most 1 MiB each).
-    const value = Buffer.alloc(100, 7);
-    for (let i = 1; i <= 15; i++) {
-      const b = a.batch('rib');
-      for (let j = 0; j < 1000; j++) b.put(`10.${i}.${j >> 8}.${j & 255}/32`, value);
-      assert.equal(await b.commit(), i);
-    }
+    await writeBigBatches(a, 1, 15);
     const b = bgpClient(agent, 'vm2', 'STANDBY', { bulkAddress: relay.address });
     open.push(b);
     const errors: Error[] = [];
@@ -119,25 +112,19 @@ describe('checkpoint: a bulk snapshot that arrives in pieces of every size', fun
   it('an audit right after an active restarts compares the table it reloads, not the empty one it started with', async () => {
     // Every bulk-socket connection (its frame channels, the snapshot) is relayed 300 ms late, as
     // by a slow guest: the audit's REPORT reaches the process before the reload's first event.
-    const agent = await startAgent();
-    const relay = await tcpRelay(() => net.connect(`${agent.socket}.bulk`), { delayMs: 300 });
+    const [agent, relay] = await agentAndBulkRelay({ delayMs: 300 });
     relays.push(relay);
     const first = bgpClient(agent, 'vm1', 'ACTIVE');
     open.push(first);
     await first.start();
-    const value = Buffer.alloc(100, 7);
-    for (let i = 1; i <= 15; i++) {
-      const b = first.batch('rib');
-      for (let j = 0; j < 1000; j++) b.put(`10.${i}.${j >> 8}.${j & 255}/32`, value);
-      await b.commit();
-    }
+    await writeBigBatches(first, 1, 15);
     const digest = first.digest('rib');
     await first.close();
     open.splice(open.indexOf(first), 1);
 
     // The process restarts with nothing and reloads 15,000 records through the relay; the audit
-    // is asked for as soon as it is registered, while it is still reloading.
-    // On frame channels its reload's subscription is late too, not only the snapshot.
+    // is asked for as soon as it is registered, while it is still reloading. On frame channels
+    // its reload's subscription is late too, not only the snapshot.
     const again = bgpClient(agent, 'vm1', 'ACTIVE', { bulkAddress: relay.address, channels: 'frames' });
     open.push(again);
     const c = rawClient('hitless.v1.Checkpoint', agent.socket);
